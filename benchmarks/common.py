@@ -1,0 +1,73 @@
+"""Shared pieces of the benchmarks: checkpoints, data, machine description, output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxinterp.testing import NAMES, save_random_gpt2  # noqa: E402
+
+GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=64)
+
+
+def ensure_checkpoint(path: str, **shape) -> str:
+    """A random-init GPT-2 checkpoint (with word tokenizer) at ``path``, built once."""
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        save_random_gpt2(path, seed=0, **shape)
+    return path
+
+
+def write_ioi_pairs(path: str, tokenizer, n: int, seed: int = 0) -> str:
+    """IOI-shaped pairs over the test vocabulary: 15 tokens each with BOS."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        a, b, c = rng.choice(NAMES, 3, replace=False)
+        rows.append({"clean": f"When {a} and {b} went to the store , {b} gave a drink to",
+                     "corrupted": f"When {a} and {b} went to the store , {c} gave a drink to",
+                     "correct_idx": tokenizer.convert_tokens_to_ids(a),
+                     "incorrect_idx": tokenizer.convert_tokens_to_ids(b)})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    import jax
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [str(d.device_kind) for d in jax.devices()]}
+    try:
+        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["gpu"] = None
+    return info
+
+
+def write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)

@@ -1,0 +1,164 @@
+"""Read a Hugging Face checkpoint directory into a parameter pytree, without torch.
+
+A family (``families/*.py``) is data: ``config(hf_config) -> ModelConfig`` plus a list of
+:class:`Rule` saying which HF tensors fill which parameters through which named
+transform. This module only reads files, checks names and shapes, and stacks layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxinterp.config import ModelConfig
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted faithfully (the message names the cause)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Fill ``outputs`` (paths in the param tree) from HF tensor ``key``.
+
+    ``key`` may contain ``{layer}``: the rule is then applied per layer and the results
+    stacked on a new leading ``layer`` axis. ``shape`` is the HF tensor's expected shape.
+    ``transform(array) -> tuple of arrays``, one per output.
+    """
+
+    outputs: tuple[tuple[str, ...], ...]
+    key: str
+    shape: tuple[int, ...]
+    transform: Callable[[np.ndarray], tuple[np.ndarray, ...]] = lambda a: (a,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one HF ``model_type`` maps to jaxinterp."""
+
+    model_types: tuple[str, ...]
+    config: Callable[[dict], ModelConfig]
+    rules: Callable[[ModelConfig], Sequence[Rule]]
+    prefixes: tuple[str, ...] = ()  # optional key prefixes, e.g. "transformer."
+    ignore: tuple[str, ...] = ()  # regexes of tensors that are not parameters (buffers)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    for t in family.model_types:
+        FAMILIES[t] = family
+    return family
+
+
+def read_hf_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConversionError(f"{model_dir}: no config.json (is this a Hugging Face checkpoint directory?)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def family_for(hf_config: dict) -> Family:
+    from . import families  # noqa: F401  (registers the families)
+
+    model_type = hf_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ConversionError(f"unsupported model_type {model_type!r}; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def _open_tensors(model_dir: str) -> dict[str, Callable[[], np.ndarray]]:
+    """Lazy loaders for every tensor of ``model.safetensors`` or a sharded index."""
+    from safetensors import safe_open
+
+    single = os.path.join(model_dir, "model.safetensors")
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif os.path.exists(single):
+        files = ["model.safetensors"]
+    else:
+        present = sorted(os.listdir(model_dir))
+        raise ConversionError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                              f"(found {present}); convert .bin checkpoints to safetensors first")
+    loaders: dict[str, Callable[[], np.ndarray]] = {}
+    for name in files:
+        path = os.path.join(model_dir, name)
+        if not os.path.exists(path):
+            raise ConversionError(f"{model_dir}: shard {name} listed in the index is missing")
+        with safe_open(path, framework="np") as f:
+            for key in f.keys():
+                loaders[key] = (lambda p=path, k=key: _read_tensor(p, k))
+    return loaders
+
+
+def _read_tensor(path: str, key: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as f:
+        a = f.get_tensor(key)
+    return a.astype(np.float32) if a.dtype != np.float32 else a
+
+
+def load_hf_checkpoint(model_dir: str) -> tuple[ModelConfig, dict]:
+    """Convert ``model_dir`` to ``(ModelConfig, params)`` with numpy float32 leaves."""
+    hf_config = read_hf_config(model_dir)
+    family = family_for(hf_config)
+    cfg = family.config(hf_config)
+    loaders = _open_tensors(model_dir)
+
+    def strip(key: str) -> str:
+        for prefix in family.prefixes:
+            if key.startswith(prefix):
+                return key[len(prefix):]
+        return key
+
+    available = {strip(k): k for k in loaders}
+    used: set[str] = set()
+
+    def fetch(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in available:
+            raise ConversionError(f"{model_dir}: missing tensor {key!r} (model_type {cfg.model_type})")
+        a = loaders[available[key]]()
+        if tuple(a.shape) != tuple(shape):
+            raise ConversionError(f"{model_dir}: tensor {key!r} has shape {tuple(a.shape)}, "
+                                  f"expected {tuple(shape)} from config.json")
+        used.add(key)
+        return a
+
+    params: dict = {}
+    for rule in family.rules(cfg):
+        if "{layer}" in rule.key:
+            per_layer = [rule.transform(fetch(rule.key.format(layer=i), rule.shape)) for i in range(cfg.n_layers)]
+            values = tuple(np.stack(parts) for parts in zip(*per_layer))
+        else:
+            values = rule.transform(fetch(rule.key, rule.shape))
+        for path, value in zip(rule.outputs, values, strict=True):
+            node = params
+            for k in path[:-1]:
+                node = node.setdefault(k, {})
+            node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
+
+    leftover = [k for k in available if k not in used and not any(re.fullmatch(p, k) for p in family.ignore)]
+    if leftover:
+        raise ConversionError(f"{model_dir}: tensors not understood by the {cfg.model_type} converter: "
+                              f"{sorted(leftover)[:10]}")
+    return cfg, params
+
+
+def convert_hf(model_dir: str, out_dir: str) -> str:
+    """Convert an HF checkpoint directory and save it with orbax (see ``checkpoint.py``)."""
+    from .checkpoint import save_converted
+
+    cfg, params = load_hf_checkpoint(model_dir)
+    save_converted(out_dir, cfg, params, tokenizer_dir=model_dir)
+    return out_dir

@@ -1,0 +1,256 @@
+"""Edge attribution over all edges at once: EAP, EAP-IG (inputs / activations),
+clean-corrupted and exact patching, with the reference's ``method=`` names.
+
+Every gradient method is one identity (see :mod:`jaxinterp.models`): with
+``x_v = resid_v + sum_u coef[u, v] * delta_u`` and ``delta = corrupted - clean`` node
+outputs, the gradient of the metric with respect to ``coef`` is
+
+    d metric / d coef[u, v] = sum_{batch, pos} delta_u . d metric / d x_v,
+
+the EAP score of every edge from one backward pass, contracted inside the backward pass
+without materialising per-input gradients. The methods differ only in *where* that
+gradient is taken:
+
+* ``EAP``: the clean run (``coef = 0``).
+* ``EAP-IG-inputs``: runs whose token embeddings are ``corrupted + a (clean - corrupted)``,
+  ``a = k / steps`` for ``k = 0 .. steps-1`` (the reference's points), averaged.
+* ``EAP-IG-activations``: as the reference: for each group of nodes (the input, one
+  layer's heads, one MLP) and ``a = k / steps``, ``k = 1 .. steps``, that group's outputs
+  are set to ``a clean + (1 - a) corrupted`` (the gradient through them into their own
+  inputs cut, as an overwriting hook does); all runs averaged.
+* ``clean-corrupted``: the average of the clean and the corrupted run.
+* ``exact``: the true metric change when one edge alone carries its corrupted value.
+
+Scores are the mean over examples of the per-example attribution of
+``ATTRIBUTION_SIGN * metric``. The reference divides the same sum by the number of
+examples *and* by the batch size (its metric is a batch mean): reference scores equal
+ours divided by ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import metrics as metrics_lib
+from .config import ModelConfig
+from .data import Pairs, load_pairs, year_token_ids
+from .graph import Graph, GraphSpec
+from .models import Intervention, forward
+
+METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")
+INTERVENTIONS = ("patching", "zero")
+
+
+class AttributionError(ValueError):
+    """Attribution could not produce trustworthy scores (the message says why)."""
+
+
+def _corrupted_outputs(params, cfg, batch, intervention: str):
+    """``(clean_logits, clean_outs, corrupted_outs)``; outputs ``[batch, pos, src, d_model]``."""
+    mask = batch["attention_mask"]
+    clean_logits, clean_outs = forward(params, cfg, batch["clean"], mask, return_node_outputs=True)
+    if intervention == "patching":
+        # the reference runs the corrupted prompt with the clean prompt's attention mask
+        _, corr_outs = forward(params, cfg, batch["corrupted"], mask, return_node_outputs=True)
+    elif intervention == "zero":
+        corr_outs = jnp.zeros_like(clean_outs)
+    else:
+        raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
+    return clean_logits, clean_outs, corr_outs
+
+
+def _objective(params, cfg: ModelConfig, metric, sign: float, batch, clean_logits, delta):
+    """``f(coef, tokens, input_embeddings, detach)``: weighted sum of the signed metric."""
+
+    def f(coef, tokens, input_embeddings=None, detach=None):
+        iv = Intervention(coef, delta, detach, mode="add")
+        logits = forward(params, cfg, tokens, batch["attention_mask"], iv, input_embeddings)
+        values = metric(logits, clean_logits, batch["lengths"], batch["labels"])
+        return (sign * values * batch["weight"]).sum()
+
+    return f
+
+
+def _activation_groups(spec: GraphSpec) -> np.ndarray:
+    """``[group, src]`` 0/1: the input, then each layer's heads and its MLP."""
+    groups = [np.eye(spec.n_forward)[0]]
+    for layer in range(spec.n_layers):
+        heads = np.zeros(spec.n_forward)
+        h0 = spec.head_index(layer)
+        heads[h0:h0 + spec.n_heads] = 1
+        groups += [heads, np.eye(spec.n_forward)[spec.mlp_index(layer)]]
+    return np.stack(groups).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "metric_name", "ig_steps", "intervention"))
+def batch_scores(params, batch, year_ids, *, cfg: ModelConfig, method: str, metric_name: str,
+                 ig_steps: int = 5, intervention: str = "patching"):
+    """Sum over the batch's examples of the per-example edge scores: ``[src, dst]``."""
+    spec = GraphSpec.from_config(cfg)
+    metric = metrics_lib.get_metric(metric_name, year_ids)
+    sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
+    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention)
+    delta = jax.lax.stop_gradient(corr_outs - clean_outs)
+    f = _objective(params, cfg, metric, sign, batch, clean_logits, delta)
+    grad = jax.grad(f)
+    zeros = jnp.zeros((spec.n_forward, spec.n_backward), jnp.float32)
+
+    if method == "EAP":
+        scores = grad(zeros, batch["clean"])
+    elif method == "clean-corrupted":
+        scores = (grad(zeros, batch["clean"]) + grad(zeros, batch["corrupted"])) / 2
+    elif method == "EAP-IG-inputs":
+        clean_emb, corr_emb = clean_outs[:, :, 0], corr_outs[:, :, 0]
+
+        def step(total, alpha):
+            emb = corr_emb + alpha * (clean_emb - corr_emb)
+            return total + grad(zeros, batch["clean"], emb), None
+
+        alphas = jnp.arange(ig_steps, dtype=jnp.float32) / ig_steps
+        scores = jax.lax.scan(step, zeros, alphas)[0] / ig_steps
+    elif method == "EAP-IG-activations":
+        groups = jnp.asarray(_activation_groups(spec))
+        alphas = jnp.arange(1, ig_steps + 1, dtype=jnp.float32) / ig_steps
+        group_of = jnp.repeat(groups, ig_steps, axis=0)
+        alpha_of = jnp.tile(alphas, groups.shape[0])
+
+        def step(total, xs):
+            group, alpha = xs
+            coef = (1 - alpha) * group[:, None] * jnp.ones_like(zeros)
+            return total + grad(coef, batch["clean"], None, group), None
+
+        scores = jax.lax.scan(step, zeros, (group_of, alpha_of))[0] / group_of.shape[0]
+    else:
+        raise ValueError(f"method {method!r} is not a gradient method")
+    return jnp.where(jnp.asarray(spec.real_edge_mask), scores, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "metric_name", "intervention"))
+def batch_exact(params, batch, year_ids, src, dst, *, cfg: ModelConfig, metric_name: str,
+                intervention: str = "patching"):
+    """Exact patching of edges ``(src[i], dst[i])`` one at a time: ``[edges]`` sums over
+    the batch of ``sign * (metric(patched) - metric(clean))``."""
+    spec = GraphSpec.from_config(cfg)
+    metric = metrics_lib.get_metric(metric_name, year_ids)
+    sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
+    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention)
+    # A single patched edge cannot change its own source (it lies upstream), so
+    # "carry the corrupted value" equals "add the fixed clean->corrupted difference".
+    delta = corr_outs - clean_outs
+    base = metric(clean_logits, clean_logits, batch["lengths"], batch["labels"])
+
+    def one(s, d):
+        coef = jnp.zeros((spec.n_forward, spec.n_backward), jnp.float32).at[s, d].set(1.0)
+        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], Intervention(coef, delta, mode="add"))
+        values = metric(logits, clean_logits, batch["lengths"], batch["labels"])
+        return (sign * (values - base) * batch["weight"]).sum()
+
+    return jax.vmap(one)(src, dst)
+
+
+def _check_finite(scores: np.ndarray, what: str) -> None:
+    if not np.isfinite(scores).all():
+        bad = np.argwhere(~np.isfinite(scores))[0]
+        raise AttributionError(f"{what}: non-finite scores (first at src={bad[0]}, dst={bad[-1]}); "
+                               f"check the data and the model's numerics (e.g. bfloat16 overflow)")
+
+
+def prepare_data(model, data: Union[str, Pairs], metric: str) -> tuple[Pairs, Optional[np.ndarray]]:
+    """Tokenise ``data`` (a CSV path or :class:`Pairs`) and get the metric's extra inputs."""
+    if isinstance(data, str):
+        if model.tokenizer is None:
+            raise ValueError(f"{model.path}: the model directory has no tokenizer to read {data} with")
+        data = load_pairs(data, model.tokenizer, model.cfg.vocab_size, model.cfg.n_ctx)
+    if metric not in metrics_lib.METRIC_NAMES:
+        raise ValueError(f"unknown metric {metric!r}; choose from {metrics_lib.METRIC_NAMES}")
+    year_ids = None
+    if data.labels.ndim == 1:
+        if metric == "logit_diff":
+            raise ValueError("logit_diff needs correct_idx/incorrect_idx labels; this data has integer "
+                             "'label' values (greater-than): use --metric prob_diff")
+        if model.tokenizer is None:
+            raise ValueError("integer labels need the model's tokenizer to find the year tokens")
+        year_ids = year_token_ids(model.tokenizer)
+    return data, (np.zeros(100, np.int32) if year_ids is None else year_ids)
+
+
+def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", metric: str = "logit_diff",
+              ig_steps: int = 5, batch_size: int = 16, intervention: Literal["patching", "zero"] = "patching",
+              exact_chunk: int = 64, quiet: bool = False) -> Graph:
+    """Score every edge of ``model``'s circuit graph on ``data``.
+
+    model: a :class:`jaxinterp.Model` (``jaxinterp.load_model``).
+    data: a pairs CSV path or :class:`jaxinterp.data.Pairs`.
+    Returns a :class:`Graph` whose ``scores [src, dst]`` are the mean over examples, and
+    whose ``nodes_scores`` are each node's score summed over its outgoing edges (its
+    output's attribution), or, for ``exact``, each node's own exact patching effect.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if intervention not in INTERVENTIONS:
+        raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
+    if method in ("EAP-IG-inputs", "clean-corrupted") and intervention != "patching":
+        raise ValueError(f"{method} is defined for intervention='patching' only")
+    if ig_steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    pairs, year_ids = prepare_data(model, data, metric)
+    spec = model.graph_spec
+    total = np.zeros((spec.n_forward, spec.n_backward), np.float64)
+    n_batches = pairs.n_batches(batch_size)
+    kw = dict(cfg=model.cfg, metric_name=metric, intervention=intervention)
+    if method == "exact":
+        src, dst = np.nonzero(spec.real_edge_mask)
+        pad = (-len(src)) % exact_chunk
+        src_p, dst_p = np.concatenate([src, np.zeros(pad, int)]), np.concatenate([dst, np.zeros(pad, int)])
+        bar = tqdm(total=n_batches * len(src_p) // exact_chunk, desc="exact", disable=quiet)
+        for batch in pairs.batches(batch_size):
+            for i in range(0, len(src_p), exact_chunk):
+                vals = batch_exact(model.params, batch, year_ids, src_p[i:i + exact_chunk],
+                                   dst_p[i:i + exact_chunk], **kw)
+                np.add.at(total, (src_p[i:i + exact_chunk], dst_p[i:i + exact_chunk]),
+                          np.where(np.arange(i, i + exact_chunk) < len(src), np.asarray(vals), 0.0))
+                bar.update()
+        bar.close()
+    else:
+        for batch in tqdm(pairs.batches(batch_size), total=n_batches, desc=method, disable=quiet):
+            total += np.asarray(batch_scores(model.params, batch, year_ids, method=method, ig_steps=ig_steps, **kw))
+    scores = (total / len(pairs)).astype(np.float32)
+    _check_finite(scores, method)
+    graph = Graph(spec, scores)
+    graph.nodes_scores = (exact_node_scores(model, pairs, metric, batch_size, intervention, year_ids)
+                          if method == "exact" else graph.scores.sum(1))
+    return graph
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "metric_name", "intervention"))
+def _batch_exact_nodes(params, batch, year_ids, *, cfg, metric_name, intervention):
+    spec = GraphSpec.from_config(cfg)
+    metric = metrics_lib.get_metric(metric_name, year_ids)
+    sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
+    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention)
+    base = metric(clean_logits, clean_logits, batch["lengths"], batch["labels"])
+    real = jnp.asarray(spec.real_edge_mask, jnp.float32)
+
+    def one(node):
+        coef = jax.nn.one_hot(node, spec.n_forward)[:, None] * real  # all of the node's outgoing edges
+        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], Intervention(coef, corr_outs))
+        values = metric(logits, clean_logits, batch["lengths"], batch["labels"])
+        return (sign * (values - base) * batch["weight"]).sum()
+
+    return jax.lax.map(one, jnp.arange(spec.n_forward))
+
+
+def exact_node_scores(model, pairs: Pairs, metric: str, batch_size: int, intervention: str,
+                      year_ids) -> np.ndarray:
+    """``[src]``: the exact effect of patching each node's output on all its outgoing edges."""
+    total = np.zeros(model.graph_spec.n_forward)
+    for batch in pairs.batches(batch_size):
+        total += np.asarray(_batch_exact_nodes(model.params, batch, year_ids, cfg=model.cfg,
+                                               metric_name=metric, intervention=intervention))
+    return (total / len(pairs)).astype(np.float32)

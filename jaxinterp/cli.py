@@ -1,0 +1,163 @@
+"""``jaxinterp`` command line: convert, attribute, evaluate, curve, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or a `jaxinterp convert` output")
+    if data:
+        p.add_argument("--data", required=True,
+                       help="pairs CSV: columns clean, corrupted and correct_idx, incorrect_idx (token ids) or label")
+        p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "prob_diff", "kl_div"],
+                       help="task metric, read at each prompt's last real token (default: logit_diff)")
+        p.add_argument("--batch-size", type=int, default=16, help="examples per compiled batch (default: 16)")
+        p.add_argument("--intervention", default="patching", choices=["patching", "zero"],
+                       help="what an edge outside the circuit carries: the corrupted activation or zero")
+        p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+
+
+def _load(args):
+    from .attribution import prepare_data
+    from .loading import load_model
+
+    model = load_model(args.model)
+    pairs, _ = prepare_data(model, args.data, args.metric)
+    if args.limit:
+        pairs = pairs.head(args.limit)
+    return model, pairs
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes wants comma-separated integers, got {text!r}") from None
+
+
+def cmd_convert(args) -> int:
+    from .conversion import convert_hf
+
+    t = time.perf_counter()
+    convert_hf(args.hf_dir, args.out_dir)
+    print(f"converted {args.hf_dir} -> {args.out_dir} in {time.perf_counter() - t:.1f}s")
+    return 0
+
+
+def cmd_attribute(args) -> int:
+    from .attribution import attribute
+
+    model, pairs = _load(args)
+    t = time.perf_counter()
+    graph = attribute(model, pairs, method=args.method, metric=args.metric, ig_steps=args.ig_steps,
+                      batch_size=args.batch_size, intervention=args.intervention)
+    seconds = time.perf_counter() - t
+    if args.top_n:
+        graph.apply_topn(args.top_n, absolute=not args.signed)
+    graph.to_json(args.out)
+    print(f"{args.method}: scored {graph.spec.n_edges} edges on {len(pairs)} examples in {seconds:.1f}s "
+          f"-> {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_baseline, evaluate_graph, normalized_faithfulness
+    from .graph import Graph
+
+    model, pairs = _load(args)
+    graph = Graph.from_json(args.graph)
+    if args.top_n is not None:
+        graph.apply_topn(args.top_n, absolute=not args.signed)
+    elif args.threshold is not None:
+        graph.apply_threshold(args.threshold, absolute=not args.signed)
+    kw = dict(metric=args.metric, batch_size=args.batch_size)
+    value = evaluate_graph(model, graph, pairs, intervention=args.intervention, **kw)
+    clean = evaluate_baseline(model, pairs, **kw)
+    empty = evaluate_baseline(model, pairs, run_corrupted=True, **kw) if args.intervention == "patching" else None
+    result = {"edges": graph.count_included_edges(), "nodes": graph.count_included_nodes(),
+              "metric": args.metric, "circuit": value, "model": clean, "empty": empty,
+              "faithfulness": None if empty is None else float(normalized_faithfulness(value, clean, empty))}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_curve(args) -> int:
+    from .evaluation import faithfulness_curve
+    from .graph import Graph
+    from .plots import plot_curves
+
+    model, pairs = _load(args)
+    graph = Graph.from_json(args.graph)
+    sizes = [s for s in args.sizes if s <= graph.spec.n_edges]
+    curve = faithfulness_curve(model, graph, pairs, sizes, metric=args.metric, intervention=args.intervention,
+                               batch_size=args.batch_size, absolute=not args.signed, label=args.graph, quiet=False)
+    plot_curves([curve], args.out)
+    for n, kept, f in zip(curve.sizes, curve.n_edges, curve.faithfulness):
+        print(f"top {n:>6}  ({kept:>6} edges after pruning)  faithfulness {f:.4f}")
+    print(f"-> {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(model=args.model, out_dir=args.out, n_examples=args.n, batch_size=args.batch_size)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxinterp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an orbax checkpoint")
+    p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or a sharded index)")
+    p.add_argument("out_dir", help="where to write the converted model")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("attribute", help="score every edge of the circuit graph")
+    _add_common(p)
+    p.add_argument("--method", default="EAP-IG-inputs",
+                   choices=["EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact"])
+    p.add_argument("--ig-steps", type=int, default=5, help="integration steps for the EAP-IG methods (default: 5)")
+    p.add_argument("--top-n", type=int, default=None, help="mark the top-N edges as the circuit in the output")
+    p.add_argument("--signed", action="store_true", help="rank by signed score instead of absolute value")
+    p.add_argument("--out", required=True, help="graph JSON to write (the reference's Graph.to_json format)")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("evaluate", help="faithfulness of a circuit")
+    _add_common(p)
+    p.add_argument("--graph", required=True, help="graph JSON (from `attribute` or the reference)")
+    p.add_argument("--top-n", type=int, default=None, help="circuit = top-N edges by |score|")
+    p.add_argument("--threshold", type=float, default=None, help="circuit = edges with |score| >= T")
+    p.add_argument("--signed", action="store_true", help="rank by signed score")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("curve", help="faithfulness over many circuit sizes, in one compiled call")
+    _add_common(p)
+    p.add_argument("--graph", required=True, help="graph JSON with scores")
+    p.add_argument("--sizes", type=_sizes, default=_sizes("10,20,50,100,200,500,1000,2000,5000,10000"),
+                   help="comma-separated circuit sizes (edges)")
+    p.add_argument("--signed", action="store_true", help="rank by signed score")
+    p.add_argument("--out", default="curve.png", help="PNG of the curve")
+    p.set_defaults(func=cmd_curve)
+
+    p = sub.add_parser("demo", help="EAP, EAP-IG and exact patching on the shipped demo model and IOI task")
+    p.add_argument("--model", default=None, help="model directory (default: the shipped demo model)")
+    p.add_argument("--out", default="jaxinterp-demo", help="output directory for the pictures and the report")
+    p.add_argument("--n", type=int, default=64, help="number of IOI prompt pairs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

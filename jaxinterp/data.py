@@ -1,0 +1,165 @@
+"""Clean/corrupted prompt pairs: the reference's CSV format, tokenised and batched.
+
+CSV columns: ``clean``, ``corrupted`` and labels, either ``correct_idx, incorrect_idx``
+(token ids, as the reference's IOI data) or ``label`` (an integer, as its greater-than
+data: the two-digit start year).
+
+Tokenisation follows TransformerLens ``to_tokens(prepend_bos=True, padding_side='right')``
+as the reference uses it: BOS prepended, right padding, per-example lengths; the metric
+reads the last real position. Unlike the reference (which raises when clean and corrupted
+batches pad to different lengths) both are padded to one common length for the whole
+data set, so every batch has the same shape and the program compiles once.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used (the message names the row)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+    """A tokenised data set, padded to one length.
+
+    clean, corrupted: ``[example, pos]`` int32 token ids (right padded).
+    attention_mask: ``[example, pos]`` int32, 1 on the clean prompt's real tokens (the
+        reference runs both prompts with the clean mask).
+    lengths: ``[example]`` clean lengths; the metric position is ``lengths - 1``.
+    labels: ``[example, 2]`` (correct, incorrect token ids) or ``[example]`` (integer label).
+    """
+
+    clean: np.ndarray
+    corrupted: np.ndarray
+    attention_mask: np.ndarray
+    lengths: np.ndarray
+    labels: np.ndarray
+    corrupted_lengths: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    @property
+    def n_pos(self) -> int:
+        return self.clean.shape[1]
+
+    def head(self, n: int) -> "Pairs":
+        return Pairs(*(None if a is None else a[:n] for a in dataclasses.astuple(self)))
+
+    def batches(self, batch_size: int) -> Iterator[dict]:
+        """Fixed-shape batches; the last is padded with copies of row 0 of weight 0."""
+        n = len(self)
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, start + batch_size)
+            weight = (idx < n).astype(np.float32)
+            idx = np.where(idx < n, idx, 0)
+            yield {
+                "clean": self.clean[idx], "corrupted": self.corrupted[idx],
+                "attention_mask": self.attention_mask[idx], "lengths": self.lengths[idx],
+                "labels": self.labels[idx], "weight": weight,
+            }
+
+    def n_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self) / batch_size)
+
+
+def read_pairs_csv(path: str) -> list[dict]:
+    """Rows of a pairs CSV as dicts with ``clean``, ``corrupted`` and label fields."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = set(reader.fieldnames or [])
+        if not {"clean", "corrupted"} <= fields:
+            raise DataError(f"{path}: needs columns 'clean' and 'corrupted', found {sorted(fields)}")
+        pair_labels = {"correct_idx", "incorrect_idx"} <= fields
+        if not pair_labels and "label" not in fields:
+            raise DataError(f"{path}: needs label columns 'correct_idx','incorrect_idx' or 'label', "
+                            f"found {sorted(fields)}")
+        rows = []
+        for i, row in enumerate(reader, start=2):  # line 1 is the header
+            try:
+                item = {"clean": row["clean"], "corrupted": row["corrupted"]}
+                if pair_labels:
+                    item["labels"] = (int(row["correct_idx"]), int(row["incorrect_idx"]))
+                else:
+                    item["labels"] = int(row["label"])
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{path}: line {i}: unreadable row {row}: {e}") from None
+            if not (item["clean"] or "").strip() or not (item["corrupted"] or "").strip():
+                raise DataError(f"{path}: line {i}: empty prompt")
+            item["line"] = i
+            rows.append(item)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def bos_id(tokenizer) -> int:
+    for tok_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    raise DataError("the tokenizer has neither a BOS nor an EOS token to prepend")
+
+
+def tokenize(tokenizer, texts: Sequence[str], where: Sequence[str] | None = None) -> list[list[int]]:
+    """``[bos] + ids`` for each text (what TransformerLens' ``to_tokens`` produces)."""
+    bos = bos_id(tokenizer)
+    out = []
+    unk = tokenizer.unk_token_id
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DataError(f"{where[i] if where else f'text {i}'}: prompt tokenises to nothing")
+        if unk is not None and unk in ids and tokenizer.unk_token not in text:
+            raise DataError(f"{where[i] if where else f'text {i}'}: {text!r} has words outside "
+                            f"the tokenizer's vocabulary")
+        out.append([bos] + list(ids))
+    return out
+
+
+def year_token_ids(tokenizer) -> np.ndarray:
+    """Token ids of ``"00" .. "99"`` (the reference's greater-than ``year_indices``)."""
+    return np.array([tokenizer(f"{y:02d}", add_special_tokens=False)["input_ids"][0] for y in range(100)],
+                    dtype=np.int32)
+
+
+def load_pairs(path_or_rows, tokenizer, vocab_size: Optional[int] = None, n_ctx: Optional[int] = None) -> Pairs:
+    """Read (if a path) and tokenise a pairs data set; validate labels against the vocabulary."""
+    rows = read_pairs_csv(path_or_rows) if isinstance(path_or_rows, str) else list(path_or_rows)
+    where = [f"line {r.get('line', i)}" for i, r in enumerate(rows)]
+    clean = tokenize(tokenizer, [r["clean"] for r in rows], where)
+    corrupted = tokenize(tokenizer, [r["corrupted"] for r in rows], where)
+    n_pos = max(max(map(len, clean)), max(map(len, corrupted)))
+    if n_ctx is not None and n_pos > n_ctx:
+        raise DataError(f"prompts of {n_pos} tokens exceed the model's context of {n_ctx}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos_id(tokenizer)
+
+    def padded(seqs):
+        arr = np.full((len(seqs), n_pos), pad, dtype=np.int32)
+        for i, s in enumerate(seqs):
+            arr[i, :len(s)] = s
+        return arr
+
+    lengths = np.array([len(s) for s in clean], dtype=np.int32)
+    labels = np.array([r["labels"] for r in rows], dtype=np.int32)
+    if labels.ndim == 2 and vocab_size is not None:
+        bad = np.nonzero((labels < 0) | (labels >= vocab_size))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(f"{where[i]}: label ids {labels[i].tolist()} are outside the vocabulary of {vocab_size}")
+    if labels.ndim == 1:
+        bad = np.nonzero((labels < 0) | (labels > 99))[0]
+        if len(bad):
+            raise DataError(f"{where[int(bad[0])]}: label {labels[bad[0]]} is not a two-digit year (0..99)")
+    return Pairs(
+        clean=padded(clean), corrupted=padded(corrupted),
+        attention_mask=(np.arange(n_pos)[None] < lengths[:, None]).astype(np.int32),
+        lengths=lengths, labels=labels,
+        corrupted_lengths=np.array([len(s) for s in corrupted], dtype=np.int32),
+    )

@@ -1,0 +1,358 @@
+"""The circuit graph: nodes, edges, dense score/mask arrays, pruning and JSON files.
+
+Layout and names follow the reference implementation (hannamw/EAP-IG ``eap/graph.py``)
+exactly, so that graphs move between the two tools:
+
+* upstream ("forward", ``src``) nodes, in order: ``input``, then for each layer
+  ``a{l}.h0 .. a{l}.h{H-1}``, ``m{l}``. ``n_forward = 1 + L * (H + 1)``.
+* downstream ("backward", ``dst``) inputs, in order: for each layer
+  ``a{l}.h{h}<q>`` for every head, then ``<k>``, then ``<v>``, then ``m{l}``; finally
+  ``logits``. ``n_backward = L * (3H + 1) + 1``.
+* an edge ``u->v`` (``u->a{l}.h{h}<q>`` for attention inputs) exists when ``u`` comes
+  before ``v`` in the residual stream. Scores and masks are dense ``[src, dst]`` arrays
+  with a validity mask ``real_edge_mask``.
+
+Everything is numpy: the graph is host-side bookkeeping; the compiled forward in
+:mod:`jaxinterp.models` only ever sees the dense arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import heapq
+import json
+import os
+import tempfile
+from typing import Iterator, Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSpec:
+    """Index arithmetic of the circuit graph of one model shape."""
+
+    n_layers: int
+    n_heads: int
+    parallel_attn_mlp: bool = False
+    d_model: int = 0
+
+    # --- sizes and indices ------------------------------------------------------------
+    @property
+    def n_forward(self) -> int:
+        return 1 + self.n_layers * (self.n_heads + 1)
+
+    @property
+    def n_backward(self) -> int:
+        return self.n_layers * (3 * self.n_heads + 1) + 1
+
+    def head_index(self, layer: int, head: int = 0) -> int:
+        """Forward index of ``a{layer}.h{head}``."""
+        return 1 + layer * (self.n_heads + 1) + head
+
+    def mlp_index(self, layer: int) -> int:
+        """Forward index of ``m{layer}``."""
+        return 1 + layer * (self.n_heads + 1) + self.n_heads
+
+    def qkv_index(self, layer: int, letter: str, head: int = 0) -> int:
+        """Backward index of ``a{layer}.h{head}<letter>``."""
+        return layer * (3 * self.n_heads + 1) + "qkv".index(letter) * self.n_heads + head
+
+    def mlp_in_index(self, layer: int) -> int:
+        """Backward index of ``m{layer}``."""
+        return layer * (3 * self.n_heads + 1) + 3 * self.n_heads
+
+    @property
+    def logits_index(self) -> int:
+        return self.n_backward - 1
+
+    def attn_prev(self, layer: int) -> int:
+        """Number of forward nodes that feed layer ``layer``'s attention inputs."""
+        return 1 + layer * (self.n_heads + 1)
+
+    def mlp_prev(self, layer: int) -> int:
+        """Number of forward nodes that feed ``m{layer}``."""
+        return self.attn_prev(layer) + (0 if self.parallel_attn_mlp else self.n_heads)
+
+    # --- names ------------------------------------------------------------------------
+    @functools.cached_property
+    def forward_names(self) -> list[str]:
+        names = ["input"]
+        for layer in range(self.n_layers):
+            names += [f"a{layer}.h{h}" for h in range(self.n_heads)] + [f"m{layer}"]
+        return names
+
+    @functools.cached_property
+    def backward_names(self) -> list[str]:
+        names = []
+        for layer in range(self.n_layers):
+            for letter in "qkv":
+                names += [f"a{layer}.h{h}<{letter}>" for h in range(self.n_heads)]
+            names.append(f"m{layer}")
+        return names + ["logits"]
+
+    @functools.cached_property
+    def backward_prev(self) -> np.ndarray:
+        """``[dst]``: how many forward nodes (a prefix) feed each downstream input."""
+        prev = np.empty(self.n_backward, dtype=np.int64)
+        for layer in range(self.n_layers):
+            a = self.qkv_index(layer, "q")
+            prev[a:a + 3 * self.n_heads] = self.attn_prev(layer)
+            prev[self.mlp_in_index(layer)] = self.mlp_prev(layer)
+        prev[-1] = self.n_forward
+        return prev
+
+    @functools.cached_property
+    def real_edge_mask(self) -> np.ndarray:
+        """``[src, dst]`` bool: which entries of the dense arrays are edges."""
+        return np.arange(self.n_forward)[:, None] < self.backward_prev[None, :]
+
+    @functools.cached_property
+    def forward_to_backward(self) -> np.ndarray:
+        """``[src, dst]`` bool: the downstream inputs belonging to each forward node."""
+        f2b = np.zeros((self.n_forward, self.n_backward), dtype=bool)
+        for layer in range(self.n_layers):
+            for h in range(self.n_heads):
+                for letter in "qkv":
+                    f2b[self.head_index(layer, h), self.qkv_index(layer, letter, h)] = True
+            f2b[self.mlp_index(layer), self.mlp_in_index(layer)] = True
+        return f2b
+
+    @functools.cached_property
+    def edges(self) -> list[tuple[str, int, int]]:
+        """``(name, src, dst)`` for every edge, in the reference's insertion order."""
+        out = []
+        stream: list[int] = [0]
+        fn, bn = self.forward_names, self.backward_names
+
+        def add(src: int, dst: int):
+            out.append((f"{fn[src]}->{bn[dst]}", src, dst))
+
+        for layer in range(self.n_layers):
+            heads = [self.head_index(layer, h) for h in range(self.n_heads)]
+            for src in stream:
+                for h in range(self.n_heads):
+                    for letter in "qkv":
+                        add(src, self.qkv_index(layer, letter, h))
+                if self.parallel_attn_mlp:
+                    add(src, self.mlp_in_index(layer))
+            stream = stream + heads
+            if not self.parallel_attn_mlp:
+                for src in stream:
+                    add(src, self.mlp_in_index(layer))
+            stream.append(self.mlp_index(layer))
+        for src in stream:
+            add(src, self.logits_index)
+        return out
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.real_edge_mask.sum())
+
+    def edge_index(self, name: str) -> tuple[int, int]:
+        """``(src, dst)`` of an edge name such as ``a0.h3->m1`` or ``input->a1.h0<q>``."""
+        return self._edge_lookup[name]
+
+    @functools.cached_property
+    def _edge_lookup(self) -> dict[str, tuple[int, int]]:
+        return {name: (s, d) for name, s, d in self.edges}
+
+    def to_cfg(self) -> dict:
+        """The ``cfg`` block of the reference's JSON graph files."""
+        return {"n_layers": self.n_layers, "n_heads": self.n_heads,
+                "parallel_attn_mlp": self.parallel_attn_mlp, "d_model": self.d_model}
+
+    @classmethod
+    def from_config(cls, cfg) -> "GraphSpec":
+        """From a :class:`jaxinterp.config.ModelConfig`."""
+        return cls(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model)
+
+
+class Graph:
+    """Scores and circuit membership over a :class:`GraphSpec`.
+
+    ``scores [src, dst]`` float32, ``in_graph [src, dst]`` bool, ``nodes_in_graph [src]``
+    bool, optional ``nodes_scores [src]``. Entries outside ``spec.real_edge_mask`` are
+    always zero/False.
+    """
+
+    def __init__(self, spec: GraphSpec, scores: Optional[np.ndarray] = None):
+        self.spec = spec
+        shape = (spec.n_forward, spec.n_backward)
+        self.scores = np.zeros(shape, np.float32) if scores is None else np.asarray(scores, np.float32)
+        if self.scores.shape != shape:
+            raise ValueError(f"scores have shape {self.scores.shape}, the graph needs {shape}")
+        self.scores = np.where(spec.real_edge_mask, self.scores, 0).astype(np.float32)
+        self.in_graph = np.zeros(shape, bool)
+        self.nodes_in_graph = np.zeros(spec.n_forward, bool)
+        self.nodes_scores: Optional[np.ndarray] = None
+
+    @classmethod
+    def from_config(cls, cfg, scores=None) -> "Graph":
+        return cls(GraphSpec.from_config(cfg), scores)
+
+    # --- counting ---------------------------------------------------------------------
+    def count_included_edges(self) -> int:
+        return int((self.in_graph & self.spec.real_edge_mask).sum())
+
+    def count_included_nodes(self) -> int:
+        return int(self.nodes_in_graph.sum())
+
+    def edges_in_graph(self) -> Iterator[str]:
+        for name, s, d in self.spec.edges:
+            if self.in_graph[s, d]:
+                yield name
+
+    # --- selection (mirrors the reference's apply_topn / apply_threshold / apply_greedy)
+    def reset(self, empty: bool = True) -> None:
+        self.in_graph[:] = False if empty else self.spec.real_edge_mask
+        self.nodes_in_graph[:] = not empty
+
+    def _ranked(self, absolute: bool) -> np.ndarray:
+        s = np.abs(self.scores) if absolute else self.scores.copy()
+        return np.where(self.spec.real_edge_mask, s, -np.inf)
+
+    def _nodes_from_edges(self) -> None:
+        self.nodes_in_graph |= _nodes_with_in_and_out(self.in_graph, self.spec.forward_to_backward)
+
+    def apply_topn(self, n: int, absolute: bool = True, prune: bool = True) -> "Graph":
+        """Keep the ``n`` highest-scoring edges (by ``|score|`` when ``absolute``)."""
+        if not 0 <= n <= self.spec.n_edges:
+            raise ValueError(f"n={n} is outside [0, {self.spec.n_edges}] edges")
+        self.reset()
+        flat = self.in_graph.reshape(-1)
+        flat[topn_order(self._ranked(absolute))[:n]] = True
+        self._nodes_from_edges()
+        if prune:
+            self.prune()
+        return self
+
+    def apply_threshold(self, threshold: float, absolute: bool = True, prune: bool = True) -> "Graph":
+        """Keep the edges whose (absolute) score is at least ``threshold``."""
+        self.reset()
+        self.in_graph[:] = self._ranked(absolute) >= float(threshold)
+        self._nodes_from_edges()
+        if prune:
+            self.prune()
+        return self
+
+    def apply_greedy(self, n_edges: int, absolute: bool = True, prune: bool = True) -> "Graph":
+        """The reference's greedy selection: grow the circuit from the logits upwards.
+
+        Candidate edges are those whose child is in the circuit (at first only the
+        logits); taking an edge adds its parent, whose incoming edges become candidates.
+        """
+        spec = self.spec
+        if n_edges > spec.n_edges:
+            raise ValueError(f"n_edges={n_edges} exceeds the graph's {spec.n_edges} edges")
+        self.reset()
+        key = np.abs(self.scores) if absolute else self.scores
+        incoming: dict[int, list[tuple[float, int, int]]] = {}
+        for order, (_, s, d) in enumerate(spec.edges):
+            for node in np.nonzero(spec.forward_to_backward[:, d])[0] if d != spec.logits_index else [-1]:
+                incoming.setdefault(int(node), []).append((-float(key[s, d]), order, s, d))
+        heap = list(incoming.get(-1, []))
+        heapq.heapify(heap)
+        while n_edges > 0 and heap:
+            _, _, s, d = heapq.heappop(heap)
+            n_edges -= 1
+            self.in_graph[s, d] = True
+            if not self.nodes_in_graph[s]:
+                self.nodes_in_graph[s] = True
+                for item in incoming.get(s, []):
+                    heapq.heappush(heap, item)
+        if prune:
+            self.prune()
+        return self
+
+    def prune(self) -> "Graph":
+        """Remove nodes without incoming or outgoing edges, and edges whose parent or child
+        is gone, until nothing changes (the reference's ``Graph.prune``)."""
+        f2b = self.spec.forward_to_backward
+        while True:
+            old_nodes, old_edges = self.nodes_in_graph.copy(), self.in_graph.copy()
+            self.nodes_in_graph &= _nodes_with_in_and_out(self.in_graph, f2b)
+            dst_alive = (self.nodes_in_graph[:, None] & f2b).any(0)
+            dst_alive[-1] = True
+            self.in_graph &= self.nodes_in_graph[:, None] & dst_alive[None, :]
+            if (old_nodes == self.nodes_in_graph).all() and (old_edges == self.in_graph).all():
+                return self
+
+    # --- files ------------------------------------------------------------------------
+    def to_json(self, path: str) -> None:
+        """Write the reference's JSON format (``cfg``, ``nodes``, ``edges``), atomically."""
+        spec = self.spec
+        nodes = {}
+        for i, name in enumerate(spec.forward_names):
+            nodes[name] = {"in_graph": bool(self.nodes_in_graph[i])}
+            if self.nodes_scores is not None:
+                nodes[name]["score"] = float(self.nodes_scores[i])
+        nodes["logits"] = {"in_graph": True}
+        if self.nodes_scores is not None:
+            nodes["logits"]["score"] = float("nan")
+        edges = {name: {"score": float(self.scores[s, d]), "in_graph": bool(self.in_graph[s, d])}
+                 for name, s, d in spec.edges}
+        atomic_write_text(path, json.dumps({"cfg": spec.to_cfg(), "nodes": nodes, "edges": edges}))
+
+    @classmethod
+    def from_json(cls, path: str) -> "Graph":
+        """Read a graph written by :meth:`to_json` or by the reference's ``Graph.to_json``."""
+        with open(path) as f:
+            d = json.load(f)
+        missing = {"cfg", "nodes", "edges"} - set(d)
+        if missing:
+            raise ValueError(f"{path}: not a circuit graph file, missing keys {sorted(missing)}")
+        cfg = d["cfg"]
+        spec = GraphSpec(int(cfg["n_layers"]), int(cfg["n_heads"]),
+                         bool(cfg.get("parallel_attn_mlp", False)), int(cfg.get("d_model", 0)))
+        g = cls(spec)
+        lookup = spec._edge_lookup
+        unknown = [name for name in d["edges"] if name not in lookup]
+        if unknown:
+            raise ValueError(f"{path}: edges {unknown[:5]} do not exist in a graph with cfg {cfg}")
+        for name, info in d["edges"].items():
+            s, t = lookup[name]
+            g.scores[s, t] = info["score"]
+            g.in_graph[s, t] = bool(info["in_graph"])
+        index = {n: i for i, n in enumerate(spec.forward_names)}
+        any_scores = False
+        node_scores = np.full(spec.n_forward, np.nan, np.float32)
+        for name, info in d["nodes"].items():
+            if name == "logits":
+                continue
+            g.nodes_in_graph[index[name]] = bool(info["in_graph"])
+            if "score" in info and info["score"] is not None:
+                any_scores = True
+                node_scores[index[name]] = info["score"]
+        g.nodes_scores = node_scores if any_scores else None
+        return g
+
+
+def topn_order(ranked: np.ndarray) -> np.ndarray:
+    """Flat indices of ``ranked`` from highest to lowest; ties keep index order (stable)."""
+    return np.argsort(-ranked.reshape(-1), kind="stable")
+
+
+def _nodes_with_in_and_out(in_graph: np.ndarray, f2b: np.ndarray) -> np.ndarray:
+    has_out = in_graph.any(1)
+    has_in = (in_graph.any(0)[None, :] & f2b).any(1)
+    has_in[0] = True  # the input node needs no incoming edge
+    return has_out & has_in
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader never sees a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

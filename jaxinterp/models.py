@@ -1,0 +1,171 @@
+"""One functional transformer whose forward pass is written over the circuit graph.
+
+Every downstream input ``v`` of the graph (a head's q/k/v input, an MLP input, the
+logits' input) is computed as
+
+    x_v = resid_v + sum_u coef[u, v] * delta_u                               (*)
+
+where ``resid_v`` is the ordinary residual stream at ``v`` and ``u`` runs over the
+upstream nodes before ``v``. With ``coef = 0`` this is the ordinary forward pass. Two
+modes give ``delta`` its meaning:
+
+* ``mode="replace"``: ``delta_u = source_u - out_u`` where ``out_u`` is node ``u``'s output
+  *in this run*, so ``coef[u, v] = 1`` makes edge ``u->v`` carry ``source_u`` (e.g. the
+  corrupted activation) instead. ``coef = 1 - in_graph`` evaluates a circuit.
+* ``mode="add"``: ``delta_u = source_u``, a fixed perturbation. The gradient of a metric
+  with respect to ``coef`` at ``coef = 0`` is then ``sum_{batch,pos} delta_u . dM/dx_v``
+  for every edge at once: with ``source = corrupted - clean`` this *is* the EAP score.
+
+Node outputs (``[batch, pos, n_forward, d_model]``): ``input`` is the token embedding
+(positions, attention output biases and other constants are not nodes, as in the
+reference), ``a{l}.h{h}`` is ``z_h @ w_o[h]`` and ``m{l}`` is the MLP output.
+
+Parameters (``layer`` leading on every block leaf)::
+
+    embed:   w_e [vocab, d_model], w_pos [n_ctx, d_model] (learned positions only)
+    blocks:  ln1 {w, b}, attn {w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o}, ln2 {w, b},
+             mlp {w_in, b_in, w_out, b_out, (w_gate)}
+    ln_f:    {w, b}
+    unembed: w_u [d_model, vocab], (b_u [vocab])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import ops
+from .config import ModelConfig
+from .graph import GraphSpec
+
+Array = jax.Array
+Params = Any
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Intervention:
+    """Per-edge intervention for :func:`forward` (see the module docstring).
+
+    coef:   ``[src, dst]`` edge coefficients (entries outside the real edges are ignored).
+    source: ``[batch, pos, src, d_model]`` activations (``replace``) or differences (``add``).
+    detach: optional ``[src]`` in [0, 1]: scales the gradient that flows back *through* a
+            node's output into its inputs (1 cuts it, as a hook that overwrites the
+            output does); values are unchanged.
+    """
+
+    coef: Array
+    source: Array
+    detach: Optional[Array] = None
+    mode: Literal["replace", "add"] = dataclasses.field(default="replace", metadata=dict(static=True))
+
+
+def _norm(cfg: ModelConfig, p, x):
+    if cfg.norm == "layernorm":
+        return ops.layer_norm(x, p["w"], p.get("b"), cfg.norm_eps)
+    return ops.rms_norm(x, p["w"], cfg.norm_eps)
+
+
+def _rotary(cfg: ModelConfig, n_pos: int):
+    if cfg.positional != "rotary":
+        return None
+    cos, sin = ops.rotary_tables(jnp.arange(n_pos), cfg.rotary_dim or cfg.d_head, cfg.rope_theta)
+    return lambda x: ops.apply_rotary(x, cos.astype(x.dtype), sin.astype(x.dtype))
+
+
+def _detach(x: Array, d: Optional[Array]) -> Array:
+    """Same value as ``x``; gradient scaled by ``1 - d`` (``d`` broadcast on ``x``)."""
+    if d is None:
+        return x
+    sg = jax.lax.stop_gradient(x)
+    return sg + (1 - d) * (x - sg)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
+            intervention: Optional[Intervention] = None, input_embeddings: Optional[Array] = None,
+            return_node_outputs: bool = False):
+    """Run the model on ``tokens [batch, pos]``.
+
+    attention_mask: ``[batch, pos]``, 1 for real tokens (right padding); default all ones.
+    intervention: per-edge intervention (module docstring); None runs the plain model.
+    input_embeddings: ``[batch, pos, d_model]`` replaces the ``input`` node's output
+        (the token embedding), e.g. for integrated gradients over the inputs.
+    return_node_outputs: also return every upstream node's output
+        ``[batch, pos, n_forward, d_model]``.
+
+    Returns float32 logits ``[batch, pos, vocab]`` (and the node outputs).
+    """
+    spec = GraphSpec.from_config(cfg)
+    n_batch, n_pos = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((n_batch, n_pos), jnp.int32)
+    mask = ops.attention_mask(attention_mask)
+    rotary = _rotary(cfg, n_pos)
+    H = cfg.n_heads
+
+    iv = intervention
+    detach = None if iv is None or iv.detach is None else iv.detach
+    keep_outputs = return_node_outputs or (iv is not None and iv.mode == "replace")
+
+    emb = ops.embed(params["embed"]["w_e"], tokens) if input_embeddings is None else input_embeddings
+    emb = _detach(emb, None if detach is None else detach[0])
+    resid = emb
+    if cfg.positional == "learned":
+        resid = resid + ops.pos_embed(params["embed"]["w_pos"], n_pos)[None]
+    outs = None
+    if keep_outputs:
+        outs = jnp.zeros((n_batch, n_pos, spec.n_forward, cfg.d_model), emb.dtype).at[:, :, 0].set(emb)
+
+    def edge_inputs(resid, prev: int, dst: slice):
+        """(*) for the downstream inputs ``dst`` fed by the first ``prev`` nodes."""
+        if iv is None:
+            return None
+        delta = iv.source[:, :, :prev]
+        if iv.mode == "replace":
+            delta = delta - outs[:, :, :prev]
+        coef = iv.coef[:prev, dst].astype(delta.dtype)
+        return resid[:, :, None] + jnp.einsum("bpfd,fv->bpvd", delta, coef)
+
+    for layer in range(cfg.n_layers):
+        p = jax.tree.map(lambda a: a[layer], params["blocks"])
+        prev = spec.attn_prev(layer)
+        a0 = spec.qkv_index(layer, "q")
+        x_qkv = edge_inputs(resid, prev, slice(a0, a0 + 3 * H))
+        if x_qkv is None:
+            x_q = x_k = x_v = _norm(cfg, p["ln1"], resid)
+        else:
+            x_qkv = _norm(cfg, p["ln1"], x_qkv)
+            x_q, x_k, x_v = x_qkv[:, :, :H], x_qkv[:, :, H:2 * H], x_qkv[:, :, 2 * H:]
+        heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, mask, rotary)
+        h0 = spec.head_index(layer)
+        heads = _detach(heads, None if detach is None else detach[h0:h0 + H, None])
+        attn_out = heads.sum(2)
+        if "b_o" in p["attn"]:
+            attn_out = attn_out + p["attn"]["b_o"]
+        if outs is not None:
+            outs = outs.at[:, :, h0:h0 + H].set(heads)
+
+        m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
+        mi = spec.mlp_in_index(layer)
+        x_m = edge_inputs(m_in, spec.mlp_prev(layer), slice(mi, mi + 1))
+        x_m = m_in if x_m is None else x_m[:, :, 0]
+        m_out = ops.mlp(p["mlp"], _norm(cfg, p["ln2"], x_m), cfg.act_fn)
+        m_idx = spec.mlp_index(layer)
+        m_out = _detach(m_out, None if detach is None else detach[m_idx])
+        if outs is not None:
+            outs = outs.at[:, :, m_idx].set(m_out)
+        resid = resid + attn_out + m_out
+
+    x_f = edge_inputs(resid, spec.n_forward, slice(spec.logits_index, spec.logits_index + 1))
+    x_f = resid if x_f is None else x_f[:, :, 0]
+    logits = ops.unembed(params["unembed"]["w_u"], _norm(cfg, params["ln_f"], x_f),
+                         params["unembed"].get("b_u")).astype(jnp.float32)
+    return (logits, outs) if return_node_outputs else logits
+
+
+def node_outputs(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None) -> Array:
+    """Every upstream node's output on a plain run: ``[batch, pos, n_forward, d_model]``."""
+    return forward(params, cfg, tokens, attention_mask, return_node_outputs=True)[1]

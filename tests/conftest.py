@@ -1,0 +1,49 @@
+"""Shared fixtures: small random-init Hugging Face checkpoints built in the tests."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from jaxinterp.testing import NAMES, save_random_gpt2  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    """2 layers, 4 heads, d_model 64, tied embeddings."""
+    return save_random_gpt2(str(tmp_path_factory.mktemp("gpt2")), n_layer=2, n_head=4, n_embd=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def model(gpt2_dir):
+    from jaxinterp import load_model
+
+    return load_model(gpt2_dir)
+
+
+def write_ioi_csv(path, tokenizer, n=12, seed=0, ragged=False):
+    """IOI-shaped pairs over the test vocabulary; ``ragged`` varies prompt lengths."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        a, b, c = rng.choice(NAMES, 3, replace=False)
+        place = "school" if (ragged and i % 2) else "the store"
+        rows.append({
+            "clean": f"When {a} and {b} went to {place} , {b} gave a drink to",
+            "corrupted": f"When {a} and {b} went to {place} , {c} gave a drink to",
+            "correct_idx": tokenizer.convert_tokens_to_ids(a),
+            "incorrect_idx": tokenizer.convert_tokens_to_ids(b),
+        })
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def ioi_csv(tmp_path_factory, model):
+    return write_ioi_csv(tmp_path_factory.mktemp("data") / "ioi.csv", model.tokenizer, ragged=True)
