@@ -52,7 +52,7 @@ class AttributionError(ValueError):
 
 
 def _corrupted_outputs(params, cfg, batch, intervention: str):
-    """``(clean_logits, clean_outs, corrupted_outs)``; outputs ``[batch, pos, src, d_model]``."""
+    """``(clean_logits, clean_outs, corrupted_outs)``; outputs ``[src, batch, pos, d_model]``."""
     mask = batch["attention_mask"]
     clean_logits, clean_outs = forward(params, cfg, batch["clean"], mask, return_node_outputs=True)
     if intervention == "patching":
@@ -66,10 +66,11 @@ def _corrupted_outputs(params, cfg, batch, intervention: str):
 
 
 def _objective(params, cfg: ModelConfig, metric, sign: float, batch, clean_logits, delta):
-    """``f(coef, tokens, input_embeddings, detach)``: weighted sum of the signed metric."""
+    """``f(coef, tokens, input_embeddings, shift, detach)``: weighted sum of the signed
+    metric; its gradient w.r.t. ``coef`` (which must be zero) gives the edge scores."""
 
-    def f(coef, tokens, input_embeddings=None, detach=None):
-        iv = Intervention(coef, delta, detach, mode="add")
+    def f(coef, tokens, input_embeddings=None, shift=None, detach=None):
+        iv = Intervention(coef, delta, shift, detach, mode="grad")
         logits = forward(params, cfg, tokens, batch["attention_mask"], iv, input_embeddings)
         values = metric(logits, clean_logits, batch["lengths"], batch["labels"])
         return (sign * values * batch["weight"]).sum()
@@ -106,7 +107,7 @@ def batch_scores(params, batch, year_ids, *, cfg: ModelConfig, method: str, metr
     elif method == "clean-corrupted":
         scores = (grad(zeros, batch["clean"]) + grad(zeros, batch["corrupted"])) / 2
     elif method == "EAP-IG-inputs":
-        clean_emb, corr_emb = clean_outs[:, :, 0], corr_outs[:, :, 0]
+        clean_emb, corr_emb = clean_outs[0], corr_outs[0]
 
         def step(total, alpha):
             emb = corr_emb + alpha * (clean_emb - corr_emb)
@@ -121,9 +122,8 @@ def batch_scores(params, batch, year_ids, *, cfg: ModelConfig, method: str, metr
         alpha_of = jnp.tile(alphas, groups.shape[0])
 
         def step(total, xs):
-            group, alpha = xs
-            coef = (1 - alpha) * group[:, None] * jnp.ones_like(zeros)
-            return total + grad(coef, batch["clean"], None, group), None
+            group, alpha = xs  # the group's outputs become clean + (1 - alpha) (corrupted - clean)
+            return total + grad(zeros, batch["clean"], None, (1 - alpha) * group, group), None
 
         scores = jax.lax.scan(step, zeros, (group_of, alpha_of))[0] / group_of.shape[0]
     else:

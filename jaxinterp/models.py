@@ -6,17 +6,20 @@ logits' input) is computed as
     x_v = resid_v + sum_u coef[u, v] * delta_u                               (*)
 
 where ``resid_v`` is the ordinary residual stream at ``v`` and ``u`` runs over the
-upstream nodes before ``v``. With ``coef = 0`` this is the ordinary forward pass. Two
-modes give ``delta`` its meaning:
+upstream nodes before ``v``. With ``coef = 0`` this is the ordinary forward pass. The
+intervention's ``mode`` gives ``delta`` its meaning:
 
-* ``mode="replace"``: ``delta_u = source_u - out_u`` where ``out_u`` is node ``u``'s output
+* ``"replace"``: ``delta_u = source_u - out_u`` where ``out_u`` is node ``u``'s output
   *in this run*, so ``coef[u, v] = 1`` makes edge ``u->v`` carry ``source_u`` (e.g. the
   corrupted activation) instead. ``coef = 1 - in_graph`` evaluates a circuit.
-* ``mode="add"``: ``delta_u = source_u``, a fixed perturbation. The gradient of a metric
-  with respect to ``coef`` at ``coef = 0`` is then ``sum_{batch,pos} delta_u . dM/dx_v``
-  for every edge at once: with ``source = corrupted - clean`` this *is* the EAP score.
+* ``"add"``: ``delta_u = source_u``, a fixed perturbation.
+* ``"grad"``: as ``"add"`` with ``coef`` promised to be zero: the forward skips (*) and
+  only its gradient is formed, ``d metric / d coef[u, v] = sum_{batch,pos} source_u .
+  d metric / d x_v`` for every edge at once. With ``source = corrupted - clean`` this
+  *is* the EAP score; it costs one contraction per layer inside the backward pass.
 
-Node outputs (``[batch, pos, n_forward, d_model]``): ``input`` is the token embedding
+Node outputs are *src-major*, ``[src, batch, pos, d_model]``, so that every contraction
+over upstream nodes is a plain matrix product: ``input`` is the token embedding
 (positions, attention output biases and other constants are not nodes, as in the
 reference), ``a{l}.h{h}`` is ``z_h @ w_o[h]`` and ``m{l}`` is the MLP output.
 
@@ -51,7 +54,10 @@ class Intervention:
     """Per-edge intervention for :func:`forward` (see the module docstring).
 
     coef:   ``[src, dst]`` edge coefficients (entries outside the real edges are ignored).
-    source: ``[batch, pos, src, d_model]`` activations (``replace``) or differences (``add``).
+    source: ``[src, batch, pos, d_model]`` activations (``replace``) or differences
+            (``add``, ``grad``).
+    shift:  optional ``[src]``: node ``u``'s output becomes ``out_u + shift_u * source_u``
+            on all its outgoing edges.
     detach: optional ``[src]`` in [0, 1]: scales the gradient that flows back *through* a
             node's output into its inputs (1 cuts it, as a hook that overwrites the
             output does); values are unchanged.
@@ -59,8 +65,27 @@ class Intervention:
 
     coef: Array
     source: Array
+    shift: Optional[Array] = None
     detach: Optional[Array] = None
-    mode: Literal["replace", "add"] = dataclasses.field(default="replace", metadata=dict(static=True))
+    mode: Literal["replace", "add", "grad"] = dataclasses.field(default="replace", metadata=dict(static=True))
+
+
+@jax.custom_vjp
+def _edge_probe(x: Array, coef: Array, source: Array) -> Array:
+    """``x [dst, batch, pos, d_model]`` unchanged; the cotangent of ``coef [src, dst]`` is
+    ``<source_u, g_v>``: (*) linearised at ``coef = 0`` without computing the sum."""
+    return x
+
+
+def _edge_probe_fwd(x, coef, source):
+    return x, source
+
+
+def _edge_probe_bwd(source, g):
+    return g, jnp.einsum("fbpd,vbpd->fv", source, g.astype(source.dtype)), jnp.zeros_like(source)
+
+
+_edge_probe.defvjp(_edge_probe_fwd, _edge_probe_bwd)
 
 
 def _norm(cfg: ModelConfig, p, x):
@@ -76,12 +101,21 @@ def _rotary(cfg: ModelConfig, n_pos: int):
     return lambda x: ops.apply_rotary(x, cos.astype(x.dtype), sin.astype(x.dtype))
 
 
-def _detach(x: Array, d: Optional[Array]) -> Array:
-    """Same value as ``x``; gradient scaled by ``1 - d`` (``d`` broadcast on ``x``)."""
-    if d is None:
+def _node_out(x: Array, iv: Optional["Intervention"], index) -> Array:
+    """A node's output as seen downstream: shifted by ``shift * source`` and with the
+    gradient into its inputs scaled by ``1 - detach``. ``index`` is a src index or slice;
+    ``x`` is ``[batch, pos, d_model]`` or ``[head, batch, pos, d_model]``."""
+    if iv is None:
         return x
-    sg = jax.lax.stop_gradient(x)
-    return sg + (1 - d) * (x - sg)
+    if iv.detach is not None:
+        d = iv.detach[index]
+        d = d[:, None, None, None] if x.ndim == 4 else d
+        sg = jax.lax.stop_gradient(x)
+        x = sg + (1 - d) * (x - sg)
+    if iv.shift is not None:
+        sh = iv.shift[index]
+        x = x + (sh[:, None, None, None] if x.ndim == 4 else sh) * iv.source[index].astype(x.dtype)
+    return x
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
@@ -94,7 +128,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
     input_embeddings: ``[batch, pos, d_model]`` replaces the ``input`` node's output
         (the token embedding), e.g. for integrated gradients over the inputs.
     return_node_outputs: also return every upstream node's output
-        ``[batch, pos, n_forward, d_model]``.
+        ``[src, batch, pos, d_model]``.
 
     Returns float32 logits ``[batch, pos, vocab]`` (and the node outputs).
     """
@@ -105,67 +139,69 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
     mask = ops.attention_mask(attention_mask)
     rotary = _rotary(cfg, n_pos)
     H = cfg.n_heads
-
     iv = intervention
-    detach = None if iv is None or iv.detach is None else iv.detach
+    if iv is not None and iv.mode not in ("replace", "add", "grad"):
+        raise ValueError(f"unknown intervention mode {iv.mode!r}")
     keep_outputs = return_node_outputs or (iv is not None and iv.mode == "replace")
 
     emb = ops.embed(params["embed"]["w_e"], tokens) if input_embeddings is None else input_embeddings
-    emb = _detach(emb, None if detach is None else detach[0])
+    emb = _node_out(emb, iv, 0)
     resid = emb
     if cfg.positional == "learned":
         resid = resid + ops.pos_embed(params["embed"]["w_pos"], n_pos)[None]
     outs = None
     if keep_outputs:
-        outs = jnp.zeros((n_batch, n_pos, spec.n_forward, cfg.d_model), emb.dtype).at[:, :, 0].set(emb)
+        outs = jnp.zeros((spec.n_forward, n_batch, n_pos, cfg.d_model), emb.dtype).at[0].set(emb)
 
     def edge_inputs(resid, prev: int, dst: slice):
-        """(*) for the downstream inputs ``dst`` fed by the first ``prev`` nodes."""
+        """(*) for the downstream inputs ``dst`` fed by the first ``prev`` nodes:
+        ``[dst, batch, pos, d_model]``, or None without an intervention."""
         if iv is None:
             return None
-        delta = iv.source[:, :, :prev]
-        if iv.mode == "replace":
-            delta = delta - outs[:, :, :prev]
-        coef = iv.coef[:prev, dst].astype(delta.dtype)
-        return resid[:, :, None] + jnp.einsum("bpfd,fv->bpvd", delta, coef)
+        n_dst = dst.stop - dst.start
+        x = jnp.broadcast_to(resid[None], (n_dst,) + resid.shape)
+        source = iv.source[:prev]
+        if iv.mode == "grad":
+            return _edge_probe(x, iv.coef[:prev, dst], source)
+        delta = source - outs[:prev] if iv.mode == "replace" else source
+        return x + jnp.einsum("fbpd,fv->vbpd", delta, iv.coef[:prev, dst].astype(delta.dtype))
 
     for layer in range(cfg.n_layers):
         p = jax.tree.map(lambda a: a[layer], params["blocks"])
-        prev = spec.attn_prev(layer)
         a0 = spec.qkv_index(layer, "q")
-        x_qkv = edge_inputs(resid, prev, slice(a0, a0 + 3 * H))
+        x_qkv = edge_inputs(resid, spec.attn_prev(layer), slice(a0, a0 + 3 * H))
         if x_qkv is None:
             x_q = x_k = x_v = _norm(cfg, p["ln1"], resid)
         else:
-            x_qkv = _norm(cfg, p["ln1"], x_qkv)
-            x_q, x_k, x_v = x_qkv[:, :, :H], x_qkv[:, :, H:2 * H], x_qkv[:, :, 2 * H:]
-        heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, mask, rotary)
+            x_q, x_k, x_v = jnp.split(_norm(cfg, p["ln1"], x_qkv), 3)
         h0 = spec.head_index(layer)
-        heads = _detach(heads, None if detach is None else detach[h0:h0 + H, None])
-        attn_out = heads.sum(2)
+        heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, mask, rotary, head_major=True)
+        heads = _node_out(heads, iv, slice(h0, h0 + H))
+        attn_out = heads.sum(0)
         if "b_o" in p["attn"]:
             attn_out = attn_out + p["attn"]["b_o"]
         if outs is not None:
-            outs = outs.at[:, :, h0:h0 + H].set(heads)
+            outs = outs.at[h0:h0 + H].set(heads)
 
         m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
         mi = spec.mlp_in_index(layer)
         x_m = edge_inputs(m_in, spec.mlp_prev(layer), slice(mi, mi + 1))
-        x_m = m_in if x_m is None else x_m[:, :, 0]
-        m_out = ops.mlp(p["mlp"], _norm(cfg, p["ln2"], x_m), cfg.act_fn)
+        x_m = m_in if x_m is None else x_m[0]
         m_idx = spec.mlp_index(layer)
-        m_out = _detach(m_out, None if detach is None else detach[m_idx])
+        m_out = _node_out(ops.mlp(p["mlp"], _norm(cfg, p["ln2"], x_m), cfg.act_fn), iv, m_idx)
         if outs is not None:
-            outs = outs.at[:, :, m_idx].set(m_out)
+            outs = outs.at[m_idx].set(m_out)
         resid = resid + attn_out + m_out
 
     x_f = edge_inputs(resid, spec.n_forward, slice(spec.logits_index, spec.logits_index + 1))
-    x_f = resid if x_f is None else x_f[:, :, 0]
+    x_f = resid if x_f is None else x_f[0]
     logits = ops.unembed(params["unembed"]["w_u"], _norm(cfg, params["ln_f"], x_f),
                          params["unembed"].get("b_u")).astype(jnp.float32)
     return (logits, outs) if return_node_outputs else logits
 
 
 def node_outputs(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None) -> Array:
-    """Every upstream node's output on a plain run: ``[batch, pos, n_forward, d_model]``."""
-    return forward(params, cfg, tokens, attention_mask, return_node_outputs=True)[1]
+    """Every upstream node's output on a plain run, ``[batch, pos, src, d_model]``
+    (the transpose of the src-major arrays :func:`forward` works with)."""
+    outs = forward(params, cfg, tokens, attention_mask, return_node_outputs=True)[1]
+    return jnp.moveaxis(outs, 0, 2)

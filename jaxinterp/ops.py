@@ -114,13 +114,14 @@ def attention_mask(key_mask: Array) -> Array:
 def project_heads(x: Array, w: Array, b: Optional[Array] = None) -> Array:
     """Per-head projection.
 
-    ``x [batch, pos, d_model]`` (shared by all heads) or ``[batch, pos, head, d_model]``
-    (one input per head), ``w [head, d_model, d_head]`` -> ``[batch, pos, head, d_head]``.
+    ``x [batch, pos, d_model]`` (shared by all heads) or ``[head, batch, pos, d_model]``
+    (one input per head, head-major so the per-head matmuls batch over a leading axis),
+    ``w [head, d_model, d_head]`` -> ``[batch, pos, head, d_head]``.
     """
     if x.ndim == 3:
         y = jnp.einsum("bpd,hde->bphe", x, w)
     else:
-        y = jnp.einsum("bphd,hde->bphe", x, w)
+        y = jnp.einsum("hbpd,hde->bphe", x, w)
     return y if b is None else y + b
 
 
@@ -140,16 +141,17 @@ def attention_pattern(q: Array, k: Array, mask: Array) -> Array:
 
 
 def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
-                    rotary: Optional[Callable[[Array], Array]] = None) -> Array:
+                    rotary: Optional[Callable[[Array], Array]] = None, head_major: bool = False) -> Array:
     """Multi-head (or grouped-query) attention, returned per head.
 
     ``x_q, x_k, x_v``: normalised inputs, each ``[batch, pos, d_model]`` or one per query
-    head ``[batch, pos, head, d_model]`` (the circuit graph's separate q/k/v inputs).
+    head ``[head, batch, pos, d_model]`` (the circuit graph's separate q/k/v inputs).
     With per-head k/v inputs under grouped-query attention, every query head gets its
     own copy of its key/value head's weights.
 
     Returns each head's contribution to the residual stream, ``z_h @ w_o[h]``:
-    ``[batch, pos, head, d_model]``. The layer output is ``.sum(2) + b_o``
+    ``[batch, pos, head, d_model]``, or ``[head, batch, pos, d_model]`` with
+    ``head_major``. The layer output is the sum over heads plus ``b_o``
     (see :func:`attention`).
     """
     n_heads = p["w_q"].shape[0]
@@ -167,7 +169,7 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
     probs = attention_pattern(q, k, mask).astype(v.dtype)
     b, s, kvh, e = v.shape
     z = jnp.einsum("bkgqs,bske->bqkge", probs, v).reshape(b, s, n_heads, e)
-    return jnp.einsum("bqhe,hed->bqhd", z, p["w_o"])
+    return jnp.einsum("bqhe,hed->" + ("hbqd" if head_major else "bqhd"), z, p["w_o"])
 
 
 def attention(p: Params, x: Array, mask: Array, rotary=None) -> tuple[Array, Array]:

@@ -29,11 +29,11 @@ def test_plain_forward_equals_the_handbuilt_forward(model, batch):
         np.testing.assert_allclose(got[:, :, i], outs[name], atol=1e-4, rtol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("mode", ["replace", "add"])
+@pytest.mark.parametrize("mode", ["replace", "add", "grad"])
 def test_graph_forward_without_intervention_is_the_plain_forward(model, batch, mode):
     spec = model.graph_spec
     plain = forward(model.params, model.cfg, *batch)
-    source = jax.random.normal(jax.random.PRNGKey(0), (3, 9, spec.n_forward, model.cfg.d_model))
+    source = jax.random.normal(jax.random.PRNGKey(0), (spec.n_forward, 3, 9, model.cfg.d_model))
     iv = Intervention(jnp.zeros((spec.n_forward, spec.n_backward)), source, mode=mode)
     np.testing.assert_allclose(forward(model.params, model.cfg, *batch, intervention=iv), plain, atol=1e-5)
 
@@ -62,7 +62,7 @@ def test_zeroing_all_edges_of_a_node_removes_that_node(model, batch, node):
     spec = model.graph_spec
     u = spec.forward_names.index(node)
     coef = jnp.zeros((spec.n_forward, spec.n_backward)).at[u].set(1.0)
-    source = jnp.zeros((3, 9, spec.n_forward, model.cfg.d_model))  # zero instead of the node's output
+    source = jnp.zeros((spec.n_forward, 3, 9, model.cfg.d_model))  # zero instead of the node's output
     got = forward(model.params, model.cfg, *batch, intervention=Intervention(coef, source, mode="replace"))
     want = forward(_removed(model.params, model.cfg, node), model.cfg, *batch)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -72,7 +72,7 @@ def test_replacing_one_edge_matches_the_handbuilt_patch(model, batch):
     spec = model.graph_spec
     cfg = model.cfg
     rng = np.random.default_rng(3)
-    source = jnp.asarray(rng.normal(size=(3, 9, spec.n_forward, cfg.d_model)), jnp.float32)
+    source = jnp.asarray(rng.normal(size=(spec.n_forward, 3, 9, cfg.d_model)), jnp.float32)
     _, clean = handbuilt.forward(model.params, cfg, *batch)
     for name in ["a0.h1->a1.h3<k>", "input->m1", "m0->logits", "a1.h0->logits"]:
         s, d = spec.edge_index(name)
@@ -80,5 +80,5 @@ def test_replacing_one_edge_matches_the_handbuilt_patch(model, batch):
         got = forward(model.params, cfg, *batch, intervention=Intervention(coef, source, mode="replace"))
         src_name, dst_name = name.split("->")
         want, _ = handbuilt.forward(model.params, cfg, *batch,
-                                    extra={dst_name: source[:, :, s] - clean[src_name]})
+                                    extra={dst_name: source[s] - clean[src_name]})
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=name)
