@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from common import GPT2_SMALL, ensure_checkpoint, machine, peak_rss_mb, write_ioi_pairs, write_json
+from common import GPT2_SMALL, ensure_checkpoint, gpu_peak_mb, machine, peak_rss_mb, write_ioi_pairs, write_json
 
 from jaxinterp import load_model
 from jaxinterp.attribution import batch_scores, prepare_data
@@ -67,9 +67,10 @@ def main():
         print(f"{method:>20}: {r['examples_per_s']:8.1f} examples/s  ({r['seconds_per_batch']:.3f} s/batch of "
               f"{args.batch_size} x {pairs.n_pos} tokens; compile {r['compile_s']:.1f} s)")
     result = {"benchmark": "attribution", "model": path, "shape": GPT2_SMALL if args.model is None else None,
-              "n_examples": len(pairs), "machine": machine(), "results": rows, "peak_rss_mb": peak_rss_mb()}
+              "n_examples": len(pairs), "machine": machine(), "results": rows, "peak_rss_mb": peak_rss_mb(),
+              "peak_gpu_mb": gpu_peak_mb()}
     write_json(args.out, result)
-    print(f"peak RSS {result['peak_rss_mb']:.0f} MB -> {args.out}")
+    print(f"peak RSS {result['peak_rss_mb']:.0f} MB, peak GPU memory {result['peak_gpu_mb']} MB -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def gpu_peak_mb():
+    """Peak device memory of this process in MB (None on CPU, which keeps no statistics)."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without statistics raise various errors
+        return None
+    return stats.get("peak_bytes_in_use", 0) / 2 ** 20 or None
+
+
 def machine() -> dict:
     import jax
 

@@ -9,10 +9,10 @@ that jaxinterp's scores can be compared against them. It never imports jaxinterp
 Setup (CPU only; the EAP-IG checkout must have its hard-coded ``device='cuda'`` replaced by
 ``device=model.cfg.device`` in attribute.py, attribute_node.py, evaluate.py and utils.py)::
 
-    git clone https://github.com/hannamw/EAP-IG /tmp/eapig
+    # a checkout of hannamw/EAP-IG at /tmp/eapig (e.g. from git), then:
     sed -i "s/device='cuda'/device=model.cfg.device/g" /tmp/eapig/src/eap/*.py
     python3.11 -m venv /tmp/refvenv
-    /tmp/refvenv/bin/pip install torch==2.13.0 "transformer-lens<3" "datasets<3" "pyarrow<17" einops pandas
+    /tmp/refvenv/bin/pip install torch==2.13.0 "transformer-lens<3" "datasets<3" "pyarrow<17" einops pandas matplotlib
     /tmp/refvenv/bin/pip install --no-deps -e /tmp/eapig   # optional if --eap-ig-path is given
 
 Example::

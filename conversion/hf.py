@@ -46,6 +46,7 @@ class Family:
     rules: Callable[[ModelConfig], Sequence[Rule]]
     prefixes: tuple[str, ...] = ()  # optional key prefixes, e.g. "transformer."
     ignore: tuple[str, ...] = ()  # regexes of tensors that are not parameters (buffers)
+    renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement): older names of a tensor
 
 
 FAMILIES: dict[str, Family] = {}
@@ -119,10 +120,18 @@ def load_hf_checkpoint(model_dir: str) -> tuple[ModelConfig, dict]:
     def strip(key: str) -> str:
         for prefix in family.prefixes:
             if key.startswith(prefix):
-                return key[len(prefix):]
+                key = key[len(prefix):]
+                break
+        for pattern, replacement in family.renames:
+            if re.fullmatch(pattern, key):
+                return re.sub(pattern, replacement, key)
         return key
 
-    available = {strip(k): k for k in loaders}
+    available: dict[str, str] = {}
+    for k in loaders:
+        if strip(k) in available:
+            raise ConversionError(f"{model_dir}: tensors {available[strip(k)]!r} and {k!r} both fill {strip(k)!r}")
+        available[strip(k)] = k
     used: set[str] = set()
 
     def fetch(key: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -14,7 +14,11 @@ from typing import Any, Literal, Optional
 Norm = Literal["layernorm", "rmsnorm"]
 Positional = Literal["learned", "rotary"]
 
+NORMS = ("layernorm", "rmsnorm")
+POSITIONALS = ("learned", "rotary")
 ACTIVATIONS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu", "gelu_fast")
+# RoPE frequency schedules (Hugging Face ``rope_type`` names) the forward implements.
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +26,30 @@ class ModelConfig:
     """Shapes and architectural switches of a decoder-only transformer.
 
     Axis names used throughout jaxinterp: ``layer, head, kv_head, d_head, d_model, d_mlp,
-    vocab`` (see the README).
+    vocab`` (see the README). ``d_head`` need not be ``d_model / n_heads`` (Gemma).
+
+    Architectural switches beyond GPT-2:
+
+    * ``norm_offset``: RMSNorm multiplies by ``norm_offset + w`` (Gemma: 1).
+    * ``embed_scale``: the token embedding is multiplied by it (Gemma: ``sqrt(d_model)``);
+      the ``input`` node's output is the *scaled* embedding, as TransformerLens's
+      ``hook_embed`` (it folds the scale into ``W_E``).
+    * ``rotary_dim``: rotate only the first ``rotary_dim`` features of each head
+      (GPT-NeoX partial rotary); None rotates all ``d_head``.
+    * ``rope_type`` with ``rope_factor``, ``rope_low_freq_factor``,
+      ``rope_high_freq_factor``, ``rope_original_max_position``: RoPE frequency scaling
+      ("linear": all frequencies / factor; "llama3": Llama 3.1's banded schedule).
+    * ``sliding_window``: keys more than ``sliding_window - 1`` positions back are masked,
+      in the layers ``sliding_layers`` (None: every layer).
+    * ``attn_scale``: attention logits are ``q . k * attn_scale`` (None: ``d_head**-0.5``;
+      Gemma 2: ``query_pre_attn_scalar**-0.5``).
+    * ``attn_logit_softcap`` / ``final_logit_softcap``: ``c * tanh(x / c)`` on attention
+      logits (before masking) / on the output logits (Gemma 2).
+    * ``sandwich_norms``: extra RMSNorms on the attention and MLP outputs before they
+      join the residual stream (Gemma 2's ``post_attention_layernorm`` and
+      ``post_feedforward_layernorm``). The attention one normalises the *sum* of heads,
+      so heads no longer add into the residual stream: such models have no circuit graph
+      (see :attr:`graph_unsupported_reason`).
     """
 
     n_layers: int
@@ -35,6 +62,7 @@ class ModelConfig:
     n_kv_heads: Optional[int] = None  # None: = n_heads (multi-head attention)
     norm: Norm = "layernorm"
     norm_eps: float = 1e-5
+    norm_offset: float = 0.0
     positional: Positional = "learned"
     act_fn: str = "gelu_new"
     gated_mlp: bool = False
@@ -43,16 +71,48 @@ class ModelConfig:
     out_bias: bool = True
     mlp_bias: bool = True
     tie_word_embeddings: bool = True
+    embed_scale: float = 1.0
     rotary_dim: Optional[int] = None
     rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    sliding_window: Optional[int] = None
+    sliding_layers: Optional[tuple[int, ...]] = None
+    attn_scale: Optional[float] = None
+    attn_logit_softcap: Optional[float] = None
+    final_logit_softcap: Optional[float] = None
+    sandwich_norms: bool = False
     model_type: str = "gpt2"
     bos_token_id: Optional[int] = None
 
     def __post_init__(self):
         if self.act_fn not in ACTIVATIONS:
             raise ValueError(f"activation {self.act_fn!r} is not supported; supported: {ACTIVATIONS}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm {self.norm!r} is not supported; supported: {NORMS}")
+        if self.positional not in POSITIONALS:
+            raise ValueError(f"positional {self.positional!r} is not supported; supported: {POSITIONALS}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.d_head and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in (0, d_head={self.d_head}]")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1")
+        if self.sliding_layers is not None:
+            if not isinstance(self.sliding_layers, tuple):  # hashable: the config is a jit static argument
+                object.__setattr__(self, "sliding_layers", tuple(int(i) for i in self.sliding_layers))
+            if self.sliding_window is None:
+                raise ValueError("sliding_layers is set but sliding_window is None")
+            bad = [i for i in self.sliding_layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"sliding_layers {bad} are outside 0..{self.n_layers - 1}")
+        if self.sandwich_norms and self.norm != "rmsnorm":
+            raise ValueError("sandwich_norms is implemented for norm='rmsnorm' only")
 
     @property
     def kv_heads(self) -> int:
@@ -63,6 +123,22 @@ class ModelConfig:
         """Query heads per key/value head (1 for multi-head attention)."""
         return self.n_heads // self.kv_heads
 
+    def window(self, layer: int) -> Optional[int]:
+        """The sliding-window size of ``layer``'s attention, or None (full causal)."""
+        if self.sliding_window is None or (self.sliding_layers is not None and layer not in self.sliding_layers):
+            return None
+        return self.sliding_window
+
+    @property
+    def graph_unsupported_reason(self) -> Optional[str]:
+        """Why this model has no faithful circuit graph (None when it has one)."""
+        if self.sandwich_norms:
+            return (f"{self.model_type}: the attention output is RMS-normalised after the heads are summed "
+                    "(sandwich_norms, Gemma 2's post_attention_layernorm), so per-head outputs do not add "
+                    "into the residual stream and the circuit graph's head nodes are not defined; only the "
+                    "plain forward (logits) is supported for this model")
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -72,7 +148,7 @@ class ModelConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
-        return cls(**d)
+        return cls(**d)  # __post_init__ turns JSON lists back into tuples
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

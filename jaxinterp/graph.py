@@ -165,7 +165,11 @@ class GraphSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "GraphSpec":
-        """From a :class:`jaxinterp.config.ModelConfig`."""
+        """From a :class:`jaxinterp.config.ModelConfig`; raises NotImplementedError for a
+        model without a faithful circuit graph (``cfg.graph_unsupported_reason``)."""
+        reason = getattr(cfg, "graph_unsupported_reason", None)
+        if reason:
+            raise NotImplementedError(f"no circuit graph (attribution, evaluation): {reason}")
         return cls(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model)
 
 

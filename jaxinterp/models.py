@@ -23,13 +23,25 @@ over upstream nodes is a plain matrix product: ``input`` is the token embedding
 (positions, attention output biases and other constants are not nodes, as in the
 reference), ``a{l}.h{h}`` is ``z_h @ w_o[h]`` and ``m{l}`` is the MLP output.
 
-Parameters (``layer`` leading on every block leaf)::
+Parameters (``layer`` leading on every block leaf; biases are optional, ``b`` of a norm
+is absent for RMSNorm)::
 
     embed:   w_e [vocab, d_model], w_pos [n_ctx, d_model] (learned positions only)
-    blocks:  ln1 {w, b}, attn {w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o}, ln2 {w, b},
-             mlp {w_in, b_in, w_out, b_out, (w_gate)}
+    blocks:  ln1 {w, b}, attn {w_q [head, d_model, d_head], b_q [head, d_head],
+                               w_k, w_v [kv_head, d_model, d_head], b_k, b_v [kv_head, d_head],
+                               w_o [head, d_head, d_model], b_o [d_model]},
+             ln2 {w, b}, mlp {w_in, b_in, (w_gate, b_gate), w_out, b_out},
+             (ln1_post {w}, ln2_post {w} with ``cfg.sandwich_norms``)
     ln_f:    {w, b}
     unembed: w_u [d_model, vocab], (b_u [vocab])
+
+One forward serves every family; :class:`jaxinterp.config.ModelConfig` fields switch
+RMSNorm (with Gemma's ``1 + w``), the embedding scale (part of the ``input`` node, so
+patching ``input`` patches the scaled embedding), rotary positions (partial, scaled),
+grouped-query attention (each query head still has its own ``<k>``/``<v>`` inputs:
+the reference's ``ungroup_grouped_query_attention`` view), sliding windows, gated MLPs,
+parallel attention + MLP, and Gemma 2's soft-capping and sandwich norms. Models whose
+``cfg.graph_unsupported_reason`` is set (Gemma 2) run the plain forward only.
 """
 
 from __future__ import annotations
@@ -91,13 +103,18 @@ _edge_probe.defvjp(_edge_probe_fwd, _edge_probe_bwd)
 def _norm(cfg: ModelConfig, p, x):
     if cfg.norm == "layernorm":
         return ops.layer_norm(x, p["w"], p.get("b"), cfg.norm_eps)
-    return ops.rms_norm(x, p["w"], cfg.norm_eps)
+    return ops.rms_norm(x, p["w"], cfg.norm_eps, cfg.norm_offset)
 
 
 def _rotary(cfg: ModelConfig, n_pos: int):
+    """``q or k [batch, pos, head, d_head]`` -> rotated, or None for learned positions.
+    Positions are ``0 .. n_pos - 1`` for every row, which is right for right padding."""
     if cfg.positional != "rotary":
         return None
-    cos, sin = ops.rotary_tables(jnp.arange(n_pos), cfg.rotary_dim or cfg.d_head, cfg.rope_theta)
+    cos, sin = ops.rotary_tables(
+        jnp.arange(n_pos), cfg.rotary_dim or cfg.d_head, cfg.rope_theta, rope_type=cfg.rope_type,
+        factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor, original_max_position=cfg.rope_original_max_position)
     return lambda x: ops.apply_rotary(x, cos.astype(x.dtype), sin.astype(x.dtype))
 
 
@@ -132,11 +149,15 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
 
     Returns float32 logits ``[batch, pos, vocab]`` (and the node outputs).
     """
-    spec = GraphSpec.from_config(cfg)
+    if (intervention is not None or return_node_outputs) and cfg.graph_unsupported_reason:
+        raise NotImplementedError(f"no circuit-graph forward: {cfg.graph_unsupported_reason}")
+    # built directly: GraphSpec.from_config refuses models without a graph, whose plain
+    # forward still uses the index arithmetic
+    spec = GraphSpec(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model)
     n_batch, n_pos = tokens.shape
     if attention_mask is None:
         attention_mask = jnp.ones((n_batch, n_pos), jnp.int32)
-    mask = ops.attention_mask(attention_mask)
+    masks = {w: ops.attention_mask(attention_mask, w) for w in {cfg.window(i) for i in range(cfg.n_layers)}}
     rotary = _rotary(cfg, n_pos)
     H = cfg.n_heads
     iv = intervention
@@ -144,7 +165,12 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
         raise ValueError(f"unknown intervention mode {iv.mode!r}")
     keep_outputs = return_node_outputs or (iv is not None and iv.mode == "replace")
 
-    emb = ops.embed(params["embed"]["w_e"], tokens) if input_embeddings is None else input_embeddings
+    if input_embeddings is None:
+        emb = ops.embed(params["embed"]["w_e"], tokens)
+        if cfg.embed_scale != 1.0:  # Gemma; rounded to the activation dtype first, as Hugging Face does
+            emb = emb * jnp.asarray(cfg.embed_scale, emb.dtype)
+    else:
+        emb = input_embeddings
     emb = _node_out(emb, iv, 0)
     resid = emb
     if cfg.positional == "learned":
@@ -175,11 +201,14 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
         else:
             x_q, x_k, x_v = jnp.split(_norm(cfg, p["ln1"], x_qkv), 3)
         h0 = spec.head_index(layer)
-        heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, mask, rotary, head_major=True)
+        heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, masks[cfg.window(layer)], rotary, head_major=True,
+                                    scale=cfg.attn_scale, logit_softcap=cfg.attn_logit_softcap)
         heads = _node_out(heads, iv, slice(h0, h0 + H))
         attn_out = heads.sum(0)
         if "b_o" in p["attn"]:
             attn_out = attn_out + p["attn"]["b_o"]
+        if cfg.sandwich_norms:  # plain forward only (checked above): the norm of the sum of heads
+            attn_out = _norm(cfg, p["ln1_post"], attn_out)
         if outs is not None:
             outs = outs.at[h0:h0 + H].set(heads)
 
@@ -188,7 +217,10 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
         x_m = edge_inputs(m_in, spec.mlp_prev(layer), slice(mi, mi + 1))
         x_m = m_in if x_m is None else x_m[0]
         m_idx = spec.mlp_index(layer)
-        m_out = _node_out(ops.mlp(p["mlp"], _norm(cfg, p["ln2"], x_m), cfg.act_fn), iv, m_idx)
+        m_out = ops.mlp(p["mlp"], _norm(cfg, p["ln2"], x_m), cfg.act_fn)
+        if cfg.sandwich_norms:
+            m_out = _norm(cfg, p["ln2_post"], m_out)
+        m_out = _node_out(m_out, iv, m_idx)
         if outs is not None:
             outs = outs.at[m_idx].set(m_out)
         resid = resid + attn_out + m_out
@@ -197,6 +229,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
     x_f = resid if x_f is None else x_f[0]
     logits = ops.unembed(params["unembed"]["w_u"], _norm(cfg, params["ln_f"], x_f),
                          params["unembed"].get("b_u")).astype(jnp.float32)
+    logits = ops.softcap(logits, cfg.final_logit_softcap)
     return (logits, outs) if return_node_outputs else logits
 
 

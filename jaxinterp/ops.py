@@ -99,16 +99,25 @@ def mlp(p: Params, x: Array, act_fn: str = "gelu_new") -> Array:
 
 # --- attention --------------------------------------------------------------------------
 
-def attention_mask(key_mask: Array) -> Array:
-    """Causal mask combined with key padding.
+def attention_mask(key_mask: Array, window: Optional[int] = None) -> Array:
+    """Causal mask combined with key padding (and an optional sliding window).
 
     ``key_mask [batch, pos]`` (1 for real tokens) -> boolean ``[batch, pos_q, pos_k]``.
     Padded keys are never attended to; padded queries still see the real prefix, so no
-    row is fully masked.
+    row is fully masked. With ``window``, query ``i`` sees keys ``i - window < j <= i``
+    (Hugging Face's ``sliding_window`` convention: ``window`` keys including itself).
     """
     n = key_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((n, n), dtype=bool))
-    return causal[None] & (key_mask[:, None, :] > 0)
+    q, k = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed[None] & (key_mask[:, None, :] > 0)
+
+
+def softcap(x: Array, cap: Optional[float]) -> Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's logit soft-capping); identity when ``cap`` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def project_heads(x: Array, w: Array, b: Optional[Array] = None) -> Array:
@@ -125,29 +134,37 @@ def project_heads(x: Array, w: Array, b: Optional[Array] = None) -> Array:
     return y if b is None else y + b
 
 
-def attention_pattern(q: Array, k: Array, mask: Array) -> Array:
+def attention_pattern(q: Array, k: Array, mask: Array, scale: Optional[float] = None,
+                      logit_softcap: Optional[float] = None) -> Array:
     """Softmax attention probabilities, grouped-query aware.
 
     ``q [batch, pos_q, head, d_head]``, ``k [batch, pos_k, kv_head, d_head]`` with
     ``head % kv_head == 0``, ``mask [batch, pos_q, pos_k]`` ->
-    ``[batch, kv_head, group, pos_q, pos_k]`` (float32).
+    ``[batch, kv_head, group, pos_q, pos_k]`` (float32). Logits are ``q . k * scale``
+    (default ``d_head**-0.5``), soft-capped by ``logit_softcap`` before masking.
     """
     b, p, h, e = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, p, kvh, h // kvh, e)
-    scores = jnp.einsum("bqkge,bske->bkgqs", qg, k).astype(jnp.float32) / math.sqrt(e)
+    scale = 1.0 / math.sqrt(e) if scale is None else scale
+    scores = jnp.einsum("bqkge,bske->bkgqs", qg, k).astype(jnp.float32) * scale
+    scores = softcap(scores, logit_softcap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1)
 
 
 def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
-                    rotary: Optional[Callable[[Array], Array]] = None, head_major: bool = False) -> Array:
+                    rotary: Optional[Callable[[Array], Array]] = None, head_major: bool = False,
+                    scale: Optional[float] = None, logit_softcap: Optional[float] = None) -> Array:
     """Multi-head (or grouped-query) attention, returned per head.
 
     ``x_q, x_k, x_v``: normalised inputs, each ``[batch, pos, d_model]`` or one per query
     head ``[head, batch, pos, d_model]`` (the circuit graph's separate q/k/v inputs).
     With per-head k/v inputs under grouped-query attention, every query head gets its
     own copy of its key/value head's weights.
+
+    ``rotary`` maps ``q`` and ``k`` (``[batch, pos, head, d_head]``) to their rotated
+    values; ``scale`` and ``logit_softcap`` as :func:`attention_pattern`.
 
     Returns each head's contribution to the residual stream, ``z_h @ w_o[h]``:
     ``[batch, pos, head, d_model]``, or ``[head, batch, pos, d_model]`` with
@@ -166,35 +183,69 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
     v = project_heads(x_v, w_v, b_v)
     if rotary is not None:
         q, k = rotary(q), rotary(k)
-    probs = attention_pattern(q, k, mask).astype(v.dtype)
+    probs = attention_pattern(q, k, mask, scale, logit_softcap).astype(v.dtype)
     b, s, kvh, e = v.shape
     z = jnp.einsum("bkgqs,bske->bqkge", probs, v).reshape(b, s, n_heads, e)
     return jnp.einsum("bqhe,hed->" + ("hbqd" if head_major else "bqhd"), z, p["w_o"])
 
 
-def attention(p: Params, x: Array, mask: Array, rotary=None) -> tuple[Array, Array]:
+def attention(p: Params, x: Array, mask: Array, rotary=None, scale: Optional[float] = None,
+              logit_softcap: Optional[float] = None) -> tuple[Array, Array]:
     """Standard attention on one shared input ``x [batch, pos, d_model]``.
 
     Returns ``(out [batch, pos, d_model], per_head [batch, pos, head, d_model])`` where
     ``out = per_head.sum(2) + b_o``.
     """
-    per_head = attention_heads(p, x, x, x, mask, rotary)
+    per_head = attention_heads(p, x, x, x, mask, rotary, scale=scale, logit_softcap=logit_softcap)
     out = per_head.sum(2)
     return (out + p["b_o"] if "b_o" in p else out), per_head
 
 
 # --- rotary position embedding ----------------------------------------------------------
 
-def rotary_tables(positions: Array, rotary_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos/sin tables ``[pos, rotary_dim]`` for the rotate-half (GPT-NeoX/Llama) layout."""
+def rope_inv_freq(rotary_dim: int, theta: float, rope_type: str = "default", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_position: int = 8192) -> Array:
+    """RoPE inverse frequencies ``[rotary_dim // 2]`` (float32), as Hugging Face computes them.
+
+    ``rope_type``: "default" (``theta ** (-2i / rotary_dim)``), "linear" (divided by
+    ``factor``: positions interpolated) or "llama3" (Llama 3.1: wavelengths longer than
+    ``original_max_position / low_freq_factor`` are divided by ``factor``, shorter than
+    ``original_max_position / high_freq_factor`` kept, and the band between interpolated
+    smoothly).
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        low_wavelen = original_max_position / low_freq_factor
+        high_wavelen = original_max_position / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_type {rope_type!r} is not supported; supported: ('default', 'linear', 'llama3')")
+
+
+def rotary_tables(positions: Array, rotary_dim: int, theta: float, **scaling) -> tuple[Array, Array]:
+    """cos/sin tables ``[pos, rotary_dim]`` for the rotate-half (GPT-NeoX/Llama) layout.
+
+    ``scaling``: the keyword arguments of :func:`rope_inv_freq` after ``theta``.
+    """
+    inv_freq = rope_inv_freq(rotary_dim, theta, **scaling)
     freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None]
     emb = jnp.concatenate([freqs, freqs], -1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate the first ``rotary_dim`` features of ``x [batch, pos, head, d_head]``."""
+    """Rotate the first ``rotary_dim`` (``cos [pos, rotary_dim]``) features of
+    ``x [batch, pos, head, d_head]``; the remaining ``d_head - rotary_dim`` pass through
+    (GPT-NeoX partial rotary). Pairs are ``(i, i + rotary_dim / 2)`` (rotate-half)."""
     r = cos.shape[-1]
     xr, xp = x[..., :r], x[..., r:]
     x1, x2 = xr[..., : r // 2], xr[..., r // 2:]

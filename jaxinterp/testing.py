@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .tokenizer import build_word_tokenizer
+from .tokenizer import build_word_tokenizer, save_tokenizer
 
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "Kate", "Anna", "Paul", "Lucy", "Mark", "Emma", "Jack"]
 WORDS = ["When", "and", "went", "to", "the", "store", ",", "gave", "a", "drink", "book", "ball",
@@ -40,5 +40,72 @@ def save_random_gpt2(path: str, *, n_layer: int = 2, n_head: int = 4, n_embd: in
                 p.add_(0.1 * torch.randn_like(p))
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
+    save_tokenizer(tok, path)
     return path
+
+
+def save_random_causal_lm(path: str, model_type: str, *, seed: int = 0, words: Sequence[str] | None = None,
+                          norm_noise: float = 0.1, **config) -> str:
+    """Save a random-init ``AutoModelForCausalLM`` of ``model_type`` (any family
+    ``transformers`` knows) built from ``config`` plus a word tokenizer to ``path``.
+
+    Norm weights and biases get ``norm_noise`` Gaussian noise, so that their conversion is
+    tested (they initialise to constants).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = build_word_tokenizer(words if words is not None else small_vocab())
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(norm_noise * torch.randn_like(p))
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    save_tokenizer(tok, path)
+    return path
+
+
+# Small shapes per family: 2 layers, d_model 32, 4 query heads over 2 key/value heads.
+# A larger initializer_range than the default makes attention patterns far from uniform,
+# so that positions (rotary) and masks visibly matter in parity tests.
+_SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.15)
+
+
+def save_random_llama(path: str, **overrides) -> str:
+    """Random ``LlamaForCausalLM`` (GQA 4/2 heads, untied) unless ``overrides`` say otherwise."""
+    return save_random_causal_lm(path, "llama", **{**_SMALL, **overrides})
+
+
+def save_random_mistral(path: str, **overrides) -> str:
+    """Random ``MistralForCausalLM`` with a 4-token sliding window."""
+    return save_random_causal_lm(path, "mistral", **{**_SMALL, "sliding_window": 4, **overrides})
+
+
+def save_random_qwen2(path: str, **overrides) -> str:
+    """Random ``Qwen2ForCausalLM`` (q/k/v biases; sliding window of 3 in layer 1)."""
+    return save_random_causal_lm(path, "qwen2", **{**_SMALL, "use_sliding_window": True, "sliding_window": 3,
+                                                   "max_window_layers": 1, **overrides})
+
+
+def save_random_gemma(path: str, **overrides) -> str:
+    """Random ``GemmaForCausalLM`` (head_dim 16 != d_model / heads, tied)."""
+    return save_random_causal_lm(path, "gemma", **{**_SMALL, "head_dim": 16, **overrides})
+
+
+def save_random_gemma2(path: str, **overrides) -> str:
+    """Random ``Gemma2ForCausalLM`` with small soft-caps so that capping matters."""
+    return save_random_causal_lm(path, "gemma2", **{**_SMALL, "head_dim": 16, "query_pre_attn_scalar": 12,
+                                                    "sliding_window": 3, "attn_logit_softcapping": 2.0,
+                                                    "final_logit_softcapping": 3.0, **overrides})
+
+
+def save_random_gpt_neox(path: str, **overrides) -> str:
+    """Random ``GPTNeoXForCausalLM`` (Pythia-like: parallel residual, rotary on 1/4 of each head)."""
+    small = {k: v for k, v in _SMALL.items() if k != "num_key_value_heads"}
+    return save_random_causal_lm(path, "gpt_neox", **{**small, "rotary_pct": 0.25, **overrides})

@@ -26,3 +26,22 @@ def build_word_tokenizer(words: Iterable[str]):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
     fast.add_special_tokens(dict(SPECIAL))
     return fast
+
+
+def save_tokenizer(tokenizer, path: str) -> None:
+    """``save_pretrained``, readable by transformers 4.x as well as 5.x.
+
+    transformers 5 records its new class name ``TokenizersBackend``, which 4.x (what
+    TransformerLens 2.x and so the reference need) cannot load; the fast-tokenizer class
+    name both versions know is written instead.
+    """
+    import json
+    import os
+
+    tokenizer.save_pretrained(path)
+    config_path = os.path.join(path, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)

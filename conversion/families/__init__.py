@@ -1,3 +1,3 @@
 """One file per Hugging Face ``model_type`` family; importing registers them."""
 
-from . import gpt2  # noqa: F401
+from . import gemma, gpt2, gpt_neox, llama  # noqa: F401

@@ -1,0 +1,88 @@
+"""Run jaxinterp attribution the way ``reference_eapig.py`` runs the reference, for a
+side-by-side comparison: same checkpoint, CSV, method, steps and batch size.
+
+    python benchmarks/run_jaxinterp.py --model DIR --data pairs.csv --method EAP \
+        --batch-size 32 --out results/prefix
+
+Writes ``PREFIX.npy`` (scores ``[n_forward, n_backward]`` in the reference's
+normalisation: gradient methods divided by ``batch_size``, as the reference's batch-mean
+metric does; ``exact`` unscaled), ``PREFIX.graph.json`` and ``PREFIX.json`` with
+``compile_seconds`` (first batch minus a steady batch), ``seconds`` (all batches, after
+compilation, as the reference's attribute() call is timed), peak RSS and peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import gpu_peak_mb, machine, peak_rss_mb, write_json  # noqa: E402
+
+from jaxinterp import load_model  # noqa: E402
+from jaxinterp.attribution import attribute, batch_scores, prepare_data  # noqa: E402
+from jaxinterp.evaluation import evaluate_baseline, evaluate_graph  # noqa: E402
+from jaxinterp.graph import Graph  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--ig-steps", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--metric", default="logit_diff")
+    ap.add_argument("--evaluate-topn", default=None, help="comma-separated edge counts")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    t = time.perf_counter()
+    model = load_model(args.model)
+    pairs, year_ids = prepare_data(model, args.data, args.metric)
+    seconds_load = time.perf_counter() - t
+    compile_s = None
+    if args.method != "exact":
+        # time one batch twice: the difference is compilation
+        batch = next(pairs.batches(args.batch_size))
+        kw = dict(cfg=model.cfg, method=args.method, metric_name=args.metric, ig_steps=args.ig_steps,
+                  intervention="patching")
+        t = time.perf_counter()
+        jax.block_until_ready(batch_scores(model.params, batch, year_ids, **kw))
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        jax.block_until_ready(batch_scores(model.params, batch, year_ids, **kw))
+        compile_s = max(first - (time.perf_counter() - t), 0.0)
+    t = time.perf_counter()
+    graph = attribute(model, pairs, method=args.method, metric=args.metric, ig_steps=args.ig_steps,
+                      batch_size=args.batch_size, quiet=True)
+    seconds = time.perf_counter() - t
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    np.save(args.out + ".npy", graph.scores / (1 if args.method == "exact" else args.batch_size))
+    graph.to_json(args.out + ".graph.json")
+    result = {"implementation": "jaxinterp", "method": args.method, "ig_steps": args.ig_steps,
+              "batch_size": args.batch_size, "n_examples": len(pairs), "n_pos": pairs.n_pos,
+              "seconds": seconds, "compile_seconds": compile_s, "seconds_load": seconds_load,
+              "examples_per_s": len(pairs) / seconds, "peak_rss_mb": peak_rss_mb(),
+              "peak_gpu_mb": gpu_peak_mb(), "machine": machine()}
+    if args.evaluate_topn:
+        clean = evaluate_baseline(model, pairs, args.metric, args.batch_size)
+        corrupted = evaluate_baseline(model, pairs, args.metric, args.batch_size, run_corrupted=True)
+        result["faithfulness"] = {"baseline": clean, "corrupted_baseline": corrupted, "topn": {}}
+        for n in (int(x) for x in args.evaluate_topn.split(",")):
+            g = Graph(graph.spec, graph.scores).apply_topn(n)
+            result["faithfulness"]["topn"][str(n)] = evaluate_graph(model, g, pairs, args.metric,
+                                                                    batch_size=args.batch_size)
+    write_json(args.out + ".json", result)
+    print(f"{args.method}: {seconds:.2f}s ({result['examples_per_s']:.1f} examples/s), compile {compile_s}")
+
+
+if __name__ == "__main__":
+    main()
