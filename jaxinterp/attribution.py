@@ -51,13 +51,25 @@ class AttributionError(ValueError):
     """Attribution could not produce trustworthy scores (the message says why)."""
 
 
+def logit_positions(batch) -> jax.Array:
+    """``[batch]``: the position each example's metric reads (its last real token)."""
+    return batch["lengths"] - 1
+
+
+def batch_metric(metric, logits, clean_logits, batch) -> jax.Array:
+    """``metric`` per example on logits taken at :func:`logit_positions` only
+    (``[batch, 1, vocab]``, see ``forward(..., logit_positions=)``)."""
+    return metric(logits, clean_logits, jnp.ones_like(batch["lengths"]), batch["labels"])
+
+
 def _corrupted_outputs(params, cfg, batch, intervention: str):
-    """``(clean_logits, clean_outs, corrupted_outs)``; outputs ``[src, batch, pos, d_model]``."""
-    mask = batch["attention_mask"]
-    clean_logits, clean_outs = forward(params, cfg, batch["clean"], mask, return_node_outputs=True)
+    """``(clean_logits [batch, 1, vocab], clean_outs, corrupted_outs)``; outputs
+    ``[src, batch, pos, d_model]``. Under ``jit`` whatever a caller ignores is not computed."""
+    mask, at = batch["attention_mask"], logit_positions(batch)
+    clean_logits, clean_outs = forward(params, cfg, batch["clean"], mask, return_node_outputs=True, logit_positions=at)
     if intervention == "patching":
         # the reference runs the corrupted prompt with the clean prompt's attention mask
-        _, corr_outs = forward(params, cfg, batch["corrupted"], mask, return_node_outputs=True)
+        _, corr_outs = forward(params, cfg, batch["corrupted"], mask, return_node_outputs=True, logit_positions=at)
     elif intervention == "zero":
         corr_outs = jnp.zeros_like(clean_outs)
     else:
@@ -65,14 +77,15 @@ def _corrupted_outputs(params, cfg, batch, intervention: str):
     return clean_logits, clean_outs, corr_outs
 
 
-def _objective(params, cfg: ModelConfig, metric, sign: float, batch, clean_logits, delta):
+def _objective(params, cfg: ModelConfig, metric, sign: float, batch, clean_logits, source, mode="grad"):
     """``f(coef, tokens, input_embeddings, shift, detach)``: weighted sum of the signed
     metric; its gradient w.r.t. ``coef`` (which must be zero) gives the edge scores."""
 
     def f(coef, tokens, input_embeddings=None, shift=None, detach=None):
-        iv = Intervention(coef, delta, shift, detach, mode="grad")
-        logits = forward(params, cfg, tokens, batch["attention_mask"], iv, input_embeddings)
-        values = metric(logits, clean_logits, batch["lengths"], batch["labels"])
+        iv = Intervention(coef, source, shift, detach, mode=mode)
+        logits = forward(params, cfg, tokens, batch["attention_mask"], iv, input_embeddings,
+                         logit_positions=logit_positions(batch))
+        values = batch_metric(metric, logits, clean_logits, batch)
         return (sign * values * batch["weight"]).sum()
 
     return f
@@ -103,7 +116,10 @@ def batch_scores(params, batch, year_ids, *, cfg: ModelConfig, method: str, metr
     zeros = jnp.zeros((spec.n_forward, spec.n_backward), jnp.float32)
 
     if method == "EAP":
-        scores = grad(zeros, batch["clean"])
+        # the clean run's own outputs form corrupted - clean, so the separate clean run
+        # above is only computed when the metric reads the clean logits (KL)
+        f_eap = _objective(params, cfg, metric, sign, batch, clean_logits, corr_outs, mode="grad-replace")
+        scores = jax.grad(f_eap)(zeros, batch["clean"])
     elif method == "clean-corrupted":
         scores = (grad(zeros, batch["clean"]) + grad(zeros, batch["corrupted"])) / 2
     elif method == "EAP-IG-inputs":
@@ -143,12 +159,14 @@ def batch_exact(params, batch, year_ids, src, dst, *, cfg: ModelConfig, metric_n
     # A single patched edge cannot change its own source (it lies upstream), so
     # "carry the corrupted value" equals "add the fixed clean->corrupted difference".
     delta = corr_outs - clean_outs
-    base = metric(clean_logits, clean_logits, batch["lengths"], batch["labels"])
+    base = batch_metric(metric, clean_logits, clean_logits, batch)
 
     def one(s, d):
-        coef = jnp.zeros((spec.n_forward, spec.n_backward), jnp.float32).at[s, d].set(1.0)
-        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], Intervention(coef, delta, mode="add"))
-        values = metric(logits, clean_logits, batch["lengths"], batch["labels"])
+        coef = jax.nn.one_hot(d, spec.n_backward)[None]
+        iv = Intervention(coef, delta[s][None], mode="add-one")
+        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], iv,
+                         logit_positions=logit_positions(batch))
+        values = batch_metric(metric, logits, clean_logits, batch)
         return (sign * (values - base) * batch["weight"]).sum()
 
     return jax.vmap(one)(src, dst)
@@ -234,13 +252,14 @@ def _batch_exact_nodes(params, batch, year_ids, *, cfg, metric_name, interventio
     metric = metrics_lib.get_metric(metric_name, year_ids)
     sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
     clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention)
-    base = metric(clean_logits, clean_logits, batch["lengths"], batch["labels"])
+    base = batch_metric(metric, clean_logits, clean_logits, batch)
     real = jnp.asarray(spec.real_edge_mask, jnp.float32)
 
     def one(node):
         coef = jax.nn.one_hot(node, spec.n_forward)[:, None] * real  # all of the node's outgoing edges
-        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], Intervention(coef, corr_outs))
-        values = metric(logits, clean_logits, batch["lengths"], batch["labels"])
+        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], Intervention(coef, corr_outs),
+                         logit_positions=logit_positions(batch))
+        values = batch_metric(metric, logits, clean_logits, batch)
         return (sign * (values - base) * batch["weight"]).sum()
 
     return jax.lax.map(one, jnp.arange(spec.n_forward))

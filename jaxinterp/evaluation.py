@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_lib
-from .attribution import INTERVENTIONS, _corrupted_outputs, prepare_data
+from .attribution import INTERVENTIONS, _corrupted_outputs, batch_metric, logit_positions, prepare_data
 from .data import Pairs
 from .graph import Graph, GraphSpec
 from .models import Intervention, forward
@@ -37,8 +37,9 @@ def _batch_eval(params, batch, year_ids, in_graph, *, cfg, metric_name, interven
 
     def one(mask):
         coef = (1.0 - mask.astype(jnp.float32)) * real
-        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], Intervention(coef, corr_outs))
-        return (metric(logits, clean_logits, batch["lengths"], batch["labels"]) * batch["weight"]).sum()
+        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], Intervention(coef, corr_outs),
+                         logit_positions=logit_positions(batch))
+        return (batch_metric(metric, logits, clean_logits, batch) * batch["weight"]).sum()
 
     return jax.lax.map(one, in_graph, batch_size=chunk)
 
@@ -46,12 +47,12 @@ def _batch_eval(params, batch, year_ids, in_graph, *, cfg, metric_name, interven
 @functools.partial(jax.jit, static_argnames=("cfg", "metric_name"))
 def _batch_baseline(params, batch, year_ids, *, cfg, metric_name):
     metric = metrics_lib.get_metric(metric_name, year_ids)
-    mask = batch["attention_mask"]
-    clean = forward(params, cfg, batch["clean"], mask)
-    corrupted = forward(params, cfg, batch["corrupted"], mask)
+    mask, at = batch["attention_mask"], logit_positions(batch)
+    clean = forward(params, cfg, batch["clean"], mask, logit_positions=at)
+    corrupted = forward(params, cfg, batch["corrupted"], mask, logit_positions=at)
     w = batch["weight"]
-    return jnp.stack([(metric(clean, corrupted, batch["lengths"], batch["labels"]) * w).sum(),
-                      (metric(corrupted, clean, batch["lengths"], batch["labels"]) * w).sum()])
+    return jnp.stack([(batch_metric(metric, clean, corrupted, batch) * w).sum(),
+                      (batch_metric(metric, corrupted, clean, batch) * w).sum()])
 
 
 def evaluate_masks(model, masks: np.ndarray, data: Union[str, Pairs], metric: str = "logit_diff",

@@ -51,12 +51,40 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "vocab.json",
+             "merges.txt", "special_tokens_map.json", "tokenizer.model"]
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return 0 < len(parts) <= 2 and all(parts) and not path.startswith((".", "~")) and os.sep not in path.replace("/", "")
+
+
+def download_from_hub(repo_id: str) -> str:
+    """Fetch the safetensors checkpoint and tokenizer of ``repo_id`` (e.g. ``gpt2``) from the
+    Hugging Face hub (or its local cache) and return the directory."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - transformers depends on it
+        raise RuntimeError("loading a hub id needs huggingface_hub (pip install huggingface_hub)") from e
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline, unknown repository, gated model, ...
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local directory, and downloading it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without network access, "
+            f"pass a local checkpoint directory (config.json + model.safetensors + tokenizer files).") from e
+
+
 def load_model(path: str, dtype=jnp.float32) -> Model:
-    """Load a Hugging Face checkpoint directory or a directory written by ``jaxinterp convert``."""
+    """Load a Hugging Face checkpoint directory, a directory written by ``jaxinterp convert``,
+    or a Hugging Face hub id such as ``gpt2`` (downloaded when the network allows)."""
     from .conversion import is_converted, load_converted, load_hf_checkpoint
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist")
+        if not _looks_like_hub_id(path):
+            raise FileNotFoundError(f"model directory {path!r} does not exist")
+        path = download_from_hub(path)
     cfg, params = load_converted(path) if is_converted(path) else load_hf_checkpoint(path)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     return Model(cfg, params, load_tokenizer(path), path)

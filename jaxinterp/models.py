@@ -17,6 +17,12 @@ intervention's ``mode`` gives ``delta`` its meaning:
   only its gradient is formed, ``d metric / d coef[u, v] = sum_{batch,pos} source_u .
   d metric / d x_v`` for every edge at once. With ``source = corrupted - clean`` this
   *is* the EAP score; it costs one contraction per layer inside the backward pass.
+* ``"grad-replace"``: ``"replace"`` linearised the same way: the gradient carries
+  ``source_u - out_u`` with this run's own outputs, so EAP needs no separate clean run
+  to form ``corrupted - clean``.
+* ``"add-one"``: a single perturbation ``source [1, batch, pos, d_model]`` added to
+  every downstream input ``v`` with weight ``coef[0, v]`` (exact patching of one edge,
+  without a product over all upstream nodes).
 
 Node outputs are *src-major*, ``[src, batch, pos, d_model]``, so that every contraction
 over upstream nodes is a plain matrix product: ``input`` is the token embedding
@@ -79,13 +85,18 @@ class Intervention:
     source: Array
     shift: Optional[Array] = None
     detach: Optional[Array] = None
-    mode: Literal["replace", "add", "grad"] = dataclasses.field(default="replace", metadata=dict(static=True))
+    mode: Literal["replace", "add", "grad", "grad-replace", "add-one"] = dataclasses.field(
+        default="replace", metadata=dict(static=True))
+
+
+MODES = ("replace", "add", "grad", "grad-replace", "add-one")
 
 
 @jax.custom_vjp
-def _edge_probe(x: Array, coef: Array, source: Array) -> Array:
-    """``x [dst, batch, pos, d_model]`` unchanged; the cotangent of ``coef [src, dst]`` is
-    ``<source_u, g_v>``: (*) linearised at ``coef = 0`` without computing the sum."""
+def _edge_probe(x: Array, coef: list, source: list) -> Array:
+    """``x [dst, batch, pos, d_model]`` unchanged; for each group, the cotangent of
+    ``coef [src, dst]`` is ``<source_u, g_v>`` with ``source [src, batch, pos, d_model]``:
+    (*) linearised at ``coef = 0`` without computing the sum."""
     return x
 
 
@@ -94,7 +105,8 @@ def _edge_probe_fwd(x, coef, source):
 
 
 def _edge_probe_bwd(source, g):
-    return g, jnp.einsum("fbpd,vbpd->fv", source, g.astype(source.dtype)), jnp.zeros_like(source)
+    coef_bar = [jnp.einsum("fbpd,vbpd->fv", s, g.astype(s.dtype)) for s in source]
+    return g, coef_bar, [jnp.zeros_like(s) for s in source]
 
 
 _edge_probe.defvjp(_edge_probe_fwd, _edge_probe_bwd)
@@ -137,7 +149,7 @@ def _node_out(x: Array, iv: Optional["Intervention"], index) -> Array:
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
             intervention: Optional[Intervention] = None, input_embeddings: Optional[Array] = None,
-            return_node_outputs: bool = False):
+            return_node_outputs: bool = False, logit_positions: Optional[Array] = None):
     """Run the model on ``tokens [batch, pos]``.
 
     attention_mask: ``[batch, pos]``, 1 for real tokens (right padding); default all ones.
@@ -147,8 +159,29 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
     return_node_outputs: also return every upstream node's output
         ``[src, batch, pos, d_model]``.
 
+    logit_positions: ``[batch]`` or ``[batch, k]`` positions; the logits are computed
+        there only, ``[batch, 1 or k, vocab]`` (a metric reads one position per prompt).
+
     Returns float32 logits ``[batch, pos, vocab]`` (and the node outputs).
     """
+    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, return_node_outputs,
+               logit_positions)
+    return (run["logits"], run["outs"]) if return_node_outputs else run["logits"]
+
+
+def residual_stream(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
+                    intervention: Optional[Intervention] = None, input_embeddings: Optional[Array] = None):
+    """``(logits [batch, pos, vocab], resid [n_layers + 1, batch, pos, d_model])``: the
+    residual stream entering each layer (embeddings and positions included) and, last,
+    the stream entering the final norm. With an intervention, this run's streams (the
+    per-edge inputs of (*) differ from them only where edges are patched)."""
+    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, False)
+    return run["logits"], jnp.stack(run["resid"])
+
+
+def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array],
+         intervention: Optional[Intervention], input_embeddings: Optional[Array], return_node_outputs: bool,
+         logit_positions: Optional[Array] = None) -> dict:
     if (intervention is not None or return_node_outputs) and cfg.graph_unsupported_reason:
         raise NotImplementedError(f"no circuit-graph forward: {cfg.graph_unsupported_reason}")
     # built directly: GraphSpec.from_config refuses models without a graph, whose plain
@@ -161,9 +194,31 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
     rotary = _rotary(cfg, n_pos)
     H = cfg.n_heads
     iv = intervention
-    if iv is not None and iv.mode not in ("replace", "add", "grad"):
-        raise ValueError(f"unknown intervention mode {iv.mode!r}")
-    keep_outputs = return_node_outputs or (iv is not None and iv.mode == "replace")
+    if iv is not None and iv.mode not in MODES:
+        raise ValueError(f"unknown intervention mode {iv.mode!r}; choose from {MODES}")
+
+    # Node outputs are kept per group (the input, one layer's heads, one MLP) as they are
+    # produced: (*) is then a sum of one small product per group, and the backward of the
+    # edge probe keeps only these arrays alive (not one copy of the growing stack per layer).
+    groups: list[tuple[slice, Array]] = []
+
+    def edge_inputs(resid, dst: slice):
+        """(*) for the downstream inputs ``dst`` fed by every group produced so far:
+        ``[dst, batch, pos, d_model]``, or None without an intervention."""
+        if iv is None:
+            return None
+        n_dst = dst.stop - dst.start
+        x = jnp.broadcast_to(resid[None], (n_dst,) + resid.shape)
+        if iv.mode == "add-one":
+            return x + iv.coef[0, dst].astype(x.dtype)[:, None, None, None] * iv.source[0][None].astype(x.dtype)
+        if iv.mode in ("grad", "grad-replace"):
+            sources = [iv.source[sl] if iv.mode == "grad" else iv.source[sl] - jax.lax.stop_gradient(out)
+                       for sl, out in groups]
+            return _edge_probe(x, [iv.coef[sl, dst] for sl, _ in groups], sources)
+        for sl, out in groups:
+            delta = iv.source[sl] - out if iv.mode == "replace" else iv.source[sl]
+            x = x + jnp.einsum("fbpd,fv->vbpd", delta.astype(x.dtype), iv.coef[sl, dst].astype(x.dtype))
+        return x
 
     if input_embeddings is None:
         emb = ops.embed(params["embed"]["w_e"], tokens)
@@ -172,30 +227,17 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
     else:
         emb = input_embeddings
     emb = _node_out(emb, iv, 0)
+    groups.append((slice(0, 1), emb[None]))
     resid = emb
     if cfg.positional == "learned":
         resid = resid + ops.pos_embed(params["embed"]["w_pos"], n_pos)[None]
-    outs = None
-    if keep_outputs:
-        outs = jnp.zeros((spec.n_forward, n_batch, n_pos, cfg.d_model), emb.dtype).at[0].set(emb)
 
-    def edge_inputs(resid, prev: int, dst: slice):
-        """(*) for the downstream inputs ``dst`` fed by the first ``prev`` nodes:
-        ``[dst, batch, pos, d_model]``, or None without an intervention."""
-        if iv is None:
-            return None
-        n_dst = dst.stop - dst.start
-        x = jnp.broadcast_to(resid[None], (n_dst,) + resid.shape)
-        source = iv.source[:prev]
-        if iv.mode == "grad":
-            return _edge_probe(x, iv.coef[:prev, dst], source)
-        delta = source - outs[:prev] if iv.mode == "replace" else source
-        return x + jnp.einsum("fbpd,fv->vbpd", delta, iv.coef[:prev, dst].astype(delta.dtype))
-
+    resids = []
     for layer in range(cfg.n_layers):
+        resids.append(resid)
         p = jax.tree.map(lambda a: a[layer], params["blocks"])
         a0 = spec.qkv_index(layer, "q")
-        x_qkv = edge_inputs(resid, spec.attn_prev(layer), slice(a0, a0 + 3 * H))
+        x_qkv = edge_inputs(resid, slice(a0, a0 + 3 * H))
         if x_qkv is None:
             x_q = x_k = x_v = _norm(cfg, p["ln1"], resid)
         else:
@@ -209,28 +251,34 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
             attn_out = attn_out + p["attn"]["b_o"]
         if cfg.sandwich_norms:  # plain forward only (checked above): the norm of the sum of heads
             attn_out = _norm(cfg, p["ln1_post"], attn_out)
-        if outs is not None:
-            outs = outs.at[h0:h0 + H].set(heads)
+        head_group = (slice(h0, h0 + H), heads)
+        if not cfg.parallel_attn_mlp:
+            groups.append(head_group)
 
         m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
         mi = spec.mlp_in_index(layer)
-        x_m = edge_inputs(m_in, spec.mlp_prev(layer), slice(mi, mi + 1))
+        x_m = edge_inputs(m_in, slice(mi, mi + 1))
         x_m = m_in if x_m is None else x_m[0]
         m_idx = spec.mlp_index(layer)
         m_out = ops.mlp(p["mlp"], _norm(cfg, p["ln2"], x_m), cfg.act_fn)
         if cfg.sandwich_norms:
             m_out = _norm(cfg, p["ln2_post"], m_out)
         m_out = _node_out(m_out, iv, m_idx)
-        if outs is not None:
-            outs = outs.at[m_idx].set(m_out)
+        if cfg.parallel_attn_mlp:
+            groups.append(head_group)
+        groups.append((slice(m_idx, m_idx + 1), m_out[None]))
         resid = resid + attn_out + m_out
 
-    x_f = edge_inputs(resid, spec.n_forward, slice(spec.logits_index, spec.logits_index + 1))
+    resids.append(resid)
+    x_f = edge_inputs(resid, slice(spec.logits_index, spec.logits_index + 1))
     x_f = resid if x_f is None else x_f[0]
+    if logit_positions is not None:  # only the positions a metric reads: most of the unembedding is skipped
+        x_f = jnp.take_along_axis(x_f, logit_positions.reshape(n_batch, -1)[..., None], axis=1)
     logits = ops.unembed(params["unembed"]["w_u"], _norm(cfg, params["ln_f"], x_f),
                          params["unembed"].get("b_u")).astype(jnp.float32)
     logits = ops.softcap(logits, cfg.final_logit_softcap)
-    return (logits, outs) if return_node_outputs else logits
+    outs = jnp.concatenate([out for _, out in groups]) if return_node_outputs else None
+    return {"logits": logits, "outs": outs, "resid": resids}
 
 
 def node_outputs(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None) -> Array:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxinterp.graph import GraphSpec
-from jaxinterp.models import Intervention, forward, node_outputs
+from jaxinterp.models import Intervention, forward, node_outputs, residual_stream
 
 import handbuilt
 
@@ -29,7 +29,7 @@ def test_plain_forward_equals_the_handbuilt_forward(model, batch):
         np.testing.assert_allclose(got[:, :, i], outs[name], atol=1e-4, rtol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("mode", ["replace", "add", "grad"])
+@pytest.mark.parametrize("mode", ["replace", "add", "grad", "grad-replace"])
 def test_graph_forward_without_intervention_is_the_plain_forward(model, batch, mode):
     spec = model.graph_spec
     plain = forward(model.params, model.cfg, *batch)
@@ -82,3 +82,48 @@ def test_replacing_one_edge_matches_the_handbuilt_patch(model, batch):
         want, _ = handbuilt.forward(model.params, cfg, *batch,
                                     extra={dst_name: source[s] - clean[src_name]})
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_add_one_is_add_with_a_single_source_row(model, batch):
+    spec, cfg = model.graph_spec, model.cfg
+    source = jax.random.normal(jax.random.PRNGKey(1), (spec.n_forward, 3, 9, cfg.d_model))
+    for name in ["input->a1.h2<q>", "a0.h3->m0", "m1->logits"]:
+        s, d = spec.edge_index(name)
+        coef = jnp.zeros((spec.n_forward, spec.n_backward)).at[s, d].set(0.7)
+        want = forward(model.params, cfg, *batch, intervention=Intervention(coef, source, mode="add"))
+        one = Intervention(0.7 * jax.nn.one_hot(d, spec.n_backward)[None], source[s][None], mode="add-one")
+        np.testing.assert_allclose(forward(model.params, cfg, *batch, intervention=one), want, atol=1e-5, err_msg=name)
+
+
+def test_grad_replace_gradient_is_the_grad_of_replace(model, batch):
+    """The linearised probe's gradient equals autodiff through the real ``replace`` sum."""
+    spec, cfg = model.graph_spec, model.cfg
+    source = jax.random.normal(jax.random.PRNGKey(2), (spec.n_forward, 3, 9, cfg.d_model))
+    zeros = jnp.zeros((spec.n_forward, spec.n_backward))
+
+    def total(coef, mode):
+        return forward(model.params, cfg, *batch, intervention=Intervention(coef, source, mode=mode))[:, -1, :5].sum()
+
+    want = jax.grad(lambda c: total(c, "replace"))(zeros)
+    got = jax.grad(lambda c: total(c, "grad-replace"))(zeros)
+    real = spec.real_edge_mask
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_logits_at_chosen_positions_are_those_of_the_full_run(model, batch):
+    full = forward(model.params, model.cfg, *batch)
+    at = jnp.array([8, 5, 3])
+    got = forward(model.params, model.cfg, *batch, logit_positions=at)
+    assert got.shape == (3, 1, model.cfg.vocab_size)
+    np.testing.assert_allclose(got[:, 0], full[jnp.arange(3), at], atol=1e-5)
+
+
+def test_residual_stream_starts_at_the_embeddings_and_ends_at_the_logits(model, batch):
+    logits, resid = residual_stream(model.params, model.cfg, *batch)
+    assert resid.shape == (model.cfg.n_layers + 1, 3, 9, model.cfg.d_model)
+    p = model.params
+    np.testing.assert_allclose(resid[0], p["embed"]["w_e"][batch[0]] + p["embed"]["w_pos"][:9], atol=1e-6)
+    ln = p["ln_f"]
+    x = resid[-1]
+    x = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + model.cfg.norm_eps)
+    np.testing.assert_allclose((x * ln["w"] + ln["b"]) @ p["unembed"]["w_u"], logits, atol=1e-4, rtol=1e-4)
