@@ -36,9 +36,13 @@ from jaxinterp.compare import score_agreement  # noqa: E402
 from jaxinterp.graph import GraphSpec  # noqa: E402
 
 
-def run(cmd: list[str], env=None) -> None:
+def run(cmd: list[str], env=None) -> list[float]:
+    """Run ``cmd``; return the 1-minute load average before and after (both tools get
+    the same cores: a busy machine slows both, and the JSON says how busy it was)."""
     print("$", " ".join(cmd), flush=True)
+    before = os.getloadavg()[0]
     subprocess.run(cmd, check=True, env=env)
+    return [before, os.getloadavg()[0]]
 
 
 def main():
@@ -86,10 +90,11 @@ def main():
         common = ["--model", model, "--data", data, "--method", method, "--ig-steps", str(args.ig_steps),
                   "--batch-size", str(args.batch_size), "--evaluate-topn", args.evaluate_topn]
         ref_prefix, jax_prefix = os.path.join(work, f"ref_{method}"), os.path.join(work, f"jax_{method}")
+        load = {}
         if not args.skip_reference:
-            run([args.ref_python, os.path.join(HERE, "reference_eapig.py"), *common,
+            load["reference"] = run([args.ref_python, os.path.join(HERE, "reference_eapig.py"), *common,
                  "--eap-ig-path", args.eap_ig_path, "--out", ref_prefix])
-        run([sys.executable, os.path.join(HERE, "run_jaxinterp.py"), *common, "--out", jax_prefix])
+        load["jaxinterp"] = run([sys.executable, os.path.join(HERE, "run_jaxinterp.py"), *common, "--out", jax_prefix])
         ref, ours = np.load(ref_prefix + ".npy"), np.load(jax_prefix + ".npy")
         with open(ref_prefix + ".json") as f:
             ref_info = json.load(f)
@@ -97,7 +102,7 @@ def main():
             jax_info = json.load(f)
         agreement = score_agreement(ours, ref, spec.real_edge_mask, ks=(100, 1000))
         rows.append({"method": method, "agreement": agreement, "reference": ref_info, "jaxinterp": jax_info,
-                     "speedup": ref_info["seconds"] / jax_info["seconds"]})
+                     "speedup": ref_info["seconds"] / jax_info["seconds"], "loadavg_1min": load})
         print(f"{method}: reference {ref_info['seconds']:.1f}s, jaxinterp {jax_info['seconds']:.2f}s "
               f"(+{jax_info['compile_seconds'] or 0:.1f}s compile): {rows[-1]['speedup']:.1f}x; "
               f"Pearson {agreement['pearson']:.6f}", flush=True)

@@ -37,11 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import memory as memory_lib
 from . import metrics as metrics_lib
 from .config import ModelConfig
 from .data import Pairs, load_pairs, year_token_ids
 from .graph import Graph, GraphSpec
 from .models import Intervention, forward
+from .sharding import batches as shard_batches, replicate, shard_model, to_host
 
 METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")
 INTERVENTIONS = ("patching", "zero")
@@ -77,14 +79,15 @@ def _corrupted_outputs(params, cfg, batch, intervention: str):
     return clean_logits, clean_outs, corr_outs
 
 
-def _objective(params, cfg: ModelConfig, metric, sign: float, batch, clean_logits, source, mode="grad"):
+def _objective(params, cfg: ModelConfig, metric, sign: float, batch, clean_logits, source, mode="grad",
+               remat: bool = False):
     """``f(coef, tokens, input_embeddings, shift, detach)``: weighted sum of the signed
     metric; its gradient w.r.t. ``coef`` (which must be zero) gives the edge scores."""
 
     def f(coef, tokens, input_embeddings=None, shift=None, detach=None):
         iv = Intervention(coef, source, shift, detach, mode=mode)
         logits = forward(params, cfg, tokens, batch["attention_mask"], iv, input_embeddings,
-                         logit_positions=logit_positions(batch))
+                         logit_positions=logit_positions(batch), remat=remat)
         values = batch_metric(metric, logits, clean_logits, batch)
         return (sign * values * batch["weight"]).sum()
 
@@ -102,23 +105,25 @@ def _activation_groups(spec: GraphSpec) -> np.ndarray:
     return np.stack(groups).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "metric_name", "ig_steps", "intervention"))
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "metric_name", "ig_steps", "intervention", "remat"))
 def batch_scores(params, batch, year_ids, *, cfg: ModelConfig, method: str, metric_name: str,
-                 ig_steps: int = 5, intervention: str = "patching"):
-    """Sum over the batch's examples of the per-example edge scores: ``[src, dst]``."""
+                 ig_steps: int = 5, intervention: str = "patching", remat: bool = False):
+    """Sum over the batch's examples of the per-example edge scores: ``[src, dst]``
+    (float32 also for bfloat16 parameters). ``remat`` rematerialises each layer."""
     spec = GraphSpec.from_config(cfg)
     metric = metrics_lib.get_metric(metric_name, year_ids)
     sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
     clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention)
     delta = jax.lax.stop_gradient(corr_outs - clean_outs)
-    f = _objective(params, cfg, metric, sign, batch, clean_logits, delta)
+    f = _objective(params, cfg, metric, sign, batch, clean_logits, delta, remat=remat)
     grad = jax.grad(f)
     zeros = jnp.zeros((spec.n_forward, spec.n_backward), jnp.float32)
 
     if method == "EAP":
         # the clean run's own outputs form corrupted - clean, so the separate clean run
         # above is only computed when the metric reads the clean logits (KL)
-        f_eap = _objective(params, cfg, metric, sign, batch, clean_logits, corr_outs, mode="grad-replace")
+        f_eap = _objective(params, cfg, metric, sign, batch, clean_logits, corr_outs, mode="grad-replace",
+                           remat=remat)
         scores = jax.grad(f_eap)(zeros, batch["clean"])
     elif method == "clean-corrupted":
         scores = (grad(zeros, batch["clean"]) + grad(zeros, batch["corrupted"])) / 2
@@ -198,9 +203,11 @@ def prepare_data(model, data: Union[str, Pairs], metric: str) -> tuple[Pairs, Op
     return data, (np.zeros(100, np.int32) if year_ids is None else year_ids)
 
 
+@memory_lib.explain_out_of_memory
 def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", metric: str = "logit_diff",
               ig_steps: int = 5, batch_size: int = 16, intervention: Literal["patching", "zero"] = "patching",
-              exact_chunk: int = 64, quiet: bool = False) -> Graph:
+              exact_chunk: int = 64, quiet: bool = False, remat: bool = False, mesh=None,
+              max_memory: Union[str, int, None] = None) -> Graph:
     """Score every edge of ``model``'s circuit graph on ``data``.
 
     model: a :class:`jaxinterp.Model` (``jaxinterp.load_model``).
@@ -208,6 +215,16 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
     Returns a :class:`Graph` whose ``scores [src, dst]`` are the mean over examples, and
     whose ``nodes_scores`` are each node's score summed over its outgoing edges (its
     output's attribution), or, for ``exact``, each node's own exact patching effect.
+    remat: recompute each layer in the backward pass instead of storing its activations
+        (gradient methods; about one more forward pass, much less memory).
+    Models loaded in bfloat16 (``load_model(path, dtype=jnp.bfloat16)``) compute in
+    bfloat16; edge scores are accumulated in float32.
+    mesh: a ``("data", "model")`` :class:`jax.sharding.Mesh` (:func:`jaxinterp.sharding.make_mesh`):
+        examples split over ``data``, heads / MLP units / vocabulary over ``model``.
+    max_memory: device memory to fit in (``"70GB"``, ``"512MiB"``, bytes): the batch size is
+        the largest that :func:`jaxinterp.memory.estimate_peak_bytes` fits (at most the number
+        of examples), *instead of* ``batch_size``. Running out of device memory raises
+        :class:`jaxinterp.memory.OutOfMemoryError` with what to change.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -218,6 +235,9 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
     if ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
     pairs, year_ids = prepare_data(model, data, metric)
+    if max_memory is not None:
+        batch_size = memory_lib.batch_size_for(model, pairs, method, max_memory, mesh, exact_chunk, quiet)
+    model, year_ids = shard_model(model, mesh), replicate(year_ids, mesh)
     spec = model.graph_spec
     total = np.zeros((spec.n_forward, spec.n_backward), np.float64)
     n_batches = pairs.n_batches(batch_size)
@@ -227,21 +247,23 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
         pad = (-len(src)) % exact_chunk
         src_p, dst_p = np.concatenate([src, np.zeros(pad, int)]), np.concatenate([dst, np.zeros(pad, int)])
         bar = tqdm(total=n_batches * len(src_p) // exact_chunk, desc="exact", disable=quiet)
-        for batch in pairs.batches(batch_size):
+        for batch in shard_batches(pairs, batch_size, mesh):
             for i in range(0, len(src_p), exact_chunk):
-                vals = batch_exact(model.params, batch, year_ids, src_p[i:i + exact_chunk],
-                                   dst_p[i:i + exact_chunk], **kw)
+                vals = batch_exact(model.params, batch, year_ids, replicate(src_p[i:i + exact_chunk], mesh),
+                                   replicate(dst_p[i:i + exact_chunk], mesh), **kw)
                 np.add.at(total, (src_p[i:i + exact_chunk], dst_p[i:i + exact_chunk]),
-                          np.where(np.arange(i, i + exact_chunk) < len(src), np.asarray(vals), 0.0))
+                          np.where(np.arange(i, i + exact_chunk) < len(src), to_host(vals), 0.0))
                 bar.update()
         bar.close()
     else:
-        for batch in tqdm(pairs.batches(batch_size), total=n_batches, desc=method, disable=quiet):
-            total += np.asarray(batch_scores(model.params, batch, year_ids, method=method, ig_steps=ig_steps, **kw))
+        steps = ig_steps if "IG" in method else 1  # static in batch_scores: no recompilation over unused steps
+        for batch in tqdm(shard_batches(pairs, batch_size, mesh), total=n_batches, desc=method, disable=quiet):
+            total += to_host(batch_scores(model.params, batch, year_ids, method=method, ig_steps=steps,
+                                          remat=remat, **kw))
     scores = (total / len(pairs)).astype(np.float32)
     _check_finite(scores, method)
     graph = Graph(spec, scores)
-    graph.nodes_scores = (exact_node_scores(model, pairs, metric, batch_size, intervention, year_ids)
+    graph.nodes_scores = (exact_node_scores(model, pairs, metric, batch_size, intervention, year_ids, mesh)
                           if method == "exact" else graph.scores.sum(1))
     return graph
 
@@ -266,10 +288,10 @@ def _batch_exact_nodes(params, batch, year_ids, *, cfg, metric_name, interventio
 
 
 def exact_node_scores(model, pairs: Pairs, metric: str, batch_size: int, intervention: str,
-                      year_ids) -> np.ndarray:
+                      year_ids, mesh=None) -> np.ndarray:
     """``[src]``: the exact effect of patching each node's output on all its outgoing edges."""
     total = np.zeros(model.graph_spec.n_forward)
-    for batch in pairs.batches(batch_size):
-        total += np.asarray(_batch_exact_nodes(model.params, batch, year_ids, cfg=model.cfg,
-                                               metric_name=metric, intervention=intervention))
+    for batch in shard_batches(pairs, batch_size, mesh):
+        total += to_host(_batch_exact_nodes(model.params, batch, year_ids, cfg=model.cfg,
+                                            metric_name=metric, intervention=intervention))
     return (total / len(pairs)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""``jaxinterp`` command line: convert, attribute, evaluate, curve, demo."""
+"""``jaxinterp`` command line: convert, attribute, evaluate, curve, acdc, lens, sweep, demo."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import time
 
 def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or a `jaxinterp convert` output")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the model (scores are accumulated in float32; default: float32)")
     if data:
         p.add_argument("--data", required=True,
                        help="pairs CSV: columns clean, corrupted and correct_idx, incorrect_idx (token ids) or label")
@@ -26,7 +28,9 @@ def _load(args):
     from .attribution import prepare_data
     from .loading import load_model
 
-    model = load_model(args.model)
+    import jax.numpy as jnp
+
+    model = load_model(args.model, dtype=jnp.dtype(args.dtype))
     pairs, _ = prepare_data(model, args.data, args.metric)
     if args.limit:
         pairs = pairs.head(args.limit)
@@ -49,16 +53,35 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _mesh(args):
+    """The ``--mesh DxM`` mesh (after ``--distributed`` set-up), or None."""
+    if getattr(args, "distributed", False):
+        from .distributed import initialize
+
+        initialize()  # before anything touches jax's devices
+    if not getattr(args, "mesh", None):
+        return None
+    from .sharding import make_mesh, parse_mesh
+
+    return make_mesh(*parse_mesh(args.mesh))
+
+
 def cmd_attribute(args) -> int:
     from .attribution import attribute
 
+    mesh = _mesh(args)
     model, pairs = _load(args)
     t = time.perf_counter()
     graph = attribute(model, pairs, method=args.method, metric=args.metric, ig_steps=args.ig_steps,
-                      batch_size=args.batch_size, intervention=args.intervention)
+                      batch_size=args.batch_size, intervention=args.intervention, remat=args.remat,
+                      mesh=mesh, max_memory=args.max_memory)
     seconds = time.perf_counter() - t
     if args.top_n:
         graph.apply_topn(args.top_n, absolute=not args.signed)
+    import jax
+
+    if jax.process_index() != 0:  # every process holds the same scores; one writes them
+        return 0
     graph.to_json(args.out)
     print(f"{args.method}: scored {graph.spec.n_edges} edges on {len(pairs)} examples in {seconds:.1f}s "
           f"-> {args.out}")
@@ -103,6 +126,48 @@ def cmd_curve(args) -> int:
     return 0
 
 
+def cmd_acdc(args) -> int:
+    from .acdc import acdc
+
+    model, pairs = _load(args)
+    t = time.perf_counter()
+    graph = acdc(model, pairs, args.threshold, metric=args.metric, batch_size=args.batch_size,
+                 absolute=args.absolute, intervention=args.intervention)
+    graph.to_json(args.out)
+    print(f"ACDC (threshold {args.threshold}, {args.metric}): kept {graph.count_included_edges()} edges of "
+          f"{graph.spec.n_edges} on {len(pairs)} examples in {time.perf_counter() - t:.1f}s -> {args.out}")
+    return 0
+
+
+def cmd_lens(args) -> int:
+    from .lens import lens_report, plot_logit_lens
+    from .loading import load_model
+
+    model = load_model(args.model)
+    report = lens_report(model, args.prompt, k=args.top_k)
+    plot_logit_lens(report["lens"][:, -args.last:] if args.last else report["lens"],
+                    report["tokens"][-args.last:] if args.last else report["tokens"],
+                    lambda t: model.tokenizer.decode([t]), args.out, title=f"logit lens: {args.prompt}")
+    print(f"logit lens at the last token {report['tokens'][-1]!r} (top {args.top_k}, probability):")
+    for row in report["per_layer"]:
+        print(f"  {row['layer']:>15}: " + "  ".join(f"{t.strip()!r} {p:.3f}" for t, p in row["top"]))
+    if "direct" in report:
+        d = report["direct"]
+        print(f"direct logit attribution to {d['token'].strip()!r} (logit {d['logit']:.3f}; "
+              f"constants and biases {d['rest']:.3f}):")
+        for name, value in d["nodes"]:
+            print(f"  {name:>10}: {value:+.3f}")
+    print(f"-> {args.out}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    run_sweep(args.toml, out_dir=args.out, quiet=args.quiet)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -124,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="EAP-IG-inputs",
                    choices=["EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact"])
     p.add_argument("--ig-steps", type=int, default=5, help="integration steps for the EAP-IG methods (default: 5)")
+    p.add_argument("--remat", action="store_true",
+                   help="recompute each layer in the backward pass (less memory, about one more forward)")
+    p.add_argument("--mesh", default=None, metavar="DxM",
+                   help="shard over a DATAxMODEL device mesh, e.g. 2x4: examples over 2, heads/MLP units over 4")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="device memory to fit in, e.g. 70GB or 512MiB: picks the largest batch size that fits "
+                        "(overrides --batch-size)")
+    p.add_argument("--distributed", action="store_true",
+                   help="join other processes first (jax.distributed; JAXINTERP_COORDINATOR, "
+                        "JAXINTERP_NUM_PROCESSES, JAXINTERP_PROCESS_ID or the cluster's own variables)")
     p.add_argument("--top-n", type=int, default=None, help="mark the top-N edges as the circuit in the output")
     p.add_argument("--signed", action="store_true", help="rank by signed score instead of absolute value")
     p.add_argument("--out", required=True, help="graph JSON to write (the reference's Graph.to_json format)")
@@ -146,6 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="curve.png", help="PNG of the curve")
     p.set_defaults(func=cmd_curve)
 
+    p = sub.add_parser("acdc", help="ACDC: prune edges one at a time from the logits backwards (exact patching)")
+    _add_common(p)
+    p.set_defaults(metric="kl_div")
+    p.description = ("ACDC (Conmy et al. 2023) with exact patching. Here --metric defaults to kl_div (KL from "
+                     "the clean model, ACDC's choice).")
+    p.add_argument("--threshold", type=float, required=True,
+                   help="remove an edge when its removal raises the loss (KL, or minus the task metric) by less")
+    p.add_argument("--absolute", action="store_true", help="compare |change| with the threshold")
+    p.add_argument("--out", required=True, help="graph JSON to write (the reference's Graph.to_json format)")
+    p.set_defaults(func=cmd_acdc)
+
+    p = sub.add_parser("lens", help="logit lens picture and top tokens of a prompt")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or a `jaxinterp convert` output")
+    p.add_argument("--prompt", required=True, help="text to read (BOS is prepended)")
+    p.add_argument("--top-k", type=int, default=5, help="tokens to print per layer (default: 5)")
+    p.add_argument("--last", type=int, default=None, help="draw only the last N positions")
+    p.add_argument("--out", default="lens.png", help="PNG of the logit lens")
+    p.set_defaults(func=cmd_lens)
+
+    p = sub.add_parser("sweep", help="every model x task x method x ig_steps cell of a TOML file (restartable)")
+    p.add_argument("toml", help="sweep file: [sweep] settings, [models] name = dir, [tasks.NAME] csv or generate")
+    p.add_argument("--out", default=None, help="output directory (default: [sweep].out, relative to the file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("demo", help="EAP, EAP-IG and exact patching on the shipped demo model and IOI task")
     p.add_argument("--model", default=None, help="model directory (default: the shipped demo model)")
     p.add_argument("--out", default="jaxinterp-demo", help="output directory for the pictures and the report")
@@ -159,7 +259,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+    except (FileNotFoundError, ValueError, NotImplementedError, MemoryError) as e:
         if os.environ.get("JAXINTERP_DEBUG"):
             raise
         # bad input: the message names the problem; a traceback would bury it

@@ -25,6 +25,7 @@ from .attribution import INTERVENTIONS, _corrupted_outputs, batch_metric, logit_
 from .data import Pairs
 from .graph import Graph, GraphSpec
 from .models import Intervention, forward
+from .sharding import batches as shard_batches, replicate, shard_model, to_host
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "metric_name", "intervention", "chunk"))
@@ -57,34 +58,39 @@ def _batch_baseline(params, batch, year_ids, *, cfg, metric_name):
 
 def evaluate_masks(model, masks: np.ndarray, data: Union[str, Pairs], metric: str = "logit_diff",
                    intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
-                   quiet: bool = True) -> np.ndarray:
-    """Mean metric over ``data`` of each circuit ``masks [circuit, src, dst]`` (bool)."""
+                   quiet: bool = True, mesh=None) -> np.ndarray:
+    """Mean metric over ``data`` of each circuit ``masks [circuit, src, dst]`` (bool).
+    ``mesh``: shard over a ``("data", "model")`` mesh (:mod:`jaxinterp.sharding`)."""
     if intervention not in INTERVENTIONS:
         raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
     pairs, year_ids = prepare_data(model, data, metric)
-    masks = np.asarray(masks, bool)
-    total = np.zeros(len(masks))
-    for batch in tqdm(pairs.batches(batch_size), total=pairs.n_batches(batch_size), desc="evaluate", disable=quiet):
-        total += np.asarray(_batch_eval(model.params, batch, year_ids, masks, cfg=model.cfg, metric_name=metric,
-                                        intervention=intervention, chunk=chunk))
+    n_masks = len(masks)
+    model, year_ids = shard_model(model, mesh), replicate(year_ids, mesh)
+    masks = replicate(np.asarray(masks, bool), mesh)
+    total = np.zeros(n_masks)
+    for batch in tqdm(shard_batches(pairs, batch_size, mesh), total=pairs.n_batches(batch_size), desc="evaluate",
+                      disable=quiet):
+        total += to_host(_batch_eval(model.params, batch, year_ids, masks, cfg=model.cfg, metric_name=metric,
+                                     intervention=intervention, chunk=chunk))
     return total / len(pairs)
 
 
 def evaluate_graph(model, graph: Graph, data: Union[str, Pairs], metric: str = "logit_diff",
-                   intervention: str = "patching", batch_size: int = 16, prune: bool = True) -> float:
+                   intervention: str = "patching", batch_size: int = 16, prune: bool = True, mesh=None) -> float:
     """Mean metric of the circuit ``graph.in_graph`` (pruned first, as the reference does)."""
     if prune:
         graph.prune()
-    return float(evaluate_masks(model, graph.in_graph[None], data, metric, intervention, batch_size)[0])
+    return float(evaluate_masks(model, graph.in_graph[None], data, metric, intervention, batch_size, mesh=mesh)[0])
 
 
 def evaluate_baseline(model, data: Union[str, Pairs], metric: str = "logit_diff", batch_size: int = 16,
-                      run_corrupted: bool = False) -> float:
+                      run_corrupted: bool = False, mesh=None) -> float:
     """Mean metric of the unmodified model on the clean (or corrupted) prompts."""
     pairs, year_ids = prepare_data(model, data, metric)
+    model, year_ids = shard_model(model, mesh), replicate(year_ids, mesh)
     total = np.zeros(2)
-    for batch in pairs.batches(batch_size):
-        total += np.asarray(_batch_baseline(model.params, batch, year_ids, cfg=model.cfg, metric_name=metric))
+    for batch in shard_batches(pairs, batch_size, mesh):
+        total += to_host(_batch_baseline(model.params, batch, year_ids, cfg=model.cfg, metric_name=metric))
     return float(total[1 if run_corrupted else 0] / len(pairs))
 
 
@@ -117,17 +123,19 @@ def topn_masks(graph: Graph, sizes: Sequence[int], absolute: bool = True, prune:
 
 def faithfulness_curve(model, graph: Graph, data: Union[str, Pairs], sizes: Sequence[int],
                        metric: str = "logit_diff", intervention: str = "patching", batch_size: int = 16,
-                       absolute: bool = True, chunk: int = 8, label: str = "", quiet: bool = True) -> Curve:
+                       absolute: bool = True, chunk: int = 8, label: str = "", quiet: bool = True,
+                       mesh=None) -> Curve:
     """Faithfulness of the top-``n`` circuits of ``graph``'s scores, for every ``n`` in ``sizes``."""
     pairs, _ = prepare_data(model, data, metric)
+    model = shard_model(model, mesh)  # once, not in every evaluation below
     masks, kept = topn_masks(graph, sizes, absolute)
-    values = evaluate_masks(model, masks, pairs, metric, intervention, batch_size, chunk, quiet)
-    clean = evaluate_baseline(model, pairs, metric, batch_size)
+    values = evaluate_masks(model, masks, pairs, metric, intervention, batch_size, chunk, quiet, mesh=mesh)
+    clean = evaluate_baseline(model, pairs, metric, batch_size, mesh=mesh)
     if intervention == "patching":
-        empty = evaluate_baseline(model, pairs, metric, batch_size, run_corrupted=True)
+        empty = evaluate_baseline(model, pairs, metric, batch_size, run_corrupted=True, mesh=mesh)
     else:
         empty = float(evaluate_masks(model, np.zeros((1,) + masks.shape[1:], bool), pairs, metric,
-                                     intervention, batch_size)[0])
+                                     intervention, batch_size, mesh=mesh)[0])
     return Curve(np.asarray(sizes), kept, values, normalized_faithfulness(values, clean, empty), clean, empty, label)
 
 

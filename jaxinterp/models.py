@@ -53,6 +53,7 @@ parallel attention + MLP, and Gemma 2's soft-capping and sandwich norms. Models 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal, Optional
 
 import jax
@@ -92,24 +93,33 @@ class Intervention:
 MODES = ("replace", "add", "grad", "grad-replace", "add-one")
 
 
-@jax.custom_vjp
-def _edge_probe(x: Array, coef: list, source: list) -> Array:
-    """``x [dst, batch, pos, d_model]`` unchanged; for each group, the cotangent of
-    ``coef [src, dst]`` is ``<source_u, g_v>`` with ``source [src, batch, pos, d_model]``:
-    (*) linearised at ``coef = 0`` without computing the sum."""
-    return x
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _normed_probe(norm, n_dst: int, resid: Array, norm_params, coef: list, source: list) -> Array:
+    """``norm(norm_params, resid)`` broadcast to ``[n_dst, batch, pos, d_model]``: the
+    normalised inputs of ``n_dst`` downstream nodes that all see ``resid`` (the grad modes,
+    ``coef = 0``). The backward is that of ``norm(broadcast(resid))`` with an edge probe in
+    between (each input's own gradient, contracted with ``source`` into ``coef``'s
+    cotangent), but nothing of size ``n_dst`` is kept from the forward pass."""
+    return jnp.broadcast_to(norm(norm_params, resid)[None], (n_dst,) + resid.shape)
 
 
-def _edge_probe_fwd(x, coef, source):
-    return x, source
+def _normed_probe_fwd(norm, n_dst, resid, norm_params, coef, source):
+    return _normed_probe(norm, n_dst, resid, norm_params, coef, source), (resid, norm_params, source)
 
 
-def _edge_probe_bwd(source, g):
-    coef_bar = [jnp.einsum("fbpd,vbpd->fv", s, g.astype(s.dtype)) for s in source]
-    return g, coef_bar, [jnp.zeros_like(s) for s in source]
+def _normed_probe_bwd(norm, n_dst, res, g):
+    resid, norm_params, source = res
+    # The vjp of the norm at n_dst copies of resid (transient, backward only). Not
+    # vmap(jax.vjp(norm, ...)[1]) over g: under jit on CPU (jax 0.10.2) that gives wrong
+    # gradients for batch * pos >= a few hundred (tests/test_models.py checks this path).
+    x = jnp.broadcast_to(resid[None], g.shape)
+    g_params, g_x = jax.vjp(norm, norm_params, x)[1](g)  # g_x per downstream input: [n_dst, batch, pos, d_model]
+    coef_bar = [jnp.einsum("fbpd,vbpd->fv", s, g_x.astype(s.dtype), preferred_element_type=jnp.float32)
+                for s in source]
+    return g_x.sum(0), g_params, coef_bar, [jnp.zeros_like(s) for s in source]
 
 
-_edge_probe.defvjp(_edge_probe_fwd, _edge_probe_bwd)
+_normed_probe.defvjp(_normed_probe_fwd, _normed_probe_bwd)
 
 
 def _norm(cfg: ModelConfig, p, x):
@@ -149,7 +159,7 @@ def _node_out(x: Array, iv: Optional["Intervention"], index) -> Array:
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
             intervention: Optional[Intervention] = None, input_embeddings: Optional[Array] = None,
-            return_node_outputs: bool = False, logit_positions: Optional[Array] = None):
+            return_node_outputs: bool = False, logit_positions: Optional[Array] = None, remat: bool = False):
     """Run the model on ``tokens [batch, pos]``.
 
     attention_mask: ``[batch, pos]``, 1 for real tokens (right padding); default all ones.
@@ -161,11 +171,12 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
 
     logit_positions: ``[batch]`` or ``[batch, k]`` positions; the logits are computed
         there only, ``[batch, 1 or k, vocab]`` (a metric reads one position per prompt).
+    remat: rematerialise each layer in the backward pass (less memory, one more forward).
 
     Returns float32 logits ``[batch, pos, vocab]`` (and the node outputs).
     """
     run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, return_node_outputs,
-               logit_positions)
+               logit_positions, remat)
     return (run["logits"], run["outs"]) if return_node_outputs else run["logits"]
 
 
@@ -181,7 +192,7 @@ def residual_stream(params: Params, cfg: ModelConfig, tokens: Array, attention_m
 
 def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array],
          intervention: Optional[Intervention], input_embeddings: Optional[Array], return_node_outputs: bool,
-         logit_positions: Optional[Array] = None) -> dict:
+         logit_positions: Optional[Array] = None, remat: bool = False) -> dict:
     if (intervention is not None or return_node_outputs) and cfg.graph_unsupported_reason:
         raise NotImplementedError(f"no circuit-graph forward: {cfg.graph_unsupported_reason}")
     # built directly: GraphSpec.from_config refuses models without a graph, whose plain
@@ -202,23 +213,29 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     # edge probe keeps only these arrays alive (not one copy of the growing stack per layer).
     groups: list[tuple[slice, Array]] = []
 
-    def edge_inputs(resid, dst: slice):
-        """(*) for the downstream inputs ``dst`` fed by every group produced so far:
-        ``[dst, batch, pos, d_model]``, or None without an intervention."""
-        if iv is None:
-            return None
+    def edge_inputs(resid, dst: slice, groups: list):
+        """(*) for the downstream inputs ``dst`` fed by ``groups`` (those produced so far):
+        ``[dst, batch, pos, d_model]`` (modes replace, add, add-one)."""
         n_dst = dst.stop - dst.start
         x = jnp.broadcast_to(resid[None], (n_dst,) + resid.shape)
         if iv.mode == "add-one":
             return x + iv.coef[0, dst].astype(x.dtype)[:, None, None, None] * iv.source[0][None].astype(x.dtype)
-        if iv.mode in ("grad", "grad-replace"):
-            sources = [iv.source[sl] if iv.mode == "grad" else iv.source[sl] - jax.lax.stop_gradient(out)
-                       for sl, out in groups]
-            return _edge_probe(x, [iv.coef[sl, dst] for sl, _ in groups], sources)
         for sl, out in groups:
             delta = iv.source[sl] - out if iv.mode == "replace" else iv.source[sl]
             x = x + jnp.einsum("fbpd,fv->vbpd", delta.astype(x.dtype), iv.coef[sl, dst].astype(x.dtype))
         return x
+
+    def normed_inputs(resid, dst: slice, groups: list, norm_params):
+        """The normalised downstream inputs ``dst``: ``[dst, batch, pos, d_model]``, or
+        ``[batch, pos, d_model]`` (the same for all) without an intervention."""
+        if iv is None:
+            return _norm(cfg, norm_params, resid)
+        if iv.mode in ("grad", "grad-replace"):
+            sources = [iv.source[sl] if iv.mode == "grad" else iv.source[sl] - jax.lax.stop_gradient(out)
+                       for sl, out in groups]
+            return _normed_probe(functools.partial(_norm, cfg), dst.stop - dst.start, resid, norm_params,
+                                 [iv.coef[sl, dst] for sl, _ in groups], sources)
+        return _norm(cfg, norm_params, edge_inputs(resid, dst, groups))
 
     if input_embeddings is None:
         emb = ops.embed(params["embed"]["w_e"], tokens)
@@ -232,16 +249,13 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     if cfg.positional == "learned":
         resid = resid + ops.pos_embed(params["embed"]["w_pos"], n_pos)[None]
 
-    resids = []
-    for layer in range(cfg.n_layers):
-        resids.append(resid)
-        p = jax.tree.map(lambda a: a[layer], params["blocks"])
+    def block(layer: int, p, resid, bounds, arrays):
+        """One layer given the node outputs so far (``arrays``, one per group):
+        ``(resid out, heads [head, batch, pos, d_model], mlp out [batch, pos, d_model])``."""
+        groups = [(slice(*b), a) for b, a in zip(bounds, arrays)]
         a0 = spec.qkv_index(layer, "q")
-        x_qkv = edge_inputs(resid, slice(a0, a0 + 3 * H))
-        if x_qkv is None:
-            x_q = x_k = x_v = _norm(cfg, p["ln1"], resid)
-        else:
-            x_q, x_k, x_v = jnp.split(_norm(cfg, p["ln1"], x_qkv), 3)
+        n_qkv = normed_inputs(resid, slice(a0, a0 + 3 * H), groups, p["ln1"])
+        x_q, x_k, x_v = (n_qkv,) * 3 if iv is None else jnp.split(n_qkv, 3)
         h0 = spec.head_index(layer)
         heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, masks[cfg.window(layer)], rotary, head_major=True,
                                     scale=cfg.attn_scale, logit_softcap=cfg.attn_logit_softcap)
@@ -251,31 +265,37 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
             attn_out = attn_out + p["attn"]["b_o"]
         if cfg.sandwich_norms:  # plain forward only (checked above): the norm of the sum of heads
             attn_out = _norm(cfg, p["ln1_post"], attn_out)
-        head_group = (slice(h0, h0 + H), heads)
         if not cfg.parallel_attn_mlp:
-            groups.append(head_group)
+            groups.append((slice(h0, h0 + H), heads))
 
         m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
         mi = spec.mlp_in_index(layer)
-        x_m = edge_inputs(m_in, slice(mi, mi + 1))
-        x_m = m_in if x_m is None else x_m[0]
-        m_idx = spec.mlp_index(layer)
-        m_out = ops.mlp(p["mlp"], _norm(cfg, p["ln2"], x_m), cfg.act_fn)
+        n_m = normed_inputs(m_in, slice(mi, mi + 1), groups, p["ln2"])
+        m_out = ops.mlp(p["mlp"], n_m if iv is None else n_m[0], cfg.act_fn)
         if cfg.sandwich_norms:
             m_out = _norm(cfg, p["ln2_post"], m_out)
-        m_out = _node_out(m_out, iv, m_idx)
-        if cfg.parallel_attn_mlp:
-            groups.append(head_group)
+        m_out = _node_out(m_out, iv, spec.mlp_index(layer))
+        return resid + attn_out + m_out, heads, m_out
+
+    resids = []
+    for layer in range(cfg.n_layers):
+        resids.append(resid)
+        p = jax.tree.map(lambda a: a[layer], params["blocks"])
+        bounds, arrays = tuple((sl.start, sl.stop) for sl, _ in groups), [a for _, a in groups]
+        # remat: the backward recomputes the layer from its inputs instead of keeping its
+        # intermediates (attention weights, MLP hidden units) alive
+        step = jax.checkpoint(block, static_argnums=(0, 3)) if remat else block
+        resid, heads, m_out = step(layer, p, resid, bounds, arrays)
+        h0, m_idx = spec.head_index(layer), spec.mlp_index(layer)
+        groups.append((slice(h0, h0 + H), heads))
         groups.append((slice(m_idx, m_idx + 1), m_out[None]))
-        resid = resid + attn_out + m_out
 
     resids.append(resid)
-    x_f = edge_inputs(resid, slice(spec.logits_index, spec.logits_index + 1))
-    x_f = resid if x_f is None else x_f[0]
+    n_f = normed_inputs(resid, slice(spec.logits_index, spec.logits_index + 1), groups, params["ln_f"])
+    n_f = n_f if iv is None else n_f[0]
     if logit_positions is not None:  # only the positions a metric reads: most of the unembedding is skipped
-        x_f = jnp.take_along_axis(x_f, logit_positions.reshape(n_batch, -1)[..., None], axis=1)
-    logits = ops.unembed(params["unembed"]["w_u"], _norm(cfg, params["ln_f"], x_f),
-                         params["unembed"].get("b_u")).astype(jnp.float32)
+        n_f = jnp.take_along_axis(n_f, logit_positions.reshape(n_batch, -1)[..., None], axis=1)
+    logits = ops.unembed(params["unembed"]["w_u"], n_f, params["unembed"].get("b_u")).astype(jnp.float32)
     logits = ops.softcap(logits, cfg.final_logit_softcap)
     outs = jnp.concatenate([out for _, out in groups]) if return_node_outputs else None
     return {"logits": logits, "outs": outs, "resid": resids}

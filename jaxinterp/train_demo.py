@@ -26,7 +26,10 @@ training; the same definitions are in :func:`evaluate`):
   over year tokens (the reference's ``prob_diff``).
 * induction accuracy: logit(correct next word) > logit(distractor).
 
-Measured for the shipped checkpoint (seed 0, 2-core CPU, jax CPU): MEASURED_PLACEHOLDER
+Measured for the shipped checkpoint (seed 0, 2-core CPU, jax CPU; ``training.json`` next
+to it): 2000 steps in 241 s, final loss 0.417; held out: IOI accuracy 1.000 (mean logit
+difference 12.18), greater-than accuracy 1.000 (near 1.000, prob_diff 0.893), induction
+accuracy 0.994 (logit difference 11.34). After 500 steps: IOI 0.934, greater-than 0.971.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxinterp.attribution import AttributionError, attribute, prepare_data
+from jaxinterp.loading import load_model
 from jaxinterp.metrics import logit_diff
 
 import handbuilt
@@ -121,3 +122,20 @@ def test_nan_scores_raise(model, pairs):
     broken = type(model)(model.cfg, params, model.tokenizer)
     with pytest.raises(AttributionError, match="non-finite"):
         attribute(broken, pairs, method="EAP", batch_size=8, quiet=True)
+
+
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
+def test_remat_gives_the_same_scores(model, ioi_csv, method):
+    plain = attribute(model, ioi_csv, method=method, batch_size=6, quiet=True)
+    remat = attribute(model, ioi_csv, method=method, batch_size=6, quiet=True, remat=True)
+    np.testing.assert_allclose(remat.scores, plain.scores, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_model_gives_float32_scores_close_to_float32(gpt2_dir, model, ioi_csv):
+    bf16 = load_model(gpt2_dir, dtype=jnp.bfloat16)
+    assert bf16.params["blocks"]["attn"]["w_q"].dtype == jnp.bfloat16
+    low = attribute(bf16, ioi_csv, method="EAP", batch_size=6, quiet=True)
+    full = attribute(model, ioi_csv, method="EAP", batch_size=6, quiet=True)
+    assert low.scores.dtype == np.float32
+    real = model.graph_spec.real_edge_mask
+    assert np.corrcoef(low.scores[real], full.scores[real])[0, 1] > 0.99

@@ -1,0 +1,272 @@
+"""How much device memory attribution needs, and the largest batch that fits.
+
+:func:`estimate_peak_bytes` is an analytical *upper-bound* estimate of one compiled
+batch of :func:`jaxinterp.attribution.batch_scores` (or ``batch_exact``) per device,
+from the config, the batch shape and the method alone: no weights, no compilation.
+:func:`pick_micro_batch` inverts it. :func:`compiled_peak_bytes` asks XLA for the same
+figure of the real compiled program (it compiles, so it is slow for large models); the
+tests check the estimate against it.
+
+What lives at the peak of a gradient method (bytes per example and position unless
+stated; ``s`` is the activation dtype's size, graph sizes from :class:`GraphSpec`)::
+
+    parameters                    param_count(cfg) * s           (once, not per example)
+    node outputs                  NODE_COPIES * n_forward * d_model * s
+                                  (corrupted outputs, and this run's, kept for the backward)
+    per-edge inputs               EDGE_COPIES * n_backward * d_model * s
+                                  (the normed q/k/v/MLP inputs kept for the backward)
+    attention                     ATTN_COPIES * n_layers * n_heads * pos * 4
+                                  (logits, probabilities, their cotangent: float32)
+    MLP hidden units              MLP_COPIES * n_layers * d_mlp * s
+    logits                        LOGIT_COPIES * vocab * 4 (per example: the metric
+                                  reads one position)
+
+``exact`` runs ``exact_chunk`` patched forward passes at once without a backward pass:
+each holds one layer's per-edge inputs (``EXACT_EDGE_COPIES``) and attention at a time.
+The copy counts were fitted to XLA's own memory analysis (:func:`compiled_peak_bytes`,
+CPU, jax 0.10) of GPT-2-, Llama-(GQA, gated) shaped models at batch 4..32 and 16..32
+positions: the estimate is 1.1x..2.1x XLA's figure (tests/test_memory.py keeps it an
+upper bound). A mesh divides parameters by its ``model`` axis and examples by its ``data``
+axis (activations are counted as if replicated over ``model``, an upper bound).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .graph import GraphSpec
+
+# Fitted to XLA's memory analysis with a margin (module docstring).
+NODE_COPIES = 2
+EDGE_COPIES = 1
+ATTN_COPIES = 3
+MLP_COPIES = 3
+LOGIT_COPIES = 4
+EXACT_EDGE_COPIES = 3  # per patched run of ``exact``: edge inputs, their norm, the sum
+SAFETY = 1.25  # XLA's buffer assignment varies with the batch size (fusion, scheduling)
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class OutOfMemoryError(MemoryError):
+    """The device ran out of memory; the message says which options lower the peak."""
+
+
+def parse_bytes(text: Union[str, int, float]) -> int:
+    """``"70GB"`` -> 70e9, ``"512MiB"`` -> 512 * 2**20, ``"1.5 gb"``, ``1000`` -> bytes.
+
+    Decimal units (kB, MB, GB, TB) are powers of 1000, binary ones (KiB, MiB, GiB, TiB)
+    powers of 1024; a bare number is bytes.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 70GB, 512MiB or 1000000")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    n = int(value * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return n
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
+    """The parameter pytree of ``cfg`` (layout in :mod:`jaxinterp.models`) as
+    ``jax.ShapeDtypeStruct`` leaves: shapes without weights, to count bytes or to
+    compile for a model that is not loaded."""
+    L, H, K, D, E, M, V = (cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.d_model, cfg.d_head, cfg.d_mlp,
+                           cfg.vocab_size)
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    norm = lambda *lead: {"w": s(*lead, D), **({"b": s(*lead, D)} if cfg.norm == "layernorm" else {})}  # noqa: E731
+    attn = {"w_q": s(L, H, D, E), "w_k": s(L, K, D, E), "w_v": s(L, K, D, E), "w_o": s(L, H, E, D)}
+    if cfg.qkv_bias:
+        attn.update(b_q=s(L, H, E), b_k=s(L, K, E), b_v=s(L, K, E))
+    if cfg.out_bias:
+        attn["b_o"] = s(L, D)
+    mlp = {"w_in": s(L, D, M), "w_out": s(L, M, D)}
+    if cfg.gated_mlp:
+        mlp["w_gate"] = s(L, D, M)
+    if cfg.mlp_bias:
+        mlp.update(b_in=s(L, M), b_out=s(L, D), **({"b_gate": s(L, M)} if cfg.gated_mlp else {}))
+    blocks = {"ln1": norm(L), "attn": attn, "ln2": norm(L), "mlp": mlp}
+    if cfg.sandwich_norms:
+        blocks.update(ln1_post=norm(L), ln2_post=norm(L))
+    embed = {"w_e": s(V, D)}
+    if cfg.positional == "learned":
+        embed["w_pos"] = s(cfg.n_ctx, D)
+    return {"embed": embed, "blocks": blocks, "ln_f": norm(), "unembed": {"w_u": s(D, V)}}
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters (tied embeddings counted twice, as they are stored)."""
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_params(cfg)))
+
+
+def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_chunk: int) -> float:
+    """Activation bytes per example and position (module docstring)."""
+    spec = GraphSpec(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model)
+    L, H, D = cfg.n_layers, cfg.n_heads, cfg.d_model
+    nodes = NODE_COPIES * spec.n_forward * D * s
+    if method == "exact":
+        # each of the exact_chunk patched runs holds one layer's edge inputs and attention
+        per_run = (EXACT_EDGE_COPIES * (3 * H + 1) * D * s + ATTN_COPIES * H * n_pos * 4
+                   + MLP_COPIES * cfg.d_mlp * s)
+        return nodes + exact_chunk * per_run
+    edges = EDGE_COPIES * spec.n_backward * D * s
+    attn = ATTN_COPIES * L * H * n_pos * 4
+    mlp = MLP_COPIES * L * cfg.d_mlp * s
+    return nodes + edges + attn + mlp
+
+
+def estimate_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: str = "EAP-IG-inputs",
+                        dtype=jnp.float32, exact_chunk: int = 64, data_devices: int = 1,
+                        model_devices: int = 1) -> int:
+    """Upper-bound estimate of the peak device memory of one attribution batch of
+    ``batch_size`` prompt pairs of ``n_pos`` tokens, per device of a ``data_devices x
+    model_devices`` mesh. Integrated-gradient steps run one after the other (a scan), so
+    ``ig_steps`` does not change the peak. Monotone in ``batch_size`` and ``n_pos``."""
+    if batch_size < 1 or n_pos < 1:
+        raise ValueError(f"batch_size and n_pos must be >= 1, got {batch_size}, {n_pos}")
+    s = jnp.dtype(dtype).itemsize
+    params = param_count(cfg) * s / model_devices
+    local = math.ceil(batch_size / data_devices)
+    spec = GraphSpec(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model)
+    acts = local * n_pos * _per_token_bytes(cfg, n_pos, s, method, exact_chunk)
+    logits = local * LOGIT_COPIES * cfg.vocab_size * 4
+    scores = 3 * spec.n_forward * spec.n_backward * 4  # the float32 [src, dst] gradient and its sum
+    return int(SAFETY * (params + acts + logits + scores))
+
+
+def pick_micro_batch(cfg: ModelConfig, n_pos: int, method: str, max_memory_bytes: int, dtype=jnp.float32,
+                     exact_chunk: int = 64, data_devices: int = 1, model_devices: int = 1,
+                     limit: int = 1 << 20) -> int:
+    """The largest batch size (at most ``limit``, a multiple of ``data_devices``) whose
+    :func:`estimate_peak_bytes` is within ``max_memory_bytes``; raises
+    :class:`OutOfMemoryError` when not even one example per data device fits."""
+    est = lambda b: estimate_peak_bytes(cfg, b, n_pos, method, dtype, exact_chunk,  # noqa: E731
+                                        data_devices, model_devices)
+    step = data_devices  # a batch that does not divide the data axis is padded up anyway
+    if est(step) > max_memory_bytes:
+        raise OutOfMemoryError(
+            f"{method} on prompts of {n_pos} tokens needs about {format_bytes(est(step))} per device for a batch "
+            f"of {step}, more than the {format_bytes(max_memory_bytes)} allowed: shard the model over more "
+            f"devices (--mesh DxM), use bfloat16 (--dtype bfloat16) or --remat, or shorten the prompts")
+    lo, hi = 1, max(1, limit // step)  # in units of `step`; est is monotone: binary search
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if est(mid * step) <= max_memory_bytes else (lo, mid - 1)
+    return lo * step
+
+
+def compiled_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: str = "EAP-IG-inputs",
+                        dtype=jnp.float32, ig_steps: int = 5, metric: str = "logit_diff",
+                        exact_chunk: int = 64) -> int:
+    """XLA's own figure for one compiled batch of ``batch_scores`` (``batch_exact`` for
+    ``exact``) on the default backend: arguments + outputs + temporaries. Compiles the
+    program from shapes alone (no weights needed)."""
+    from .attribution import batch_exact, batch_scores
+
+    sds = jax.ShapeDtypeStruct
+    i32 = jnp.int32
+    batch = {"clean": sds((batch_size, n_pos), i32), "corrupted": sds((batch_size, n_pos), i32),
+             "attention_mask": sds((batch_size, n_pos), i32), "lengths": sds((batch_size,), i32),
+             "labels": sds((batch_size, 2), i32), "weight": sds((batch_size,), jnp.float32)}
+    args = (abstract_params(cfg, dtype), batch, sds((100,), i32))
+    if method == "exact":
+        edges = sds((exact_chunk,), i32)
+        lowered = batch_exact.lower(*args, edges, edges, cfg=cfg, metric_name=metric)
+    else:
+        lowered = batch_scores.lower(*args, cfg=cfg, method=method, metric_name=metric, ig_steps=ig_steps)
+    m = lowered.compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def is_resource_exhausted(error: BaseException) -> bool:
+    """Whether ``error`` is XLA's out-of-memory error (``RESOURCE_EXHAUSTED``)."""
+    return isinstance(error, getattr(jax.errors, "JaxRuntimeError", RuntimeError)) and \
+        "RESOURCE_EXHAUSTED" in str(error)
+
+
+def out_of_memory_message(error: BaseException, method: str, batch: str) -> str:
+    """An actionable message for XLA's ``RESOURCE_EXHAUSTED`` during attribution; ``batch``
+    says which batch size ran out (e.g. ``"batch size 64"``)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"{method}: out of device memory at {batch}: {first}. Lower --batch-size, "
+            f"or pass --max-memory SIZE (e.g. --max-memory 70GB; Python: max_memory=) to pick the largest batch "
+            f"that fits; --remat, --dtype bfloat16 and --mesh DxM lower the peak further")
+
+
+def batch_size_for(model, pairs, method: str, max_memory: Union[str, int], mesh=None, exact_chunk: int = 64,
+                   quiet: bool = True) -> int:
+    """The batch size :func:`jaxinterp.attribution.attribute` uses under ``max_memory``:
+    :func:`pick_micro_batch` for ``model``'s config and dtype, the prompts' length and the
+    mesh, at most the number of examples (rounded up to the ``data`` axis)."""
+    data = mesh.shape["data"] if mesh is not None else 1
+    model_ways = mesh.shape["model"] if mesh is not None else 1
+    dtype = jax.tree.leaves(model.params)[0].dtype
+    limit = math.ceil(len(pairs) / data) * data
+    size = pick_micro_batch(model.cfg, pairs.n_pos, method, parse_bytes(max_memory), dtype, exact_chunk, data,
+                            model_ways, limit=limit)
+    if not quiet:
+        est = estimate_peak_bytes(model.cfg, size, pairs.n_pos, method, dtype, exact_chunk, data, model_ways)
+        print(f"max_memory {format_bytes(parse_bytes(max_memory))}: batch size {size} "
+              f"(estimated peak {format_bytes(est)} per device)")
+    return size
+
+
+def explain_out_of_memory(fn):
+    """Decorator for functions with ``method`` and ``batch_size`` arguments: XLA's
+    ``RESOURCE_EXHAUSTED`` becomes :class:`OutOfMemoryError` saying what to change."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not is_resource_exhausted(e):
+                raise
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            size = (f"the batch size picked for max_memory={a['max_memory']}" if a.get("max_memory") is not None
+                    else f"batch size {a.get('batch_size')}")
+            raise OutOfMemoryError(out_of_memory_message(e, a.get("method", fn.__name__), size)) from e
+
+    return wrapper
+
+
+def default_device_memory() -> Optional[int]:
+    """Bytes of memory of the first local device, where the backend reports it (GPUs do,
+    CPUs do not: None)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # some backends raise instead of returning None
+        return None
+    limit = stats.get("bytes_limit")
+    return int(limit) if limit else None
+
+
+__all__ = ["OutOfMemoryError", "parse_bytes", "format_bytes", "abstract_params", "param_count",
+           "estimate_peak_bytes", "pick_micro_batch", "compiled_peak_bytes", "is_resource_exhausted",
+           "out_of_memory_message", "batch_size_for", "explain_out_of_memory",
+           "default_device_memory"]
+

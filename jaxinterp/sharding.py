@@ -1,0 +1,215 @@
+"""Sharding attribution over a device mesh with axes ``("data", "model")``.
+
+Examples are split over ``data``; attention heads, MLP hidden units and the vocabulary
+over ``model`` (Megatron-style tensor parallelism). The layout is declared as data: a
+table from each parameter leaf to its logical axes (:data:`PARAM_AXES`, the axis names
+of the README) and a table from logical axes to mesh axes (:data:`MESH_RULES`). A
+dimension that the mesh axis does not divide (e.g. 2 key/value heads on a 4-way
+``model`` axis) is replicated instead.
+
+Nothing else changes: the same jitted :func:`jaxinterp.attribution.batch_scores` runs
+on sharded inputs and ``jit`` propagates the shardings through the program. Results are
+identical to one device up to float32 summation order.
+
+    mesh = make_mesh(data=2, model=4)              # 8 devices
+    graph = attribute(model, "pairs.csv", method="EAP", mesh=mesh)
+
+Across hosts (see :mod:`jaxinterp.distributed`) the mesh spans every process's devices;
+each process passes the same full batch and keeps only its own shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+try:
+    from jax.sharding import AxisType
+except ImportError:  # jax < 0.5: mesh axes have no types, every axis behaves as Auto
+    AxisType = None
+
+AXES = ("data", "model")
+
+# Logical axes of every parameter leaf (layout in jaxinterp.models), keyed by
+# (group, leaf); block leaves get a leading "layer" axis. Norm groups share one entry.
+_NORM = ("d_model",)
+PARAM_AXES = {
+    ("embed", "w_e"): ("vocab", "d_model"),
+    ("embed", "w_pos"): ("ctx", "d_model"),
+    ("attn", "w_q"): ("head", "d_model", "d_head"),
+    ("attn", "b_q"): ("head", "d_head"),
+    ("attn", "w_k"): ("kv_head", "d_model", "d_head"),
+    ("attn", "b_k"): ("kv_head", "d_head"),
+    ("attn", "w_v"): ("kv_head", "d_model", "d_head"),
+    ("attn", "b_v"): ("kv_head", "d_head"),
+    ("attn", "w_o"): ("head", "d_head", "d_model"),
+    ("attn", "b_o"): ("d_model",),
+    ("mlp", "w_in"): ("d_model", "d_mlp"),
+    ("mlp", "b_in"): ("d_mlp",),
+    ("mlp", "w_gate"): ("d_model", "d_mlp"),
+    ("mlp", "b_gate"): ("d_mlp",),
+    ("mlp", "w_out"): ("d_mlp", "d_model"),
+    ("mlp", "b_out"): ("d_model",),
+    ("norm", "w"): _NORM,
+    ("norm", "b"): _NORM,
+    ("unembed", "w_u"): ("d_model", "vocab"),
+    ("unembed", "b_u"): ("vocab",),
+}
+NORM_GROUPS = ("ln1", "ln2", "ln1_post", "ln2_post", "ln_f")
+
+# Logical axis -> mesh axis; axes not listed are replicated.
+MESH_RULES = {"head": "model", "kv_head": "model", "d_mlp": "model", "vocab": "model", "batch": "data"}
+
+
+class MeshError(ValueError):
+    """A mesh that cannot be built on these devices (the message says why)."""
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """``"2x4"`` -> ``(data, model) = (2, 4)``."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        data, model = (int(p) for p in parts)
+    except ValueError:
+        raise MeshError(f"mesh {text!r}: write DATAxMODEL, e.g. 2x4 (2-way data, 4-way model parallel)") from None
+    if data < 1 or model < 1:
+        raise MeshError(f"mesh {text!r}: both sizes must be >= 1")
+    return data, model
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence] = None) -> Mesh:
+    """A ``data x model`` mesh over ``devices`` (default: ``jax.devices()``, every
+    process's devices). One process may use the first ``data * model`` devices when that
+    number divides the device count; several processes must use them all."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = data * model
+    if data < 1 or model < 1:
+        raise MeshError(f"mesh sizes must be >= 1, got data={data}, model={model}")
+    platform = devices[0].platform if devices else "none"
+    if n > len(devices) or len(devices) % n:
+        raise MeshError(f"a {data}x{model} mesh needs {n} devices, which must divide the {len(devices)} "
+                        f"{platform} device(s) available; on CPU, set XLA_FLAGS="
+                        f"--xla_force_host_platform_device_count=N before jax starts to get N devices")
+    if jax.process_count() > 1 and n != len(devices):
+        raise MeshError(f"with {jax.process_count()} processes the mesh must use all {len(devices)} devices, "
+                        f"got {data}x{model} = {n}")
+    if AxisType is None:
+        return Mesh(np.array(devices[:n]).reshape(data, model), AXES)
+    # Auto axes: jit propagates shardings as usual (Explicit axes, the default of
+    # jax.make_mesh, would type-check every op's sharding instead)
+    return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[:n])
+
+
+def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str, ...]:
+    """Logical axes of the parameter leaf at ``path`` (e.g. ``("blocks", "attn", "w_q")``)."""
+    group, leaf = path[-2], path[-1]
+    key = ("norm", leaf) if group in NORM_GROUPS else (group, leaf)
+    if key not in PARAM_AXES:
+        raise ValueError(f"parameter {'/'.join(path)} is not in jaxinterp.sharding.PARAM_AXES; add its axes there")
+    axes = (("layer",) if path[0] == "blocks" else ()) + PARAM_AXES[key]
+    if len(axes) != ndim:
+        raise ValueError(f"parameter {'/'.join(path)} has {ndim} dimensions, its axes {axes} say {len(axes)}")
+    return axes
+
+
+def partition_spec(axes: Sequence[str], shape: Sequence[int], mesh_shape: dict) -> P:
+    """Mesh axis per dimension from :data:`MESH_RULES`, or None (replicated) where the
+    dimension does not divide the mesh axis or a mesh axis is already used."""
+    out = []
+    for name, size in zip(axes, shape):
+        target = MESH_RULES.get(name)
+        ways = mesh_shape.get(target, 1)
+        # a mesh axis shards one dimension at most; a 1-way axis is the same as none
+        ok = target is not None and target not in out and ways > 1 and size % ways == 0
+        out.append(target if ok else None)
+    return P(*out)
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def param_specs(params, mesh_shape: dict):
+    """The :class:`PartitionSpec` of every leaf of ``params`` for a mesh of ``mesh_shape``
+    (e.g. ``{"data": 2, "model": 4}``); a pytree like ``params``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: partition_spec(logical_axes(_path_names(path), np.ndim(a)), np.shape(a), mesh_shape),
+        params)
+
+
+def _put(x, sharding: NamedSharding) -> jax.Array:
+    """``x`` (host or device array, the same full value on every process) as a global
+    array with ``sharding``."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)  # several processes: each builds only its own shards
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shard_params(params, mesh: Mesh):
+    """``params`` placed on ``mesh`` by :func:`param_specs` (already placed leaves stay)."""
+    specs = param_specs(params, dict(mesh.shape))
+    return jax.tree.map(lambda a, spec: _put(a, NamedSharding(mesh, spec)), params, specs)
+
+
+def shard_model(model, mesh: Optional[Mesh]):
+    """A copy of a :class:`jaxinterp.Model` with its parameters on ``mesh`` (None: as is)."""
+    return model if mesh is None else dataclasses.replace(model, params=shard_params(model.params, mesh))
+
+
+def pad_batch(batch: dict, multiple: int) -> dict:
+    """Rows appended (copies of row 0 with ``weight`` 0) until the batch size is a
+    multiple of ``multiple``: padded rows contribute nothing to weighted sums.
+    Every leaf is ``[batch, ...]``."""
+    n = len(batch["weight"])
+    pad = (-n) % multiple
+    if pad == 0:
+        return batch
+    idx = np.concatenate([np.arange(n), np.zeros(pad, int)])
+    out = {k: np.asarray(v)[idx] for k, v in batch.items()}
+    out["weight"] = np.concatenate([np.asarray(batch["weight"]), np.zeros(pad, np.float32)])
+    return out
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """A data batch (``[batch, ...]`` leaves, with a ``weight`` field) padded to a
+    multiple of the ``data`` axis and split over it."""
+    axis = MESH_RULES["batch"]
+    batch = pad_batch(batch, mesh.shape[axis])
+    return {k: _put(v, NamedSharding(mesh, P(axis))) for k, v in batch.items()}
+
+
+def replicate(x, mesh: Optional[Mesh]):
+    """``x`` copied to every device of ``mesh`` (None: unchanged)."""
+    return x if mesh is None else _put(x, NamedSharding(mesh, P()))
+
+
+def batches(pairs, batch_size: int, mesh: Optional[Mesh] = None) -> Iterator[dict]:
+    """``pairs.batches(batch_size)``, sharded over ``mesh`` when one is given."""
+    for batch in pairs.batches(batch_size):
+        yield batch if mesh is None else shard_batch(batch, mesh)
+
+
+def to_host(x) -> np.ndarray:
+    """The full value of ``x`` as numpy on this process, also when its shards live on
+    other processes (then every process must call this: it is a collective)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def describe(mesh: Optional[Mesh]) -> str:
+    if mesh is None:
+        d = jax.devices()[0]
+        return f"1 device ({d.platform}: {d.device_kind})"
+    d = mesh.devices.flat[0]
+    return (f"mesh data={mesh.shape['data']} x model={mesh.shape['model']} over {mesh.devices.size} "
+            f"{d.platform} devices ({d.device_kind}), {jax.process_count()} process(es)")

@@ -1,0 +1,51 @@
+"""ACDC written the straightforward way: a Python loop with one circuit evaluation
+(:func:`jaxinterp.evaluation.evaluate_masks`) per edge, as the original
+``TLACDCExperiment.step`` does it. The reference the compiled :func:`jaxinterp.acdc.acdc`
+is checked (tests) and timed (``benchmarks/bench_acdc.py``) against; it shares no code
+with it beyond the circuit evaluation."""
+
+import numpy as np
+
+from jaxinterp.evaluation import evaluate_masks
+from jaxinterp.metrics import ATTRIBUTION_SIGN
+
+
+def loop_order(spec):
+    """The logits, then each layer from the last: its MLP input, its heads' q, k, v inputs."""
+    order = [spec.logits_index]
+    for layer in range(spec.n_layers - 1, -1, -1):
+        order.append(spec.mlp_in_index(layer))
+        order += [spec.qkv_index(layer, letter, h) for letter in "qkv" for h in range(spec.n_heads)]
+    return order
+
+
+def loop_acdc(model, pairs, threshold, metric="kl_div", absolute=False, batch_size=32):
+    """``(in_graph [src, dst] bool, scores [src, dst])`` before pruning."""
+    spec = model.graph_spec
+    real = spec.real_edge_mask
+    in_graph = real.copy()
+    scores = np.zeros(real.shape)
+    n_evaluations = 0
+
+    def loss(mask):
+        nonlocal n_evaluations
+        n_evaluations += 1
+        return ATTRIBUTION_SIGN[metric] * evaluate_masks(model, mask[None], pairs, metric, batch_size=batch_size)[0]
+
+    for dst in loop_order(spec):
+        owners = np.nonzero(spec.forward_to_backward[:, dst])[0]
+        if len(owners) and not in_graph[owners[0]].any():
+            in_graph[:, dst] = False  # the node reaches nothing: drop its inputs untested
+            continue
+        current = loss(in_graph)
+        for src in range(spec.n_forward - 1, -1, -1):
+            if not real[src, dst]:
+                continue
+            trial = in_graph.copy()
+            trial[src, dst] = False
+            value = loss(trial)
+            result = value - current
+            scores[src, dst] = result
+            if (abs(result) if absolute else result) < threshold:
+                in_graph, current = trial, value
+    return in_graph, scores, n_evaluations

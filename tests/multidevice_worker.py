@@ -1,0 +1,88 @@
+"""Multi-device and multi-process checks, run by test_sharding.py in subprocesses.
+
+jax fixes its device count when it starts, and the test process has one CPU device, so
+these run in fresh interpreters with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+and write their results as JSON/npz for the test to compare.
+
+    python multidevice_worker.py mesh MODEL CSV OUT_DIR
+    python multidevice_worker.py distributed MODEL CSV OUT_DIR PORT PROCESS_ID NUM_PROCESSES
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+BATCH = 5  # does not divide the 2-way data axis: batches are padded with zero-weight rows
+METHODS = ("EAP", "EAP-IG-inputs")
+
+
+def mesh_checks(model_dir: str, csv: str, out: str) -> None:
+    import jax
+
+    from jaxinterp import load_model
+    from jaxinterp.attribution import attribute
+    from jaxinterp.cli import main
+    from jaxinterp.evaluation import evaluate_masks
+    from jaxinterp.graph import Graph
+    from jaxinterp.sharding import make_mesh, shard_params
+
+    mesh = make_mesh(data=2, model=4)
+    model = load_model(model_dir)
+    params = shard_params(model.params, mesh)
+    layout = {}
+    for name, a in (("w_q", params["blocks"]["attn"]["w_q"]), ("w_in", params["blocks"]["mlp"]["w_in"]),
+                    ("w_out", params["blocks"]["mlp"]["w_out"]), ("w_e", params["embed"]["w_e"]),
+                    ("w_k", params["blocks"]["attn"]["w_k"])):
+        layout[name] = {"spec": [None if s is None else str(s) for s in a.sharding.spec],
+                        "distinct_shards": len({tuple((s.start, s.stop) for s in sh.index)
+                                                for sh in a.addressable_shards}),
+                        "shard_shape": list(a.addressable_shards[0].data.shape), "shape": list(a.shape)}
+    scores = {}
+    for method in METHODS:
+        scores[method] = attribute(model, csv, method=method, ig_steps=3, batch_size=BATCH, mesh=mesh,
+                                   quiet=True).scores
+    # the CLI flag goes the same way
+    graph_path = os.path.join(out, "cli_graph.json")
+    rc = main(["attribute", "--model", model_dir, "--data", csv, "--method", "EAP", "--ig-steps", "3",
+               "--batch-size", str(BATCH), "--mesh", "2x4", "--out", graph_path])
+    scores["cli-EAP"] = Graph.from_json(graph_path).scores
+    # circuit evaluation on the mesh: the full and the empty circuit
+    masks = np.stack([model.graph_spec.real_edge_mask, np.zeros_like(model.graph_spec.real_edge_mask)])
+    scores["evaluate"] = evaluate_masks(model, masks, csv, batch_size=BATCH, mesh=mesh)
+    np.savez(os.path.join(out, "scores.npz"), **scores)
+    with open(os.path.join(out, "info.json"), "w") as f:
+        json.dump({"devices": jax.device_count(), "cli_rc": rc, "layout": layout}, f)
+
+
+def distributed_checks(model_dir: str, csv: str, out: str, port: int, process_id: int, n: int) -> None:
+    from jaxinterp import distributed
+
+    distributed.initialize(f"127.0.0.1:{port}", n, process_id, initialization_timeout=60)
+    import jax
+
+    from jaxinterp import load_model
+    from jaxinterp.attribution import attribute
+    from jaxinterp.sharding import make_mesh
+
+    # data over the processes, model within each: every collective crosses processes
+    mesh = make_mesh(data=n, model=jax.local_device_count())
+    scores = attribute(load_model(model_dir), csv, method="EAP", batch_size=BATCH, mesh=mesh, quiet=True).scores
+    info = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+            "mesh_processes": sorted({d.process_index for d in mesh.devices.flat})}
+    np.save(os.path.join(out, f"scores_{process_id}.npy"), scores)
+    with open(os.path.join(out, f"info_{process_id}.json"), "w") as f:
+        json.dump(info, f)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    mode, model_dir, csv, out = sys.argv[1:5]
+    if mode == "mesh":
+        mesh_checks(model_dir, csv, out)
+    elif mode == "distributed":
+        distributed_checks(model_dir, csv, out, *map(int, sys.argv[5:8]))
+    else:
+        sys.exit(f"unknown mode {mode!r}")

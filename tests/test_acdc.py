@@ -1,0 +1,114 @@
+"""ACDC: the compiled, scan-per-input implementation against a Python loop with one
+circuit evaluation per edge (tests/acdc_loop.py)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxinterp import load_model
+from jaxinterp.acdc import acdc, processing_order
+from jaxinterp.attribution import prepare_data
+from jaxinterp.cli import main
+from jaxinterp.evaluation import evaluate_baseline, evaluate_graph
+from jaxinterp.graph import Graph
+from jaxinterp.testing import save_random_gpt2
+
+from acdc_loop import loop_acdc
+from conftest import write_ioi_csv
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    """A random GPT-2 whose edges matter: a large initializer_range gives metric changes
+    of 1e-5 .. 1e-2 per edge (the default init's are at float noise, 1e-8)."""
+    path = save_random_gpt2(str(tmp_path_factory.mktemp("acdc_gpt2")), n_layer=2, n_head=4, n_embd=32, seed=0,
+                            initializer_range=0.2)
+    model = load_model(path)
+    csv = write_ioi_csv(tmp_path_factory.mktemp("acdc_data") / "ioi.csv", model.tokenizer, n=12, ragged=True)
+    return model, csv
+
+
+@pytest.mark.parametrize("metric,threshold,absolute", [("kl_div", 3e-4, False), ("logit_diff", 2e-3, True)])
+def test_compiled_acdc_equals_the_loop(sharp, metric, threshold, absolute):
+    model, csv = sharp
+    pairs, _ = prepare_data(model, csv, metric)
+    ref_graph, ref_scores, n_evaluations = loop_acdc(model, pairs, threshold, metric, absolute, batch_size=8)
+    real = model.graph_spec.real_edge_mask
+    tested = ref_scores[real][ref_scores[real] != 0]
+    margin = np.abs((np.abs(tested) if absolute else tested) - threshold).min()
+    assert margin > 2e-6, "a decision this close to the threshold would hinge on float rounding"
+    kept, removed = int(ref_graph.sum()), int((real & ~ref_graph).sum())
+    assert kept > 5 and removed > 5, (kept, removed)  # the threshold must make real decisions
+
+    graph = acdc(model, pairs, threshold, metric=metric, absolute=absolute, batch_size=8, quiet=True)
+    np.testing.assert_allclose(graph.scores, ref_scores, atol=2e-6, rtol=1e-4)
+    expected = Graph(graph.spec)
+    expected.in_graph[:] = ref_graph
+    expected.nodes_in_graph[:] = True
+    expected.prune()
+    np.testing.assert_array_equal(graph.in_graph, expected.in_graph)
+
+
+def test_pruning_does_not_change_the_metric(sharp):
+    """Why acdc() may return its circuit pruned: a node cut off from every input computes
+    its corrupted output under exact patching, and one cut off from every output reaches
+    nothing, so Graph.prune leaves a circuit's metric as it is."""
+    model, csv = sharp
+    pairs, _ = prepare_data(model, csv, "kl_div")
+    spec = model.graph_spec
+    raw = Graph(spec)
+    raw.in_graph[:] = spec.real_edge_mask & (np.random.default_rng(0).random(spec.real_edge_mask.shape) < 0.3)
+    pruned = Graph(spec)
+    pruned.in_graph[:] = raw.in_graph
+    pruned.nodes_in_graph[:] = True
+    pruned.prune()
+    assert raw.count_included_edges() > pruned.count_included_edges() + 5  # pruning removed something
+    values = [evaluate_graph(model, g, pairs, "kl_div", batch_size=8, prune=False) for g in (raw, pruned)]
+    assert values[0] > 1e-3
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-4)
+
+
+def test_extreme_thresholds_keep_everything_or_nothing(sharp):
+    model, csv = sharp
+    pairs, _ = prepare_data(model, csv, "logit_diff")
+    full = acdc(model, pairs, -1e6, metric="logit_diff", batch_size=8, quiet=True)
+    assert full.count_included_edges() == full.spec.n_edges
+    np.testing.assert_allclose(evaluate_graph(model, full, pairs, batch_size=8),
+                               evaluate_baseline(model, pairs, batch_size=8), rtol=1e-4)
+    empty = acdc(model, pairs, 1e6, metric="logit_diff", batch_size=8, quiet=True)
+    assert empty.count_included_edges() == 0
+
+
+def test_processing_order_is_reverse_topological(model):
+    """Every downstream input comes after all the inputs its node feeds."""
+    spec = model.graph_spec
+    order = processing_order(spec)
+    assert sorted(order) == list(range(spec.n_backward))
+    place = {d: i for i, d in enumerate(order)}
+    for src, dst in zip(*np.nonzero(spec.forward_to_backward)):
+        fed = np.nonzero(spec.real_edge_mask[src])[0]
+        assert all(place[f] < place[dst] for f in fed), spec.backward_names[dst]
+
+
+def test_cli_writes_a_graph(sharp, tmp_path, capsys):
+    model, csv = sharp
+    out = tmp_path / "acdc.json"
+    assert main(["acdc", "--model", model.path, "--data", csv, "--threshold", "3e-4", "--batch-size", "8",
+                 "--out", str(out)]) == 0
+    g = Graph.from_json(str(out))
+    pairs, _ = prepare_data(model, csv, "kl_div")
+    ref = acdc(model, pairs, 3e-4, batch_size=8, quiet=True)
+    np.testing.assert_array_equal(g.in_graph, ref.in_graph)
+    assert json.load(open(out))["cfg"]["n_layers"] == 2
+    assert f"{ref.count_included_edges()} edges" in capsys.readouterr().out
+
+
+def test_bad_input_is_refused(sharp):
+    model, csv = sharp
+    with pytest.raises(ValueError, match="unknown metric"):
+        acdc(model, csv, 0.1, metric="accuracy", quiet=True)
+    with pytest.raises(ValueError, match="finite"):
+        acdc(model, csv, float("nan"), quiet=True)
+    with pytest.raises(ValueError, match="unknown intervention"):
+        acdc(model, csv, 0.1, intervention="mean", quiet=True)

@@ -1,0 +1,191 @@
+"""Sharding over a ("data", "model") mesh and over several processes.
+
+The multi-device runs happen in subprocesses (tests/multidevice_worker.py) with fake CPU
+devices, since this process's jax already has one device: 8 devices as a 2 x 4 mesh, and
+2 processes x 2 devices joined by jax.distributed. Their scores must equal this
+process's single-device scores.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxinterp.config import ModelConfig
+from jaxinterp.memory import abstract_params
+from jaxinterp.sharding import MeshError, make_mesh, pad_batch, param_specs, parse_mesh
+
+WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
+BATCH = 5  # as the worker: 12 examples in batches of 5, padded to 6 on the 2-way data axis
+
+
+def _env(n_devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close(actual, expected):
+    # float32: one device with different batch sizes already differs by ~1e-5 of the
+    # largest score on this model (summation order), so that is the tolerance
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def workers(gpt2_dir, ioi_csv, tmp_path_factory):
+    """Start the 8-device run and the 2-process run; they work while the test computes
+    its single-device references. Yields their output directories once finished."""
+    mesh_dir, dist_dir = tmp_path_factory.mktemp("mesh"), tmp_path_factory.mktemp("dist")
+    procs = [subprocess.Popen([sys.executable, WORKER, "mesh", gpt2_dir, ioi_csv, str(mesh_dir)], env=_env(8),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    port = _free_port()
+    procs += [subprocess.Popen([sys.executable, WORKER, "distributed", gpt2_dir, ioi_csv, str(dist_dir), str(port),
+                                str(i), "2"], env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for i in range(2)]
+    yield procs, mesh_dir, dist_dir
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
+def _wait(procs):
+    for p in procs:
+        out, _ = p.communicate(timeout=400)
+        assert p.returncode == 0, f"worker failed ({p.args[2]}):\n{out[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def single(model, ioi_csv, workers):
+    from jaxinterp.attribution import attribute
+
+    return {m: attribute(model, ioi_csv, method=m, ig_steps=3, batch_size=BATCH, quiet=True).scores
+            for m in ("EAP", "EAP-IG-inputs")}
+
+
+@pytest.fixture(scope="module")
+def mesh_run(workers):
+    procs, mesh_dir, _ = workers
+    _wait(procs[:1])
+    with open(mesh_dir / "info.json") as f:
+        return json.load(f), dict(np.load(mesh_dir / "scores.npz"))
+
+
+@pytest.fixture(scope="module")
+def dist_run(workers):
+    procs, _, dist_dir = workers
+    _wait(procs[1:])
+    infos = [json.load(open(dist_dir / f"info_{i}.json")) for i in range(2)]
+    return infos, [np.load(dist_dir / f"scores_{i}.npy") for i in range(2)]
+
+
+# --- on 8 devices -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
+def test_mesh_scores_equal_single_device(mesh_run, single, method):
+    info, scores = mesh_run
+    assert info["devices"] == 8
+    assert np.abs(single[method]).max() > 0
+    _close(scores[method], single[method])
+
+
+def test_parameters_are_sharded(mesh_run):
+    layout = mesh_run[0]["layout"]
+    # heads and MLP units over the 4-way model axis: 4 different shards on 8 devices
+    assert layout["w_q"]["spec"] == [None, "model", None, None]
+    assert layout["w_q"]["distinct_shards"] == 4 and layout["w_q"]["shard_shape"] == [2, 1, 64, 16]
+    assert layout["w_k"]["spec"] == [None, "model", None, None]  # 4 kv heads here: they divide
+    assert layout["w_in"]["spec"] == [None, None, "model"] and layout["w_in"]["shard_shape"] == [2, 64, 64]
+    assert layout["w_out"]["spec"] == [None, "model", None] and layout["w_out"]["distinct_shards"] == 4
+    # a vocabulary of 35 does not divide 4: replicated
+    assert layout["w_e"]["spec"] == [None, None] and layout["w_e"]["distinct_shards"] == 1
+
+
+def test_cli_mesh_flag(mesh_run, single):
+    info, scores = mesh_run
+    assert info["cli_rc"] == 0
+    _close(scores["cli-EAP"], single["EAP"])
+
+
+def test_evaluation_on_mesh(mesh_run, model, ioi_csv):
+    from jaxinterp.evaluation import evaluate_masks
+
+    real = model.graph_spec.real_edge_mask
+    expected = evaluate_masks(model, np.stack([real, np.zeros_like(real)]), ioi_csv, batch_size=BATCH)
+    assert expected[0] != pytest.approx(expected[1])  # full and empty circuit differ
+    np.testing.assert_allclose(mesh_run[1]["evaluate"], expected, rtol=1e-5)
+
+
+# --- 2 processes x 2 devices ------------------------------------------------------------
+
+def test_two_processes_equal_single_process(dist_run, single):
+    infos, scores = dist_run
+    for i, info in enumerate(infos):
+        assert info == {"process_index": i, "process_count": 2, "devices": 4, "local_devices": 2,
+                        "mesh_processes": [0, 1]}
+    np.testing.assert_array_equal(scores[0], scores[1])  # every process holds the whole result
+    _close(scores[0], single["EAP"])
+
+
+# --- in this process --------------------------------------------------------------------
+
+def test_parse_mesh():
+    assert parse_mesh("2x4") == (2, 4) and parse_mesh("1X8") == (1, 8)
+    for bad in ("2x", "8", "2x4x1", "0x4", "axb"):
+        with pytest.raises(MeshError, match="mesh"):
+            parse_mesh(bad)
+
+
+def test_mesh_larger_than_devices_is_refused():
+    with pytest.raises(MeshError, match=r"2x4 mesh needs 8 devices.*1 cpu device.*XLA_FLAGS"):
+        make_mesh(data=2, model=4)
+    assert make_mesh(1, 1).shape == {"data": 1, "model": 1}
+
+
+def test_specs_fall_back_to_replication():
+    # GQA with 2 kv heads and 342 MLP units on a 4-way model axis: neither divides
+    cfg = ModelConfig(n_layers=2, n_heads=8, n_kv_heads=2, d_model=64, d_head=8, d_mlp=342, vocab_size=512,
+                      n_ctx=64, norm="rmsnorm", positional="rotary", act_fn="silu", gated_mlp=True,
+                      qkv_bias=False, out_bias=False, mlp_bias=False, tie_word_embeddings=False)
+    specs = param_specs(abstract_params(cfg), {"data": 2, "model": 4})
+    attn, mlp = specs["blocks"]["attn"], specs["blocks"]["mlp"]
+    assert attn["w_q"] == P(None, "model", None, None) and attn["w_o"] == P(None, "model", None, None)
+    assert attn["w_k"] == P(None, None, None, None) and attn["w_v"] == P(None, None, None, None)
+    assert mlp["w_in"] == P(None, None, None) and mlp["w_out"] == P(None, None, None)
+    assert specs["embed"]["w_e"] == P("model", None) and specs["unembed"]["w_u"] == P(None, "model")
+    assert specs["blocks"]["ln1"]["w"] == P(None, None) and specs["ln_f"]["w"] == P(None)
+    # on a 2-way model axis the kv heads and MLP units divide
+    specs2 = param_specs(abstract_params(cfg), {"data": 4, "model": 2})
+    assert specs2["blocks"]["attn"]["w_k"] == P(None, "model", None, None)
+    assert specs2["blocks"]["mlp"]["w_gate"] == P(None, None, "model")
+    # no model axis: everything replicated
+    assert all(all(a is None for a in spec) for spec in
+               __import__("jax").tree.leaves(param_specs(abstract_params(cfg), {"data": 8, "model": 1}),
+                                             is_leaf=lambda x: isinstance(x, P)))
+
+
+def test_unknown_parameter_is_refused():
+    with pytest.raises(ValueError, match="blocks/attn/w_qkv is not in jaxinterp.sharding.PARAM_AXES"):
+        param_specs({"blocks": {"attn": {"w_qkv": np.zeros((2, 3, 4))}}}, {"data": 1, "model": 2})
+    with pytest.raises(ValueError, match="has 2 dimensions"):
+        param_specs({"blocks": {"attn": {"w_q": np.zeros((2, 3))}}}, {"data": 1, "model": 2})
+
+
+def test_pad_batch_adds_zero_weight_rows():
+    batch = {"clean": np.arange(10).reshape(5, 2), "lengths": np.arange(5), "weight": np.ones(5, np.float32)}
+    out = pad_batch(batch, 4)
+    assert out["clean"].shape == (8, 2) and out["lengths"].shape == (8,)
+    np.testing.assert_array_equal(out["weight"], [1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(out["clean"][5:], np.repeat(batch["clean"][:1], 3, 0))
+    assert pad_batch(batch, 5) is batch
