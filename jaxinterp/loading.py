@@ -57,7 +57,7 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "to
 
 def _looks_like_hub_id(path: str) -> bool:
     parts = path.split("/")
-    return 0 < len(parts) <= 2 and all(parts) and not path.startswith((".", "~")) and os.sep not in path.replace("/", "")
+    return 0 < len(parts) <= 2 and all(parts) and not path.startswith((".", "~"))
 
 
 def download_from_hub(repo_id: str) -> str:

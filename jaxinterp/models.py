@@ -213,6 +213,14 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     # edge probe keeps only these arrays alive (not one copy of the growing stack per layer).
     groups: list[tuple[slice, Array]] = []
 
+    def delta(sl: slice, out: Array) -> Array:
+        """``delta_u`` of (*) for the group of nodes ``sl`` whose outputs here are ``out``."""
+        if iv.mode == "replace":
+            return iv.source[sl] - out
+        if iv.mode == "grad-replace":
+            return iv.source[sl] - jax.lax.stop_gradient(out)
+        return iv.source[sl]
+
     def edge_inputs(resid, dst: slice, groups: list):
         """(*) for the downstream inputs ``dst`` fed by ``groups`` (those produced so far):
         ``[dst, batch, pos, d_model]`` (modes replace, add, add-one)."""
@@ -221,8 +229,7 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         if iv.mode == "add-one":
             return x + iv.coef[0, dst].astype(x.dtype)[:, None, None, None] * iv.source[0][None].astype(x.dtype)
         for sl, out in groups:
-            delta = iv.source[sl] - out if iv.mode == "replace" else iv.source[sl]
-            x = x + jnp.einsum("fbpd,fv->vbpd", delta.astype(x.dtype), iv.coef[sl, dst].astype(x.dtype))
+            x = x + jnp.einsum("fbpd,fv->vbpd", delta(sl, out).astype(x.dtype), iv.coef[sl, dst].astype(x.dtype))
         return x
 
     def normed_inputs(resid, dst: slice, groups: list, norm_params):
@@ -231,10 +238,8 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         if iv is None:
             return _norm(cfg, norm_params, resid)
         if iv.mode in ("grad", "grad-replace"):
-            sources = [iv.source[sl] if iv.mode == "grad" else iv.source[sl] - jax.lax.stop_gradient(out)
-                       for sl, out in groups]
             return _normed_probe(functools.partial(_norm, cfg), dst.stop - dst.start, resid, norm_params,
-                                 [iv.coef[sl, dst] for sl, _ in groups], sources)
+                                 [iv.coef[sl, dst] for sl, _ in groups], [delta(sl, out) for sl, out in groups])
         return _norm(cfg, norm_params, edge_inputs(resid, dst, groups))
 
     if input_embeddings is None:

@@ -24,6 +24,15 @@ def model(gpt2_dir):
     return load_model(gpt2_dir)
 
 
+def padded_batch(vocab, n_pos=11, seed=0):
+    """Random ids ``[3, n_pos]`` right-padded to lengths ``n_pos, 7, 3``: (ids, mask, lengths)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, vocab, size=(3, n_pos))
+    lengths = np.array([n_pos, 7, 3])
+    mask = (np.arange(n_pos)[None] < lengths[:, None]).astype(np.int64)
+    return np.where(mask > 0, ids, 0), mask, lengths
+
+
 def write_ioi_csv(path, tokenizer, n=12, seed=0, ragged=False):
     """IOI-shaped pairs over the test vocabulary; ``ragged`` varies prompt lengths."""
     rng = np.random.default_rng(seed)

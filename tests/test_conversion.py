@@ -14,6 +14,8 @@ from jaxinterp import load_model
 from jaxinterp.conversion import ConversionError, convert_hf, load_converted, load_hf_checkpoint
 from jaxinterp.testing import save_random_gpt2
 
+from conftest import padded_batch
+
 torch = pytest.importorskip("torch")
 
 
@@ -23,14 +25,6 @@ def hf_logits(path, ids, mask):
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         return hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
-def padded_batch(vocab, seed=0, n_pos=11):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(4, vocab, size=(3, n_pos))
-    lengths = np.array([n_pos, 7, 3])
-    mask = (np.arange(n_pos)[None] < lengths[:, None]).astype(np.int64)
-    return np.where(mask > 0, ids, 0), mask, lengths
 
 
 @pytest.mark.parametrize("shape", [

@@ -31,7 +31,7 @@ from jaxinterp.models import Intervention, forward
 torch = pytest.importorskip("torch")
 
 import family_reference  # noqa: E402
-from conftest import write_ioi_csv  # noqa: E402
+from conftest import padded_batch, write_ioi_csv  # noqa: E402
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -97,14 +97,6 @@ def hf_model():
         return cache[path]
 
     return get
-
-
-def padded_batch(vocab, n_pos=11, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(4, vocab, size=(3, n_pos))
-    lengths = np.array([n_pos, 7, 3])
-    mask = (np.arange(n_pos)[None] < lengths[:, None]).astype(np.int64)
-    return np.where(mask > 0, ids, 0), mask, lengths
 
 
 def max_error(ours, ref, lengths):
