@@ -48,7 +48,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_lib
-from .attribution import INTERVENTIONS, _corrupted_outputs, batch_metric, logit_positions, prepare_data
+from .attribution import (INTERVENTIONS, _corrupted_outputs, batch_metric, intervention_means, logit_positions,
+                          prepare_data)
 from .data import Pairs
 from .graph import Graph, GraphSpec
 from .models import Intervention, forward
@@ -61,7 +62,7 @@ def processing_order(spec: GraphSpec) -> list[int]:
     for layer in reversed(range(spec.n_layers)):
         order.append(spec.mlp_in_index(layer))
         start = spec.qkv_index(layer, "q")
-        order.extend(range(start, start + 3 * spec.n_heads))
+        order.extend(range(start, start + spec.n_attn_inputs))
     return order
 
 
@@ -73,12 +74,12 @@ def stack_batches(pairs: Pairs, batch_size: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "intervention"))
-def _prepare(params, stacked, year_ids, *, cfg, intervention):
+def _prepare(params, stacked, year_ids, means=None, *, cfg, intervention):
     """Per batch, the clean logits at the read positions ``[n_batches, batch, 1, vocab]``
     and the corrupted node outputs ``[n_batches, src, batch, pos, d_model]``."""
 
     def one(batch):
-        clean_logits, _, corr_outs = _corrupted_outputs(params, cfg, batch, intervention)
+        clean_logits, _, corr_outs = _corrupted_outputs(params, cfg, batch, intervention, means)
         return clean_logits, corr_outs
 
     return jax.lax.map(one, stacked)
@@ -131,7 +132,8 @@ def _process_input(params, stacked, year_ids, clean_logits, corr_outs, in_graph,
 
 
 def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div", batch_size: int = 32,
-         absolute: bool = False, intervention: str = "patching", quiet: bool = False) -> Graph:
+         absolute: bool = False, intervention: str = "patching", quiet: bool = False,
+         intervention_data: Union[str, Pairs, None] = None) -> Graph:
     """Run ACDC on ``data`` (a pairs CSV path or :class:`Pairs`) and return the circuit.
 
     threshold: an edge is removed when its removal raises ``L`` by less than this.
@@ -141,6 +143,8 @@ def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div
     batch_size: examples per forward pass; every evaluation covers all examples, and
         the corrupted node outputs of all examples (``[src, example, pos, d_model]``)
         stay in device memory for the whole run.
+    intervention: what removed edges carry, as in :func:`jaxinterp.evaluate_graph`
+        (the ``mean`` interventions average over ``intervention_data``, default ``data``).
     """
     if intervention not in INTERVENTIONS:
         raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
@@ -149,15 +153,17 @@ def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div
     pairs, year_ids = prepare_data(model, data, metric)
     spec, cfg = model.graph_spec, model.cfg
     stacked = stack_batches(pairs, batch_size)
-    clean_logits, corr_outs = _prepare(model.params, stacked, year_ids, cfg=cfg, intervention=intervention)
+    means = intervention_means(model, pairs, intervention, intervention_data, batch_size)
+    clean_logits, corr_outs = _prepare(model.params, stacked, year_ids, means, cfg=cfg, intervention=intervention)
     real = spec.real_edge_mask
     in_graph = jnp.asarray(real)
     scores = np.zeros(real.shape, np.float32)
-    owner = {int(d): int(s) for s, d in zip(*np.nonzero(spec.forward_to_backward))}
+    # the nodes each input feeds: several query heads for a grouped <k>/<v> input
+    owners = {int(d): np.nonzero(spec.forward_to_backward[:, d])[0] for d in range(spec.n_backward - 1)}
     kw = dict(cfg=cfg, metric_name=metric, absolute=bool(absolute))
     for dst in tqdm(processing_order(spec), desc="ACDC", disable=quiet):
-        node = owner.get(dst)
-        if node is not None and not bool(in_graph[node].any()):
+        nodes = owners.get(dst)
+        if nodes is not None and not bool(in_graph[nodes].any()):
             in_graph = in_graph.at[:, dst].set(False)  # cannot reach the logits: removed untested
             continue
         parents = np.nonzero(real[:, dst])[0][::-1]

@@ -43,10 +43,11 @@ from .config import ModelConfig
 from .data import Pairs, load_pairs, year_token_ids
 from .graph import Graph, GraphSpec
 from .models import Intervention, forward
+from .positional import PositionalGraph, check_one_length
 from .sharding import batches as shard_batches, replicate, shard_model, to_host
 
 METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")
-INTERVENTIONS = ("patching", "zero")
+INTERVENTIONS = ("patching", "zero", "mean", "mean-positional")
 
 
 class AttributionError(ValueError):
@@ -64,9 +65,11 @@ def batch_metric(metric, logits, clean_logits, batch) -> jax.Array:
     return metric(logits, clean_logits, jnp.ones_like(batch["lengths"]), batch["labels"])
 
 
-def _corrupted_outputs(params, cfg, batch, intervention: str):
+def _corrupted_outputs(params, cfg, batch, intervention: str, means=None):
     """``(clean_logits [batch, 1, vocab], clean_outs, corrupted_outs)``; outputs
-    ``[src, batch, pos, d_model]``. Under ``jit`` whatever a caller ignores is not computed."""
+    ``[src, batch, pos, d_model]``. ``means``: ``[src, pos or 1, d_model]`` node means
+    (:func:`intervention_means`) for the ``mean`` interventions. Under ``jit`` whatever a
+    caller ignores is not computed."""
     mask, at = batch["attention_mask"], logit_positions(batch)
     clean_logits, clean_outs = forward(params, cfg, batch["clean"], mask, return_node_outputs=True, logit_positions=at)
     if intervention == "patching":
@@ -74,9 +77,78 @@ def _corrupted_outputs(params, cfg, batch, intervention: str):
         _, corr_outs = forward(params, cfg, batch["corrupted"], mask, return_node_outputs=True, logit_positions=at)
     elif intervention == "zero":
         corr_outs = jnp.zeros_like(clean_outs)
+    elif intervention in ("mean", "mean-positional"):
+        if means is None:
+            raise ValueError(f"intervention {intervention!r} needs node means (see intervention_means)")
+        corr_outs = jnp.broadcast_to(means[:, None].astype(clean_outs.dtype), clean_outs.shape)
     else:
         raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
     return clean_logits, clean_outs, corr_outs
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _batch_node_sums(params, batch, *, cfg: ModelConfig):
+    """``(sums [src, pos, d_model], counts [pos])`` of the node outputs on the batch's clean
+    prompts over its real (weighted) examples and tokens."""
+    _, outs = forward(params, cfg, batch["clean"], batch["attention_mask"], return_node_outputs=True,
+                      logit_positions=logit_positions(batch))
+    real = batch["attention_mask"].astype(jnp.float32) * batch["weight"][:, None]
+    return jnp.einsum("sbpd,bp->spd", outs.astype(jnp.float32), real), real.sum(0)
+
+
+def mean_activations(model, data: Union[str, Pairs], per_position: bool = False, batch_size: int = 16,
+                     mesh=None, quiet: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Every node's mean output over the *clean* prompts of ``data`` (a pairs CSV or
+    :class:`Pairs`), real tokens only: ``(means, counts)`` with ``means [src, d_model]``
+    averaged over all real tokens, or ``[src, pos, d_model]`` averaged per position over
+    the prompts that reach it (zero where none does), and ``counts [pos]`` the number of
+    prompts that reach each position.
+
+    The reference (hannamw/EAP-IG ``compute_mean_activations``, commit 795f560) differs
+    on purpose: its non-positional mean takes only each prompt's *last* token divided by
+    the prompt's length and then averages over *all nodes* (one ``[d_model]`` vector for
+    every node), and its positional mean includes padding tokens. Those are not means of
+    a node's activation; the means here are.
+    """
+    if isinstance(data, str):
+        data, _ = prepare_data(model, data, "kl_div")
+    model = shard_model(model, mesh)
+    sums = np.zeros((model.graph_spec.n_forward, data.n_pos, model.cfg.d_model))
+    counts = np.zeros(data.n_pos)
+    for batch in tqdm(shard_batches(data, batch_size, mesh), total=data.n_batches(batch_size), desc="means",
+                      disable=quiet):
+        s, c = _batch_node_sums(model.params, batch, cfg=model.cfg)
+        sums += to_host(s)
+        counts += to_host(c)
+    if per_position:
+        return (sums / np.maximum(counts, 1)[None, :, None]).astype(np.float32), counts
+    return (sums.sum(1) / counts.sum()).astype(np.float32), counts
+
+
+def intervention_means(model, pairs: Pairs, intervention: str, intervention_data: Union[str, Pairs, None] = None,
+                       batch_size: int = 16, mesh=None) -> Optional[np.ndarray]:
+    """What the ``mean`` interventions patch in for ``pairs``: ``[src, 1, d_model]``
+    (``mean``) or ``[src, pairs.n_pos, d_model]`` (``mean-positional``), from the clean
+    prompts of ``intervention_data`` (default: ``pairs`` itself); None for the others."""
+    if intervention not in INTERVENTIONS:
+        raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
+    if intervention in ("patching", "zero"):
+        if intervention_data is not None:
+            raise ValueError(f"intervention_data is used by the mean interventions only, not {intervention!r}")
+        return None
+    source = pairs if intervention_data is None else intervention_data
+    if intervention == "mean":
+        return mean_activations(model, source, False, batch_size, mesh)[0][:, None]
+    means, counts = mean_activations(model, source, True, batch_size, mesh)
+    covered = int(np.count_nonzero(counts))
+    if pairs.lengths.max() > covered:
+        raise ValueError(f"mean-positional: the intervention data's prompts are at most {covered} tokens long "
+                         f"(BOS included) but the data has prompts of {int(pairs.lengths.max())}; give "
+                         f"intervention data whose prompts reach every position")
+    # positions past every prompt's end are padding, which cannot influence real tokens
+    # (causal attention): any value does there
+    means = means[:, :pairs.n_pos]
+    return np.pad(means, ((0, 0), (0, pairs.n_pos - means.shape[1]), (0, 0)))
 
 
 def _objective(params, cfg: ModelConfig, metric, sign: float, batch, clean_logits, source, mode="grad",
@@ -105,19 +177,22 @@ def _activation_groups(spec: GraphSpec) -> np.ndarray:
     return np.stack(groups).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "metric_name", "ig_steps", "intervention", "remat"))
-def batch_scores(params, batch, year_ids, *, cfg: ModelConfig, method: str, metric_name: str,
-                 ig_steps: int = 5, intervention: str = "patching", remat: bool = False):
-    """Sum over the batch's examples of the per-example edge scores: ``[src, dst]``
-    (float32 also for bfloat16 parameters). ``remat`` rematerialises each layer."""
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "metric_name", "ig_steps", "intervention", "remat",
+                                             "positional"))
+def batch_scores(params, batch, year_ids, means=None, *, cfg: ModelConfig, method: str, metric_name: str,
+                 ig_steps: int = 5, intervention: str = "patching", remat: bool = False, positional: bool = False):
+    """Sum over the batch's examples of the per-example edge scores: ``[src, dst]``, or
+    ``[pos, src, dst]`` when ``positional`` (float32 also for bfloat16 parameters).
+    ``remat`` rematerialises each layer; ``means``: see :func:`intervention_means`."""
     spec = GraphSpec.from_config(cfg)
     metric = metrics_lib.get_metric(metric_name, year_ids)
     sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
-    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention)
+    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention, means)
     delta = jax.lax.stop_gradient(corr_outs - clean_outs)
     f = _objective(params, cfg, metric, sign, batch, clean_logits, delta, remat=remat)
     grad = jax.grad(f)
-    zeros = jnp.zeros((spec.n_forward, spec.n_backward), jnp.float32)
+    zeros = jnp.zeros(((batch["clean"].shape[1],) if positional else ()) + (spec.n_forward, spec.n_backward),
+                      jnp.float32)
 
     if method == "EAP":
         # the clean run's own outputs form corrupted - clean, so the separate clean run
@@ -153,14 +228,14 @@ def batch_scores(params, batch, year_ids, *, cfg: ModelConfig, method: str, metr
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "metric_name", "intervention"))
-def batch_exact(params, batch, year_ids, src, dst, *, cfg: ModelConfig, metric_name: str,
+def batch_exact(params, batch, year_ids, src, dst, means=None, *, cfg: ModelConfig, metric_name: str,
                 intervention: str = "patching"):
     """Exact patching of edges ``(src[i], dst[i])`` one at a time: ``[edges]`` sums over
     the batch of ``sign * (metric(patched) - metric(clean))``."""
     spec = GraphSpec.from_config(cfg)
     metric = metrics_lib.get_metric(metric_name, year_ids)
     sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
-    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention)
+    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention, means)
     # A single patched edge cannot change its own source (it lies upstream), so
     # "carry the corrupted value" equals "add the fixed clean->corrupted difference".
     delta = corr_outs - clean_outs
@@ -180,8 +255,15 @@ def batch_exact(params, batch, year_ids, src, dst, *, cfg: ModelConfig, metric_n
 def _check_finite(scores: np.ndarray, what: str) -> None:
     if not np.isfinite(scores).all():
         bad = np.argwhere(~np.isfinite(scores))[0]
-        raise AttributionError(f"{what}: non-finite scores (first at src={bad[0]}, dst={bad[-1]}); "
+        raise AttributionError(f"{what}: non-finite scores (first at src={bad[-2]}, dst={bad[-1]}); "
                                f"check the data and the model's numerics (e.g. bfloat16 overflow)")
+
+
+def position_labels(model, pairs: Pairs) -> list[str]:
+    """A label per position: ``{index}:{first prompt's token}`` (indices only without a tokenizer)."""
+    if model.tokenizer is None:
+        return [str(p) for p in range(pairs.n_pos)]
+    return [f"{p}:{model.tokenizer.convert_ids_to_tokens(int(t))}" for p, t in enumerate(pairs.clean[0])]
 
 
 def prepare_data(model, data: Union[str, Pairs], metric: str) -> tuple[Pairs, Optional[np.ndarray]]:
@@ -205,13 +287,22 @@ def prepare_data(model, data: Union[str, Pairs], metric: str) -> tuple[Pairs, Op
 
 @memory_lib.explain_out_of_memory
 def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", metric: str = "logit_diff",
-              ig_steps: int = 5, batch_size: int = 16, intervention: Literal["patching", "zero"] = "patching",
+              ig_steps: int = 5, batch_size: int = 16,
+              intervention: Literal["patching", "zero", "mean", "mean-positional"] = "patching",
               exact_chunk: int = 64, quiet: bool = False, remat: bool = False, mesh=None,
-              max_memory: Union[str, int, None] = None) -> Graph:
+              max_memory: Union[str, int, None] = None, intervention_data: Union[str, Pairs, None] = None,
+              positional: bool = False) -> Union[Graph, PositionalGraph]:
     """Score every edge of ``model``'s circuit graph on ``data``.
 
     model: a :class:`jaxinterp.Model` (``jaxinterp.load_model``).
     data: a pairs CSV path or :class:`jaxinterp.data.Pairs`.
+    intervention: what the corrupted activations are: the corrupted prompts' (``patching``),
+        zero, or each node's mean output over ``intervention_data``'s clean prompts (default:
+        ``data``'s), over all tokens (``mean``) or per position (``mean-positional``); see
+        :func:`mean_activations`. EAP-IG-inputs and clean-corrupted need ``patching``.
+    positional: score every (position, edge) (gradient methods; all prompts must have one
+        token length): returns a :class:`jaxinterp.positional.PositionalGraph` whose scores
+        ``[pos, src, dst]`` sum over positions to the position-free scores.
     Returns a :class:`Graph` whose ``scores [src, dst]`` are the mean over examples, and
     whose ``nodes_scores`` are each node's score summed over its outgoing edges (its
     output's attribution), or, for ``exact``, each node's own exact patching effect.
@@ -235,11 +326,16 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
     if ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
     pairs, year_ids = prepare_data(model, data, metric)
+    if positional:
+        if method == "exact":
+            raise ValueError("position-aware scores are offered for the gradient methods, not 'exact'")
+        check_one_length(pairs.lengths, pairs.n_pos, pairs.corrupted_lengths)
     if max_memory is not None:
         batch_size = memory_lib.batch_size_for(model, pairs, method, max_memory, mesh, exact_chunk, quiet)
     model, year_ids = shard_model(model, mesh), replicate(year_ids, mesh)
+    means = replicate(intervention_means(model, pairs, intervention, intervention_data, batch_size, mesh), mesh)
     spec = model.graph_spec
-    total = np.zeros((spec.n_forward, spec.n_backward), np.float64)
+    total = np.zeros(((pairs.n_pos,) if positional else ()) + (spec.n_forward, spec.n_backward), np.float64)
     n_batches = pairs.n_batches(batch_size)
     kw = dict(cfg=model.cfg, metric_name=metric, intervention=intervention)
     if method == "exact":
@@ -250,7 +346,7 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
         for batch in shard_batches(pairs, batch_size, mesh):
             for i in range(0, len(src_p), exact_chunk):
                 vals = batch_exact(model.params, batch, year_ids, replicate(src_p[i:i + exact_chunk], mesh),
-                                   replicate(dst_p[i:i + exact_chunk], mesh), **kw)
+                                   replicate(dst_p[i:i + exact_chunk], mesh), means, **kw)
                 np.add.at(total, (src_p[i:i + exact_chunk], dst_p[i:i + exact_chunk]),
                           np.where(np.arange(i, i + exact_chunk) < len(src), to_host(vals), 0.0))
                 bar.update()
@@ -258,22 +354,24 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
     else:
         steps = ig_steps if "IG" in method else 1  # static in batch_scores: no recompilation over unused steps
         for batch in tqdm(shard_batches(pairs, batch_size, mesh), total=n_batches, desc=method, disable=quiet):
-            total += to_host(batch_scores(model.params, batch, year_ids, method=method, ig_steps=steps,
-                                          remat=remat, **kw))
+            total += to_host(batch_scores(model.params, batch, year_ids, means, method=method, ig_steps=steps,
+                                          remat=remat, positional=positional, **kw))
     scores = (total / len(pairs)).astype(np.float32)
     _check_finite(scores, method)
+    if positional:
+        return PositionalGraph(spec, scores, positions=position_labels(model, pairs))
     graph = Graph(spec, scores)
-    graph.nodes_scores = (exact_node_scores(model, pairs, metric, batch_size, intervention, year_ids, mesh)
+    graph.nodes_scores = (exact_node_scores(model, pairs, metric, batch_size, intervention, year_ids, mesh, means)
                           if method == "exact" else graph.scores.sum(1))
     return graph
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "metric_name", "intervention"))
-def _batch_exact_nodes(params, batch, year_ids, *, cfg, metric_name, intervention):
+def _batch_exact_nodes(params, batch, year_ids, means=None, *, cfg, metric_name, intervention):
     spec = GraphSpec.from_config(cfg)
     metric = metrics_lib.get_metric(metric_name, year_ids)
     sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
-    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention)
+    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention, means)
     base = batch_metric(metric, clean_logits, clean_logits, batch)
     real = jnp.asarray(spec.real_edge_mask, jnp.float32)
 
@@ -288,10 +386,10 @@ def _batch_exact_nodes(params, batch, year_ids, *, cfg, metric_name, interventio
 
 
 def exact_node_scores(model, pairs: Pairs, metric: str, batch_size: int, intervention: str,
-                      year_ids, mesh=None) -> np.ndarray:
+                      year_ids, mesh=None, means=None) -> np.ndarray:
     """``[src]``: the exact effect of patching each node's output on all its outgoing edges."""
     total = np.zeros(model.graph_spec.n_forward)
     for batch in shard_batches(pairs, batch_size, mesh):
-        total += to_host(_batch_exact_nodes(model.params, batch, year_ids, cfg=model.cfg,
+        total += to_host(_batch_exact_nodes(model.params, batch, year_ids, means, cfg=model.cfg,
                                             metric_name=metric, intervention=intervention))
     return (total / len(pairs)).astype(np.float32)

@@ -19,9 +19,16 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
         p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "prob_diff", "kl_div"],
                        help="task metric, read at each prompt's last real token (default: logit_diff)")
         p.add_argument("--batch-size", type=int, default=16, help="examples per compiled batch (default: 16)")
-        p.add_argument("--intervention", default="patching", choices=["patching", "zero"],
-                       help="what an edge outside the circuit carries: the corrupted activation or zero")
+        p.add_argument("--intervention", default="patching", choices=["patching", "zero", "mean", "mean-positional"],
+                       help="what an edge outside the circuit carries: the corrupted activation, zero, or the "
+                            "node's mean output over --intervention-data (over all tokens, or per position)")
+        p.add_argument("--intervention-data", default=None, metavar="CSV",
+                       help="pairs CSV whose clean prompts the mean interventions average over (default: --data)")
         p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+        p.add_argument("--grouped-kv", action="store_true",
+                       help="grouped-query attention: one <k>/<v> input per key/value head (a{l}.kv{g}<k>, fewer "
+                            "edges) instead of one per query head (the reference's view, the default); a graph "
+                            "file must be used with the view it was made in")
 
 
 def _load(args):
@@ -30,7 +37,7 @@ def _load(args):
 
     import jax.numpy as jnp
 
-    model = load_model(args.model, dtype=jnp.dtype(args.dtype))
+    model = load_model(args.model, dtype=jnp.dtype(args.dtype), grouped_kv=args.grouped_kv)
     pairs, _ = prepare_data(model, args.data, args.metric)
     if args.limit:
         pairs = pairs.head(args.limit)
@@ -74,7 +81,7 @@ def cmd_attribute(args) -> int:
     t = time.perf_counter()
     graph = attribute(model, pairs, method=args.method, metric=args.metric, ig_steps=args.ig_steps,
                       batch_size=args.batch_size, intervention=args.intervention, remat=args.remat,
-                      mesh=mesh, max_memory=args.max_memory)
+                      mesh=mesh, max_memory=args.max_memory, intervention_data=args.intervention_data)
     seconds = time.perf_counter() - t
     if args.top_n:
         graph.apply_topn(args.top_n, absolute=not args.signed)
@@ -89,22 +96,23 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_baseline, evaluate_graph, normalized_faithfulness
+    from .evaluation import evaluate_baseline, evaluate_empty, evaluate_graph, normalized_faithfulness
     from .graph import Graph
 
     model, pairs = _load(args)
-    graph = Graph.from_json(args.graph)
+    graph = Graph.from_json(args.graph, spec=model.graph_spec)  # refuses the other view's files
     if args.top_n is not None:
         graph.apply_topn(args.top_n, absolute=not args.signed)
     elif args.threshold is not None:
         graph.apply_threshold(args.threshold, absolute=not args.signed)
     kw = dict(metric=args.metric, batch_size=args.batch_size)
-    value = evaluate_graph(model, graph, pairs, intervention=args.intervention, **kw)
+    iv = dict(intervention=args.intervention, intervention_data=args.intervention_data)
+    value = evaluate_graph(model, graph, pairs, **iv, **kw)
     clean = evaluate_baseline(model, pairs, **kw)
-    empty = evaluate_baseline(model, pairs, run_corrupted=True, **kw) if args.intervention == "patching" else None
+    empty = evaluate_empty(model, pairs, **iv, **kw)
     result = {"edges": graph.count_included_edges(), "nodes": graph.count_included_nodes(),
-              "metric": args.metric, "circuit": value, "model": clean, "empty": empty,
-              "faithfulness": None if empty is None else float(normalized_faithfulness(value, clean, empty))}
+              "metric": args.metric, "intervention": args.intervention, "circuit": value, "model": clean,
+              "empty": empty, "faithfulness": float(normalized_faithfulness(value, clean, empty))}
     print(json.dumps(result, indent=2))
     return 0
 
@@ -115,10 +123,10 @@ def cmd_curve(args) -> int:
     from .plots import plot_curves
 
     model, pairs = _load(args)
-    graph = Graph.from_json(args.graph)
+    graph = Graph.from_json(args.graph, spec=model.graph_spec)  # refuses the other view's files
     sizes = [s for s in args.sizes if s <= graph.spec.n_edges]
     curve = faithfulness_curve(model, graph, pairs, sizes, metric=args.metric, intervention=args.intervention,
-                               batch_size=args.batch_size, absolute=not args.signed, label=args.graph, quiet=False)
+                               intervention_data=args.intervention_data, batch_size=args.batch_size, absolute=not args.signed, label=args.graph, quiet=False)
     plot_curves([curve], args.out)
     for n, kept, f in zip(curve.sizes, curve.n_edges, curve.faithfulness):
         print(f"top {n:>6}  ({kept:>6} edges after pruning)  faithfulness {f:.4f}")
@@ -132,10 +140,39 @@ def cmd_acdc(args) -> int:
     model, pairs = _load(args)
     t = time.perf_counter()
     graph = acdc(model, pairs, args.threshold, metric=args.metric, batch_size=args.batch_size,
-                 absolute=args.absolute, intervention=args.intervention)
+                 absolute=args.absolute, intervention=args.intervention, intervention_data=args.intervention_data)
     graph.to_json(args.out)
     print(f"ACDC (threshold {args.threshold}, {args.metric}): kept {graph.count_included_edges()} edges of "
           f"{graph.spec.n_edges} on {len(pairs)} examples in {time.perf_counter() - t:.1f}s -> {args.out}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .edge_pruning import learn_circuit
+    from .graph import Graph
+    from .plots import plot_pruning_history
+
+    mesh = _mesh(args)
+    model, pairs = _load(args)
+    init = Graph.from_json(args.init_graph, spec=model.graph_spec) if args.init_graph else None
+    t = time.perf_counter()
+    result = learn_circuit(model, pairs, args.edges, objective=args.objective, intervention=args.intervention,
+                           intervention_data=args.intervention_data, steps=args.steps, lr=args.lr,
+                           batch_size=args.batch_size, init_scores=init, positional=args.positional,
+                           seed=args.seed, mesh=mesh)
+    seconds = time.perf_counter() - t
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
+    result.graph.to_json(args.out)
+    history_png = os.path.splitext(args.out)[0] + "_training.png"
+    plot_pruning_history(result.history, history_png)
+    h = result.history
+    print(f"edge pruning ({args.objective}, {args.steps} steps, {seconds:.1f}s): kept "
+          f"{result.graph.count_included_edges()} {'(position, edge) entries' if args.positional else 'edges'}; "
+          f"final loss {h['faithfulness_loss'][-1]:.4f} of the empty circuit's, expected density "
+          f"{h['density'][-1]:.4f} (target {h['target'][-1]:.4f}) -> {args.out}, {history_png}")
     return 0
 
 
@@ -231,6 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--absolute", action="store_true", help="compare |change| with the threshold")
     p.add_argument("--out", required=True, help="graph JSON to write (the reference's Graph.to_json format)")
     p.set_defaults(func=cmd_acdc)
+
+    p = sub.add_parser("prune", help="learn a circuit of N edges with optimised edge masks (Edge Pruning)")
+    _add_common(p)
+    p.set_defaults(metric="kl_div")
+    p.description = ("Edge Pruning (Bhaskar et al. 2024): hard-concrete masks on every edge, trained with Adam to "
+                     "keep the output close to the full model while a Lagrangian drives the expected edge count to "
+                     "--edges. Edges outside the circuit carry what --intervention says, as in evaluation.")
+    p.add_argument("--edges", type=int, required=True, help="edges in the circuit ((position, edge) entries with "
+                                                            "--positional)")
+    p.add_argument("--objective", default="kl_div", choices=["kl_div", "logit_diff", "prob_diff"],
+                   help="KL from the full model (default) or the squared difference of a task metric from it")
+    p.add_argument("--steps", type=int, default=500, help="optimisation steps, one batch each (default: 500)")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the mask logits (default: 0.1)")
+    p.add_argument("--init-graph", default=None, help="graph JSON with attribution scores to start from")
+    p.add_argument("--positional", action="store_true",
+                   help="one mask per (position, edge); all prompts must have one token length")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mask noise")
+    p.add_argument("--mesh", default=None, metavar="DxM", help="shard over a DATAxMODEL device mesh, e.g. 2x4")
+    p.add_argument("--out", required=True, help="graph JSON to write (position-aware: its own JSON format); a "
+                                                "picture of the training goes next to it")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("lens", help="logit lens picture and top tokens of a prompt")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or a `jaxinterp convert` output")

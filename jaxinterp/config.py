@@ -47,9 +47,17 @@ class ModelConfig:
       logits (before masking) / on the output logits (Gemma 2).
     * ``sandwich_norms``: extra RMSNorms on the attention and MLP outputs before they
       join the residual stream (Gemma 2's ``post_attention_layernorm`` and
-      ``post_feedforward_layernorm``). The attention one normalises the *sum* of heads,
-      so heads no longer add into the residual stream: such models have no circuit graph
-      (see :attr:`graph_unsupported_reason`).
+      ``post_feedforward_layernorm``). The attention one normalises the *sum* of heads;
+      in the circuit graph a head's node output is its share of the normalised sum, with
+      the normaliser computed from the whole layer in the same run (:mod:`jaxinterp.models`).
+
+    Not architecture but the circuit graph's view:
+
+    * ``group_kv_inputs``: grouped-query attention's ``<k>``/``<v>`` inputs belong to the
+      key/value heads (``n_kv_heads`` of each per layer) instead of one per query head
+      (the reference's view, the default); see :mod:`jaxinterp.graph`. Set at load time:
+      ``load_model(path, grouped_kv=True)``. Without grouped-query attention both views
+      are the same graph.
     """
 
     n_layers: int
@@ -87,6 +95,7 @@ class ModelConfig:
     sandwich_norms: bool = False
     model_type: str = "gpt2"
     bos_token_id: Optional[int] = None
+    group_kv_inputs: bool = False
 
     def __post_init__(self):
         if self.act_fn not in ACTIVATIONS:
@@ -131,12 +140,10 @@ class ModelConfig:
 
     @property
     def graph_unsupported_reason(self) -> Optional[str]:
-        """Why this model has no faithful circuit graph (None when it has one)."""
-        if self.sandwich_norms:
-            return (f"{self.model_type}: the attention output is RMS-normalised after the heads are summed "
-                    "(sandwich_norms, Gemma 2's post_attention_layernorm), so per-head outputs do not add "
-                    "into the residual stream and the circuit graph's head nodes are not defined; only the "
-                    "plain forward (logits) is supported for this model")
+        """Why this model has no faithful circuit graph (None when it has one). Every
+        configuration :meth:`__post_init__` accepts has one today (Gemma 2's sandwich norms
+        included); this is where an architecture whose nodes do not add into the
+        residual stream would be refused."""
         return None
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,6 +12,25 @@ exactly, so that graphs move between the two tools:
   before ``v`` in the residual stream. Scores and masks are dense ``[src, dst]`` arrays
   with a validity mask ``real_edge_mask``.
 
+Grouped-query attention has two views. The default is the reference's
+(``ungroup_grouped_query_attention=True``): every query head has its own ``<k>`` and
+``<v>`` inputs, each a copy of the residual stream read by its key/value head's weights.
+The *grouped* view (``GraphSpec.n_kv_heads`` set; ``load_model(path, grouped_kv=True)``,
+CLI ``--grouped-kv``) gives the ``<k>``/``<v>`` inputs to the key/value heads, which
+is how the model computes:
+
+* downstream inputs per layer: ``a{l}.h{h}<q>`` for the ``H`` query heads, then
+  ``a{l}.kv{g}<k>`` for the ``K`` key/value heads, then ``a{l}.kv{g}<v>``, then
+  ``m{l}``: ``n_backward = L * (H + 2K + 1) + 1``. ``a{l}.kv{g}<k>`` feeds query heads
+  ``g * H/K .. (g + 1) * H/K - 1`` (all of them own it, for pruning). The ``kv`` names
+  never coincide with a query head's, so a file of one view cannot be misread as the
+  other; its ``cfg`` block carries ``n_kv_heads`` (absent in the default view).
+* upstream nodes are unchanged (heads are per query head in both views).
+* the grouped view's score of ``u->a{l}.kv{g}<k>`` is, for the gradient methods, the
+  sum of the default view's scores of ``u->a{l}.h{h}<k>`` over the query heads ``h``
+  of group ``g``: the shared input's gradient is the sum of its copies' gradients.
+  For multi-head attention (``K = H``) both views are the same graph, the reference's.
+
 Everything is numpy: the graph is host-side bookkeeping; the compiled forward in
 :mod:`jaxinterp.models` only ever sees the dense arrays.
 """
@@ -31,21 +50,53 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class GraphSpec:
-    """Index arithmetic of the circuit graph of one model shape."""
+    """Index arithmetic of the circuit graph of one model shape.
+
+    ``n_kv_heads``: None for the default (ungrouped) view, one ``<k>``/``<v>`` input per
+    query head; the number of key/value heads for the grouped view (module docstring).
+    ``n_kv_heads == n_heads`` is the same graph as None and is stored as None.
+    """
 
     n_layers: int
     n_heads: int
     parallel_attn_mlp: bool = False
     d_model: int = 0
+    n_kv_heads: Optional[int] = None
+
+    def __post_init__(self):
+        if self.n_kv_heads is not None:
+            if not (1 <= self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0):
+                raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+            if self.n_kv_heads == self.n_heads:  # multi-head attention: the views coincide
+                object.__setattr__(self, "n_kv_heads", None)
 
     # --- sizes and indices ------------------------------------------------------------
+    @property
+    def grouped(self) -> bool:
+        """Whether ``<k>``/``<v>`` inputs belong to key/value heads (the grouped view)."""
+        return self.n_kv_heads is not None
+
+    @property
+    def n_kv_inputs(self) -> int:
+        """``<k>`` inputs (and ``<v>`` inputs) per layer: ``K`` grouped, else ``H``."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def n_attn_inputs(self) -> int:
+        """Downstream inputs of one layer's attention: ``H`` q + ``n_kv_inputs`` k and v."""
+        return self.n_heads + 2 * self.n_kv_inputs
+
+    def kv_input(self, head: int) -> int:
+        """The ``<k>``/``<v>`` input index that query head ``head`` reads (itself when ungrouped)."""
+        return head // (self.n_heads // self.n_kv_inputs)
+
     @property
     def n_forward(self) -> int:
         return 1 + self.n_layers * (self.n_heads + 1)
 
     @property
     def n_backward(self) -> int:
-        return self.n_layers * (3 * self.n_heads + 1) + 1
+        return self.n_layers * (self.n_attn_inputs + 1) + 1
 
     def head_index(self, layer: int, head: int = 0) -> int:
         """Forward index of ``a{layer}.h{head}``."""
@@ -56,12 +107,18 @@ class GraphSpec:
         return 1 + layer * (self.n_heads + 1) + self.n_heads
 
     def qkv_index(self, layer: int, letter: str, head: int = 0) -> int:
-        """Backward index of ``a{layer}.h{head}<letter>``."""
-        return layer * (3 * self.n_heads + 1) + "qkv".index(letter) * self.n_heads + head
+        """Backward index of input ``letter`` of query head ``head`` (``<q>``), or of
+        ``<k>``/``<v>`` input ``head`` (a key/value head in the grouped view, else a
+        query head): ``a{layer}.h{head}<letter>`` / ``a{layer}.kv{head}<letter>``."""
+        n = self.n_heads if letter == "q" else self.n_kv_inputs
+        if not 0 <= head < n:
+            raise ValueError(f"<{letter}> input {head} is outside 0..{n - 1}")
+        offset = {"q": 0, "k": self.n_heads, "v": self.n_heads + self.n_kv_inputs}[letter]
+        return layer * (self.n_attn_inputs + 1) + offset + head
 
     def mlp_in_index(self, layer: int) -> int:
         """Backward index of ``m{layer}``."""
-        return layer * (3 * self.n_heads + 1) + 3 * self.n_heads
+        return layer * (self.n_attn_inputs + 1) + self.n_attn_inputs
 
     @property
     def logits_index(self) -> int:
@@ -83,12 +140,19 @@ class GraphSpec:
             names += [f"a{layer}.h{h}" for h in range(self.n_heads)] + [f"m{layer}"]
         return names
 
+    def attn_input_name(self, layer: int, letter: str, head: int) -> str:
+        """``a{layer}.h{head}<letter>``, or ``a{layer}.kv{head}<letter>`` for the grouped
+        view's ``<k>``/``<v>`` inputs (``head`` as in :meth:`qkv_index`)."""
+        kind = "kv" if self.grouped and letter != "q" else "h"
+        return f"a{layer}.{kind}{head}<{letter}>"
+
     @functools.cached_property
     def backward_names(self) -> list[str]:
         names = []
         for layer in range(self.n_layers):
             for letter in "qkv":
-                names += [f"a{layer}.h{h}<{letter}>" for h in range(self.n_heads)]
+                n = self.n_heads if letter == "q" else self.n_kv_inputs
+                names += [self.attn_input_name(layer, letter, h) for h in range(n)]
             names.append(f"m{layer}")
         return names + ["logits"]
 
@@ -98,7 +162,7 @@ class GraphSpec:
         prev = np.empty(self.n_backward, dtype=np.int64)
         for layer in range(self.n_layers):
             a = self.qkv_index(layer, "q")
-            prev[a:a + 3 * self.n_heads] = self.attn_prev(layer)
+            prev[a:a + self.n_attn_inputs] = self.attn_prev(layer)
             prev[self.mlp_in_index(layer)] = self.mlp_prev(layer)
         prev[-1] = self.n_forward
         return prev
@@ -110,21 +174,26 @@ class GraphSpec:
 
     @functools.cached_property
     def forward_to_backward(self) -> np.ndarray:
-        """``[src, dst]`` bool: the downstream inputs belonging to each forward node."""
+        """``[src, dst]`` bool: the downstream inputs belonging to each forward node (in
+        the grouped view a ``<k>``/``<v>`` input belongs to every query head reading it)."""
         f2b = np.zeros((self.n_forward, self.n_backward), dtype=bool)
         for layer in range(self.n_layers):
             for h in range(self.n_heads):
-                for letter in "qkv":
-                    f2b[self.head_index(layer, h), self.qkv_index(layer, letter, h)] = True
+                f2b[self.head_index(layer, h), self.qkv_index(layer, "q", h)] = True
+                for letter in "kv":
+                    f2b[self.head_index(layer, h), self.qkv_index(layer, letter, self.kv_input(h))] = True
             f2b[self.mlp_index(layer), self.mlp_in_index(layer)] = True
         return f2b
 
     @functools.cached_property
     def edges(self) -> list[tuple[str, int, int]]:
-        """``(name, src, dst)`` for every edge, in the reference's insertion order."""
+        """``(name, src, dst)`` for every edge, in the reference's insertion order (per
+        source: each head's q, k, v; grouped view: each key/value head's query heads' q,
+        then its k and v, which is the reference's order when every group is one head)."""
         out = []
         stream: list[int] = [0]
         fn, bn = self.forward_names, self.backward_names
+        group = self.n_heads // self.n_kv_inputs
 
         def add(src: int, dst: int):
             out.append((f"{fn[src]}->{bn[dst]}", src, dst))
@@ -132,9 +201,11 @@ class GraphSpec:
         for layer in range(self.n_layers):
             heads = [self.head_index(layer, h) for h in range(self.n_heads)]
             for src in stream:
-                for h in range(self.n_heads):
-                    for letter in "qkv":
-                        add(src, self.qkv_index(layer, letter, h))
+                for g in range(self.n_kv_inputs):
+                    for h in range(g * group, (g + 1) * group):
+                        add(src, self.qkv_index(layer, "q", h))
+                    add(src, self.qkv_index(layer, "k", g))
+                    add(src, self.qkv_index(layer, "v", g))
                 if self.parallel_attn_mlp:
                     add(src, self.mlp_in_index(layer))
             stream = stream + heads
@@ -159,18 +230,59 @@ class GraphSpec:
         return {name: (s, d) for name, s, d in self.edges}
 
     def to_cfg(self) -> dict:
-        """The ``cfg`` block of the reference's JSON graph files."""
-        return {"n_layers": self.n_layers, "n_heads": self.n_heads,
-                "parallel_attn_mlp": self.parallel_attn_mlp, "d_model": self.d_model}
+        """The ``cfg`` block of the reference's JSON graph files (plus ``n_kv_heads`` in
+        the grouped view, which the reference does not have)."""
+        cfg = {"n_layers": self.n_layers, "n_heads": self.n_heads,
+               "parallel_attn_mlp": self.parallel_attn_mlp, "d_model": self.d_model}
+        if self.grouped:
+            cfg["n_kv_heads"] = self.n_kv_heads
+        return cfg
+
+    def describe(self) -> str:
+        """One line for error messages: shape, view and edge count."""
+        view = (f"grouped <k>/<v> view, {self.n_kv_heads} key/value heads" if self.grouped
+                else "ungrouped view, <k>/<v> per query head")
+        return (f"{self.n_layers} layers x {self.n_heads} heads ({view}"
+                f"{', parallel attention + MLP' if self.parallel_attn_mlp else ''}), {self.n_edges} edges")
+
+    def check_same(self, other: "GraphSpec", what: str = "graph") -> None:
+        """Raise ValueError unless ``other`` (e.g. a graph file's) is this graph. A
+        ``d_model`` of 0 (files that do not record it) matches any."""
+        same = ((self.n_layers, self.n_heads, self.parallel_attn_mlp, self.n_kv_heads)
+                == (other.n_layers, other.n_heads, other.parallel_attn_mlp, other.n_kv_heads)
+                and (0 in (self.d_model, other.d_model) or self.d_model == other.d_model))
+        if same:
+            return
+        msg = f"{what} is a graph of {other.describe()}, but the model's graph has {self.describe()}"
+        shape = (self.n_layers, self.n_heads, self.parallel_attn_mlp)
+        if shape == (other.n_layers, other.n_heads, other.parallel_attn_mlp) and self.grouped != other.grouped:
+            flag = "--grouped-kv" if other.grouped else "without --grouped-kv"
+            msg += (f"; the {what} was made in the {'grouped' if other.grouped else 'ungrouped'} view: load the "
+                    f"model with grouped_kv={other.grouped} (CLI: {flag})")
+        raise ValueError(msg)
 
     @classmethod
-    def from_config(cls, cfg) -> "GraphSpec":
-        """From a :class:`jaxinterp.config.ModelConfig`; raises NotImplementedError for a
-        model without a faithful circuit graph (``cfg.graph_unsupported_reason``)."""
+    def from_file_cfg(cls, cfg: dict, path: str, expected: Optional["GraphSpec"] = None) -> "GraphSpec":
+        """The graph of a graph file's ``cfg`` block (:meth:`to_cfg`); with ``expected``,
+        ValueError unless the file is that graph."""
+        n_kv = cfg.get("n_kv_heads")
+        spec = cls(int(cfg["n_layers"]), int(cfg["n_heads"]), bool(cfg.get("parallel_attn_mlp", False)),
+                   int(cfg.get("d_model") or 0), None if n_kv is None else int(n_kv))
+        if expected is not None:
+            expected.check_same(spec, f"graph file {path}")
+        return spec
+
+    @classmethod
+    def from_config(cls, cfg, check_supported: bool = True) -> "GraphSpec":
+        """From a :class:`jaxinterp.config.ModelConfig` (its ``group_kv_inputs`` picks the
+        view); raises NotImplementedError for a model without a faithful circuit graph
+        (``cfg.graph_unsupported_reason``) unless ``check_supported`` is False (the plain
+        forward still uses the index arithmetic)."""
         reason = getattr(cfg, "graph_unsupported_reason", None)
-        if reason:
+        if reason and check_supported:
             raise NotImplementedError(f"no circuit graph (attribution, evaluation): {reason}")
-        return cls(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model)
+        n_kv = cfg.kv_heads if getattr(cfg, "group_kv_inputs", False) else None
+        return cls(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model, n_kv)
 
 
 class Graph:
@@ -260,6 +372,8 @@ class Graph:
         heapq.heapify(heap)
         while n_edges > 0 and heap:
             _, _, s, d = heapq.heappop(heap)
+            if self.in_graph[s, d]:  # a grouped <k>/<v> input's edge is a candidate of each head it feeds
+                continue
             n_edges -= 1
             self.in_graph[s, d] = True
             if not self.nodes_in_graph[s]:
@@ -300,21 +414,21 @@ class Graph:
         atomic_write_text(path, json.dumps({"cfg": spec.to_cfg(), "nodes": nodes, "edges": edges}))
 
     @classmethod
-    def from_json(cls, path: str) -> "Graph":
-        """Read a graph written by :meth:`to_json` or by the reference's ``Graph.to_json``."""
+    def from_json(cls, path: str, spec: Optional[GraphSpec] = None) -> "Graph":
+        """Read a graph written by :meth:`to_json` or by the reference's ``Graph.to_json``.
+        ``spec``: the graph the file must be (e.g. ``model.graph_spec``); a file of another
+        shape or view raises ValueError saying which."""
         with open(path) as f:
             d = json.load(f)
         missing = {"cfg", "nodes", "edges"} - set(d)
         if missing:
             raise ValueError(f"{path}: not a circuit graph file, missing keys {sorted(missing)}")
-        cfg = d["cfg"]
-        spec = GraphSpec(int(cfg["n_layers"]), int(cfg["n_heads"]),
-                         bool(cfg.get("parallel_attn_mlp", False)), int(cfg.get("d_model", 0)))
+        spec = GraphSpec.from_file_cfg(d["cfg"], path, spec)
         g = cls(spec)
         lookup = spec._edge_lookup
         unknown = [name for name in d["edges"] if name not in lookup]
         if unknown:
-            raise ValueError(f"{path}: edges {unknown[:5]} do not exist in a graph with cfg {cfg}")
+            raise ValueError(f"{path}: edges {unknown[:5]} do not exist in a graph with cfg {d['cfg']}")
         for name, info in d["edges"].items():
             s, t = lookup[name]
             g.scores[s, t] = info["score"]

@@ -26,7 +26,7 @@ distributes over a sum of vectors. Reading a vector ``v`` in vocabulary space me
   ``sum_u R_s(out_u) @ w_u + R_s(constants) @ w_u + b @ w_u + b_u = logits`` exactly,
   where the constants are what the residual stream holds besides node outputs
   (learned position embeddings, attention output biases). ``rest`` is that remainder.
-  (Soft-capped logits, Gemma 2, are not decomposed; such models have no graph.)
+  (Soft-capped logits, Gemma 2, are not a sum and are not decomposed.)
 * Parameter projections (value vectors, OV, QK) use ``s = 1``: a direction has no
   scale of its own, and a positive factor does not change which tokens rank highest.
   The same linear part with the first norm of the head's layer (``ln1``) reads token

@@ -76,9 +76,14 @@ def download_from_hub(repo_id: str) -> str:
             f"pass a local checkpoint directory (config.json + model.safetensors + tokenizer files).") from e
 
 
-def load_model(path: str, dtype=jnp.float32) -> Model:
+def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False) -> Model:
     """Load a Hugging Face checkpoint directory, a directory written by ``jaxinterp convert``,
-    or a Hugging Face hub id such as ``gpt2`` (downloaded when the network allows)."""
+    or a Hugging Face hub id such as ``gpt2`` (downloaded when the network allows).
+
+    grouped_kv: the circuit graph's grouped-query view, ``<k>``/``<v>`` inputs per
+        key/value head (``ModelConfig.group_kv_inputs``, :mod:`jaxinterp.graph`); the
+        default is the reference's view, one per query head. Logits do not change.
+    """
     from .conversion import is_converted, load_converted, load_hf_checkpoint
 
     if not os.path.isdir(path):
@@ -86,5 +91,6 @@ def load_model(path: str, dtype=jnp.float32) -> Model:
             raise FileNotFoundError(f"model directory {path!r} does not exist")
         path = download_from_hub(path)
     cfg, params = load_converted(path) if is_converted(path) else load_hf_checkpoint(path)
+    cfg = dataclasses.replace(cfg, group_kv_inputs=bool(grouped_kv))
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     return Model(cfg, params, load_tokenizer(path), path)

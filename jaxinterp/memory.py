@@ -119,12 +119,12 @@ def param_count(cfg: ModelConfig) -> int:
 
 def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_chunk: int) -> float:
     """Activation bytes per example and position (module docstring)."""
-    spec = GraphSpec(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model)
+    spec = GraphSpec.from_config(cfg, check_supported=False)
     L, H, D = cfg.n_layers, cfg.n_heads, cfg.d_model
     nodes = NODE_COPIES * spec.n_forward * D * s
     if method == "exact":
         # each of the exact_chunk patched runs holds one layer's edge inputs and attention
-        per_run = (EXACT_EDGE_COPIES * (3 * H + 1) * D * s + ATTN_COPIES * H * n_pos * 4
+        per_run = (EXACT_EDGE_COPIES * (spec.n_attn_inputs + 1) * D * s + ATTN_COPIES * H * n_pos * 4
                    + MLP_COPIES * cfg.d_mlp * s)
         return nodes + exact_chunk * per_run
     edges = EDGE_COPIES * spec.n_backward * D * s
@@ -145,7 +145,7 @@ def estimate_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: s
     s = jnp.dtype(dtype).itemsize
     params = param_count(cfg) * s / model_devices
     local = math.ceil(batch_size / data_devices)
-    spec = GraphSpec(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model)
+    spec = GraphSpec.from_config(cfg, check_supported=False)
     acts = local * n_pos * _per_token_bytes(cfg, n_pos, s, method, exact_chunk)
     logits = local * LOGIT_COPIES * cfg.vocab_size * 4
     scores = 3 * spec.n_forward * spec.n_backward * 4  # the float32 [src, dst] gradient and its sum

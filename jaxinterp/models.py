@@ -29,6 +29,16 @@ over upstream nodes is a plain matrix product: ``input`` is the token embedding
 (positions, attention output biases and other constants are not nodes, as in the
 reference), ``a{l}.h{h}`` is ``z_h @ w_o[h]`` and ``m{l}`` is the MLP output.
 
+With sandwich norms (Gemma 2) the attention output joining the residual stream is
+``rms_norm(S)``, ``S = sum_h z_h @ w_o[h] (+ b_o)``. Given its scale RMSNorm is linear,
+so ``a{l}.h{h}`` is head ``h``'s *share* of the normalised attention output,
+``(z_h @ w_o[h]) * (1 + w) / rms(S)``, with the normaliser computed from the whole
+layer's ``S`` in the same run (:func:`jaxinterp.ops.rms_norm_shares`). The shares (and
+``b_o``'s, a constant like ``b_o`` elsewhere) sum to the normalised output exactly, so
+(*) with ``coef = 0`` is still the plain forward; a patched edge into a head changes
+``S``, and with it every head's share of that layer, in that run. ``m{l}`` is the
+normalised MLP output.
+
 Parameters (``layer`` leading on every block leaf; biases are optional, ``b`` of a norm
 is absent for RMSNorm)::
 
@@ -44,10 +54,11 @@ is absent for RMSNorm)::
 One forward serves every family; :class:`jaxinterp.config.ModelConfig` fields switch
 RMSNorm (with Gemma's ``1 + w``), the embedding scale (part of the ``input`` node, so
 patching ``input`` patches the scaled embedding), rotary positions (partial, scaled),
-grouped-query attention (each query head still has its own ``<k>``/``<v>`` inputs:
-the reference's ``ungroup_grouped_query_attention`` view), sliding windows, gated MLPs,
+grouped-query attention (by default each query head has its own ``<k>``/``<v>`` inputs:
+the reference's ``ungroup_grouped_query_attention`` view; with ``cfg.group_kv_inputs``
+they are one per key/value head, :mod:`jaxinterp.graph`), sliding windows, gated MLPs,
 parallel attention + MLP, and Gemma 2's soft-capping and sandwich norms. Models whose
-``cfg.graph_unsupported_reason`` is set (Gemma 2) run the plain forward only.
+``cfg.graph_unsupported_reason`` is set run the plain forward only.
 """
 
 from __future__ import annotations
@@ -72,7 +83,9 @@ Params = Any
 class Intervention:
     """Per-edge intervention for :func:`forward` (see the module docstring).
 
-    coef:   ``[src, dst]`` edge coefficients (entries outside the real edges are ignored).
+    coef:   ``[src, dst]`` edge coefficients (entries outside the real edges are ignored), or
+            ``[pos, src, dst]``: one per edge and position (position-aware edges; the
+            gradient modes then give per-position scores, and ``add-one`` is not offered).
     source: ``[src, batch, pos, d_model]`` activations (``replace``) or differences
             (``add``, ``grad``).
     shift:  optional ``[src]``: node ``u``'s output becomes ``out_u + shift_u * source_u``
@@ -104,18 +117,20 @@ def _normed_probe(norm, n_dst: int, resid: Array, norm_params, coef: list, sourc
 
 
 def _normed_probe_fwd(norm, n_dst, resid, norm_params, coef, source):
-    return _normed_probe(norm, n_dst, resid, norm_params, coef, source), (resid, norm_params, source)
+    return _normed_probe(norm, n_dst, resid, norm_params, coef, source), (resid, norm_params, coef, source)
 
 
 def _normed_probe_bwd(norm, n_dst, res, g):
-    resid, norm_params, source = res
+    resid, norm_params, coef, source = res
     # The vjp of the norm at n_dst copies of resid (transient, backward only). Not
     # vmap(jax.vjp(norm, ...)[1]) over g: under jit on CPU (jax 0.10.2) that gives wrong
     # gradients for batch * pos >= a few hundred (tests/test_models.py checks this path).
     x = jnp.broadcast_to(resid[None], g.shape)
     g_params, g_x = jax.vjp(norm, norm_params, x)[1](g)  # g_x per downstream input: [n_dst, batch, pos, d_model]
-    coef_bar = [jnp.einsum("fbpd,vbpd->fv", s, g_x.astype(s.dtype), preferred_element_type=jnp.float32)
-                for s in source]
+    # position-aware coefficients [pos, src, dst] keep the position axis of the contraction
+    coef_bar = [jnp.einsum("fbpd,vbpd->pfv" if c.ndim == 3 else "fbpd,vbpd->fv", s, g_x.astype(s.dtype),
+                           preferred_element_type=jnp.float32).astype(c.dtype)
+                for c, s in zip(coef, source)]
     return g_x.sum(0), g_params, coef_bar, [jnp.zeros_like(s) for s in source]
 
 
@@ -195,9 +210,8 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
          logit_positions: Optional[Array] = None, remat: bool = False) -> dict:
     if (intervention is not None or return_node_outputs) and cfg.graph_unsupported_reason:
         raise NotImplementedError(f"no circuit-graph forward: {cfg.graph_unsupported_reason}")
-    # built directly: GraphSpec.from_config refuses models without a graph, whose plain
-    # forward still uses the index arithmetic
-    spec = GraphSpec(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model)
+    # unchecked: a model without a graph still runs its plain forward on the index arithmetic
+    spec = GraphSpec.from_config(cfg, check_supported=False)
     n_batch, n_pos = tokens.shape
     if attention_mask is None:
         attention_mask = jnp.ones((n_batch, n_pos), jnp.int32)
@@ -207,6 +221,9 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     iv = intervention
     if iv is not None and iv.mode not in MODES:
         raise ValueError(f"unknown intervention mode {iv.mode!r}; choose from {MODES}")
+    if iv is not None and iv.coef.ndim == 3 and (iv.mode == "add-one" or iv.coef.shape[0] != n_pos):
+        raise ValueError(f"position-aware coefficients {iv.coef.shape} need one row per position ({n_pos}) "
+                         f"and a mode other than add-one")
 
     # Node outputs are kept per group (the input, one layer's heads, one MLP) as they are
     # produced: (*) is then a sum of one small product per group, and the backward of the
@@ -228,8 +245,9 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         x = jnp.broadcast_to(resid[None], (n_dst,) + resid.shape)
         if iv.mode == "add-one":
             return x + iv.coef[0, dst].astype(x.dtype)[:, None, None, None] * iv.source[0][None].astype(x.dtype)
+        contract = "fbpd,pfv->vbpd" if iv.coef.ndim == 3 else "fbpd,fv->vbpd"
         for sl, out in groups:
-            x = x + jnp.einsum("fbpd,fv->vbpd", delta(sl, out).astype(x.dtype), iv.coef[sl, dst].astype(x.dtype))
+            x = x + jnp.einsum(contract, delta(sl, out).astype(x.dtype), iv.coef[..., sl, dst].astype(x.dtype))
         return x
 
     def normed_inputs(resid, dst: slice, groups: list, norm_params):
@@ -239,7 +257,7 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
             return _norm(cfg, norm_params, resid)
         if iv.mode in ("grad", "grad-replace"):
             return _normed_probe(functools.partial(_norm, cfg), dst.stop - dst.start, resid, norm_params,
-                                 [iv.coef[sl, dst] for sl, _ in groups], [delta(sl, out) for sl, out in groups])
+                                 [iv.coef[..., sl, dst] for sl, _ in groups], [delta(sl, out) for sl, out in groups])
         return _norm(cfg, norm_params, edge_inputs(resid, dst, groups))
 
     if input_embeddings is None:
@@ -259,17 +277,17 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         ``(resid out, heads [head, batch, pos, d_model], mlp out [batch, pos, d_model])``."""
         groups = [(slice(*b), a) for b, a in zip(bounds, arrays)]
         a0 = spec.qkv_index(layer, "q")
-        n_qkv = normed_inputs(resid, slice(a0, a0 + 3 * H), groups, p["ln1"])
-        x_q, x_k, x_v = (n_qkv,) * 3 if iv is None else jnp.split(n_qkv, 3)
+        n_qkv = normed_inputs(resid, slice(a0, a0 + spec.n_attn_inputs), groups, p["ln1"])
+        # q per query head, then k and v per query head (default view) or per key/value head
+        x_q, x_k, x_v = (n_qkv,) * 3 if iv is None else jnp.split(n_qkv, [H, H + spec.n_kv_inputs])
         h0 = spec.head_index(layer)
         heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, masks[cfg.window(layer)], rotary, head_major=True,
                                     scale=cfg.attn_scale, logit_softcap=cfg.attn_logit_softcap)
+        b_o = p["attn"].get("b_o")
+        if cfg.sandwich_norms:  # the nodes are the heads' shares of the normalised sum (module docstring)
+            heads, b_o = ops.rms_norm_shares(heads, p["ln1_post"]["w"], cfg.norm_eps, cfg.norm_offset, b_o)
         heads = _node_out(heads, iv, slice(h0, h0 + H))
-        attn_out = heads.sum(0)
-        if "b_o" in p["attn"]:
-            attn_out = attn_out + p["attn"]["b_o"]
-        if cfg.sandwich_norms:  # plain forward only (checked above): the norm of the sum of heads
-            attn_out = _norm(cfg, p["ln1_post"], attn_out)
+        attn_out = heads.sum(0) if b_o is None else heads.sum(0) + b_o
         if not cfg.parallel_attn_mlp:
             groups.append((slice(h0, h0 + H), heads))
 

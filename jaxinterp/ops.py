@@ -65,6 +65,25 @@ def rms_norm(x: Array, w: Array, eps: float, offset: float = 0.0) -> Array:
     return (y * (offset + w)).astype(x.dtype)
 
 
+def rms_norm_shares(parts: Array, w: Array, eps: float, offset: float = 0.0,
+                    bias: Optional[Array] = None) -> tuple[Array, Optional[Array]]:
+    """RMSNorm of a sum, split into the summands' shares.
+
+    ``parts [n, ..., d_model]`` and optional ``bias [d_model]`` sum to
+    ``S = parts.sum(0) + bias``. Given its scale, RMSNorm is linear:
+    ``rms_norm(S) = S * (offset + w) / rms(S)``, so part ``i``'s share is
+    ``parts[i] * (offset + w) / rms(S)``, with ``rms(S)`` of the *whole* sum. Returns
+    ``(shares [n, ..., d_model], bias share [..., d_model] or None)``, which sum to
+    ``rms_norm(S, w, eps, offset)`` (to rounding). Gradients flow through ``rms(S)``.
+    """
+    total = parts.astype(jnp.float32).sum(0)
+    if bias is not None:
+        total = total + bias.astype(jnp.float32)
+    scale = jax.lax.rsqrt(jnp.square(total).mean(-1, keepdims=True) + eps) * (offset + w.astype(jnp.float32))
+    shares = (parts.astype(jnp.float32) * scale).astype(parts.dtype)
+    return shares, None if bias is None else (bias.astype(jnp.float32) * scale).astype(parts.dtype)
+
+
 # --- activations and MLP ----------------------------------------------------------------
 
 def _gelu_fast(x):
@@ -160,8 +179,9 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
 
     ``x_q, x_k, x_v``: normalised inputs, each ``[batch, pos, d_model]`` or one per query
     head ``[head, batch, pos, d_model]`` (the circuit graph's separate q/k/v inputs).
-    With per-head k/v inputs under grouped-query attention, every query head gets its
-    own copy of its key/value head's weights.
+    With per-query-head k/v inputs under grouped-query attention, every query head gets
+    its own copy of its key/value head's weights; ``x_k, x_v`` may instead be one per
+    key/value head, ``[kv_head, batch, pos, d_model]`` (the graph's grouped view).
 
     ``rotary`` maps ``q`` and ``k`` (``[batch, pos, head, d_head]``) to their rotated
     values; ``scale`` and ``logit_softcap`` as :func:`attention_pattern`.
@@ -173,7 +193,11 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
     """
     n_heads = p["w_q"].shape[0]
     w_k, b_k, w_v, b_v = p["w_k"], p.get("b_k"), p["w_v"], p.get("b_v")
-    if x_k.ndim == 4 and w_k.shape[0] != n_heads:
+    for x in (x_k, x_v):
+        if x.ndim == 4 and x.shape[0] not in (n_heads, w_k.shape[0]):
+            raise ValueError(f"per-head k/v inputs {x.shape}: the leading axis must be the {n_heads} query "
+                             f"heads or the {w_k.shape[0]} key/value heads")
+    if x_k.ndim == 4 and x_k.shape[0] == n_heads and w_k.shape[0] != n_heads:
         group = n_heads // w_k.shape[0]
         w_k, w_v = jnp.repeat(w_k, group, 0), jnp.repeat(w_v, group, 0)
         b_k = None if b_k is None else jnp.repeat(b_k, group, 0)

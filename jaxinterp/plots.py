@@ -37,6 +37,34 @@ def plot_curves(curves: Sequence, path: str, title: str = "Faithfulness of top-n
     return path
 
 
+def plot_pruning_history(history: dict, path: str, title: str = "Edge pruning") -> str:
+    """Training of :func:`jaxinterp.edge_pruning.learn_circuit`: the faithfulness loss (in
+    units of the empty circuit's) and the expected fraction of edges kept against its target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
+    steps = np.arange(len(history["loss"]))
+    ax1.plot(steps, history["faithfulness_loss"], lw=1)
+    ax1.set_yscale("symlog", linthresh=1e-3)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("faithfulness loss / empty circuit's")
+    ax2.plot(steps, history["density"], lw=1, label="expected")
+    ax2.plot(steps, history["target"], lw=1, ls="--", label="target")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("fraction of edges kept")
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 _QKV_COLOURS = {"q": "#FF00FF", "k": "#00FF00", "v": "#0000FF", None: "#000000"}
 
 
@@ -44,7 +72,8 @@ def to_dot(graph: Graph, max_penwidth: float = 5.0) -> str:
     """The circuit (edges in ``graph.in_graph``) as Graphviz DOT text.
 
     Edge width follows |score|; colour: q/k/v inputs magenta/green/blue, others black,
-    dashed when the score is negative.
+    dashed when the score is negative. In the grouped view (:mod:`jaxinterp.graph`) a
+    ``<k>``/``<v>`` edge ends at ``a{l}.kv{g}``, key/value head ``g``'s shared input.
     """
     spec = graph.spec
     used = [(n, s, d) for n, s, d in spec.edges if graph.in_graph[s, d]]
@@ -91,8 +120,11 @@ def _node_position(spec, name: str) -> tuple[float, float]:
         return (spec.n_heads - 1) / 2, 2 * spec.n_layers + 1.0
     if name.startswith("m"):
         return (spec.n_heads - 1) / 2, 2 * int(name[1:]) + 2.0
-    layer, head = (int(x[1:]) for x in name.split("."))
-    return float(head), 2 * layer + 1.0
+    layer, head = name.split(".")
+    if head.startswith("kv"):  # the grouped view's shared k/v input: below the middle of its query heads
+        group = spec.n_heads // spec.n_kv_inputs
+        return int(head[2:]) * group + (group - 1) / 2, 2 * int(layer[1:]) + 0.55
+    return float(head[1:]), 2 * int(layer[1:]) + 1.0
 
 
 def _draw_circuit_matplotlib(graph: Graph, path: str, title: str = "") -> str:

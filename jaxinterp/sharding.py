@@ -186,8 +186,8 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def replicate(x, mesh: Optional[Mesh]):
-    """``x`` copied to every device of ``mesh`` (None: unchanged)."""
-    return x if mesh is None else _put(x, NamedSharding(mesh, P()))
+    """``x`` copied to every device of ``mesh`` (no mesh or no ``x``: unchanged)."""
+    return x if mesh is None or x is None else _put(x, NamedSharding(mesh, P()))
 
 
 def batches(pairs, batch_size: int, mesh: Optional[Mesh] = None) -> Iterator[dict]:

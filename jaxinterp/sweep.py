@@ -66,13 +66,14 @@ from . import __version__
 
 IG_METHODS = ("EAP-IG-inputs", "EAP-IG-activations")
 SWEEP_KEYS = {"out": str, "methods": list, "ig_steps": list, "metric": str, "batch_size": int, "sizes": list,
-              "intervention": str, "dtype": str, "max_memory": (str, int), "mesh": str, "limit": int}
+              "intervention": str, "dtype": str, "max_memory": (str, int), "mesh": str, "limit": int,
+              "grouped_kv": bool}
 # keys a [tasks.X] table may set besides its source, overriding [sweep]
 TASK_OVERRIDES = ("metric", "batch_size", "limit")
 TASK_KEYS = {"csv": str, "generate": str, "n": int, "seed": int, "metric": str, "batch_size": int, "limit": int}
 DEFAULTS = {"methods": ["EAP", "EAP-IG-inputs"], "ig_steps": [5], "metric": "logit_diff", "batch_size": 16,
             "sizes": [10, 20, 50, 100, 200, 500, 1000], "intervention": "patching", "dtype": "float32",
-            "max_memory": None, "mesh": None, "limit": None}
+            "max_memory": None, "mesh": None, "limit": None, "grouped_kv": False}
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
@@ -122,7 +123,7 @@ def _check_types(table: dict, types: dict, where: str) -> None:
     if unknown:
         raise SweepError(f"{where}: unknown keys {unknown}; allowed: {sorted(types)}")
     for key, value in table.items():
-        if not isinstance(value, types[key]) or isinstance(value, bool):
+        if not isinstance(value, types[key]) or (isinstance(value, bool) and types[key] is not bool):
             raise SweepError(f"{where}.{key} = {value!r}: expected {types[key]}")
 
 
@@ -299,7 +300,9 @@ def cell_settings(sweep: Sweep, cell: Cell) -> dict:
     return {"model_source": sweep.models[cell.model], "task": sweep.tasks[cell.task], "method": cell.method,
             "ig_steps": cell.ig_steps, "metric": s["metric"], "batch_size": s["batch_size"],
             "max_memory": s["max_memory"], "limit": s["limit"], "intervention": s["intervention"],
-            "dtype": s["dtype"], "sizes": s["sizes"]}
+            "dtype": s["dtype"], "sizes": s["sizes"],
+            # only when set, so that results stored before the option existed stay valid
+            **({"grouped_kv": True} if sweep.settings["grouped_kv"] else {})}
 
 
 def result_paths(out_dir: str, cell: Cell) -> tuple[str, str]:
@@ -469,7 +472,8 @@ def run_sweep(path_or_sweep, out_dir: Optional[str] = None, quiet: bool = False)
             if not model_cells:
                 continue
             model_dir = prepared_model_dir(out_dir, name, sweep.models[name])
-            model = load_model(model_dir, dtype=jnp.dtype(sweep.settings["dtype"]))
+            model = load_model(model_dir, dtype=jnp.dtype(sweep.settings["dtype"]),
+                               grouped_kv=sweep.settings["grouped_kv"])
             pairs_cache: dict[tuple, Any] = {}
             for cell in model_cells:
                 s = sweep.task_settings(cell.task)

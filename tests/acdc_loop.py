@@ -15,7 +15,8 @@ def loop_order(spec):
     order = [spec.logits_index]
     for layer in range(spec.n_layers - 1, -1, -1):
         order.append(spec.mlp_in_index(layer))
-        order += [spec.qkv_index(layer, letter, h) for letter in "qkv" for h in range(spec.n_heads)]
+        first = spec.qkv_index(layer, "q")  # q, k, v inputs in index order (either grouped-query view)
+        order += list(range(first, first + spec.n_attn_inputs))
     return order
 
 
@@ -34,7 +35,7 @@ def loop_acdc(model, pairs, threshold, metric="kl_div", absolute=False, batch_si
 
     for dst in loop_order(spec):
         owners = np.nonzero(spec.forward_to_backward[:, dst])[0]
-        if len(owners) and not in_graph[owners[0]].any():
+        if len(owners) and not in_graph[owners].any():  # a grouped k/v input has several owners
             in_graph[:, dst] = False  # the node reaches nothing: drop its inputs untested
             continue
         current = loss(in_graph)

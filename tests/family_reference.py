@@ -6,7 +6,13 @@ the circuit graph (``a0.h1<k>``, ``m1``, ``logits``) can get an extra additive t
 every node output is returned. Nothing here touches jaxinterp: it checks the converter
 and the graph forward (node outputs, EAP scores by autograd) from the outside.
 
-Supports llama, mistral, qwen2, gemma and gpt_neox (not gemma2, which has no graph).
+Supports llama, mistral, qwen2, gemma, gemma2 and gpt_neox. Gemma 2's head nodes are
+each head's share of the normalised attention output, ``out_h * (1 + w) / rms(S)`` with
+``S`` the layer's summed attention output in the same run (written out here from the
+RMSNorm formula, and checked against Hugging Face's own norm of ``S``).
+
+``extra`` may also name the grouped view's shared inputs ``a{l}.kv{g}<k|v>``: every
+query head of key/value head ``g`` then sees the perturbation in its k (v) input.
 """
 
 import sys
@@ -74,12 +80,19 @@ def forward(hf, ids, mask, extra=None):
             allowed = allowed & (pos[None, :] > pos[:, None] - window)[None]
         attn_out = 0.0
         o_weight = (attn.dense if cfg.model_type == "gpt_neox" else attn.o_proj).weight  # [d_model, head * d_head]
-        for h in range(cfg.num_attention_heads):
-            x = {c: layer.input_layernorm(resid + extra.get(f"a{l}.h{h}<{c}>", 0.0)) for c in "qkv"}
+        H = cfg.num_attention_heads
+        group = H // getattr(cfg, "num_key_value_heads", H)
+        for h in range(H):
+            x = {c: layer.input_layernorm(resid + extra.get(f"a{l}.h{h}<{c}>", 0.0)
+                                          + (extra.get(f"a{l}.kv{h // group}<{c}>", 0.0) if c != "q" else 0.0))
+                 for c in "qkv"}
             q, k, v = _head_qkv(cfg, attn, x, h)
             q, k = rope_module.apply_rotary_pos_emb(q[:, None], k[:, None], cos, sin)
             q, k = q[:, 0], k[:, 0]
             scores = q @ k.transpose(1, 2) * attn.scaling
+            cap = getattr(attn, "attn_logit_softcapping", None)
+            if cap is not None:
+                scores = cap * torch.tanh(scores / cap)
             scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
             z = torch.softmax(scores, -1) @ v
             E = z.shape[-1]
@@ -87,12 +100,29 @@ def forward(hf, ids, mask, extra=None):
             outs[f"a{l}.h{h}"] = out
             attn_out = attn_out + out
         o_module = attn.dense if cfg.model_type == "gpt_neox" else attn.o_proj
-        if o_module.bias is not None:
-            attn_out = attn_out + o_module.bias
+        bias = o_module.bias
+        if cfg.model_type == "gemma2":
+            norm = layer.post_attention_layernorm
+            total = attn_out + (0.0 if bias is None else bias)
+            scale = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + norm.eps) * (1.0 + norm.weight)
+            for h in range(H):
+                outs[f"a{l}.h{h}"] = outs[f"a{l}.h{h}"] * scale
+            bias = None if bias is None else bias * scale
+            attn_out = sum(outs[f"a{l}.h{h}"] for h in range(H))
+            # the shares add up to Hugging Face's own normalised attention output
+            torch.testing.assert_close(attn_out + (0.0 if bias is None else bias), norm(total), rtol=1e-4, atol=1e-5)
+        if bias is not None:
+            attn_out = attn_out + bias
         parallel = cfg.model_type == "gpt_neox" and cfg.use_parallel_residual
         x_m = (resid if parallel else resid + attn_out) + extra.get(f"m{l}", 0.0)
-        m = layer.mlp(layer.post_attention_layernorm(x_m))
+        if cfg.model_type == "gemma2":
+            m = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x_m)))
+        else:
+            m = layer.mlp(layer.post_attention_layernorm(x_m))
         outs[f"m{l}"] = m
         resid = resid + attn_out + m
     logits = unembed(final_norm(resid + extra.get("logits", 0.0)))
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
     return logits, outs

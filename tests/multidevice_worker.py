@@ -16,6 +16,19 @@ import numpy as np
 
 BATCH = 5  # does not divide the 2-way data axis: batches are padded with zero-weight rows
 METHODS = ("EAP", "EAP-IG-inputs")
+PRUNE_STEPS = 4
+
+
+def one_length(model, csv: str):
+    """The examples of ``csv`` whose prompts have the most common token length."""
+    from jaxinterp.attribution import prepare_data
+    from jaxinterp.data import Pairs
+
+    pairs = prepare_data(model, csv, "logit_diff")[0]
+    keep = pairs.lengths == np.bincount(pairs.lengths).argmax()
+    n_pos = int(pairs.lengths[keep][0])
+    return Pairs(pairs.clean[keep, :n_pos], pairs.corrupted[keep, :n_pos], pairs.attention_mask[keep, :n_pos],
+                 pairs.lengths[keep], pairs.labels[keep], pairs.corrupted_lengths[keep])
 
 
 def mesh_checks(model_dir: str, csv: str, out: str) -> None:
@@ -51,6 +64,18 @@ def mesh_checks(model_dir: str, csv: str, out: str) -> None:
     # circuit evaluation on the mesh: the full and the empty circuit
     masks = np.stack([model.graph_spec.real_edge_mask, np.zeros_like(model.graph_spec.real_edge_mask)])
     scores["evaluate"] = evaluate_masks(model, masks, csv, batch_size=BATCH, mesh=mesh)
+    # node means summed over a sharded batch, then replicated into the evaluation
+    scores["evaluate-mean"] = evaluate_masks(model, masks, csv, "logit_diff", "mean-positional", BATCH, mesh=mesh)
+    # learned masks on the mesh: a few optimisation steps (compared with one device)
+    from jaxinterp.edge_pruning import learn_circuit
+
+    pruned = learn_circuit(model, csv, 20, objective="logit_diff", steps=PRUNE_STEPS, batch_size=BATCH, mesh=mesh,
+                           quiet=True)
+    scores["prune-log_alpha"] = pruned.log_alpha
+    scores["prune-loss"] = pruned.history["loss"]
+    # position-aware scores on the mesh, on the prompts of one length
+    scores["positional-EAP"] = attribute(model, one_length(model, csv), method="EAP", batch_size=BATCH, mesh=mesh,
+                                         quiet=True, positional=True).scores
     np.savez(os.path.join(out, "scores.npz"), **scores)
     with open(os.path.join(out, "info.json"), "w") as f:
         json.dump({"devices": jax.device_count(), "cli_rc": rc, "layout": layout}, f)

@@ -111,4 +111,32 @@ def test_bad_input_is_refused(sharp):
     with pytest.raises(ValueError, match="finite"):
         acdc(model, csv, float("nan"), quiet=True)
     with pytest.raises(ValueError, match="unknown intervention"):
-        acdc(model, csv, 0.1, intervention="mean", quiet=True)
+        acdc(model, csv, 0.1, intervention="resample", quiet=True)
+
+
+def test_compiled_acdc_equals_the_loop_in_the_grouped_query_view(tmp_path):
+    """A shared ``a{l}.kv{g}<k>`` input is tested once and dropped untested only when
+    every query head reading it has lost its outputs."""
+    from jaxinterp.data import load_pairs
+    from jaxinterp.testing import save_random_llama, small_vocab
+    from jaxinterp.tokenizer import build_word_tokenizer
+
+    model = load_model(save_random_llama(str(tmp_path / "llama"), seed=1), grouped_kv=True)
+    spec = model.graph_spec
+    assert spec.grouped and spec.n_edges == 82
+    tok = build_word_tokenizer(small_vocab())
+    pairs = load_pairs(write_ioi_csv(tmp_path / "ioi.csv", tok, n=8, ragged=True), tok)
+    threshold = 1e-3
+    ref_graph, ref_scores, _ = loop_acdc(model, pairs, threshold, "kl_div", batch_size=8)
+    real = spec.real_edge_mask
+    tested = ref_scores[real][ref_scores[real] != 0]
+    assert np.abs(tested - threshold).min() > 2e-6  # no decision hinges on float rounding
+    kv = [spec.backward_names.index(n) for n in spec.backward_names if ".kv" in n]
+    assert ref_graph[:, kv].any() and (real[:, kv] & ~ref_graph[:, kv]).any()  # kept and removed k/v edges
+    graph = acdc(model, pairs, threshold, metric="kl_div", batch_size=8, quiet=True)
+    np.testing.assert_allclose(graph.scores, ref_scores, atol=2e-6, rtol=1e-4)
+    expected = Graph(spec)
+    expected.in_graph[:] = ref_graph
+    expected.nodes_in_graph[:] = True
+    expected.prune()
+    np.testing.assert_array_equal(graph.in_graph, expected.in_graph)

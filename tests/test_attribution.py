@@ -139,3 +139,66 @@ def test_bfloat16_model_gives_float32_scores_close_to_float32(gpt2_dir, model, i
     assert low.scores.dtype == np.float32
     real = model.graph_spec.real_edge_mask
     assert np.corrcoef(low.scores[real], full.scores[real])[0, 1] > 0.99
+
+
+def _handbuilt_means(model, pairs):
+    """Node means over the real tokens of the clean prompts, from the hand-built forward:
+    ``({node: [d_model]}, {node: [pos, d_model]})``."""
+    mask, clean, _ = _runs(model, pairs)
+    m = np.asarray(mask, np.float64)[..., None]
+    overall = {k: (np.asarray(v) * m).sum((0, 1)) / m.sum() for k, v in clean.items()}
+    per_pos = {k: (np.asarray(v) * m).sum(0) / np.maximum(m.sum(0), 1) for k, v in clean.items()}
+    return overall, per_pos
+
+
+def test_mean_activations_average_each_node_over_the_real_tokens(model, pairs):
+    from jaxinterp.attribution import mean_activations
+
+    assert len(set(pairs.lengths)) > 1  # ragged prompts: padding must be left out
+    overall, per_pos = _handbuilt_means(model, pairs)
+    means, counts = mean_activations(model, pairs, batch_size=5)
+    by_pos, _ = mean_activations(model, pairs, per_position=True, batch_size=5)
+    np.testing.assert_array_equal(counts, pairs.attention_mask.sum(0))
+    for i, name in enumerate(model.graph_spec.forward_names):
+        np.testing.assert_allclose(means[i], overall[name], rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(by_pos[i], per_pos[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("intervention", ["mean", "mean-positional"])
+def test_exact_with_a_mean_intervention_patches_in_the_node_mean(model, pairs, intervention):
+    graph = attribute(model, pairs, method="exact", intervention=intervention, batch_size=8, exact_chunk=16,
+                      quiet=True)
+    mask, clean, _ = _runs(model, pairs)
+    overall, per_pos = _handbuilt_means(model, pairs)
+    means = per_pos if intervention == "mean-positional" else {k: v[None] for k, v in overall.items()}
+    base = _metric_mean(handbuilt.forward(model.params, model.cfg, jnp.asarray(pairs.clean), mask)[0], pairs)
+    for name, s, d in _sampled_edges(model.graph_spec, seed=3)[:6]:
+        src, dst = name.split("->")
+        logits, _ = handbuilt.forward(model.params, model.cfg, jnp.asarray(pairs.clean), mask,
+                                      extra={dst: jnp.asarray(means[src], jnp.float32)[None] - clean[src]})
+        want = -(_metric_mean(logits, pairs) - base)
+        np.testing.assert_allclose(graph.scores[s, d], want, rtol=2e-3, atol=1e-6, err_msg=name)
+
+
+def test_eap_with_a_mean_intervention_is_the_derivative_towards_the_mean(model, pairs):
+    graph = attribute(model, pairs, method="EAP", intervention="mean", batch_size=8, quiet=True)
+    mask, clean, _ = _runs(model, pairs)
+    overall, _ = _handbuilt_means(model, pairs)
+    for name, s, d in _sampled_edges(model.graph_spec, seed=4)[:6]:
+        src = name.split("->")[0]
+        direction = jnp.asarray(overall[src], jnp.float32) - clean[src]
+        want = -_directional_derivative(model, pairs, mask, name, direction)
+        np.testing.assert_allclose(graph.scores[s, d], want, rtol=2e-3, atol=1e-6, err_msg=name)
+
+
+def test_mean_positional_needs_intervention_data_that_reaches_every_position(model, pairs):
+    short = pairs.head(12)
+    keep = short.lengths == short.lengths.min()
+    from jaxinterp.data import Pairs
+
+    shorter = Pairs(*(None if a is None else a[keep] for a in (short.clean, short.corrupted, short.attention_mask,
+                                                               short.lengths, short.labels, short.corrupted_lengths)))
+    with pytest.raises(ValueError, match="mean-positional: the intervention data's prompts are at most"):
+        attribute(model, pairs, method="EAP", intervention="mean-positional", intervention_data=shorter, quiet=True)
+    with pytest.raises(ValueError, match="intervention_data is used by the mean interventions only"):
+        attribute(model, pairs, method="EAP", intervention="zero", intervention_data=shorter, quiet=True)

@@ -34,3 +34,37 @@ def test_help_explains_options(capsys):
     text = capsys.readouterr().out
     for option in ["--method", "--ig-steps", "--metric", "--batch-size", "--out", "--intervention"]:
         assert option in text
+
+
+def test_evaluate_with_mean_ablation_over_other_prompts(tmp_path, gpt2_dir, ioi_csv, model, capsys):
+    from jaxinterp.attribution import prepare_data
+    from jaxinterp.evaluation import evaluate_empty, evaluate_graph
+
+    from conftest import write_ioi_csv
+
+    other = write_ioi_csv(tmp_path / "other.csv", model.tokenizer, n=6, seed=5)
+    out = str(tmp_path / "graph.json")
+    assert main(["attribute", "--model", gpt2_dir, "--data", ioi_csv, "--method", "EAP", "--intervention", "mean",
+                 "--intervention-data", other, "--batch-size", "8", "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", gpt2_dir, "--data", ioi_csv, "--graph", out, "--top-n", "20",
+                 "--intervention", "mean-positional", "--intervention-data", other, "--batch-size", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    pairs = prepare_data(model, ioi_csv, "logit_diff")[0]
+    g = Graph.from_json(out)
+    g.apply_topn(20)
+    other_pairs = prepare_data(model, other, "logit_diff")[0]
+    kw = dict(intervention="mean-positional", intervention_data=other_pairs, batch_size=8)
+    assert result["circuit"] == evaluate_graph(model, g, pairs, **kw)
+    assert result["empty"] == evaluate_empty(model, pairs, **kw)
+    assert result["intervention"] == "mean-positional"
+
+
+def test_prune_writes_a_circuit_of_the_requested_size(tmp_path, gpt2_dir, ioi_csv, capsys):
+    out = str(tmp_path / "learned.json")
+    assert main(["prune", "--model", gpt2_dir, "--data", ioi_csv, "--edges", "20", "--steps", "30",
+                 "--batch-size", "8", "--out", out]) == 0
+    g = Graph.from_json(out)
+    assert g.count_included_edges() == 20
+    assert os.path.getsize(str(tmp_path / "learned_training.png")) > 1000
+    assert "kept 20 edges" in capsys.readouterr().out

@@ -8,6 +8,11 @@ For each, a tiny random-init ``transformers`` model is built here and converted,
   independent hand-wired PyTorch forward (``family_reference.py``);
 * EAP scores equal the directional derivative, by torch autograd through that
   independent forward, of the mean logit difference along each sampled edge;
+* Gemma 2's head nodes (shares of the normalised attention output) sum to Hugging Face's
+  post-attention norm output;
+* the grouped-query view (one ``<k>``/``<v>`` input per key/value head) keeps the logits,
+  its scores are the default view's summed over each group, and EAP, exact patching
+  and evaluation in it agree with the independent forward;
 * unsupported model types and config features are refused by name.
 """
 
@@ -54,12 +59,14 @@ SHAPES = {
     "gemma2-no-caps": ("gemma2", dict(attn_logit_softcapping=None, final_logit_softcapping=None,
                                       query_pre_attn_scalar=16, num_key_value_heads=4,
                                       layer_types=["full_attention", "sliding_attention"])),
+    "gemma2-mqa-biases": ("gemma2", dict(num_key_value_heads=1, attention_bias=True)),
     "gpt_neox": ("gpt_neox", {}),
     "gpt_neox-sequential-full-rotary-tied": ("gpt_neox", dict(
         use_parallel_residual=False, rotary_pct=1.0, rotary_emb_base=100.0, tie_word_embeddings=True,
         attention_bias=False, num_hidden_layers=3, hidden_act="gelu_new")),
 }
-GRAPH_SHAPES = ["llama", "llama-mha-tied-biases-headdim-linear", "mistral", "qwen2", "gemma", "gpt_neox"]
+GRAPH_SHAPES = ["llama", "llama-mha-tied-biases-headdim-linear", "mistral", "qwen2", "gemma", "gemma2",
+                "gemma2-no-caps", "gemma2-mqa-biases", "gpt_neox"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -285,24 +292,52 @@ def test_eap_equals_autograd_through_the_reference(name, family_dir, hf_model, t
         np.testing.assert_allclose(graph.scores[s, d], want, rtol=2e-3, atol=1e-6, err_msg=f"{name} {edge}")
 
 
-# --- Gemma 2: plain forward only ------------------------------------------------------
+# --- Gemma 2: head nodes are shares of the normalised attention output -------------------
 
-def test_gemma2_has_no_circuit_graph(family_dir, tmp_path):
+def test_gemma2_head_nodes_sum_to_hugging_faces_post_attention_norm(family_dir, hf_model):
+    """Each layer's head nodes add up to what Hugging Face's ``post_attention_layernorm``
+    returns (captured by a hook, so nothing of jaxinterp's or the reference's is
+    involved), and the graph forward's logits are Hugging Face's."""
+    path = family_dir("gemma2")  # no attention bias: the heads' shares are the whole output
+    model, hf = load_model(path), hf_model(path)
+    assert model.cfg.sandwich_norms and model.cfg.graph_unsupported_reason is None
+    ids, mask, lengths = padded_batch(model.cfg.vocab_size)
+    captured = {}
+    hooks = [layer.post_attention_layernorm.register_forward_hook(
+        lambda module, args, out, l=l: captured.__setitem__(l, out.numpy()))
+        for l, layer in enumerate(hf.model.layers)]
+    try:
+        with torch.no_grad():
+            ref_logits = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    spec = model.graph_spec
+    logits, outs = forward(model.params, model.cfg, jnp.asarray(ids), jnp.asarray(mask), return_node_outputs=True)
+    assert max_error(np.asarray(logits), ref_logits, lengths) < 1e-4
+    for layer in range(model.cfg.n_layers):
+        h0 = spec.head_index(layer)
+        heads = np.asarray(outs[h0:h0 + model.cfg.n_heads].sum(0))
+        assert max_error(heads, captured[layer], lengths) < 1e-4, layer
+        # a head's share is not the whole output: the test would notice a single head
+        assert max_error(np.asarray(outs[h0]), captured[layer], lengths) > 1e-2
+
+
+def test_gemma2_attribution_runs_end_to_end(family_dir, tmp_path):
+    from jaxinterp.evaluation import faithfulness_curve
+
     model = load_model(family_dir("gemma2"))
-    assert model.cfg.graph_unsupported_reason
-    with pytest.raises(NotImplementedError, match="post_attention_layernorm"):
-        model.graph_spec
-    ids, mask, _ = padded_batch(model.cfg.vocab_size)
-    with pytest.raises(NotImplementedError, match="sum of heads|summed"):
-        forward(model.params, model.cfg, jnp.asarray(ids), jnp.asarray(mask), return_node_outputs=True)
-    spec = GraphSpec(model.cfg.n_layers, model.cfg.n_heads)
-    iv = Intervention(jnp.zeros((spec.n_forward, spec.n_backward)), jnp.zeros((spec.n_forward, 3, 11, 32)))
-    with pytest.raises(NotImplementedError, match="no circuit-graph forward"):
-        forward(model.params, model.cfg, jnp.asarray(ids), jnp.asarray(mask), intervention=iv)
     tok = build_word_tokenizer(testing.small_vocab())
-    pairs = load_pairs(write_ioi_csv(tmp_path / "ioi.csv", tok, n=2), tok)
-    with pytest.raises(NotImplementedError, match="gemma2"):
-        attribute(model, pairs, method="EAP", quiet=True)
+    pairs = load_pairs(write_ioi_csv(tmp_path / "ioi.csv", tok, n=4, seed=4), tok)
+    real = model.graph_spec.real_edge_mask
+    eap = attribute(model, pairs, method="EAP", batch_size=4, quiet=True)
+    for method in ["EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted"]:
+        scores = attribute(model, pairs, method=method, ig_steps=2, batch_size=4, quiet=True).scores
+        assert np.isfinite(scores).all() and (scores[~real] == 0).all(), method
+        assert np.corrcoef(scores[real], eap.scores[real])[0, 1] > 0.5, method
+    curve = faithfulness_curve(model, eap, pairs, [5, model.graph_spec.n_edges], batch_size=4)
+    # every edge kept is the model itself (faithfulness 1)
+    np.testing.assert_allclose(curve.metric[-1], curve.clean, rtol=1e-4, atol=1e-5)
 
 
 # --- refusals -------------------------------------------------------------------------
@@ -347,3 +382,154 @@ def test_gqa_graph_keeps_one_kv_input_per_query_head(family_dir):
     spec = model.graph_spec
     assert spec.n_backward == model.cfg.n_layers * (3 * 4 + 1) + 1
     assert "a1.h3<k>" in spec.backward_names and "a1.h3<v>" in spec.backward_names
+
+
+# --- the grouped-query view -------------------------------------------------------------
+
+def test_grouped_view_has_kv_inputs_per_kv_head_and_the_same_logits(family_dir):
+    path = family_dir("llama")
+    flat, grouped = load_model(path), load_model(path, grouped_kv=True)
+    spec = grouped.graph_spec
+    L, H, K = 2, 4, 2
+    assert spec.n_backward == L * (H + 2 * K + 1) + 1 < flat.graph_spec.n_backward
+    assert "a1.kv1<k>" in spec.backward_names and "a1.h3<k>" not in spec.backward_names
+    assert spec.forward_names == flat.graph_spec.forward_names
+    ids, mask, lengths = padded_batch(flat.cfg.vocab_size, n_pos=9, seed=2)
+    plain = np.asarray(flat(ids, mask))
+    assert max_error(np.asarray(grouped(ids, mask)), plain, lengths) < 1e-6
+    source = jax.random.normal(jax.random.PRNGKey(0), (spec.n_forward, 3, 9, grouped.cfg.d_model))
+    for mode in ["replace", "add", "grad", "grad-replace"]:
+        iv = Intervention(jnp.zeros((spec.n_forward, spec.n_backward)), source, mode=mode)
+        got = forward(grouped.params, grouped.cfg, jnp.asarray(ids), jnp.asarray(mask), intervention=iv)
+        assert max_error(np.asarray(got), plain, lengths) < 1e-5, mode
+    # multi-head attention has one view only: the reference's graph
+    mha = load_model(family_dir("llama-mha-tied-biases-headdim-linear"), grouped_kv=True)
+    assert mha.graph_spec == load_model(family_dir("llama-mha-tied-biases-headdim-linear")).graph_spec
+
+
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs", "EAP-IG-activations"])
+def test_grouped_scores_are_the_ungrouped_scores_summed_over_each_group(method, family_dir, tmp_path):
+    """The shared k/v input's gradient is the sum of its per-query-head copies'
+    gradients (at coef = 0 the runs are identical), so for the gradient methods the
+    grouped score of ``u->a{l}.kv{g}<k>`` is the sum of ``u->a{l}.h{h}<k>`` over the
+    query heads ``h`` of group ``g``; every other edge keeps its score."""
+    path = family_dir("llama")
+    flat, grouped = load_model(path), load_model(path, grouped_kv=True)
+    tok = build_word_tokenizer(testing.small_vocab())
+    pairs = load_pairs(write_ioi_csv(tmp_path / "ioi.csv", tok, n=5, seed=6, ragged=True), tok)
+    a = attribute(flat, pairs, method=method, ig_steps=2, batch_size=4, quiet=True).scores
+    b = attribute(grouped, pairs, method=method, ig_steps=2, batch_size=4, quiet=True).scores
+    fs, gs = flat.graph_spec, grouped.graph_spec
+    want = np.zeros_like(b)
+    for layer in range(fs.n_layers):
+        for h in range(fs.n_heads):
+            want[:, gs.qkv_index(layer, "q", h)] = a[:, fs.qkv_index(layer, "q", h)]
+            for letter in "kv":
+                want[:, gs.qkv_index(layer, letter, h // 2)] += a[:, fs.qkv_index(layer, letter, h)]
+        want[:, gs.mlp_in_index(layer)] = a[:, fs.mlp_in_index(layer)]
+    want[:, gs.logits_index] = a[:, fs.logits_index]
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(b, want, rtol=1e-4, atol=1e-6)
+
+
+def _reference_runs(hf, pairs):
+    mask = torch.tensor(pairs.attention_mask)
+    clean_ids, corr_ids = torch.tensor(pairs.clean).long(), torch.tensor(pairs.corrupted).long()
+    last, labels = torch.tensor(pairs.lengths - 1).long(), torch.tensor(pairs.labels).long()
+    rows = torch.arange(len(pairs))
+
+    def metric(extra=None):
+        logits, _ = family_reference.forward(hf, clean_ids, mask, extra=extra)
+        final = logits[rows, last]
+        return (final[rows, labels[:, 0]] - final[rows, labels[:, 1]]).mean()
+
+    with torch.no_grad():
+        _, clean = family_reference.forward(hf, clean_ids, mask)
+        _, corr = family_reference.forward(hf, corr_ids, mask)
+    return metric, clean, corr
+
+
+def _grouped_edges(spec, rng, n=8):
+    last = spec.n_layers - 1
+    kv = [e for e in spec.edges if ".kv" in e[0]]
+    picks = [kv[i] for i in rng.choice(len(kv), n, replace=False)]
+    return picks + [(name, *spec.edge_index(name)) for name in
+                    [f"input->a{last}.kv1<k>", f"a0.h1->a{last}.kv0<v>", f"input->a{last}.h3<q>", "input->logits"]]
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_grouped_view_eap_and_exact_equal_the_reference(name, family_dir, hf_model, tmp_path):
+    """EAP: the directional derivative of the metric along ``corrupted - clean`` added to
+    the shared input of every query head of the group (torch autograd). Exact: the
+    metric change when that input alone carries it."""
+    path = family_dir(name)
+    model = load_model(path, grouped_kv=True)
+    assert model.graph_spec.grouped
+    tok = build_word_tokenizer(testing.small_vocab())
+    pairs = load_pairs(write_ioi_csv(tmp_path / "ioi.csv", tok, n=5, seed=7, ragged=True), tok)
+    eap = attribute(model, pairs, method="EAP", batch_size=4, quiet=True)
+    exact = attribute(model, pairs, method="exact", batch_size=4, exact_chunk=32, quiet=True)
+    metric, clean, corr = _reference_runs(hf_model(path), pairs)
+    with torch.no_grad():
+        base = float(metric())
+    for edge, s, d in _grouped_edges(model.graph_spec, np.random.default_rng(1)):
+        src, dst = edge.split("->")
+        t = torch.zeros((), requires_grad=True)
+        (derivative,) = torch.autograd.grad(metric({dst: t * (corr[src] - clean[src])}), t)
+        np.testing.assert_allclose(eap.scores[s, d], -float(derivative), rtol=2e-3, atol=1e-6, err_msg=edge)
+        with torch.no_grad():
+            patched = float(metric({dst: corr[src] - clean[src]}))
+        np.testing.assert_allclose(exact.scores[s, d], -(patched - base), rtol=2e-3, atol=1e-6, err_msg=edge)
+
+
+def test_grouped_view_evaluation_and_graph_files(family_dir, tmp_path):
+    from jaxinterp.evaluation import evaluate_baseline, evaluate_graph, faithfulness_curve
+    from jaxinterp.graph import Graph
+
+    path = family_dir("llama")
+    flat, grouped = load_model(path), load_model(path, grouped_kv=True)
+    tok = build_word_tokenizer(testing.small_vocab())
+    pairs = load_pairs(write_ioi_csv(tmp_path / "ioi.csv", tok, n=4, seed=8), tok)
+    graph = attribute(grouped, pairs, method="EAP", batch_size=4, quiet=True)
+    out = str(tmp_path / "grouped.json")
+    graph.to_json(out)
+    again = Graph.from_json(out, spec=grouped.graph_spec)
+    assert again.spec == grouped.graph_spec and json.load(open(out))["cfg"]["n_kv_heads"] == 2
+    np.testing.assert_array_equal(again.scores, graph.scores)
+
+    # all edges kept: the model; none: every input carries the corrupted activations
+    curve = faithfulness_curve(grouped, again, pairs, [10, grouped.graph_spec.n_edges], batch_size=4)
+    np.testing.assert_allclose(curve.metric[-1], curve.clean, rtol=1e-4, atol=1e-5)
+    empty = Graph(grouped.graph_spec)
+    np.testing.assert_allclose(evaluate_graph(grouped, empty, pairs, batch_size=4),
+                               evaluate_baseline(flat, pairs, batch_size=4, run_corrupted=True), rtol=1e-4, atol=1e-5)
+
+    # a file of one view is refused against the other, saying which view to load
+    with pytest.raises(ValueError, match=r"grouped view.*grouped_kv=True.*--grouped-kv"):
+        Graph.from_json(out, spec=flat.graph_spec)
+    with pytest.raises(ValueError, match=r"82 edges.*110 edges"):
+        evaluate_graph(flat, again, pairs, batch_size=4)
+    flat_out = str(tmp_path / "flat.json")
+    attribute(flat, pairs, method="EAP", batch_size=4, quiet=True).to_json(flat_out)
+    with pytest.raises(ValueError, match=r"ungrouped view.*grouped_kv=False"):
+        faithfulness_curve(grouped, Graph.from_json(flat_out), pairs, [10], batch_size=4)
+
+
+def test_grouped_view_on_the_command_line(family_dir, tmp_path, capsys):
+    from jaxinterp.cli import main
+    from jaxinterp.graph import Graph
+
+    path = family_dir("llama")
+    tok = build_word_tokenizer(testing.small_vocab())
+    data = write_ioi_csv(tmp_path / "ioi.csv", tok, n=4, seed=9)
+    out = str(tmp_path / "g.json")
+    assert main(["attribute", "--model", path, "--data", data, "--method", "EAP", "--grouped-kv",
+                 "--batch-size", "4", "--out", out]) == 0
+    assert Graph.from_json(out).spec.n_kv_heads == 2
+    capsys.readouterr()
+    assert main(["evaluate", "--model", path, "--data", data, "--graph", out, "--top-n", "10", "--grouped-kv",
+                 "--batch-size", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["edges"] <= 10
+    assert main(["evaluate", "--model", path, "--data", data, "--graph", out, "--top-n", "10",
+                 "--batch-size", "4"]) == 2
+    assert "--grouped-kv" in capsys.readouterr().err

@@ -104,3 +104,81 @@ def test_bad_json_is_refused(tmp_path):
                                                   "edges": {"input->a5.h0<q>": {"score": 1, "in_graph": True}}}))
     with pytest.raises(ValueError, match="do not exist"):
         Graph.from_json(tmp_path / "x.json")
+
+
+# --- the grouped-query view ---------------------------------------------------------------
+
+def _count_edges(n_layers, n_heads, attn_inputs):
+    """Edges by counting what feeds each input: attention inputs see the input and all
+    earlier layers' nodes, the MLP also its own layer's heads, the logits everything."""
+    total = 0
+    for layer in range(n_layers):
+        before = 1 + layer * (n_heads + 1)
+        total += attn_inputs * before + before + n_heads
+    return total + 1 + n_layers * (n_heads + 1)
+
+
+def test_grouped_view_names_counts_and_owners():
+    s = GraphSpec(3, 4, d_model=16, n_kv_heads=2)
+    assert s.grouped and s.n_kv_inputs == 2 and s.n_attn_inputs == 4 + 2 * 2
+    assert s.n_backward == 3 * (4 + 2 * 2 + 1) + 1 and s.n_forward == GraphSpec(3, 4).n_forward
+    assert s.n_edges == len(s.edges) == len({e[0] for e in s.edges}) == _count_edges(3, 4, 8)
+    assert GraphSpec(3, 4).n_edges == _count_edges(3, 4, 12)
+    assert s.backward_names[:9] == ["a0.h0<q>", "a0.h1<q>", "a0.h2<q>", "a0.h3<q>", "a0.kv0<k>", "a0.kv1<k>",
+                                    "a0.kv0<v>", "a0.kv1<v>", "m0"]
+    assert [e[0] for e in s.edges[:8]] == ["input->a0.h0<q>", "input->a0.h1<q>", "input->a0.kv0<k>",
+                                           "input->a0.kv0<v>", "input->a0.h2<q>", "input->a0.h3<q>",
+                                           "input->a0.kv1<k>", "input->a0.kv1<v>"]
+    assert s.edge_index("a0.h3->a2.kv1<v>") == (4, s.qkv_index(2, "v", 1))
+    for _, src, dst in s.edges:
+        assert src < s.backward_prev[dst]
+    # a shared k/v input belongs to every query head that reads it
+    owners = [s.forward_names[i] for i in np.nonzero(s.forward_to_backward[:, s.qkv_index(1, "k", 1)])[0]]
+    assert owners == ["a1.h2", "a1.h3"]
+    assert s.forward_to_backward[s.head_index(1, 2)].sum() == 3
+    with pytest.raises(ValueError, match="outside 0..1"):
+        s.qkv_index(0, "k", 2)
+    with pytest.raises(ValueError, match="must divide"):
+        GraphSpec(2, 4, n_kv_heads=3)
+    assert GraphSpec(2, 4, n_kv_heads=4) == GraphSpec(2, 4)  # multi-head attention: one view
+
+
+def test_grouped_json_round_trip_and_view_mismatch(tmp_path):
+    s = GraphSpec(2, 4, d_model=16, n_kv_heads=1)
+    g = Graph(s, np.random.default_rng(2).normal(size=(s.n_forward, s.n_backward)))
+    g.apply_topn(15)
+    g.to_json(tmp_path / "g.json")
+    d = json.load(open(tmp_path / "g.json"))
+    assert d["cfg"]["n_kv_heads"] == 1 and list(d["edges"]) == [e[0] for e in s.edges]
+    h = Graph.from_json(tmp_path / "g.json", spec=s)
+    assert h.spec == s
+    np.testing.assert_array_equal(h.scores, g.scores)
+    np.testing.assert_array_equal(h.in_graph, g.in_graph)
+    flat = GraphSpec(2, 4, d_model=16)
+    with pytest.raises(ValueError, match=r"grouped <k>/<v> view.*edges, but the model's graph has .*ungrouped view"):
+        Graph.from_json(tmp_path / "g.json", spec=flat)
+    with pytest.raises(ValueError, match="8 heads"):
+        Graph.from_json(tmp_path / "g.json", spec=GraphSpec(2, 8, n_kv_heads=1))
+    # the reference's files (no n_kv_heads, no d_model) are the ungrouped view
+    (tmp_path / "ref.json").write_text(json.dumps({"cfg": {"n_layers": 2, "n_heads": 4, "parallel_attn_mlp": False},
+                                                   "nodes": {}, "edges": {"input->a1.h3<k>": {"score": 2.0,
+                                                                                              "in_graph": True}}}))
+    r = Graph.from_json(tmp_path / "ref.json", spec=flat)
+    assert not r.spec.grouped and r.scores[flat.edge_index("input->a1.h3<k>")] == 2.0
+    with pytest.raises(ValueError, match="grouped_kv=False"):
+        Graph.from_json(tmp_path / "ref.json", spec=s)
+
+
+def test_grouped_greedy_and_prune_count_shared_inputs_once():
+    s = GraphSpec(2, 4, n_kv_heads=2)
+    g = Graph(s, np.random.default_rng(3).normal(size=(s.n_forward, s.n_backward)))
+    for n in [1, 10, 40, s.n_edges]:
+        g.apply_greedy(n, prune=False)
+        assert g.count_included_edges() == n
+    # a shared input stays while one of its query heads is in the circuit
+    g = Graph(s)
+    for e in ["input->a0.kv1<k>", "input->a0.h3<q>", "a0.h3->logits"]:
+        g.in_graph[s.edge_index(e)] = True
+    g.nodes_in_graph[:] = True
+    g.prune()
+    assert sorted(g.edges_in_graph()) == ["a0.h3->logits", "input->a0.h3<q>", "input->a0.kv1<k>"]

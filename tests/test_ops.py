@@ -55,6 +55,42 @@ def test_per_head_inputs_equal_shared_input_when_identical():
     assert per_head.shape == (2, 5, 4, 16)
 
 
+def test_kv_head_inputs_are_shared_by_their_query_heads():
+    """One k/v input per key/value head (the graph's grouped view): with identical
+    inputs it is plain attention; an input given to key/value head 1 reaches query heads
+    2, 3 only, and equals giving it to each of their per-query-head copies."""
+    rng = np.random.default_rng(7)
+    p = _attn_params(rng, n_heads=4, n_kv=2)
+    x = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    mask = ops.attention_mask(jnp.ones((2, 5), jnp.int32))
+    shared = ops.attention_heads(p, x, x, x, mask, head_major=True)
+    xkv = jnp.broadcast_to(x[None], (2, 2, 5, 16))
+    np.testing.assert_allclose(ops.attention_heads(p, x, xkv, xkv, mask, head_major=True), shared, atol=1e-5)
+    bump = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    by_kv = ops.attention_heads(p, x, xkv.at[1].add(bump), xkv, mask, head_major=True)
+    xq = jnp.broadcast_to(x[None], (4, 2, 5, 16))
+    by_copies = ops.attention_heads(p, x, xq.at[2:].add(bump), xq, mask, head_major=True)
+    np.testing.assert_allclose(by_kv, by_copies, atol=1e-5)
+    np.testing.assert_allclose(by_kv[:2], shared[:2], atol=1e-5)
+    assert np.abs(by_kv[2:] - shared[2:]).max() > 1e-3
+    with pytest.raises(ValueError, match="query heads or the 2 key/value heads"):
+        ops.attention_heads(p, x, xq[:3], xq[:3], mask)
+
+
+def test_rms_norm_shares_add_up_to_the_norm_of_the_sum():
+    rng = np.random.default_rng(8)
+    parts = rng.normal(size=(3, 2, 4, 8)).astype(np.float32)
+    bias = rng.normal(size=8).astype(np.float32)
+    w = rng.normal(size=8).astype(np.float32) * 0.3
+    shares, bias_share = ops.rms_norm_shares(jnp.asarray(parts), jnp.asarray(w), 1e-6, 1.0, jnp.asarray(bias))
+    total = parts.sum(0) + bias
+    scale = (1 + w) / np.sqrt((total ** 2).mean(-1, keepdims=True) + 1e-6)  # of the whole sum
+    np.testing.assert_allclose(shares, parts * scale, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bias_share, bias * scale, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shares.sum(0) + bias_share, ops.rms_norm(total, w, 1e-6, 1.0), rtol=1e-5, atol=1e-6)
+    assert ops.rms_norm_shares(jnp.asarray(parts), jnp.asarray(w), 1e-6)[1] is None
+
+
 def test_padding_keys_are_never_attended():
     rng = np.random.default_rng(4)
     p = _attn_params(rng, 2, 2)

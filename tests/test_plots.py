@@ -22,6 +22,17 @@ def test_circuit_picture_and_dot(tmp_path):
         assert f'"{parent}" -> "{child.split("<")[0]}"' in dot
 
 
+def test_grouped_view_circuit_picture(tmp_path):
+    spec = GraphSpec(2, 4, n_kv_heads=2)
+    g = Graph(spec, np.random.default_rng(1).normal(size=(spec.n_forward, spec.n_backward)))
+    g.apply_topn(30, prune=False)
+    assert any(".kv" in name for name in g.edges_in_graph())
+    assert os.path.getsize(draw_circuit(g, str(tmp_path / "c.png"))) > 1000
+    for name in g.edges_in_graph():
+        parent, child = name.split("->")
+        assert f'"{parent}" -> "{child.split("<")[0]}"' in open(tmp_path / "c.dot").read()
+
+
 def test_curve_picture(tmp_path):
     c = Curve(np.array([1, 10, 100]), np.array([1, 9, 95]), np.zeros(3), np.array([0.1, 0.5, 1.0]), 1.0, 0.0, "EAP")
     path = plot_curves([c, Curve(**{**c.__dict__, "label": "EAP-IG"})], str(tmp_path / "f.png"))

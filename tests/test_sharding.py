@@ -125,6 +125,31 @@ def test_evaluation_on_mesh(mesh_run, model, ioi_csv):
     expected = evaluate_masks(model, np.stack([real, np.zeros_like(real)]), ioi_csv, batch_size=BATCH)
     assert expected[0] != pytest.approx(expected[1])  # full and empty circuit differ
     np.testing.assert_allclose(mesh_run[1]["evaluate"], expected, rtol=1e-5)
+    mean = evaluate_masks(model, np.stack([real, np.zeros_like(real)]), ioi_csv, "logit_diff", "mean-positional",
+                          BATCH)
+    assert mean[1] != pytest.approx(expected[1])  # mean ablation is not patching
+    np.testing.assert_allclose(mesh_run[1]["evaluate-mean"], mean, rtol=1e-5)
+
+
+def test_edge_pruning_on_mesh(mesh_run, model, ioi_csv):
+    from jaxinterp.edge_pruning import learn_circuit
+    from multidevice_worker import PRUNE_STEPS
+
+    # the logit difference: KL on this random model is ~1e-5, where float32 rounding is ~1e-3 of it
+    single = learn_circuit(model, ioi_csv, 20, objective="logit_diff", steps=PRUNE_STEPS, batch_size=BATCH, quiet=True)
+    np.testing.assert_allclose(mesh_run[1]["prune-loss"], single.history["loss"], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(mesh_run[1]["prune-log_alpha"], single.log_alpha, atol=1e-4)
+
+
+def test_position_aware_scores_on_mesh(mesh_run, model, ioi_csv):
+    from jaxinterp.attribution import attribute
+    from multidevice_worker import one_length
+
+    single = attribute(model, one_length(model, ioi_csv), method="EAP", batch_size=BATCH, quiet=True, positional=True)
+    assert single.scores.ndim == 3
+    # per-position scores are sums over fewer terms: rounding is a larger part of the small ones
+    np.testing.assert_allclose(mesh_run[1]["positional-EAP"], single.scores, rtol=1e-4,
+                               atol=1e-4 * np.abs(single.scores).max())
 
 
 # --- 2 processes x 2 devices ------------------------------------------------------------

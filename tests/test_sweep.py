@@ -147,12 +147,24 @@ def test_cells_and_paths(tmp_path):
     (("batch_size = 4", 'batch_size = 4\nmesh = "2by4"'), "mesh '2by4'"),
     (("batch_size = 4", 'batch_size = 4\nmax_memory = "70 parsecs"'), "cannot read a memory size"),
     (("sizes = [2, 5, 10]", "sizes = [2, 5, 10"), "not valid TOML"),
+    (("batch_size = 4", 'batch_size = 4\ngrouped_kv = "yes"'), r"grouped_kv = 'yes': expected"),
+    (("batch_size = 4", "batch_size = true"), r"batch_size = True: expected"),
     (('csv = "ioi.csv"', 'csv = "missing.csv"'), r"\[tasks.file\].csv: .*missing.csv does not exist"),
 ])
 def test_bad_sweep_files(tmp_path, change, message):
     assert change[0] in TOML
     with pytest.raises(SweepError, match=message):
         _parse(TOML.replace(*change), tmp_path)
+
+
+def test_grouped_view_is_a_setting_of_the_cells(tmp_path):
+    from jaxinterp.sweep import cell_settings
+
+    plain = _parse(TOML, tmp_path)
+    grouped = _parse(TOML.replace("batch_size = 4", "batch_size = 4\ngrouped_kv = true"), tmp_path)
+    cell = plain.cells()[0]
+    assert "grouped_kv" not in cell_settings(plain, cell)  # results stored before the option stay valid
+    assert cell_settings(grouped, cell)["grouped_kv"] is True
 
 
 def test_task_overrides(tmp_path):

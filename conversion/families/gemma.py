@@ -6,10 +6,10 @@ Gemma: Llama-like with RMSNorm scaled by ``1 + w``, the token embedding multipli
 tied embeddings.
 
 Gemma 2 adds attention-logit and final-logit soft-capping, ``query_pre_attn_scalar``,
-RMSNorms after attention and after the MLP, and sliding-window attention in alternate
-layers. Its post-attention norm acts on the *sum* of heads, so Gemma 2 converts and runs
-as a plain model (logits) but has no circuit graph (see
-``ModelConfig.graph_unsupported_reason``).
+RMSNorms after attention and after the MLP (``sandwich_norms``), and sliding-window
+attention in alternate layers. Its post-attention norm acts on the *sum* of heads; in
+the circuit graph each head node is the head's share of the normalised sum, with the
+normaliser computed from the whole layer in the same run (see :mod:`jaxinterp.models`).
 """
 
 from __future__ import annotations
