@@ -31,13 +31,13 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
                             "file must be used with the view it was made in")
 
 
-def _load(args):
+def _load(args, mesh=None):
     from .attribution import prepare_data
     from .loading import load_model
 
     import jax.numpy as jnp
 
-    model = load_model(args.model, dtype=jnp.dtype(args.dtype), grouped_kv=args.grouped_kv)
+    model = load_model(args.model, dtype=jnp.dtype(args.dtype), grouped_kv=args.grouped_kv, mesh=mesh)
     pairs, _ = prepare_data(model, args.data, args.metric)
     if args.limit:
         pairs = pairs.head(args.limit)
@@ -77,7 +77,7 @@ def cmd_attribute(args) -> int:
     from .attribution import attribute
 
     mesh = _mesh(args)
-    model, pairs = _load(args)
+    model, pairs = _load(args, mesh)  # each device receives only its shards
     t = time.perf_counter()
     graph = attribute(model, pairs, method=args.method, metric=args.metric, ig_steps=args.ig_steps,
                       batch_size=args.batch_size, intervention=args.intervention, remat=args.remat,
@@ -153,7 +153,7 @@ def cmd_prune(args) -> int:
     from .plots import plot_pruning_history
 
     mesh = _mesh(args)
-    model, pairs = _load(args)
+    model, pairs = _load(args, mesh)  # each device receives only its shards
     init = Graph.from_json(args.init_graph, spec=model.graph_spec) if args.init_graph else None
     t = time.perf_counter()
     result = learn_circuit(model, pairs, args.edges, objective=args.objective, intervention=args.intervention,

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import ModelConfig
 from .graph import GraphSpec
@@ -76,13 +77,16 @@ def download_from_hub(repo_id: str) -> str:
             f"pass a local checkpoint directory (config.json + model.safetensors + tokenizer files).") from e
 
 
-def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False) -> Model:
+def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None) -> Model:
     """Load a Hugging Face checkpoint directory, a directory written by ``jaxinterp convert``,
     or a Hugging Face hub id such as ``gpt2`` (downloaded when the network allows).
 
     grouped_kv: the circuit graph's grouped-query view, ``<k>``/``<v>`` inputs per
         key/value head (``ModelConfig.group_kv_inputs``, :mod:`jaxinterp.graph`); the
         default is the reference's view, one per query head. Logits do not change.
+    mesh: a ``("data", "model")`` mesh (:func:`jaxinterp.sharding.make_mesh`): each device
+        receives only its shard of every parameter straight from host memory, so a model
+        larger than one device loads (without it, parameters go to the default device).
     """
     from .conversion import is_converted, load_converted, load_hf_checkpoint
 
@@ -92,5 +96,10 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False) -> Model:
         path = download_from_hub(path)
     cfg, params = load_converted(path) if is_converted(path) else load_hf_checkpoint(path)
     cfg = dataclasses.replace(cfg, group_kv_inputs=bool(grouped_kv))
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    if mesh is None:
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    else:
+        from .sharding import shard_params
+
+        params = shard_params(jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)), params), mesh)
     return Model(cfg, params, load_tokenizer(path), path)

@@ -473,7 +473,7 @@ def run_sweep(path_or_sweep, out_dir: Optional[str] = None, quiet: bool = False)
                 continue
             model_dir = prepared_model_dir(out_dir, name, sweep.models[name])
             model = load_model(model_dir, dtype=jnp.dtype(sweep.settings["dtype"]),
-                               grouped_kv=sweep.settings["grouped_kv"])
+                               grouped_kv=sweep.settings["grouped_kv"], mesh=mesh)
             pairs_cache: dict[tuple, Any] = {}
             for cell in model_cells:
                 s = sweep.task_settings(cell.task)

@@ -43,7 +43,10 @@ def mesh_checks(model_dir: str, csv: str, out: str) -> None:
 
     mesh = make_mesh(data=2, model=4)
     model = load_model(model_dir)
-    params = shard_params(model.params, mesh)
+    # loaded onto the mesh directly: each device gets only its shards from host memory
+    params = load_model(model_dir, mesh=mesh).params
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.sharding == b.sharding, params,
+                                            shard_params(model.params, mesh))))
     layout = {}
     for name, a in (("w_q", params["blocks"]["attn"]["w_q"]), ("w_in", params["blocks"]["mlp"]["w_in"]),
                     ("w_out", params["blocks"]["mlp"]["w_out"]), ("w_e", params["embed"]["w_e"]),
@@ -93,7 +96,8 @@ def distributed_checks(model_dir: str, csv: str, out: str, port: int, process_id
 
     # data over the processes, model within each: every collective crosses processes
     mesh = make_mesh(data=n, model=jax.local_device_count())
-    scores = attribute(load_model(model_dir), csv, method="EAP", batch_size=BATCH, mesh=mesh, quiet=True).scores
+    scores = attribute(load_model(model_dir, mesh=mesh), csv, method="EAP", batch_size=BATCH, mesh=mesh,
+                       quiet=True).scores
     info = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count(),
             "mesh_processes": sorted({d.process_index for d in mesh.devices.flat})}
