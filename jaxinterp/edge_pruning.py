@@ -41,7 +41,7 @@ from . import metrics as metrics_lib
 from .attribution import INTERVENTIONS, _corrupted_outputs, batch_metric, intervention_means, logit_positions
 from .attribution import position_labels, prepare_data
 from .data import Pairs
-from .graph import Graph
+from .graph import Graph, GraphSpec
 from .models import Intervention, forward
 from .positional import PositionalGraph, check_one_length
 from .sharding import batches as shard_batches, replicate, shard_model, to_host
@@ -89,6 +89,38 @@ def _faithfulness_loss(objective: str, metric, logits, clean_logits, batch) -> j
         per = (batch_metric(metric, logits, clean_logits, batch) - batch_metric(metric, clean_logits, clean_logits,
                                                                                 batch)) ** 2
     return (per * batch["weight"]).sum() / jnp.maximum(batch["weight"].sum(), 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "objective", "intervention", "hc", "lr", "lambda_lr",
+                                             "total_edges"))
+def _train_step(state, params, batch, means, year_ids, key, target, scale, *, cfg, objective: str,
+                intervention: str, hc: HardConcrete, lr: float, lambda_lr: float, total_edges: int):
+    """One optimisation step: ``state = (log_alpha, lambdas, adam state, lambda adam state)``
+    -> ``(new state, [loss, faithfulness loss, density, lambda_1, lambda_2])``. The
+    parameters are an argument, not a closure: a closed-over model would be baked into the
+    program as constants (and compiled again for every call)."""
+    real = jnp.asarray(GraphSpec.from_config(cfg).real_edge_mask, jnp.float32)
+    metric = metrics_lib.get_metric(objective, year_ids)
+    opt, lambda_opt = optax.adam(lr), optax.adam(lambda_lr)
+
+    def loss_fn(log_alpha, lambdas):
+        clean_logits, _, corr_outs = jax.lax.stop_gradient(_corrupted_outputs(params, cfg, batch, intervention, means))
+        z = hc.sample(log_alpha, key)
+        logits = forward(params, cfg, batch["clean"], batch["attention_mask"],
+                         Intervention((1.0 - z) * real, corr_outs), logit_positions=logit_positions(batch))
+        faith = _faithfulness_loss(objective, metric, logits, clean_logits, batch) / scale
+        density = (hc.keep_probability(log_alpha) * real).sum() / total_edges
+        gap = density - target
+        return faith + lambdas[0] * gap + lambdas[1] * gap ** 2, (faith, density)
+
+    log_alpha, lambdas, opt_state, lambda_state = state
+    (loss, (faith, density)), (g_alpha, g_lambda) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        log_alpha, lambdas)
+    updates, opt_state = opt.update(g_alpha * real, opt_state, log_alpha)
+    lambda_updates, lambda_state = lambda_opt.update(-g_lambda, lambda_state, lambdas)  # ascent
+    new = (optax.apply_updates(log_alpha, updates), optax.apply_updates(lambdas, lambda_updates), opt_state,
+           lambda_state)
+    return new, jnp.stack([loss, faith, density, lambdas[0], lambdas[1]])
 
 
 def _empty_loss(model, pairs: Pairs, objective: str, intervention: str, intervention_data, batch_size: int,
@@ -166,34 +198,10 @@ def learn_circuit(model, data: Union[str, Pairs], n_edges: int, *, objective: st
     scale = _empty_loss(model_s, pairs, objective, intervention, intervention_data, batch_size, mesh)
     means = replicate(intervention_means(model_s, pairs, intervention, intervention_data, batch_size, mesh), mesh)
     year_ids = replicate(year_ids, mesh)
-    real = jnp.asarray(spec.real_edge_mask, jnp.float32)
-    hc = hard_concrete
-    metric = metrics_lib.get_metric(objective, year_ids)
     final_density = n_edges / total_edges
-
-    def loss_fn(log_alpha, lambdas, batch, key, target):
-        clean_logits, _, corr_outs = jax.lax.stop_gradient(
-            _corrupted_outputs(model_s.params, cfg, batch, intervention, means))
-        z = hc.sample(log_alpha, key)
-        logits = forward(model_s.params, cfg, batch["clean"], batch["attention_mask"],
-                         Intervention((1.0 - z) * real, corr_outs), logit_positions=logit_positions(batch))
-        faith = _faithfulness_loss(objective, metric, logits, clean_logits, batch) / scale
-        density = (hc.keep_probability(log_alpha) * real).sum() / total_edges
-        gap = density - target
-        return faith + lambdas[0] * gap + lambdas[1] * gap ** 2, (faith, density)
-
     opt, lambda_opt = optax.adam(lr), optax.adam(lambda_lr)
-
-    @jax.jit
-    def step(state, batch, key, target):
-        log_alpha, lambdas, opt_state, lambda_state = state
-        (loss, (faith, density)), (g_alpha, g_lambda) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-            log_alpha, lambdas, batch, key, target)
-        updates, opt_state = opt.update(g_alpha * real, opt_state, log_alpha)
-        lambda_updates, lambda_state = lambda_opt.update(-g_lambda, lambda_state, lambdas)  # ascent
-        new = (optax.apply_updates(log_alpha, updates), optax.apply_updates(lambdas, lambda_updates),
-               opt_state, lambda_state)
-        return new, jnp.stack([loss, faith, density, lambdas[0], lambdas[1]])
+    kw = dict(cfg=cfg, objective=objective, intervention=intervention, hc=hard_concrete, lr=lr, lambda_lr=lambda_lr,
+              total_edges=total_edges)
 
     log_alpha = replicate(jnp.asarray(_init_log_alpha(shape, spec.real_edge_mask, n_edges, init_logit, init_scores)),
                           mesh)
@@ -205,7 +213,8 @@ def learn_circuit(model, data: Union[str, Pairs], n_edges: int, *, objective: st
     for i in tqdm(range(steps), desc="edge pruning", disable=quiet):
         ramp = min(1.0, i / max(warmup * steps, 1e-9)) if warmup > 0 else 1.0
         target = 1.0 + ramp * (final_density - 1.0)
-        state, record = step(state, batches[i % len(batches)], jax.random.fold_in(base_key, i), jnp.float32(target))
+        state, record = _train_step(state, model_s.params, batches[i % len(batches)], means, year_ids,
+                                    jax.random.fold_in(base_key, i), jnp.float32(target), jnp.float32(scale), **kw)
         records.append(record)
         targets.append(target)
     records = np.stack([to_host(r) for r in records])
