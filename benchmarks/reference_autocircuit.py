@@ -66,7 +66,6 @@ layout), ``PREFIX.names.json`` (the forward / backward node names of that layout
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from importlib.metadata import version
@@ -78,7 +77,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from reference_eapig import load_model  # noqa: E402  (the same TransformerLens loading)
+from reference_eapig import load_model, write_info  # noqa: E402  (the same TransformerLens loading and output)
 
 METHODS = {'EAP': 'Edge Attribution Patching (mask_val=0)',
            'EAP-IG-inputs': 'Integrated Edge Gradients (integrated_grad_samples=N)'}
@@ -241,10 +240,7 @@ def main():
             info['faithfulness'].append({'topn': n, 'graph': mean_logit_diff(circuit_outs), 'baseline': baseline,
                                          'corrupted_baseline': corrupted, 'n_edges': count})
         info['seconds_evaluate'] = time.perf_counter() - t1
-    info['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with open(args.out + '.json', 'w') as f:
-        json.dump(info, f, indent=2)
-    print(json.dumps(info, indent=2))
+    write_info(info, args.out + '.json')
 
 
 if __name__ == '__main__':

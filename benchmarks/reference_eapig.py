@@ -248,8 +248,14 @@ def main():
             info['faithfulness'].append({
                 'topn': n, 'graph': perf, 'baseline': baseline, 'corrupted_baseline': corrupted,
                 'n_edges': graph.count_included_edges(), 'n_nodes': graph.count_included_nodes()})
+    write_info(info, args.out + '.json')
+
+
+def write_info(info: dict, path: str) -> None:
+    """``info`` plus this process's peak RSS, written to ``path`` and printed (the
+    comparison harness reads the JSON)."""
     info['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with open(args.out + '.json', 'w') as f:
+    with open(path, 'w') as f:
         json.dump(info, f, indent=2)
     print(json.dumps(info, indent=2))
 
