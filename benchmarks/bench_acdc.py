@@ -47,16 +47,6 @@ def timed(f, *args, **kw):
     return out, time.perf_counter() - t
 
 
-def equal_size_topn(scored: Graph, n: int) -> Graph:
-    """The smallest top-m circuit of ``scored`` with at least ``n`` edges after pruning
-    (pruning drops dangling edges, so top-n alone would be smaller than ACDC's n)."""
-    for m in range(n, scored.spec.n_edges + 1):
-        g = Graph(scored.spec, scored.scores).apply_topn(m)
-        if g.count_included_edges() >= n:
-            return g
-    return g
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=64)
@@ -86,7 +76,7 @@ def main():
         n = g.count_included_edges()
         circuits = {"ACDC": g}
         for name, scored in (("EAP", eap), ("EAP-IG-inputs", ig)):
-            circuits[name] = equal_size_topn(scored, n)
+            circuits[name] = Graph(scored.spec, scored.scores).apply_topn_at_least(n)
         masks = np.stack([c.in_graph for c in circuits.values()])
         values = evaluate_masks(model, masks, pairs, "logit_diff", batch_size=bs)
         kl = evaluate_masks(model, g.in_graph[None], pairs, "kl_div", batch_size=bs)[0]

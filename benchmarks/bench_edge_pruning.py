@@ -32,15 +32,6 @@ from jaxinterp.evaluation import evaluate_baseline, evaluate_masks, normalized_f
 from jaxinterp.graph import Graph
 
 
-def equal_size_topn(scored: Graph, n: int) -> Graph:
-    """The smallest top-m circuit of ``scored`` with at least ``n`` edges after pruning."""
-    for m in range(n, scored.spec.n_edges + 1):
-        g = Graph(scored.spec, scored.scores).apply_topn(m)
-        if g.count_included_edges() >= n:
-            return g
-    return g
-
-
 def faithfulness(model, pairs, masks: np.ndarray) -> np.ndarray:
     values = evaluate_masks(model, masks, pairs, batch_size=32)
     clean = evaluate_baseline(model, pairs, batch_size=32)
@@ -78,7 +69,7 @@ def main():
             learned = result.graph
             learned.prune()
             k = learned.count_included_edges()
-            baseline = equal_size_topn(eap_ig, k)
+            baseline = Graph(eap_ig.spec, eap_ig.scores).apply_topn_at_least(k)
             masks = np.stack([learned.in_graph, baseline.in_graph])
             train, held = faithfulness(model, data["train"], masks), faithfulness(model, data["held_out"], masks)
             row[variant] = {"edges": k, "eap_ig_edges": baseline.count_included_edges(), "seconds": seconds,

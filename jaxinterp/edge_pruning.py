@@ -238,10 +238,5 @@ def _circuit_graph(model, pairs: Pairs, log_alpha: np.ndarray, n_edges: int, pos
         graph = PositionalGraph(spec, scores, positions=position_labels(model, pairs))
         return graph.apply_topn(n_edges)
     # the top-n by log_alpha alone can be a disconnected part of the (larger) circuit the
-    # masks still hold when the density has not quite reached its target: take the
-    # smallest top-m that keeps at least n edges once dangling edges are pruned
-    for m in range(n_edges, spec.n_edges + 1):
-        graph = Graph(spec, scores).apply_topn(m, prune=True)
-        if graph.count_included_edges() >= n_edges:
-            break
-    return graph
+    # masks still hold when the density has not quite reached its target
+    return Graph(spec, scores).apply_topn_at_least(n_edges)

@@ -344,6 +344,15 @@ class Graph:
             self.prune()
         return self
 
+    def apply_topn_at_least(self, n: int, absolute: bool = True) -> "Graph":
+        """The smallest top-m circuit (m >= n) that keeps at least ``n`` edges after pruning
+        (or all edges): top-n alone loses its dangling edges, so circuits compared at equal
+        size, or asked for by size, are grown this way."""
+        for m in range(n, self.spec.n_edges + 1):
+            if self.apply_topn(m, absolute=absolute).count_included_edges() >= n:
+                break
+        return self
+
     def apply_threshold(self, threshold: float, absolute: bool = True, prune: bool = True) -> "Graph":
         """Keep the edges whose (absolute) score is at least ``threshold``."""
         self.reset()

@@ -182,3 +182,15 @@ def test_grouped_greedy_and_prune_count_shared_inputs_once():
     g.nodes_in_graph[:] = True
     g.prune()
     assert sorted(g.edges_in_graph()) == ["a0.h3->logits", "input->a0.h3<q>", "input->a0.kv1<k>"]
+
+
+def test_topn_at_least_grows_until_n_edges_survive_pruning():
+    spec = GraphSpec(2, 2, False, 8)
+    scores = np.zeros(spec.real_edge_mask.shape, np.float32)
+    # the two best edges dangle (a1.h0 has no input edge), the third connects it to the input
+    for rank, name in enumerate(["a1.h0->logits", "m0->logits", "input->a1.h0<v>", "input->m0"]):
+        scores[spec.edge_index(name)] = 10.0 - rank
+    g = Graph(spec, scores)
+    assert g.apply_topn(2).count_included_edges() < 2
+    g.apply_topn_at_least(2)
+    assert set(g.edges_in_graph()) == {"a1.h0->logits", "input->a1.h0<v>"}
