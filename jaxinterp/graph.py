@@ -326,8 +326,7 @@ class Graph:
         self.nodes_in_graph[:] = not empty
 
     def _ranked(self, absolute: bool) -> np.ndarray:
-        s = np.abs(self.scores) if absolute else self.scores.copy()
-        return np.where(self.spec.real_edge_mask, s, -np.inf)
+        return ranked_scores(self.scores, self.spec.real_edge_mask, absolute)
 
     def _nodes_from_edges(self) -> None:
         self.nodes_in_graph |= _nodes_with_in_and_out(self.in_graph, self.spec.forward_to_backward)
@@ -454,6 +453,12 @@ class Graph:
                 node_scores[index[name]] = info["score"]
         g.nodes_scores = node_scores if any_scores else None
         return g
+
+
+def ranked_scores(scores: np.ndarray, real: np.ndarray, absolute: bool) -> np.ndarray:
+    """``scores [..., src, dst]`` as ranking keys: ``|score|`` (or the score) on the edges
+    ``real [src, dst]``, ``-inf`` elsewhere so that no non-edge is ever chosen."""
+    return np.where(real, np.abs(scores) if absolute else scores, -np.inf)
 
 
 def topn_order(ranked: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .graph import Graph, GraphSpec, atomic_write_text, topn_order
+from .graph import Graph, GraphSpec, atomic_write_text, ranked_scores, topn_order
 
 
 class PositionError(ValueError):
@@ -32,8 +32,8 @@ def check_one_length(lengths: np.ndarray, n_pos: int, corrupted_lengths: Optiona
     """The common token length of every prompt; raises :class:`PositionError` if prompts
     (clean or corrupted) differ in length, since position ``p`` must be the same template
     slot in every prompt."""
-    lengths = np.asarray(lengths)
-    seen = sorted(set(lengths.tolist()) | set([] if corrupted_lengths is None else np.asarray(corrupted_lengths).tolist()))
+    seen = sorted(set(np.asarray(lengths).tolist())
+                  | set([] if corrupted_lengths is None else np.asarray(corrupted_lengths).tolist()))
     if len(seen) != 1:
         raise PositionError(f"position-aware edges need prompts of one token length (one template); this data has "
                             f"lengths {seen[:10]}{' ...' if len(seen) > 10 else ''}")
@@ -88,10 +88,8 @@ class PositionalGraph:
         one position dangles depends on attention across positions."""
         if not 0 <= n <= self.n_edges:
             raise ValueError(f"n={n} is outside [0, {self.n_edges}] (position, edge) entries")
-        ranked = np.abs(self.scores) if absolute else self.scores.copy()
-        ranked = np.where(self.spec.real_edge_mask[None], ranked, -np.inf)
         self.in_graph[:] = False
-        self.in_graph.reshape(-1)[topn_order(ranked)[:n]] = True
+        self.in_graph.reshape(-1)[topn_order(ranked_scores(self.scores, self.spec.real_edge_mask, absolute))[:n]] = True
         return self
 
     # --- files ----------------------------------------------------------------------------
