@@ -126,6 +126,11 @@ def _normed_probe_bwd(norm, n_dst, res, g):
     # vmap(jax.vjp(norm, ...)[1]) over g: under jit on CPU (jax 0.10.2) that gives wrong
     # gradients for batch * pos >= a few hundred (tests/test_models.py checks this path).
     x = jnp.broadcast_to(resid[None], g.shape)
+    # The barrier keeps XLA from fusing the broadcast and the norm's vjp into the edge
+    # contraction below: on CPU (jax 0.10.2) that fusion is miscompiled for RMSNorm once
+    # batch * pos >= 152 tokens (scores off by up to 2x their scale; eager is right).
+    # Minimal reproduction: docs/upstream/jax_cpu_rmsnorm_vjp.py.
+    x, g = jax.lax.optimization_barrier((x, g))
     g_params, g_x = jax.vjp(norm, norm_params, x)[1](g)  # g_x per downstream input: [n_dst, batch, pos, d_model]
     # position-aware coefficients [pos, src, dst] keep the position axis of the contraction
     coef_bar = [jnp.einsum("fbpd,vbpd->pfv" if c.ndim == 3 else "fbpd,vbpd->fv", s, g_x.astype(s.dtype),
