@@ -62,8 +62,12 @@ def read_hf_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         raise ConversionError(f"{model_dir}: no config.json (is this a Hugging Face checkpoint directory?)")
-    with open(path) as f:
-        return json.load(f)
+    from jaxinterp.io import read_json
+
+    config = read_json(path)  # errors name the file; a byte-order mark is accepted
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: not a model config (a JSON {type(config).__name__}, not an object)")
+    return config
 
 
 def family_for(hf_config: dict) -> Family:
@@ -82,8 +86,12 @@ def _open_tensors(model_dir: str) -> dict[str, Callable[[], np.ndarray]]:
     single = os.path.join(model_dir, "model.safetensors")
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        from jaxinterp.io import read_json
+
+        index_json = read_json(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: no 'weight_map' object")
         files = sorted(set(weight_map.values()))
     elif os.path.exists(single):
         files = ["model.safetensors"]
@@ -96,17 +104,23 @@ def _open_tensors(model_dir: str) -> dict[str, Callable[[], np.ndarray]]:
         path = os.path.join(model_dir, name)
         if not os.path.exists(path):
             raise ConversionError(f"{model_dir}: shard {name} listed in the index is missing")
-        with safe_open(path, framework="np") as f:
-            for key in f.keys():
-                loaders[key] = (lambda p=path, k=key: _read_tensor(p, k))
+        try:
+            with safe_open(path, framework="np") as f:
+                for key in f.keys():
+                    loaders[key] = (lambda p=path, k=key: _read_tensor(p, k))
+        except Exception as e:  # safetensors' own error type: a truncated or corrupt file
+            raise ConversionError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     return loaders
 
 
 def _read_tensor(path: str, key: str) -> np.ndarray:
     from safetensors import safe_open
 
-    with safe_open(path, framework="np") as f:
-        a = f.get_tensor(key)
+    try:
+        with safe_open(path, framework="np") as f:
+            a = f.get_tensor(key)
+    except Exception as e:
+        raise ConversionError(f"{path}: tensor {key!r} cannot be read ({type(e).__name__}: {e})") from None
     return a.astype(np.float32) if a.dtype != np.float32 else a
 
 

@@ -51,10 +51,14 @@ class Pairs:
         return self.clean.shape[1]
 
     def head(self, n: int) -> "Pairs":
+        """The first ``n`` examples (``n >= 1``; a slice would turn 0 into all and -15 into 1)."""
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"the number of examples to keep must be an integer >= 1, got {n!r}")
         return Pairs(*(None if a is None else a[:n] for a in dataclasses.astuple(self)))
 
     def batches(self, batch_size: int) -> Iterator[dict]:
         """Fixed-shape batches; the last is padded with copies of row 0 of weight 0."""
+        check_batch_size(batch_size)
         n = len(self)
         for start in range(0, n, batch_size):
             idx = np.arange(start, start + batch_size)
@@ -67,34 +71,53 @@ class Pairs:
             }
 
     def n_batches(self, batch_size: int) -> int:
+        check_batch_size(batch_size)
         return math.ceil(len(self) / batch_size)
 
 
+def check_batch_size(batch_size) -> None:
+    """ValueError unless ``batch_size`` is an integer >= 1 (a negative one once gave all-zero scores)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
+
+
 def read_pairs_csv(path: str) -> list[dict]:
-    """Rows of a pairs CSV as dicts with ``clean``, ``corrupted`` and label fields."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = set(reader.fieldnames or [])
-        if not {"clean", "corrupted"} <= fields:
-            raise DataError(f"{path}: needs columns 'clean' and 'corrupted', found {sorted(fields)}")
-        pair_labels = {"correct_idx", "incorrect_idx"} <= fields
-        if not pair_labels and "label" not in fields:
-            raise DataError(f"{path}: needs label columns 'correct_idx','incorrect_idx' or 'label', "
-                            f"found {sorted(fields)}")
-        rows = []
-        for i, row in enumerate(reader, start=2):  # line 1 is the header
-            try:
-                item = {"clean": row["clean"], "corrupted": row["corrupted"]}
-                if pair_labels:
-                    item["labels"] = (int(row["correct_idx"]), int(row["incorrect_idx"]))
-                else:
-                    item["labels"] = int(row["label"])
-            except (TypeError, ValueError) as e:
-                raise DataError(f"{path}: line {i}: unreadable row {row}: {e}") from None
-            if not (item["clean"] or "").strip() or not (item["corrupted"] or "").strip():
-                raise DataError(f"{path}: line {i}: empty prompt")
-            item["line"] = i
-            rows.append(item)
+    """Rows of a pairs CSV as dicts with ``clean``, ``corrupted`` and label fields (UTF-8;
+    a byte-order mark is skipped). Errors name the file and the line."""
+    from .io import open_text
+
+    try:
+        with open_text(path, newline="") as f:
+            return _read_pairs(path, f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _read_pairs(path: str, f) -> list[dict]:
+    reader = csv.DictReader(f)
+    fields = set(reader.fieldnames or [])
+    if not {"clean", "corrupted"} <= fields:
+        raise DataError(f"{path}: needs columns 'clean' and 'corrupted', found {sorted(fields)}")
+    pair_labels = {"correct_idx", "incorrect_idx"} <= fields
+    if not pair_labels and "label" not in fields:
+        raise DataError(f"{path}: needs label columns 'correct_idx','incorrect_idx' or 'label', "
+                        f"found {sorted(fields)}")
+    rows = []
+    for i, row in enumerate(reader, start=2):  # line 1 is the header
+        try:
+            item = {"clean": row["clean"], "corrupted": row["corrupted"]}
+            if pair_labels:
+                item["labels"] = (int(row["correct_idx"]), int(row["incorrect_idx"]))
+            else:
+                item["labels"] = int(row["label"])
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{path}: line {i}: unreadable row {row}: {e}") from None
+        if not (item["clean"] or "").strip() or not (item["corrupted"] or "").strip():
+            raise DataError(f"{path}: line {i}: empty prompt")
+        item["line"] = i
+        rows.append(item)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

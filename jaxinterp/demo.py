@@ -12,7 +12,6 @@ and exact patching, and writes to the output directory:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from importlib import resources
@@ -35,13 +34,21 @@ def _sizes(n_edges: int) -> list[int]:
 def run_demo(model: Optional[str] = None, out_dir: str = "jaxinterp-demo", n_examples: int = 64,
              batch_size: int = 32, methods=("EAP", "EAP-IG-inputs", "exact"), ig_steps: int = 5) -> dict:
     from . import tasks
-    from .attribution import attribute, prepare_data
+    from .attribution import attribute
+    from .interventions import prepare_data
     from .compare import score_agreement
     from .evaluation import faithfulness_curve
     from .graph import Graph
     from .loading import load_model
+    from .errors import require_finite
+    from .io import atomic_write_text, dumps
     from .plots import draw_circuit, plot_curves
 
+    from .data import check_batch_size
+
+    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
+        raise ValueError(f"the number of IOI pairs must be an integer >= 1, got {n_examples!r}")
+    check_batch_size(batch_size)
     t_start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     model_dir = model or demo_model_dir()
@@ -63,6 +70,9 @@ def run_demo(model: Optional[str] = None, out_dir: str = "jaxinterp-demo", n_exa
     sizes = _sizes(spec.n_edges)
     curves = {method: faithfulness_curve(m, g, pairs, sizes, batch_size=batch_size, label=method, quiet=False)
               for method, g in graphs.items()}
+    for method, c in curves.items():  # before anything is drawn or reported
+        require_finite({"circuit metric values": c.metric, "full model": c.clean, "empty circuit": c.empty,
+                        "faithfulness": c.faithfulness}, f"{method} faithfulness curve")
     plot_curves(list(curves.values()), os.path.join(out_dir, "faithfulness.png"),
                 title=f"IOI on the demo model: faithfulness of top-n circuits ({len(pairs)} pairs)")
 
@@ -90,11 +100,9 @@ def run_demo(model: Optional[str] = None, out_dir: str = "jaxinterp-demo", n_exa
                     "edge_names": list(g.edges_in_graph())},
         "total_seconds": time.perf_counter() - t_start,
     }
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write_text(os.path.join(out_dir, "results.json"), dumps(results, indent=1))
     report = _report(results, curves, agreement)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(report)
+    atomic_write_text(os.path.join(out_dir, "report.md"), report)
     print(report)
     print(f"wrote {out_dir}/faithfulness.png, circuit.png, report.md, results.json "
           f"({results['total_seconds']:.0f}s in all)")

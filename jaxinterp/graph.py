@@ -40,12 +40,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
-import json
-import os
-import tempfile
 from typing import Iterator, Optional
 
 import numpy as np
+
+from .io import atomic_write_text, dumps, read_json  # noqa: F401  (atomic_write_text: re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +353,8 @@ class Graph:
 
     def apply_threshold(self, threshold: float, absolute: bool = True, prune: bool = True) -> "Graph":
         """Keep the edges whose (absolute) score is at least ``threshold``."""
+        if not np.isfinite(threshold):
+            raise ValueError(f"threshold {threshold} is not a finite number")
         self.reset()
         self.in_graph[:] = self._ranked(absolute) >= float(threshold)
         self._nodes_from_edges()
@@ -407,8 +408,11 @@ class Graph:
 
     # --- files ------------------------------------------------------------------------
     def to_json(self, path: str) -> None:
-        """Write the reference's JSON format (``cfg``, ``nodes``, ``edges``), atomically."""
+        """Write the reference's JSON format (``cfg``, ``nodes``, ``edges``), atomically.
+        Strict JSON (an undefined node score is ``null``, never a bare ``NaN``); a graph
+        whose edge scores are not all finite is refused (ValueError naming the edges)."""
         spec = self.spec
+        _check_finite_scores(self.scores, spec, path)
         nodes = {}
         for i, name in enumerate(spec.forward_names):
             nodes[name] = {"in_graph": bool(self.nodes_in_graph[i])}
@@ -416,43 +420,99 @@ class Graph:
                 nodes[name]["score"] = float(self.nodes_scores[i])
         nodes["logits"] = {"in_graph": True}
         if self.nodes_scores is not None:
-            nodes["logits"]["score"] = float("nan")
+            nodes["logits"]["score"] = None  # the reference writes NaN: no score
         edges = {name: {"score": float(self.scores[s, d]), "in_graph": bool(self.in_graph[s, d])}
                  for name, s, d in spec.edges}
-        atomic_write_text(path, json.dumps({"cfg": spec.to_cfg(), "nodes": nodes, "edges": edges}))
+        atomic_write_text(path, dumps({"cfg": spec.to_cfg(), "nodes": nodes, "edges": edges}))
 
     @classmethod
     def from_json(cls, path: str, spec: Optional[GraphSpec] = None) -> "Graph":
-        """Read a graph written by :meth:`to_json` or by the reference's ``Graph.to_json``.
+        """Read a graph written by :meth:`to_json` or by the reference's ``Graph.to_json``
+        (bare ``NaN`` tokens and ``null`` both read as "no score" for nodes).
         ``spec``: the graph the file must be (e.g. ``model.graph_spec``); a file of another
-        shape or view raises ValueError saying which."""
-        with open(path) as f:
-            d = json.load(f)
+        shape or view raises ValueError saying which. Every edge must be present with a
+        finite score (ValueError with counts and names otherwise): a missing or NaN score
+        would silently count as 0 or never be selected."""
+        d = read_json(path)
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: not a circuit graph file (a JSON {type(d).__name__}, not an object)")
         missing = {"cfg", "nodes", "edges"} - set(d)
         if missing:
             raise ValueError(f"{path}: not a circuit graph file, missing keys {sorted(missing)}")
-        spec = GraphSpec.from_file_cfg(d["cfg"], path, spec)
+        if not all(isinstance(d[k], dict) for k in ("cfg", "nodes", "edges")):
+            raise ValueError(f"{path}: not a circuit graph file ('cfg', 'nodes' and 'edges' must be objects)")
+        spec = _spec_from_file(d["cfg"], path, spec)
         g = cls(spec)
         lookup = spec._edge_lookup
         unknown = [name for name in d["edges"] if name not in lookup]
         if unknown:
-            raise ValueError(f"{path}: edges {unknown[:5]} do not exist in a graph with cfg {d['cfg']}")
+            raise ValueError(f"{path}: {len(unknown)} edges {_some(unknown)} do not exist in a graph with cfg "
+                             f"{d['cfg']}")
+        absent = [name for name, _, _ in spec.edges if name not in d["edges"]]
+        if absent:
+            raise ValueError(f"{path}: {len(absent)} of {spec.n_edges} edges are missing, e.g. {_some(absent)} "
+                             f"(a truncated or filtered file? every edge needs a score)")
+        no_score, bad, not_finite = [], [], []
         for name, info in d["edges"].items():
-            s, t = lookup[name]
-            g.scores[s, t] = info["score"]
-            g.in_graph[s, t] = bool(info["in_graph"])
+            if not isinstance(info, dict) or info.get("score") is None:
+                no_score.append(name)
+                continue
+            score, member = info["score"], info.get("in_graph", False)
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not isinstance(member, bool):
+                bad.append(name)
+            elif not np.isfinite(score):
+                not_finite.append(name)
+            else:
+                s, t = lookup[name]
+                g.scores[s, t] = score
+                g.in_graph[s, t] = member
+        for names, why in ((no_score, "have no score"), (bad, "have a score or in_graph that is not a number "
+                                                                 "or a boolean"),
+                           (not_finite, "have a score that is NaN or infinite")):
+            if names:
+                raise ValueError(f"{path}: {len(names)} of {spec.n_edges} edges {why}, e.g. {_some(names)}")
         index = {n: i for i, n in enumerate(spec.forward_names)}
+        strange = [name for name in d["nodes"] if name != "logits" and name not in index]
+        if strange:
+            raise ValueError(f"{path}: {len(strange)} nodes {_some(strange)} do not exist in a graph with cfg "
+                             f"{d['cfg']}")
         any_scores = False
         node_scores = np.full(spec.n_forward, np.nan, np.float32)
         for name, info in d["nodes"].items():
             if name == "logits":
                 continue
-            g.nodes_in_graph[index[name]] = bool(info["in_graph"])
-            if "score" in info and info["score"] is not None:
+            if not isinstance(info, dict):
+                raise ValueError(f"{path}: node {name!r} is {info!r}, not an object with 'in_graph'")
+            g.nodes_in_graph[index[name]] = bool(info.get("in_graph", False))
+            score = info.get("score")
+            if isinstance(score, (int, float)) and not isinstance(score, bool) and np.isfinite(score):
                 any_scores = True
-                node_scores[index[name]] = info["score"]
+                node_scores[index[name]] = score
         g.nodes_scores = node_scores if any_scores else None
         return g
+
+
+def _some(names, k: int = 3) -> str:
+    return ", ".join(map(repr, list(names)[:k])) + (", ..." if len(names) > k else "")
+
+
+def _spec_from_file(cfg: dict, path: str, expected: Optional[GraphSpec]) -> GraphSpec:
+    """:meth:`GraphSpec.from_file_cfg`, with a malformed ``cfg`` block named as such."""
+    try:
+        return GraphSpec.from_file_cfg(cfg, path, expected)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: the graph's 'cfg' block {cfg} is unusable ({type(e).__name__}: {e}); it needs "
+                         f"n_layers and n_heads") from None
+
+
+def _check_finite_scores(scores: np.ndarray, spec: GraphSpec, path: str) -> None:
+    """ValueError naming the edges whose score is NaN or infinite (``scores [..., src, dst]``)."""
+    bad = ~np.isfinite(scores) & spec.real_edge_mask
+    if bad.any():
+        flat = bad.reshape((-1,) + bad.shape[-2:]).any(0)
+        names = [name for name, s, d in spec.edges if flat[s, d]]
+        raise ValueError(f"not writing {path}: {int(bad.sum())} edge scores are NaN or infinite, e.g. "
+                         f"{_some(names)}")
 
 
 def ranked_scores(scores: np.ndarray, real: np.ndarray, absolute: bool) -> np.ndarray:
@@ -471,20 +531,3 @@ def _nodes_with_in_and_out(in_graph: np.ndarray, f2b: np.ndarray) -> np.ndarray:
     has_in = (in_graph.any(0)[None, :] & f2b).any(1)
     has_in[0] = True  # the input node needs no incoming edge
     return has_out & has_in
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader never sees a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

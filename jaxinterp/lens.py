@@ -297,8 +297,12 @@ def plot_logit_lens(lens_logits: np.ndarray, tokens: Sequence[str], decode_token
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    from .io import save_figure
+
+    try:
+        save_figure(fig, path)  # atomic: a failed write leaves an old picture whole
+    finally:
+        plt.close(fig)
     return path
 
 

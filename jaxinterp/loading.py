@@ -57,8 +57,13 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "to
 
 
 def _looks_like_hub_id(path: str) -> bool:
+    """``name`` or ``org/name``, and not a local path: a typo in a path must say "does not
+    exist", not try a download. A relative path whose first part is a local directory
+    (``models/gpt2-smal``) or that names a file type (``.gguf``, ``.json``) is a path."""
     parts = path.split("/")
-    return 0 < len(parts) <= 2 and all(parts) and not path.startswith((".", "~"))
+    return (0 < len(parts) <= 2 and all(parts) and not path.startswith((".", "~"))
+            and "\\" not in path and not (len(parts) == 2 and os.path.isdir(parts[0]))
+            and not path.lower().endswith((".gguf", ".json", ".safetensors", ".bin", ".csv")))
 
 
 def download_from_hub(repo_id: str) -> str:

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from .graph import Graph
+from .io import atomic_write_text, atomic_write_with, save_figure
 
 
 def plot_curves(curves: Sequence, path: str, title: str = "Faithfulness of top-n circuits") -> str:
@@ -32,8 +33,10 @@ def plot_curves(curves: Sequence, path: str, title: str = "Faithfulness of top-n
         ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)  # atomic: a failed write leaves an old picture whole
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -60,8 +63,10 @@ def plot_pruning_history(history: dict, path: str, title: str = "Edge pruning") 
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)  # atomic: a failed write leaves an old picture whole
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -103,11 +108,11 @@ def draw_circuit(graph: Graph, path: str, title: str = "") -> str:
     nodes laid out by layer, so a picture never needs a system package."""
     dot = to_dot(graph)
     stem, ext = os.path.splitext(path)
-    with open(stem + ".dot", "w") as f:
-        f.write(dot)
+    atomic_write_text(stem + ".dot", dot)
     exe = shutil.which("dot")
     if exe is not None:
-        subprocess.run([exe, f"-T{ext.lstrip('.') or 'png'}", "-o", path], input=dot.encode(), check=True)
+        atomic_write_with(path, lambda tmp: subprocess.run([exe, f"-T{ext.lstrip('.') or 'png'}", "-o", tmp],
+                                                           input=dot.encode(), check=True))
         return path
     return _draw_circuit_matplotlib(graph, path, title)
 
@@ -160,6 +165,8 @@ def _draw_circuit_matplotlib(graph: Graph, path: str, title: str = "") -> str:
     ax.set_title(title or f"circuit: {len(used)} edges, {len(nodes)} nodes "
                  "(q magenta, k green, v blue; dashed = negative)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path

@@ -94,6 +94,10 @@ class PositionalGraph:
 
     # --- files ----------------------------------------------------------------------------
     def to_json(self, path: str) -> None:
+        """Write this graph atomically; non-finite scores are refused (ValueError naming them)."""
+        from .graph import _check_finite_scores
+
+        _check_finite_scores(self.scores, self.spec, path)
         edges = {name: {"scores": self.scores[:, s, d].tolist(), "in_graph": self.in_graph[:, s, d].tolist()}
                  for name, s, d in self.spec.edges}
         atomic_write_text(path, json.dumps({"cfg": self.spec.to_cfg(), "positions": self.positions,
@@ -102,17 +106,28 @@ class PositionalGraph:
     @classmethod
     def from_json(cls, path: str, spec: Optional[GraphSpec] = None) -> "PositionalGraph":
         """Read :meth:`to_json`'s file; ``spec``: the graph it must be (else ValueError)."""
-        with open(path) as f:
-            d = json.load(f)
+        from .graph import _spec_from_file
+        from .io import read_json
+
+        d = read_json(path)  # errors name the file
+        if not isinstance(d, dict) or not {"cfg", "edges"} <= set(d):
+            raise ValueError(f"{path}: not a circuit graph file (needs 'cfg' and 'edges')")
         if "positions" not in d:
             raise ValueError(f"{path}: not a position-aware graph (no 'positions'); read it with Graph.from_json")
-        spec = GraphSpec.from_file_cfg(d["cfg"], path, spec)
+        spec = _spec_from_file(d["cfg"], path, spec)
         g = cls(spec, n_pos=len(d["positions"]), positions=d["positions"])
         missing = {name for name, _, _ in spec.edges} - set(d["edges"])
         if missing:
             raise ValueError(f"{path}: {len(missing)} edges missing, e.g. {sorted(missing)[:3]}")
         for name, s, d_ in spec.edges:
             e = d["edges"][name]
-            g.scores[:, s, d_] = e["scores"]
-            g.in_graph[:, s, d_] = e["in_graph"]
+            try:
+                g.scores[:, s, d_] = np.asarray(e["scores"], dtype=float)
+                g.in_graph[:, s, d_] = e["in_graph"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}: edge {name!r} needs {g.n_pos} 'scores' and 'in_graph' values "
+                                 f"({type(err).__name__}: {err})") from None
+        bad = [name for name, s, d_ in spec.edges if not np.isfinite(g.scores[:, s, d_]).all()]
+        if bad:
+            raise ValueError(f"{path}: {len(bad)} edges have NaN or infinite scores, e.g. {bad[:3]}")
         return g

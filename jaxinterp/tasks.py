@@ -194,15 +194,21 @@ def csv_rows(rows: Sequence[dict], tokenizer) -> list[dict]:
 
 
 def write_pairs_csv(task: str, n: int, path: str, tokenizer, seed: int = 0) -> str:
-    """Write ``n`` pairs of ``task`` to ``path`` in the reference's CSV format."""
+    """Write ``n`` pairs of ``task`` to ``path`` in the reference's CSV format (atomically)."""
+    import io
+
+    from .io import atomic_write_text
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of {task} pairs must be an integer >= 1, got {n!r}")
     rows = csv_rows(generate(task, n, seed), tokenizer)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def main_generate(argv: Optional[Sequence[str]] = None) -> str:

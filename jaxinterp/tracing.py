@@ -407,6 +407,10 @@ def plot_trace(traces, path: str, title: Optional[str] = None) -> str:
                  f"corrupted {t.p_corrupted:.2f}", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    from .io import save_figure
+
+    try:
+        save_figure(fig, path)  # atomic: a failed write leaves an old picture whole
+    finally:
+        plt.close(fig)
     return path

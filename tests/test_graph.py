@@ -160,9 +160,9 @@ def test_grouped_json_round_trip_and_view_mismatch(tmp_path):
     with pytest.raises(ValueError, match="8 heads"):
         Graph.from_json(tmp_path / "g.json", spec=GraphSpec(2, 8, n_kv_heads=1))
     # the reference's files (no n_kv_heads, no d_model) are the ungrouped view
+    edges = {name: {"score": 2.0 if name == "input->a1.h3<k>" else 0.0, "in_graph": True} for name, _, _ in flat.edges}
     (tmp_path / "ref.json").write_text(json.dumps({"cfg": {"n_layers": 2, "n_heads": 4, "parallel_attn_mlp": False},
-                                                   "nodes": {}, "edges": {"input->a1.h3<k>": {"score": 2.0,
-                                                                                              "in_graph": True}}}))
+                                                   "nodes": {}, "edges": edges}))
     r = Graph.from_json(tmp_path / "ref.json", spec=flat)
     assert not r.spec.grouped and r.scores[flat.edge_index("input->a1.h3<k>")] == 2.0
     with pytest.raises(ValueError, match="grouped_kv=False"):
