@@ -71,7 +71,7 @@ def run_demo(model: Optional[str] = None, out_dir: str = "jaxinterp-demo", n_exa
     curves = {method: faithfulness_curve(m, g, pairs, sizes, batch_size=batch_size, label=method, quiet=False)
               for method, g in graphs.items()}
     for method, c in curves.items():  # before anything is drawn or reported
-        require_finite({"circuit metric values": c.metric, "full model": c.clean, "empty circuit": c.empty,
+        require_finite({"circuit metric values": c.metric, "full model": c.clean, "empty circuit": getattr(c, "empty", None),
                         "faithfulness": c.faithfulness}, f"{method} faithfulness curve")
     plot_curves(list(curves.values()), os.path.join(out_dir, "faithfulness.png"),
                 title=f"IOI on the demo model: faithfulness of top-n circuits ({len(pairs)} pairs)")

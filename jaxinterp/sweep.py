@@ -36,8 +36,12 @@ Output directory::
     summary.csv, curves.png   all cells, rewritten at the end
 
 A cell whose result file holds the current settings is skipped; one computed with other
-settings (e.g. a changed metric) is computed again. Temporary files a kill left behind
-are removed. A lock keeps two sweeps out of one directory.
+settings (e.g. a changed metric) is computed again. Inputs are identified by content, not
+path: the settings hold a fingerprint of each model (SHA-256 of its config, weights and
+tokenizer files) and of each task's CSV, so a replaced checkpoint is converted again and
+an edited CSV recomputes its cells; a result whose graph file is damaged or unreadable
+is computed again. Temporary files a kill left behind are removed. A lock keeps two
+sweeps out of one directory.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ except ImportError:  # Python 3.10
         tomllib = None
 
 from . import __version__
+from .io import (TMP_PREFIX, atomic_write_text, clean_tmp, dumps, file_hash, fingerprint, read_text,  # noqa: F401
+                 same_path, save_figure, to_strict_json)
 
 IG_METHODS = ("EAP-IG-inputs", "EAP-IG-activations")
 SWEEP_KEYS = {"out": str, "methods": list, "ig_steps": list, "metric": str, "batch_size": int, "sizes": list,
@@ -74,7 +80,6 @@ TASK_KEYS = {"csv": str, "generate": str, "n": int, "seed": int, "metric": str, 
 DEFAULTS = {"methods": ["EAP", "EAP-IG-inputs"], "ig_steps": [5], "metric": "logit_diff", "batch_size": 16,
             "sizes": [10, 20, 50, 100, 200, 500, 1000], "intervention": "patching", "dtype": "float32",
             "max_memory": None, "mesh": None, "limit": None, "grouped_kv": False}
-TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
@@ -133,6 +138,12 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
+def _check_positive(value, where: str) -> None:
+    """The command line's rule for counts (batch size, limit, examples): an integer >= 1."""
+    if value is not None and value < 1:
+        raise SweepError(f"{where} = {value!r}: must be an integer >= 1")
+
+
 def parse_sweep(text: str, base_dir: str = ".") -> Sweep:
     """Parse and validate sweep TOML ``text``; relative paths are relative to ``base_dir``."""
     from .attribution import INTERVENTIONS, METHODS
@@ -161,6 +172,8 @@ def parse_sweep(text: str, base_dir: str = ".") -> Sweep:
         if not settings[key] or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                                         for v in settings[key]):
             raise SweepError(f"[sweep].{key} must be a non-empty list of integers >= 1, got {settings[key]!r}")
+    for key in ("batch_size", "limit"):
+        _check_positive(settings[key], f"[sweep].{key}")
     if settings["intervention"] not in INTERVENTIONS:
         raise SweepError(f"[sweep].intervention {settings['intervention']!r}: choose from {INTERVENTIONS}")
     if settings["dtype"] not in ("float32", "bfloat16"):
@@ -198,6 +211,8 @@ def parse_sweep(text: str, base_dir: str = ".") -> Sweep:
         if not isinstance(t, dict):
             raise SweepError(f"{where} must be a table")
         _check_types(t, TASK_KEYS, where)
+        for key in ("batch_size", "limit", "n"):
+            _check_positive(t.get(key), f"{where}.{key}")
         if ("csv" in t) == ("generate" in t):
             raise SweepError(f"{where}: give exactly one of csv = \"pairs.csv\" or generate = \"TASK\"")
         if "generate" in t:
@@ -219,8 +234,7 @@ def parse_sweep(text: str, base_dir: str = ".") -> Sweep:
 
 
 def load_sweep(path: str) -> Sweep:
-    with open(path, "rb") as f:
-        text = f.read().decode("utf-8")
+    text = read_text(path)  # UTF-8, byte-order mark skipped; errors name the file
     try:
         return parse_sweep(text, os.path.dirname(os.path.abspath(path)))
     except SweepError as e:
@@ -230,31 +244,10 @@ def load_sweep(path: str) -> Sweep:
 # --- files --------------------------------------------------------------------------------
 
 def atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory: fsync,
-    rename, fsync the directory. A reader (or a restart after a kill) never sees a
-    partial file; a kill leaves at most a ``.tmp-*`` file, which :func:`clean_tmp` removes."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f"{TMP_PREFIX}{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a crash
-    finally:
-        os.close(fd)
-
-
-def clean_tmp(directory: str) -> list[str]:
-    """Remove the temporary files that killed writers left in ``directory``."""
-    removed = []
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        if name.startswith(TMP_PREFIX):
-            os.unlink(os.path.join(directory, name))
-            removed.append(name)
-    return removed
+    """:func:`jaxinterp.io.atomic_write_text` (temporary file, fsync, rename): a reader or
+    a restart after a kill never sees a partial file; a kill leaves at most a ``.tmp-*``
+    file, which :func:`clean_tmp` removes."""
+    atomic_write_text(path, text)
 
 
 class Lock:
@@ -294,10 +287,43 @@ def read_runlog(out_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def cell_settings(sweep: Sweep, cell: Cell) -> dict:
-    """What a cell's result depends on; a stored result with other settings is stale."""
+def model_files(source: str) -> str:
+    """The local file or directory of a model source (a hub id is fetched, or found in
+    the hub's cache)."""
+    from .loading import _looks_like_hub_id, download_from_hub
+
+    if os.path.exists(source):
+        return source
+    try:
+        from .conversion.gguf import packaged_gguf
+    except ImportError:  # pragma: no cover - older trees without GGUF support
+        packaged_gguf = lambda name: None  # noqa: E731
+    if packaged_gguf(source):
+        return packaged_gguf(source)
+    if not _looks_like_hub_id(source):
+        raise FileNotFoundError(f"model {source!r} does not exist")
+    return download_from_hub(source)
+
+
+def input_fingerprints(sweep: Sweep) -> dict:
+    """Content fingerprints of the sweep's inputs: ``{"models": {name: digest}, "tasks":
+    {name: SHA-256 of the CSV}}`` (generated tasks have none: they follow from their
+    settings and the model's tokenizer)."""
+    models = {name: fingerprint(model_files(src), skip=(SOURCE_MARKER,))["digest"]
+              for name, src in sweep.models.items()}
+    tasks = {name: file_hash(t["csv"]) for name, t in sweep.tasks.items() if "csv" in t}
+    return {"models": models, "tasks": tasks}
+
+
+def cell_settings(sweep: Sweep, cell: Cell, fingerprints: Optional[dict] = None) -> dict:
+    """What a cell's result depends on, inputs by content (``fingerprints``, from
+    :func:`input_fingerprints`; computed when not given); a stored result with other
+    settings is stale."""
+    fp = fingerprints if fingerprints is not None else input_fingerprints(sweep)
     s = sweep.task_settings(cell.task)
-    return {"model_source": sweep.models[cell.model], "task": sweep.tasks[cell.task], "method": cell.method,
+    return {"model_source": sweep.models[cell.model], "model_fingerprint": fp["models"][cell.model],
+            **({"data_fingerprint": fp["tasks"][cell.task]} if cell.task in fp["tasks"] else {}),
+            "task": sweep.tasks[cell.task], "method": cell.method,
             "ig_steps": cell.ig_steps, "metric": s["metric"], "batch_size": s["batch_size"],
             "max_memory": s["max_memory"], "limit": s["limit"], "intervention": s["intervention"],
             "dtype": s["dtype"], "sizes": s["sizes"],
@@ -311,43 +337,71 @@ def result_paths(out_dir: str, cell: Cell) -> tuple[str, str]:
     return base + ".json", base + ".graph.json"
 
 
+RESULT_KEYS = {"cell": str, "model": str, "task": str, "method": str, "settings": dict, "n_examples": int,
+               "n_edges": int, "curve": dict, "timing": dict, "devices": dict, "graph_sha256": str}
+
+
 def load_result(out_dir: str, cell: Cell) -> Optional[dict]:
-    """The finished result of ``cell``, or None (missing, unreadable or incomplete)."""
+    """The finished result of ``cell``, or None (missing); a damaged one (unreadable,
+    malformed, or its graph file missing or not the one it was written with) raises
+    SweepError saying why, so that the caller computes the cell again."""
     path, graph_path = result_paths(out_dir, cell)
+    if not os.path.exists(path):
+        return None
     try:
-        with open(path) as f:
-            result = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if result.get("cell") != cell.name or not os.path.exists(graph_path):
-        return None
+        with open(path, "rb") as f:
+            result = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise SweepError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(result, dict):
+        raise SweepError(f"{path} is not a result (a JSON {type(result).__name__})")
+    wrong = [k for k, t in RESULT_KEYS.items() if not isinstance(result.get(k), t)]
+    if wrong:
+        raise SweepError(f"{path}: missing or malformed {wrong}")
+    curve = result["curve"]
+    if not (isinstance(curve.get("sizes"), list) and isinstance(curve.get("faithfulness"), list)
+            and isinstance(curve.get("n_edges"), list) and len(curve["sizes"]) == len(curve["faithfulness"])):
+        raise SweepError(f"{path}: malformed curve")
+    if result["cell"] != cell.name:
+        raise SweepError(f"{path} holds cell {result['cell']!r}, not {cell.name!r}")
+    if not os.path.exists(graph_path):
+        raise SweepError(f"its graph file {graph_path} is missing")
+    if file_hash(graph_path) != result["graph_sha256"]:
+        raise SweepError(f"its graph file {graph_path} is not the one written with it (truncated or replaced)")
     return result
 
 
 # --- running ------------------------------------------------------------------------------
 
-def prepared_model_dir(out_dir: str, name: str, source: str) -> str:
-    """A converted checkpoint of ``source``: itself when already converted, else
-    ``OUT/models/<name>``, converted (orbax) the first time only."""
-    from .conversion import convert_hf, is_converted
-    from .loading import _looks_like_hub_id, download_from_hub
+SOURCE_MARKER = "jaxinterp_source.json"
 
-    if not os.path.isdir(source):
-        if not _looks_like_hub_id(source):
-            raise FileNotFoundError(f"model {name}: directory {source!r} does not exist")
-        source = download_from_hub(source)
-    if is_converted(source):
+
+def prepared_model_dir(out_dir: str, name: str, source: str, digest: Optional[str] = None) -> str:
+    """A converted checkpoint of ``source``: itself when already converted (or not a
+    directory, e.g. a GGUF file), else ``OUT/models/<name>``, converted (orbax) when its
+    marker does not record this source path and content (``digest``, the source's
+    :func:`jaxinterp.io.fingerprint`): a checkpoint replaced in place is converted again."""
+    from .conversion import convert_hf, is_converted
+
+    source = model_files(source)
+    if not os.path.isdir(source) or is_converted(source):
         return source
+    digest = digest or fingerprint(source, skip=(SOURCE_MARKER,))["digest"]
     target = os.path.join(out_dir, "models", name)
-    marker = os.path.join(target, "jaxinterp_source.json")
+    marker = os.path.join(target, SOURCE_MARKER)
+    stamp = {"source": os.path.abspath(source), "fingerprint": digest}
     if is_converted(target) and os.path.exists(marker):
-        with open(marker) as f:
-            if json.load(f).get("source") == os.path.abspath(source):
-                return target
+        try:
+            with open(marker) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            recorded = None
+        if isinstance(recorded, dict) and {k: recorded.get(k) for k in stamp} == stamp:
+            return target
     t = time.perf_counter()
-    convert_hf(source, target)
-    atomic_write(marker, json.dumps({"source": os.path.abspath(source)}))
-    _log(out_dir, "convert", model=name, source=source, seconds=time.perf_counter() - t)
+    convert_hf(source, target)  # built beside the old conversion and swapped in
+    atomic_write(marker, json.dumps(stamp))
+    _log(out_dir, "convert", model=name, source=source, seconds=time.perf_counter() - t, fingerprint=digest)
     return target
 
 
@@ -355,7 +409,7 @@ def task_pairs(model, task: dict, metric: str, limit: Optional[int], csv_path: s
     """The task's :class:`Pairs` for ``model``. Generated prompts are written to
     ``csv_path`` first (labels are token ids of the model's tokenizer), so that each
     cell's data can be read back."""
-    from .attribution import prepare_data
+    from .interventions import prepare_data
 
     data = task.get("csv")
     if "generate" in task:
@@ -391,7 +445,8 @@ def environment(mesh=None) -> dict:
             "host": platform.node()}
 
 
-def run_cell(sweep: Sweep, cell: Cell, model, pairs, mesh, out_dir: str) -> dict:
+def run_cell(sweep: Sweep, cell: Cell, model, pairs, mesh, out_dir: str,
+             fingerprints: Optional[dict] = None) -> dict:
     """Score, evaluate and write one cell to ``out_dir`` (graph first, the result last)."""
     from .attribution import attribute
     from .evaluation import faithfulness_curve
@@ -408,26 +463,25 @@ def run_cell(sweep: Sweep, cell: Cell, model, pairs, mesh, out_dir: str) -> dict
     curve = faithfulness_curve(model, graph, pairs, sizes, metric=s["metric"], intervention=s["intervention"],
                                batch_size=s["batch_size"], label=cell.name, mesh=mesh)
     curve_s = time.perf_counter() - t
+    from .errors import require_finite
+
+    # faithfulness may be undefined (null) when the model and the empty circuit agree;
+    # the metric values themselves must be numbers
+    require_finite({"circuit metric values": curve.metric, "full model": curve.clean,
+                    "empty circuit": getattr(curve, "empty", None)}, f"cell {cell.name}")
     path, graph_path = result_paths(out_dir, cell)
     graph.to_json(graph_path)  # atomic (tmp file + rename); the result below marks the cell done
-    result = {"cell": cell.name, **dataclasses.asdict(cell), "settings": cell_settings(sweep, cell),
+    result = {"cell": cell.name, **dataclasses.asdict(cell),
+              "settings": cell_settings(sweep, cell, fingerprints), "graph_sha256": file_hash(graph_path),
               "n_examples": len(pairs), "n_pos": pairs.n_pos, "n_edges": n_edges,
               "graph": os.path.basename(graph_path), "curve": _finite(curve.to_dict()),
               "timing": {"attribute_s": attribute_s, "curve_s": curve_s}, **environment(mesh),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write(path, json.dumps(result, indent=1))
+    atomic_write(path, dumps(result, indent=1))
     return result
 
 
-def _finite(x: Any) -> Any:
-    """NaN (undefined faithfulness) as null: strict JSON."""
-    if isinstance(x, float) and x != x:
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
+_finite = to_strict_json  # NaN (undefined faithfulness) as null: strict JSON
 
 
 def run_sweep(path_or_sweep, out_dir: Optional[str] = None, quiet: bool = False) -> list[dict]:
@@ -445,6 +499,9 @@ def run_sweep(path_or_sweep, out_dir: Optional[str] = None, quiet: bool = False)
     if not out_dir:
         raise SweepError("no output directory: set [sweep].out or pass --out")
     out_dir = os.path.abspath(out_dir)
+    for name, source in sweep.models.items():
+        if os.path.exists(source) and same_path(out_dir, source):
+            raise SweepError(f"the output directory {out_dir} is model {name}'s checkpoint; choose another --out")
     os.makedirs(os.path.join(out_dir, "cells"), exist_ok=True)
     if jax.config.jax_compilation_cache_dir is None:
         # a restarted sweep reuses the programs compiled before the kill
@@ -457,10 +514,16 @@ def run_sweep(path_or_sweep, out_dir: Optional[str] = None, quiet: bool = False)
             if removed:
                 _log(out_dir, "clean", files=removed)
         _log(out_dir, "run", cells=len(cells))
+        fingerprints = input_fingerprints(sweep)  # inputs by content: replaced files are noticed
         todo = []
         for cell in cells:
-            done = load_result(out_dir, cell)
-            if done is not None and done.get("settings") == cell_settings(sweep, cell):
+            try:
+                done = load_result(out_dir, cell)
+            except SweepError as e:
+                done = None
+                _log(out_dir, "damaged", cell=cell.name, reason=str(e))
+                print(f"sweep: {cell.name}: {e}; computing it again", file=sys.stderr)
+            if done is not None and done.get("settings") == cell_settings(sweep, cell, fingerprints):
                 results[cell.name] = done
                 _log(out_dir, "skip", cell=cell.name)
             else:
@@ -471,7 +534,7 @@ def run_sweep(path_or_sweep, out_dir: Optional[str] = None, quiet: bool = False)
             model_cells = [c for c in todo if c.model == name]
             if not model_cells:
                 continue
-            model_dir = prepared_model_dir(out_dir, name, sweep.models[name])
+            model_dir = prepared_model_dir(out_dir, name, sweep.models[name], fingerprints["models"][name])
             model = load_model(model_dir, dtype=jnp.dtype(sweep.settings["dtype"]),
                                grouped_kv=sweep.settings["grouped_kv"], mesh=mesh)
             pairs_cache: dict[tuple, Any] = {}
@@ -483,7 +546,7 @@ def run_sweep(path_or_sweep, out_dir: Optional[str] = None, quiet: bool = False)
                                                   os.path.join(out_dir, "data", f"{name}__{cell.task}.csv"))
                 bar.set_postfix_str(cell.name)
                 _log(out_dir, "start", cell=cell.name)
-                results[cell.name] = run_cell(sweep, cell, model, pairs_cache[key], mesh, out_dir)
+                results[cell.name] = run_cell(sweep, cell, model, pairs_cache[key], mesh, out_dir, fingerprints)
                 _log(out_dir, "done", cell=cell.name, seconds=results[cell.name]["timing"])
                 bar.update()
             del model, pairs_cache
@@ -547,8 +610,8 @@ def plot_sweep(results: list[dict], path: str) -> str:
             if ax.lines:
                 ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f"{TMP_PREFIX}{os.getpid()}-{os.path.basename(path)}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        save_figure(fig, path)  # atomic: temporary file + rename
+    finally:
+        plt.close(fig)
     return path

@@ -186,3 +186,85 @@ def test_cli_reports_bad_file(tmp_path, capsys):
     (tmp_path / "s.toml").write_text(TOML.replace("[sweep]", "[sweep]\nfoo = 1"))
     assert main(["sweep", str(tmp_path / "s.toml")]) == 2
     assert "unknown keys ['foo']" in capsys.readouterr().err
+
+
+# --- inputs by content, damaged results -------------------------------------------------------
+
+def test_inputs_by_content_and_damaged_results(tmp_path, capsys):
+    """A replaced checkpoint is converted again and its cells recomputed; an edited CSV
+    recomputes its cells; a truncated graph file or a malformed result file is computed
+    again (with a note), never read as a result."""
+    import jax
+    from safetensors.numpy import load_file, save_file
+
+    from jaxinterp.loading import load_tokenizer
+    from jaxinterp.sweep import run_sweep
+    from jaxinterp.tasks import task_vocabulary, write_pairs_csv
+    from jaxinterp.testing import save_random_gpt2
+
+    hf = save_random_gpt2(str(tmp_path / "hf"), n_layer=1, n_head=2, n_embd=32, words=task_vocabulary(), seed=1)
+    write_pairs_csv("ioi", 8, str(tmp_path / "ioi.csv"), load_tokenizer(hf), seed=0)
+    (tmp_path / "s.toml").write_text(TOML.replace('methods = ["EAP", "EAP-IG-inputs"]', 'methods = ["EAP"]')
+                                     .replace('[tasks.gen]\ngenerate = "ioi"\nn = 8\nseed = 0\n', ""))
+    out = tmp_path / "out"
+    cell = out / "cells" / "tiny__file__EAP.json"
+    graph = out / "cells" / "tiny__file__EAP.graph.json"
+    cache = jax.config.jax_compilation_cache_dir
+    try:
+        def run():
+            run_sweep(str(tmp_path / "s.toml"), quiet=True)
+            events = read_runlog(str(out))
+            return ([e["event"] for e in events if e["event"] in ("convert", "done", "skip")],
+                    capsys.readouterr().err)
+
+        assert run()[0] == ["convert", "done"]
+        first = json.loads(cell.read_text())
+        assert len(first["settings"]["model_fingerprint"]) == 64 and len(first["settings"]["data_fingerprint"]) == 64
+        assert run()[0][-1] == "skip"  # nothing changed: nothing computed
+
+        text = graph.read_text()
+        graph.write_text(text[: len(text) // 2])  # a truncated graph file
+        events, err = run()
+        assert events[-1] == "done" and "not the one written with it" in err
+        assert graph.read_text() == text
+
+        cell.write_text("[1, 2]")  # a malformed result file
+        events, err = run()
+        assert events[-1] == "done" and "is not a result" in err
+
+        lines = (tmp_path / "ioi.csv").read_text().splitlines()
+        (tmp_path / "ioi.csv").write_text("\n".join([lines[0], *lines[1:][::-1]]) + "\n")  # edited, same shapes
+        assert run()[0][-1] == "done"
+        assert json.loads(cell.read_text())["settings"]["data_fingerprint"] != first["settings"]["data_fingerprint"]
+
+        t = load_file(os.path.join(hf, "model.safetensors"))  # the checkpoint replaced in place
+        t["transformer.ln_f.bias"] = t["transformer.ln_f.bias"] + 1.0
+        save_file(t, os.path.join(hf, "model.safetensors"))
+        events, _ = run()
+        assert events[-2:] == ["convert", "done"] and events.count("convert") == 2
+        assert json.loads(cell.read_text())["settings"]["model_fingerprint"] != first["settings"]["model_fingerprint"]
+        marker = json.loads((out / "models" / "tiny" / "jaxinterp_source.json").read_text())
+        assert marker["fingerprint"] == json.loads(cell.read_text())["settings"]["model_fingerprint"]
+    finally:
+        jax.config.update("jax_compilation_cache_dir", cache)
+
+
+@pytest.mark.parametrize("change, message", [
+    (("batch_size = 4", "batch_size = 0"), r"\[sweep\].batch_size = 0: must be an integer >= 1"),
+    (("batch_size = 4", "batch_size = -4"), r"\[sweep\].batch_size = -4"),
+    (("batch_size = 4", "batch_size = 4\nlimit = 0"), r"\[sweep\].limit = 0"),
+    (("n = 8", "n = 0"), r"\[tasks.gen\].n = 0"),
+    (('csv = "ioi.csv"', 'csv = "ioi.csv"\nlimit = -15'), r"\[tasks.file\].limit = -15"),
+])
+def test_sweep_counts_are_validated_like_the_command_line(tmp_path, change, message):
+    with pytest.raises(SweepError, match=message):
+        _parse(TOML.replace(*change), tmp_path)
+
+
+def test_sweep_file_with_byte_order_mark(tmp_path):
+    from jaxinterp.sweep import load_sweep
+
+    (tmp_path / "ioi.csv").touch()
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "s.toml").write_bytes(b"\xef\xbb\xbf" + TOML.encode())
+    assert load_sweep(str(tmp_path / "s.toml")).settings["batch_size"] == 4
