@@ -1,12 +1,85 @@
-"""``jaxinterp`` command line: convert, attribute, evaluate, curve, acdc, lens, sweep, demo."""
+"""``jaxinterp`` command line: convert, attribute, evaluate, curve, acdc, prune, lens, sweep, demo.
+
+Every option is checked before any work (numbers by their argparse types, input files
+exist and are files, outputs can be written and are no input). An expected failure
+prints one line naming the file or option and the cause, exit status 2, no traceback
+(``--debug`` or ``JAXINTERP_DEBUG=1`` shows it); Ctrl-C exits with status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
+
+from .errors import JaxinterpError
+from .io import dumps
+
+
+# --- option types: a bad value is an argparse error naming the option, before any work ----
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 1")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 0")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a number > 0")
+    return value
+
+
+def _memory_size(text: str) -> str:
+    from .memory import parse_bytes
+
+    try:
+        if parse_bytes(text) <= 0:
+            raise ValueError(f"{text!r} is not a size > 0")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _mesh_shape(text: str) -> str:
+    from .sharding import parse_mesh
+
+    try:
+        parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -18,13 +91,14 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
                        help="pairs CSV: columns clean, corrupted and correct_idx, incorrect_idx (token ids) or label")
         p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "prob_diff", "kl_div"],
                        help="task metric, read at each prompt's last real token (default: logit_diff)")
-        p.add_argument("--batch-size", type=int, default=16, help="examples per compiled batch (default: 16)")
+        p.add_argument("--batch-size", type=_positive_int, default=16,
+                       help="examples per compiled batch (default: 16)")
         p.add_argument("--intervention", default="patching", choices=["patching", "zero", "mean", "mean-positional"],
                        help="what an edge outside the circuit carries: the corrupted activation, zero, or the "
                             "node's mean output over --intervention-data (over all tokens, or per position)")
         p.add_argument("--intervention-data", default=None, metavar="CSV",
                        help="pairs CSV whose clean prompts the mean interventions average over (default: --data)")
-        p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+        p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N examples")
         p.add_argument("--grouped-kv", action="store_true",
                        help="grouped-query attention: one <k>/<v> input per key/value head (a{l}.kv{g}<k>, fewer "
                             "edges) instead of one per query head (the reference's view, the default); a graph "
@@ -38,17 +112,51 @@ def _load(args, mesh=None):
     import jax.numpy as jnp
 
     model = load_model(args.model, dtype=jnp.dtype(args.dtype), grouped_kv=args.grouped_kv, mesh=mesh)
+    _check_weights(model)
+    if getattr(args, "top_n", None) is not None:  # before the data, long before any computation
+        _check_top_n(args.top_n, model.graph_spec)
     pairs, _ = prepare_data(model, args.data, args.metric)
-    if args.limit:
+    if args.limit is not None:
         pairs = pairs.head(args.limit)
     return model, pairs
 
 
+def _check_weights(model) -> None:
+    """Refuse a model with NaN or infinite weights (every number from it would be NaN)."""
+    import jax
+    import jax.numpy as jnp
+
+    import numpy as np
+
+    def finite(leaf) -> bool:  # host-side when the array is all here (no compilation)
+        if getattr(leaf, "is_fully_addressable", True):
+            return bool(np.isfinite(np.asarray(leaf, dtype=np.float32)).all())
+        return bool(jnp.isfinite(leaf).all())
+
+    bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(model.params)
+           if not finite(leaf)]
+    if bad:
+        from .errors import JaxinterpError
+
+        raise JaxinterpError(f"--model {model.path}: {len(bad)} weight tensors hold NaN or infinity: "
+                             f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}")
+
+
+def _check_top_n(n: int, spec) -> None:
+    if n > spec.n_edges:
+        from .errors import JaxinterpError
+
+        raise JaxinterpError(f"--top-n {n}: the model's graph has {spec.n_edges} edges")
+
+
 def _sizes(text: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes wants comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"wants comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 0:
+        raise argparse.ArgumentTypeError(f"wants comma-separated integers >= 0, got {text!r}")
+    return sizes
 
 
 def cmd_convert(args) -> int:
@@ -65,7 +173,7 @@ def _mesh(args):
     if getattr(args, "distributed", False):
         from .distributed import initialize
 
-        initialize()  # before anything touches jax's devices
+        initialize(timeout=getattr(args, "distributed_timeout", None))  # before anything touches jax's devices
     if not getattr(args, "mesh", None):
         return None
     from .sharding import make_mesh, parse_mesh
@@ -83,7 +191,7 @@ def cmd_attribute(args) -> int:
                       batch_size=args.batch_size, intervention=args.intervention, remat=args.remat,
                       mesh=mesh, max_memory=args.max_memory, intervention_data=args.intervention_data)
     seconds = time.perf_counter() - t
-    if args.top_n:
+    if args.top_n is not None:
         graph.apply_topn(args.top_n, absolute=not args.signed)
     import jax
 
@@ -113,8 +221,23 @@ def cmd_evaluate(args) -> int:
     result = {"edges": graph.count_included_edges(), "nodes": graph.count_included_nodes(),
               "metric": args.metric, "intervention": args.intervention, "circuit": value, "model": clean,
               "empty": empty, "faithfulness": float(normalized_faithfulness(value, clean, empty))}
-    print(json.dumps(result, indent=2))
+    _require_finite_results(result, args.metric)
+    print(dumps(result, indent=2))  # strict JSON: an undefined faithfulness is null
     return 0
+
+
+def _require_finite_results(result: dict, metric: str) -> None:
+    """Refuse NaN/inf metric values (naming them); an undefined faithfulness (the full
+    model and the empty circuit agree) is said on stderr and written as null."""
+    from .errors import require_finite
+
+    names = {"circuit": "the circuit's", "model": "the full model's", "empty": "the empty circuit's",
+             "corrupted": "the corrupted run's"}
+    require_finite({f"{names[k]} {metric}": result[k] for k in names if k in result}, "evaluation")
+    f = result.get("faithfulness")
+    if f is not None and not math.isfinite(f):
+        print(f"jaxinterp: note: faithfulness is undefined (null): the full model and the empty circuit both give "
+              f"{metric} {result['model']:.6g}", file=sys.stderr)
 
 
 def cmd_curve(args) -> int:
@@ -124,9 +247,26 @@ def cmd_curve(args) -> int:
 
     model, pairs = _load(args)
     graph = Graph.from_json(args.graph, spec=model.graph_spec)  # refuses the other view's files
-    sizes = [s for s in args.sizes if s <= graph.spec.n_edges]
+    n_edges = graph.spec.n_edges
+    sizes = sorted({s for s in args.sizes if s <= n_edges})
+    skipped = sorted({s for s in args.sizes if s > n_edges})
+    if not sizes:
+        raise JaxinterpError(f"--sizes {','.join(map(str, args.sizes))}: every size exceeds the model's {n_edges} "
+                             f"edges")
+    if skipped:
+        print(f"jaxinterp curve: note: sizes above the model's {n_edges} edges left out: "
+              f"{', '.join(map(str, skipped))}", file=sys.stderr)
     curve = faithfulness_curve(model, graph, pairs, sizes, metric=args.metric, intervention=args.intervention,
-                               intervention_data=args.intervention_data, batch_size=args.batch_size, absolute=not args.signed, label=args.graph, quiet=False)
+                               intervention_data=args.intervention_data, batch_size=args.batch_size,
+                               absolute=not args.signed, label=args.graph, quiet=False)
+    # before anything is drawn: NaN metric values mean a broken model, never a curve
+    from .errors import require_finite
+
+    require_finite({f"the circuits' {args.metric}": curve.metric, f"the full model's {args.metric}": curve.clean,
+                    f"the empty circuit's {args.metric}": getattr(curve, "empty", None)}, "faithfulness curve")
+    if not all(math.isfinite(f) for f in curve.faithfulness):
+        raise JaxinterpError(f"faithfulness is undefined: the full model and the empty circuit both give "
+                             f"{args.metric} {curve.clean:.6g}; no curve to draw")
     plot_curves([curve], args.out)
     for n, kept, f in zip(curve.sizes, curve.n_edges, curve.faithfulness):
         print(f"top {n:>6}  ({kept:>6} edges after pruning)  faithfulness {f:.4f}")
@@ -165,8 +305,12 @@ def cmd_prune(args) -> int:
 
     if jax.process_index() != 0:
         return 0
+    from .errors import require_finite
+
+    require_finite({k: result.history[k] for k in ("faithfulness_loss", "density") if k in result.history},
+                   "edge pruning's training")
     result.graph.to_json(args.out)
-    history_png = os.path.splitext(args.out)[0] + "_training.png"
+    history_png = _training_png(args.out)
     plot_pruning_history(result.history, history_png)
     h = result.history
     print(f"edge pruning ({args.objective}, {args.steps} steps, {seconds:.1f}s): kept "
@@ -176,12 +320,20 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _training_png(out: str) -> str:
+    return os.path.splitext(out)[0] + "_training.png"
+
+
 def cmd_lens(args) -> int:
     from .lens import lens_report, plot_logit_lens
     from .loading import load_model
 
     model = load_model(args.model)
+    _check_weights(model)
     report = lens_report(model, args.prompt, k=args.top_k)
+    from .errors import require_finite
+
+    require_finite({"the logit lens": report["lens"]}, "logit lens")
     plot_logit_lens(report["lens"][:, -args.last:] if args.last else report["lens"],
                     report["tokens"][-args.last:] if args.last else report["tokens"],
                     lambda t: model.tokenizer.decode([t]), args.out, title=f"logit lens: {args.prompt}")
@@ -212,8 +364,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+DEBUG_HELP = "show the traceback of an error (also: JAXINTERP_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxinterp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jaxinterp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an orbax checkpoint")
@@ -225,18 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--method", default="EAP-IG-inputs",
                    choices=["EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact"])
-    p.add_argument("--ig-steps", type=int, default=5, help="integration steps for the EAP-IG methods (default: 5)")
+    p.add_argument("--ig-steps", type=_positive_int, default=5,
+                   help="integration steps for the EAP-IG methods (default: 5)")
     p.add_argument("--remat", action="store_true",
                    help="recompute each layer in the backward pass (less memory, about one more forward)")
-    p.add_argument("--mesh", default=None, metavar="DxM",
+    p.add_argument("--mesh", default=None, metavar="DxM", type=_mesh_shape,
                    help="shard over a DATAxMODEL device mesh, e.g. 2x4: examples over 2, heads/MLP units over 4")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
+    p.add_argument("--max-memory", default=None, metavar="SIZE", type=_memory_size,
                    help="device memory to fit in, e.g. 70GB or 512MiB: picks the largest batch size that fits "
                         "(overrides --batch-size)")
     p.add_argument("--distributed", action="store_true",
                    help="join other processes first (jax.distributed; JAXINTERP_COORDINATOR, "
                         "JAXINTERP_NUM_PROCESSES, JAXINTERP_PROCESS_ID or the cluster's own variables)")
-    p.add_argument("--top-n", type=int, default=None, help="mark the top-N edges as the circuit in the output")
+    p.add_argument("--distributed-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="with --distributed: give up (exit 2, saying why) when not every process has joined "
+                        "after this long (default: JAXINTERP_DISTRIBUTED_TIMEOUT or 300)")
+    p.add_argument("--top-n", type=_nonneg_int, default=None,
+                   help="mark the top-N edges as the circuit in the output")
     p.add_argument("--signed", action="store_true", help="rank by signed score instead of absolute value")
     p.add_argument("--out", required=True, help="graph JSON to write (the reference's Graph.to_json format)")
     p.set_defaults(func=cmd_attribute)
@@ -244,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="faithfulness of a circuit")
     _add_common(p)
     p.add_argument("--graph", required=True, help="graph JSON (from `attribute` or the reference)")
-    p.add_argument("--top-n", type=int, default=None, help="circuit = top-N edges by |score|")
-    p.add_argument("--threshold", type=float, default=None, help="circuit = edges with |score| >= T")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--top-n", type=_nonneg_int, default=None, help="circuit = top-N edges by |score|")
+    which.add_argument("--threshold", type=_finite_float, default=None, help="circuit = edges with |score| >= T")
     p.add_argument("--signed", action="store_true", help="rank by signed score")
     p.set_defaults(func=cmd_evaluate)
 
@@ -253,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--graph", required=True, help="graph JSON with scores")
     p.add_argument("--sizes", type=_sizes, default=_sizes("10,20,50,100,200,500,1000,2000,5000,10000"),
-                   help="comma-separated circuit sizes (edges)")
+                   help="comma-separated circuit sizes (edges); sizes above the model's edge count are left out")
     p.add_argument("--signed", action="store_true", help="rank by signed score")
     p.add_argument("--out", default="curve.png", help="PNG of the curve")
     p.set_defaults(func=cmd_curve)
@@ -263,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(metric="kl_div")
     p.description = ("ACDC (Conmy et al. 2023) with exact patching. Here --metric defaults to kl_div (KL from "
                      "the clean model, ACDC's choice).")
-    p.add_argument("--threshold", type=float, required=True,
+    p.add_argument("--threshold", type=_finite_float, required=True,
                    help="remove an edge when its removal raises the loss (KL, or minus the task metric) by less")
     p.add_argument("--absolute", action="store_true", help="compare |change| with the threshold")
     p.add_argument("--out", required=True, help="graph JSON to write (the reference's Graph.to_json format)")
@@ -275,17 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = ("Edge Pruning (Bhaskar et al. 2024): hard-concrete masks on every edge, trained with Adam to "
                      "keep the output close to the full model while a Lagrangian drives the expected edge count to "
                      "--edges. Edges outside the circuit carry what --intervention says, as in evaluation.")
-    p.add_argument("--edges", type=int, required=True, help="edges in the circuit ((position, edge) entries with "
+    p.add_argument("--edges", type=_positive_int, required=True, help="edges in the circuit ((position, edge) entries with "
                                                             "--positional)")
     p.add_argument("--objective", default="kl_div", choices=["kl_div", "logit_diff", "prob_diff"],
                    help="KL from the full model (default) or the squared difference of a task metric from it")
-    p.add_argument("--steps", type=int, default=500, help="optimisation steps, one batch each (default: 500)")
-    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the mask logits (default: 0.1)")
+    p.add_argument("--steps", type=_positive_int, default=500,
+                   help="optimisation steps, one batch each (default: 500)")
+    p.add_argument("--lr", type=_positive_float, default=0.1,
+                   help="Adam learning rate of the mask logits (default: 0.1)")
     p.add_argument("--init-graph", default=None, help="graph JSON with attribution scores to start from")
     p.add_argument("--positional", action="store_true",
                    help="one mask per (position, edge); all prompts must have one token length")
-    p.add_argument("--seed", type=int, default=0, help="seed of the mask noise")
-    p.add_argument("--mesh", default=None, metavar="DxM", help="shard over a DATAxMODEL device mesh, e.g. 2x4")
+    p.add_argument("--seed", type=_int, default=0, help="seed of the mask noise")
+    p.add_argument("--mesh", default=None, metavar="DxM", type=_mesh_shape, help="shard over a DATAxMODEL device mesh, e.g. 2x4")
     p.add_argument("--out", required=True, help="graph JSON to write (position-aware: its own JSON format); a "
                                                 "picture of the training goes next to it")
     p.set_defaults(func=cmd_prune)
@@ -293,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lens", help="logit lens picture and top tokens of a prompt")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or a `jaxinterp convert` output")
     p.add_argument("--prompt", required=True, help="text to read (BOS is prepended)")
-    p.add_argument("--top-k", type=int, default=5, help="tokens to print per layer (default: 5)")
-    p.add_argument("--last", type=int, default=None, help="draw only the last N positions")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="tokens to print per layer (default: 5)")
+    p.add_argument("--last", type=_positive_int, default=None, help="draw only the last N positions")
     p.add_argument("--out", default="lens.png", help="PNG of the logit lens")
     p.set_defaults(func=cmd_lens)
 
@@ -307,22 +472,147 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="EAP, EAP-IG and exact patching on the shipped demo model and IOI task")
     p.add_argument("--model", default=None, help="model directory (default: the shipped demo model)")
     p.add_argument("--out", default="jaxinterp-demo", help="output directory for the pictures and the report")
-    p.add_argument("--n", type=int, default=64, help="number of IOI prompt pairs")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n", type=_positive_int, default=64, help="number of IOI prompt pairs")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.set_defaults(func=cmd_demo)
+    for p in sub.choices.values():  # --debug also after the command (SUPPRESS: keeps one given before it)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+# --- files: checked before any work ------------------------------------------------------
+
+def _check_input_file(path, option: str) -> None:
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise JaxinterpError(f"{option} {path} does not exist")
+    if os.path.isdir(path):
+        raise JaxinterpError(f"{option} {path} is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise JaxinterpError(f"{option} {path} is not readable")
+
+
+def _packaged(name: str) -> bool:
+    """``name`` is a model a package ships (GGUF, e.g. ``smollm2``)."""
     try:
+        from .conversion.gguf import packaged_gguf
+    except ImportError:  # pragma: no cover - trees without GGUF support
+        return False
+    return bool(packaged_gguf(name))
+
+
+def _check_model(path, option: str = "--model") -> None:
+    """An existing file or directory, a packaged model name, or a hub id; a path that
+    does not exist is said to be one (not tried as a download)."""
+    if path is None or os.path.exists(path) or _packaged(path):
+        return
+    from .loading import _looks_like_hub_id
+
+    if not _looks_like_hub_id(path):
+        raise JaxinterpError(f"{option} {path} does not exist")
+
+
+def check_paths(args) -> None:
+    """Inputs exist and are readable; outputs can be written and are no input."""
+    from .io import check_writable_dir, check_writable_file
+
+    cmd = args.command
+    model = getattr(args, "model", None)
+    _check_model(model)
+    inputs = [("--model", model if model and os.path.exists(model) else None)]
+    for option in ("data", "intervention_data", "graph", "init_graph"):
+        path = getattr(args, option, None)
+        flag = "--" + option.replace("_", "-")
+        _check_input_file(path, flag)
+        inputs.append((flag, path))
+    out = getattr(args, "out", None)
+    if cmd == "convert":
+        if not os.path.exists(args.hf_dir) and not _packaged(args.hf_dir):
+            raise JaxinterpError(f"{args.hf_dir} does not exist")
+        check_writable_dir(args.out_dir, "the output directory", [("model", args.hf_dir)], replaces=True)
+    elif cmd == "sweep":
+        _check_input_file(args.toml, "sweep file")
+        if out is not None:
+            check_writable_dir(out, "--out", [("sweep file", args.toml)])
+    elif cmd == "demo":
+        check_writable_dir(out, "--out", inputs)
+    elif out is not None:
+        check_writable_file(out, "--out", inputs)
+        if cmd == "prune":
+            check_writable_file(_training_png(out), "--out's training picture", inputs)
+
+
+EXPECTED_ERRORS = (JaxinterpError, ValueError, OSError, NotImplementedError, MemoryError)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line: the cause, naming the file (``OSError``'s file name and reason)."""
+    if isinstance(e, OSError) and not isinstance(e, JaxinterpError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    text = str(e) or type(e).__name__
+    return text if isinstance(e, (JaxinterpError, ValueError, OSError)) else f"{type(e).__name__}: {text}"
+
+
+def _interrupted(*_) -> None:
+    """Ctrl-C: one line, status 130, at once. Unwinding a KeyboardInterrupt through XLA's
+    compiler crashes the process (SIGSEGV), so nothing is unwound; files are written
+    atomically, so none is left half-written (at most a ``.tmp-*`` file)."""
+    try:
+        os.write(2, b"\njaxinterp: interrupted\n")
+    finally:
+        os._exit(130)
+
+
+def exit_cleanly_on_interrupt() -> None:
+    """Install :func:`_interrupted` for SIGINT. Python runs signal handlers in the main
+    thread only between bytecodes, i.e. not while it is inside XLA (compiling or
+    running); the C-level handler still writes the signal number to a wakeup pipe,
+    which a watcher thread reads, so the exit happens at once."""
+    signal.signal(signal.SIGINT, _interrupted)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def watch():
+        while True:
+            if signal.SIGINT in os.read(read, 64):
+                _interrupted()
+
+    threading.Thread(target=watch, name="jaxinterp-interrupt", daemon=True).start()
+
+
+def main(argv=None) -> int:
+    """The command line; ``argv=None`` is a real invocation (``sys.argv``): Ctrl-C then
+    exits cleanly (status 130) and an error exits without running shutdown hooks (orbax
+    and asyncio print spurious tracebacks there). With ``argv`` (tests, scripts) neither
+    happens and the status is returned."""
+    real = argv is None
+    if real:
+        exit_cleanly_on_interrupt()
+    args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("JAXINTERP_DEBUG"))
+    saved = os.environ.get("JAXINTERP_DEBUG")
+    if debug:
+        os.environ["JAXINTERP_DEBUG"] = "1"  # library helpers keep their details too
+    try:
+        check_paths(args)
         return args.func(args)
-    except (FileNotFoundError, ValueError, NotImplementedError, MemoryError) as e:
-        if os.environ.get("JAXINTERP_DEBUG"):
+    except EXPECTED_ERRORS as e:
+        if debug:
             raise
-        # bad input: the message names the problem; a traceback would bury it
-        print(f"jaxinterp {args.command}: error: {e}", file=sys.stderr)
+        # an expected failure: the message names the file or option and the cause
+        print(f"jaxinterp {args.command}: error: {describe_error(e)}", file=sys.stderr)
+        if real:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
+    finally:
+        if saved is None:
+            os.environ.pop("JAXINTERP_DEBUG", None)
+        else:
+            os.environ["JAXINTERP_DEBUG"] = saved
 
 
 if __name__ == "__main__":
