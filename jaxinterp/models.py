@@ -142,10 +142,27 @@ def _normed_probe_bwd(norm, n_dst, res, g):
 _normed_probe.defvjp(_normed_probe_fwd, _normed_probe_bwd)
 
 
-def _norm(cfg: ModelConfig, p, x):
+def norm(cfg: ModelConfig, p, x: Array) -> Array:
+    """The model's norm (LayerNorm, RMSNorm or Gemma's ``1 + w`` RMSNorm) of ``x [..., d_model]``."""
     if cfg.norm == "layernorm":
         return ops.layer_norm(x, p["w"], p.get("b"), cfg.norm_eps)
     return ops.rms_norm(x, p["w"], cfg.norm_eps, cfg.norm_offset)
+
+
+def embed_input(params: Params, cfg: ModelConfig, tokens: Array) -> Array:
+    """The ``input`` node's output, ``[batch, pos, d_model]``: the token embedding, times
+    ``cfg.embed_scale`` (Gemma) rounded to the activation dtype first, as Hugging Face does."""
+    emb = ops.embed(params["embed"]["w_e"], tokens)
+    if cfg.embed_scale != 1.0:
+        emb = emb * jnp.asarray(cfg.embed_scale, emb.dtype)
+    return emb
+
+
+def final_logits(params: Params, cfg: ModelConfig, normed: Array) -> Array:
+    """Float32 logits ``[..., vocab]`` of the final-normed residual ``normed [..., d_model]``
+    (unembedding, its bias, Gemma 2's soft-cap)."""
+    logits = ops.unembed(params["unembed"]["w_u"], normed, params["unembed"].get("b_u")).astype(jnp.float32)
+    return ops.softcap(logits, cfg.final_logit_softcap)
 
 
 def _rotary(cfg: ModelConfig, n_pos: int):
@@ -160,26 +177,214 @@ def _rotary(cfg: ModelConfig, n_pos: int):
     return lambda x: ops.apply_rotary(x, cos.astype(x.dtype), sin.astype(x.dtype))
 
 
-def _node_out(x: Array, iv: Optional["Intervention"], index) -> Array:
-    """A node's output as seen downstream: shifted by ``shift * source`` and with the
-    gradient into its inputs scaled by ``1 - detach``. ``index`` is a src index or slice;
-    ``x`` is ``[batch, pos, d_model]`` or ``[head, batch, pos, d_model]``."""
-    if iv is None:
+# --- the edge machinery: what (*) adds to the downstream inputs -------------------------
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["coef", "source", "outs"],
+                   meta_fields=["mode", "bounds", "scanned"])
+@dataclasses.dataclass(frozen=True)
+class _Edges:
+    """What one layer's (or the logits') downstream inputs see of an intervention.
+
+    coef:    ``[(pos,) src, dst]`` this layer's block of coefficients (masked to real
+             edges), or ``[1, dst]`` for ``add-one``.
+    source:  ``[src, batch, pos, d_model]`` (``[1, ...]`` for ``add-one``).
+    bounds, outs: this run's upstream node outputs by group, ``outs[i]
+             [stop - start, batch, pos, d_model]`` for ``bounds[i] = (start, stop)``.
+             Unrolled: one group per node group produced so far, so the contraction runs
+             over upstream rows only. Scanned: one group of all ``src`` rows, a buffer of
+             this run's outputs (future rows zero; their coefficients are zero) for
+             ``replace``, and None for the other modes, which never read this run's outputs.
+    """
+
+    coef: Array
+    source: Array
+    outs: tuple
+    mode: str
+    bounds: tuple
+    scanned: bool = False
+
+    def delta(self, i: int) -> Array:
+        """``delta_u`` of (*) for group ``i``."""
+        src = self.source[slice(*self.bounds[i])]
+        if self.mode == "replace":
+            return src - self.outs[i]
+        if self.mode == "grad-replace":
+            return src - jax.lax.stop_gradient(self.outs[i])
+        return src
+
+    def inputs(self, resid: Array, dst: slice) -> Array:
+        """(*) for the downstream inputs ``dst`` (modes replace, add, add-one):
+        ``[dst, batch, pos, d_model]``."""
+        n_dst = dst.stop - dst.start
+        x = jnp.broadcast_to(resid[None], (n_dst,) + resid.shape)
+        if self.mode == "add-one":
+            return x + self.coef[0, dst].astype(x.dtype)[:, None, None, None] * self.source[0][None].astype(x.dtype)
+        contract = "fbpd,pfv->vbpd" if self.coef.ndim == 3 else "fbpd,fv->vbpd"
+        for i, b in enumerate(self.bounds):
+            x = x + jnp.einsum(contract, self.delta(i).astype(x.dtype), self.coef[..., slice(*b), dst].astype(x.dtype))
         return x
-    if iv.detach is not None:
-        d = iv.detach[index]
-        d = d[:, None, None, None] if x.ndim == 4 else d
+
+    def normed_inputs(self, cfg: ModelConfig, resid: Array, dst: slice, norm_params) -> Array:
+        """The normalised downstream inputs ``dst``, ``[dst, batch, pos, d_model]``."""
+        if self.mode in ("grad", "grad-replace"):
+            return _normed_probe(functools.partial(norm, cfg), dst.stop - dst.start, resid, norm_params,
+                                 [self.coef[..., slice(*b), dst] for b in self.bounds],
+                                 [self.delta(i) for i in range(len(self.bounds))])
+        return norm(cfg, norm_params, self.inputs(resid, dst))
+
+    def with_outputs(self, start, out: Array) -> "_Edges":
+        """These edges after nodes ``start ..`` produced ``out [n, batch, pos, d_model]``."""
+        if not self.scanned:
+            return dataclasses.replace(self, outs=self.outs + (out,),
+                                       bounds=self.bounds + ((start, start + out.shape[0]),))
+        if self.outs[0] is None:
+            return self
+        buf = jax.lax.dynamic_update_slice_in_dim(self.outs[0], out.astype(self.outs[0].dtype), start, 0)
+        return dataclasses.replace(self, outs=(buf,))
+
+
+def _normed(cfg: ModelConfig, edges: Optional[_Edges], resid: Array, dst: slice, norm_params) -> Array:
+    """Normalised inputs ``[dst, batch, pos, d_model]``, or ``[batch, pos, d_model]`` (the
+    same for all) without an intervention."""
+    return norm(cfg, norm_params, resid) if edges is None else edges.normed_inputs(cfg, resid, dst, norm_params)
+
+
+def _node_out(x: Array, nodes: Optional[tuple]) -> Array:
+    """Node outputs ``x`` (``[batch, pos, d_model]`` or ``[n, batch, pos, d_model]``) as seen
+    downstream: shifted by ``shift * source`` and with the gradient into their inputs scaled
+    by ``1 - detach``. ``nodes``: ``(shift [n] or None, detach [n] or None, source [n, ...])``."""
+    if nodes is None:
+        return x
+    shift, detach, source = nodes
+    expand = (lambda a: a[:, None, None, None]) if x.ndim == 4 else (lambda a: a[0])
+    if detach is not None:
         sg = jax.lax.stop_gradient(x)
-        x = sg + (1 - d) * (x - sg)
-    if iv.shift is not None:
-        sh = iv.shift[index]
-        x = x + (sh[:, None, None, None] if x.ndim == 4 else sh) * iv.source[index].astype(x.dtype)
+        x = sg + (1 - expand(detach)) * (x - sg)
+    if shift is not None:
+        x = x + expand(shift) * (source if x.ndim == 4 else source[0]).astype(x.dtype)
     return x
+
+
+def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, start, p, resid: Array,
+           edges: Optional[_Edges], nodes: Optional[tuple]):
+    """One transformer layer over the circuit graph, as nanoGPT's block plus (*).
+
+    ``window``: its sliding window (None, or an int); ``start``: the src index of its first
+    head; ``p``: its parameters; ``edges``: its :class:`_Edges` (coefficients
+    ``[..., src, n_attn_inputs + 1]``) or None (plain forward); ``nodes``: :func:`_node_out`'s
+    arrays for its ``head + 1`` nodes. Returns ``(resid out, heads [head, batch, pos,
+    d_model], mlp out [batch, pos, d_model], edges after this layer)``.
+    """
+    H, A = cfg.n_heads, spec.n_attn_inputs
+    head_nodes, mlp_nodes = (None, None) if nodes is None else (
+        tuple(None if a is None else a[:H] for a in nodes), tuple(None if a is None else a[H:] for a in nodes))
+    x = _normed(cfg, edges, resid, slice(0, A), p["ln1"])
+    # q per query head, then k and v per query head (default view) or per key/value head
+    x_q, x_k, x_v = (x,) * 3 if edges is None else jnp.split(x, [H, H + spec.n_kv_inputs])
+    heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, ops.attention_mask(key_mask, window), rotary,
+                                head_major=True, scale=cfg.attn_scale, logit_softcap=cfg.attn_logit_softcap)
+    b_o = p["attn"].get("b_o")
+    if cfg.sandwich_norms:  # the nodes are the heads' shares of the normalised sum (module docstring)
+        heads, b_o = ops.rms_norm_shares(heads, p["ln1_post"]["w"], cfg.norm_eps, cfg.norm_offset, b_o)
+    heads = _node_out(heads, head_nodes)
+    attn_out = heads.sum(0) if b_o is None else heads.sum(0) + b_o
+    if edges is not None and not cfg.parallel_attn_mlp:  # the MLP reads this layer's heads
+        edges = edges.with_outputs(start, heads)
+
+    m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
+    x = _normed(cfg, edges, m_in, slice(A, A + 1), p["ln2"])
+    m_out = ops.mlp(p["mlp"], x if edges is None else x[0], cfg.act_fn)
+    if cfg.sandwich_norms:
+        m_out = norm(cfg, p["ln2_post"], m_out)
+    m_out = _node_out(m_out, mlp_nodes)
+    if edges is not None:
+        if cfg.parallel_attn_mlp:  # the heads join the stream beside the MLP
+            edges = edges.with_outputs(start, heads)
+        edges = edges.with_outputs(start + H, m_out[None])
+    return resid + attn_out + m_out, heads, m_out, edges
+
+
+# --- the layer loop: unrolled, or one lax.scan over stacked layers ----------------------
+
+SCAN_MIN_LAYERS = 8
+"""``forward(scan=None)`` scans from this depth on (unrolled below; see :func:`forward`)."""
+
+
+def _layer_coef(spec: GraphSpec, coef: Array, mode: str) -> tuple[Array, Array]:
+    """``(per-layer blocks [layer, ..., src, n_attn_inputs + 1], logits column [..., src, 1])``
+    of ``coef [..., src, dst]``, masked to real edges (``add-one``'s ``[1, dst]`` unmasked)."""
+    if mode != "add-one":
+        coef = coef * jnp.asarray(spec.real_edge_mask, coef.dtype)
+    L, A1 = spec.n_layers, spec.n_attn_inputs + 1
+    blocks = coef[..., :L * A1].reshape(coef.shape[:-1] + (L, A1))
+    return jnp.moveaxis(blocks, -2, 0), coef[..., L * A1:]
+
+
+def _layer_nodes(iv: Optional[Intervention], cfg: ModelConfig) -> tuple[Optional[tuple], Optional[tuple]]:
+    """:func:`_node_out`'s arrays for the input node and for every layer's nodes
+    (``[layer, head + 1, ...]``); None where no node is shifted or detached."""
+    if iv is None or (iv.shift is None and iv.detach is None):
+        return None, None
+    arrays = (iv.shift, iv.detach, iv.source if iv.shift is not None else None)
+    L, n = cfg.n_layers, cfg.n_heads + 1
+    return (tuple(None if a is None else a[:1] for a in arrays),
+            tuple(None if a is None else a[1:].reshape((L, n) + a.shape[1:]) for a in arrays))
+
+
+def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: Array, edges: Optional[_Edges],
+            nodes: Optional[tuple], remat: bool, scan: bool):
+    """Every layer. ``edges``: the intervention with the input node's output, coefficients
+    ``[..., src, dst]``. Returns ``(resid, edges for the logits, resid entering each layer
+    [layer, ...], heads [layer, head, ...], MLP outputs [layer, ...])``."""
+    rotary = _rotary(cfg, resid.shape[1])
+    starts = [spec.head_index(layer) for layer in range(cfg.n_layers)]
+    blocks, logits_coef = (None, None) if edges is None else _layer_coef(spec, edges.coef, edges.mode)
+    at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    # remat: the backward recomputes a layer from its inputs instead of keeping its intermediates
+    checkpoint = jax.checkpoint if remat else (lambda f: f)
+
+    if not scan:
+        rs, hs, ms = [], [], []
+        for layer in range(cfg.n_layers):
+            rs.append(resid)
+            step = checkpoint(functools.partial(_block, cfg, spec, rotary, key_mask, cfg.window(layer), starts[layer]))
+            e = None if edges is None else dataclasses.replace(edges, coef=blocks[layer])
+            resid, heads, m_out, edges = step(at(params["blocks"], layer), resid, e,
+                                              None if nodes is None else at(nodes, layer))
+            hs.append(heads)
+            ms.append(m_out)
+        return (resid, None if edges is None else dataclasses.replace(edges, coef=logits_coef),
+                jnp.stack(rs), jnp.stack(hs), jnp.stack(ms))
+
+    # Scanned: one compiled layer body for all layers. Its upstream axis has a fixed width
+    # (every src row, zero coefficients for those not upstream), so the bodies are identical.
+    n_pos, n_src = resid.shape[1], spec.n_forward
+    windows = None if cfg.sliding_window is None else jnp.asarray(
+        [cfg.window(layer) or n_pos + 1 for layer in range(cfg.n_layers)], jnp.int32)  # n_pos + 1: no window
+    mode, source = (None, None) if edges is None else (edges.mode, edges.source)
+    buf = None  # replace: this run's node outputs, filled in layer by layer (carried)
+    if mode == "replace":
+        buf = jnp.zeros((n_src,) + resid.shape, edges.outs[0].dtype).at[0].set(edges.outs[0][0])
+    step = checkpoint(functools.partial(_block, cfg, spec, rotary, key_mask))
+
+    def body(carry, xs):
+        resid, buf = carry
+        p, coef, window, start, layer_nodes = xs
+        # source is closed over, not carried: a loop invariant, never stacked per layer
+        e = None if mode is None else _Edges(coef, source, (buf,), mode, ((0, n_src),), scanned=True)
+        out, heads, m_out, e = step(window, start, p, resid, e, layer_nodes)
+        return (out, None if e is None else e.outs[0]), (resid, heads, m_out)
+
+    xs = (params["blocks"], blocks, windows, jnp.asarray(starts, jnp.int32), nodes)
+    (resid, buf), (rs, hs, ms) = jax.lax.scan(body, (resid, buf), xs)
+    edges = None if mode is None else _Edges(logits_coef, source, (buf,), mode, ((0, n_src),), scanned=True)
+    return resid, edges, rs, hs, ms
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
             intervention: Optional[Intervention] = None, input_embeddings: Optional[Array] = None,
-            return_node_outputs: bool = False, logit_positions: Optional[Array] = None, remat: bool = False):
+            return_node_outputs: bool = False, logit_positions: Optional[Array] = None, remat: bool = False,
+            scan: Optional[bool] = None):
     """Run the model on ``tokens [batch, pos]``.
 
     attention_mask: ``[batch, pos]``, 1 for real tokens (right padding); default all ones.
@@ -188,145 +393,69 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
         (the token embedding), e.g. for integrated gradients over the inputs.
     return_node_outputs: also return every upstream node's output
         ``[src, batch, pos, d_model]``.
-
     logit_positions: ``[batch]`` or ``[batch, k]`` positions; the logits are computed
         there only, ``[batch, 1 or k, vocab]`` (a metric reads one position per prompt).
     remat: rematerialise each layer in the backward pass (less memory, one more forward).
+    scan: run the layers as one ``lax.scan`` over the stacked layer parameters (compile
+        time independent of depth) or unrolled (each layer's contraction runs over its
+        upstream nodes only); None: scan from :data:`SCAN_MIN_LAYERS` layers on. Both
+        compute the same numbers to float rounding.
 
     Returns float32 logits ``[batch, pos, vocab]`` (and the node outputs).
     """
-    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, return_node_outputs,
-               logit_positions, remat)
+    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, logit_positions, remat, scan)
     return (run["logits"], run["outs"]) if return_node_outputs else run["logits"]
 
 
 def residual_stream(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
-                    intervention: Optional[Intervention] = None, input_embeddings: Optional[Array] = None):
+                    intervention: Optional[Intervention] = None, input_embeddings: Optional[Array] = None,
+                    scan: Optional[bool] = None):
     """``(logits [batch, pos, vocab], resid [n_layers + 1, batch, pos, d_model])``: the
     residual stream entering each layer (embeddings and positions included) and, last,
     the stream entering the final norm. With an intervention, this run's streams (the
     per-edge inputs of (*) differ from them only where edges are patched)."""
-    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, False)
-    return run["logits"], jnp.stack(run["resid"])
+    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, scan=scan)
+    return run["logits"], run["resid"]
 
 
 def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array],
-         intervention: Optional[Intervention], input_embeddings: Optional[Array], return_node_outputs: bool,
-         logit_positions: Optional[Array] = None, remat: bool = False) -> dict:
-    if (intervention is not None or return_node_outputs) and cfg.graph_unsupported_reason:
-        raise NotImplementedError(f"no circuit-graph forward: {cfg.graph_unsupported_reason}")
-    # unchecked: a model without a graph still runs its plain forward on the index arithmetic
-    spec = GraphSpec.from_config(cfg, check_supported=False)
+         iv: Optional[Intervention], input_embeddings: Optional[Array], logit_positions: Optional[Array] = None,
+         remat: bool = False, scan: Optional[bool] = None) -> dict:
+    spec = GraphSpec.from_config(cfg)
     n_batch, n_pos = tokens.shape
+    scan = cfg.n_layers >= SCAN_MIN_LAYERS if scan is None else scan
     if attention_mask is None:
         attention_mask = jnp.ones((n_batch, n_pos), jnp.int32)
-    masks = {w: ops.attention_mask(attention_mask, w) for w in {cfg.window(i) for i in range(cfg.n_layers)}}
-    rotary = _rotary(cfg, n_pos)
-    H = cfg.n_heads
-    iv = intervention
     if iv is not None and iv.mode not in MODES:
         raise ValueError(f"unknown intervention mode {iv.mode!r}; choose from {MODES}")
     if iv is not None and iv.coef.ndim == 3 and (iv.mode == "add-one" or iv.coef.shape[0] != n_pos):
         raise ValueError(f"position-aware coefficients {iv.coef.shape} need one row per position ({n_pos}) "
                          f"and a mode other than add-one")
+    if scan and iv is not None and iv.mode == "grad-replace":
+        # A scanned backward cannot read this run's outputs of earlier layers without
+        # keeping a copy of them per layer; with coef = 0 this run is the plain run (with
+        # any shifts), so its outputs come from one forward pass first and the edge probe
+        # contracts a fixed source.
+        outs = _run(params, cfg, tokens, attention_mask, dataclasses.replace(iv, mode="grad"), input_embeddings,
+                    logit_positions, scan=True)["outs"]
+        iv = dataclasses.replace(iv, source=iv.source - jax.lax.stop_gradient(outs).astype(iv.source.dtype),
+                                 mode="grad")
 
-    # Node outputs are kept per group (the input, one layer's heads, one MLP) as they are
-    # produced: (*) is then a sum of one small product per group, and the backward of the
-    # edge probe keeps only these arrays alive (not one copy of the growing stack per layer).
-    groups: list[tuple[slice, Array]] = []
-
-    def delta(sl: slice, out: Array) -> Array:
-        """``delta_u`` of (*) for the group of nodes ``sl`` whose outputs here are ``out``."""
-        if iv.mode == "replace":
-            return iv.source[sl] - out
-        if iv.mode == "grad-replace":
-            return iv.source[sl] - jax.lax.stop_gradient(out)
-        return iv.source[sl]
-
-    def edge_inputs(resid, dst: slice, groups: list):
-        """(*) for the downstream inputs ``dst`` fed by ``groups`` (those produced so far):
-        ``[dst, batch, pos, d_model]`` (modes replace, add, add-one)."""
-        n_dst = dst.stop - dst.start
-        x = jnp.broadcast_to(resid[None], (n_dst,) + resid.shape)
-        if iv.mode == "add-one":
-            return x + iv.coef[0, dst].astype(x.dtype)[:, None, None, None] * iv.source[0][None].astype(x.dtype)
-        contract = "fbpd,pfv->vbpd" if iv.coef.ndim == 3 else "fbpd,fv->vbpd"
-        for sl, out in groups:
-            x = x + jnp.einsum(contract, delta(sl, out).astype(x.dtype), iv.coef[..., sl, dst].astype(x.dtype))
-        return x
-
-    def normed_inputs(resid, dst: slice, groups: list, norm_params):
-        """The normalised downstream inputs ``dst``: ``[dst, batch, pos, d_model]``, or
-        ``[batch, pos, d_model]`` (the same for all) without an intervention."""
-        if iv is None:
-            return _norm(cfg, norm_params, resid)
-        if iv.mode in ("grad", "grad-replace"):
-            return _normed_probe(functools.partial(_norm, cfg), dst.stop - dst.start, resid, norm_params,
-                                 [iv.coef[..., sl, dst] for sl, _ in groups], [delta(sl, out) for sl, out in groups])
-        return _norm(cfg, norm_params, edge_inputs(resid, dst, groups))
-
-    if input_embeddings is None:
-        emb = ops.embed(params["embed"]["w_e"], tokens)
-        if cfg.embed_scale != 1.0:  # Gemma; rounded to the activation dtype first, as Hugging Face does
-            emb = emb * jnp.asarray(cfg.embed_scale, emb.dtype)
-    else:
-        emb = input_embeddings
-    emb = _node_out(emb, iv, 0)
-    groups.append((slice(0, 1), emb[None]))
+    in_nodes, nodes = _layer_nodes(iv, cfg)
+    emb = _node_out(embed_input(params, cfg, tokens) if input_embeddings is None else input_embeddings, in_nodes)
     resid = emb
     if cfg.positional == "learned":
         resid = resid + ops.pos_embed(params["embed"]["w_pos"], n_pos)[None]
+    edges = None if iv is None else _Edges(iv.coef, iv.source, (emb[None],), iv.mode, ((0, 1),))
+    resid, edges, resids, heads, mlps = _layers(params, cfg, spec, resid, attention_mask, edges, nodes, remat, scan)
 
-    def block(layer: int, p, resid, bounds, arrays):
-        """One layer given the node outputs so far (``arrays``, one per group):
-        ``(resid out, heads [head, batch, pos, d_model], mlp out [batch, pos, d_model])``."""
-        groups = [(slice(*b), a) for b, a in zip(bounds, arrays)]
-        a0 = spec.qkv_index(layer, "q")
-        n_qkv = normed_inputs(resid, slice(a0, a0 + spec.n_attn_inputs), groups, p["ln1"])
-        # q per query head, then k and v per query head (default view) or per key/value head
-        x_q, x_k, x_v = (n_qkv,) * 3 if iv is None else jnp.split(n_qkv, [H, H + spec.n_kv_inputs])
-        h0 = spec.head_index(layer)
-        heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, masks[cfg.window(layer)], rotary, head_major=True,
-                                    scale=cfg.attn_scale, logit_softcap=cfg.attn_logit_softcap)
-        b_o = p["attn"].get("b_o")
-        if cfg.sandwich_norms:  # the nodes are the heads' shares of the normalised sum (module docstring)
-            heads, b_o = ops.rms_norm_shares(heads, p["ln1_post"]["w"], cfg.norm_eps, cfg.norm_offset, b_o)
-        heads = _node_out(heads, iv, slice(h0, h0 + H))
-        attn_out = heads.sum(0) if b_o is None else heads.sum(0) + b_o
-        if not cfg.parallel_attn_mlp:
-            groups.append((slice(h0, h0 + H), heads))
-
-        m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
-        mi = spec.mlp_in_index(layer)
-        n_m = normed_inputs(m_in, slice(mi, mi + 1), groups, p["ln2"])
-        m_out = ops.mlp(p["mlp"], n_m if iv is None else n_m[0], cfg.act_fn)
-        if cfg.sandwich_norms:
-            m_out = _norm(cfg, p["ln2_post"], m_out)
-        m_out = _node_out(m_out, iv, spec.mlp_index(layer))
-        return resid + attn_out + m_out, heads, m_out
-
-    resids = []
-    for layer in range(cfg.n_layers):
-        resids.append(resid)
-        p = jax.tree.map(lambda a: a[layer], params["blocks"])
-        bounds, arrays = tuple((sl.start, sl.stop) for sl, _ in groups), [a for _, a in groups]
-        # remat: the backward recomputes the layer from its inputs instead of keeping its
-        # intermediates (attention weights, MLP hidden units) alive
-        step = jax.checkpoint(block, static_argnums=(0, 3)) if remat else block
-        resid, heads, m_out = step(layer, p, resid, bounds, arrays)
-        h0, m_idx = spec.head_index(layer), spec.mlp_index(layer)
-        groups.append((slice(h0, h0 + H), heads))
-        groups.append((slice(m_idx, m_idx + 1), m_out[None]))
-
-    resids.append(resid)
-    n_f = normed_inputs(resid, slice(spec.logits_index, spec.logits_index + 1), groups, params["ln_f"])
-    n_f = n_f if iv is None else n_f[0]
+    n_f = _normed(cfg, edges, resid, slice(0, 1), params["ln_f"])
+    n_f = n_f if edges is None else n_f[0]
     if logit_positions is not None:  # only the positions a metric reads: most of the unembedding is skipped
         n_f = jnp.take_along_axis(n_f, logit_positions.reshape(n_batch, -1)[..., None], axis=1)
-    logits = ops.unembed(params["unembed"]["w_u"], n_f, params["unembed"].get("b_u")).astype(jnp.float32)
-    logits = ops.softcap(logits, cfg.final_logit_softcap)
-    outs = jnp.concatenate([out for _, out in groups]) if return_node_outputs else None
-    return {"logits": logits, "outs": outs, "resid": resids}
+    outs = jnp.concatenate([emb[None], jnp.concatenate([heads, mlps[:, None]], 1).reshape((-1,) + emb.shape)])
+    return {"logits": final_logits(params, cfg, n_f), "outs": outs,
+            "resid": jnp.concatenate([resids, resid[None]])}
 
 
 def node_outputs(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None) -> Array:
