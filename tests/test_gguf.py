@@ -513,3 +513,28 @@ def test_keep_correct_reports_accuracy_and_keeps_only_right_answers(smollm2):
     assert tasks.model_correct(smollm2, kept, "top1").all()
     with pytest.raises(ValueError, match="keep_correct needs the model"):
         tasks.generate_real("ioi", 4, tok, keep_correct=True)
+
+
+def test_convert_smollm2_keeps_weights_and_tokenizer(smollm2, tmp_path):
+    """``jaxinterp convert smollm2 OUT``: the orbax copy has the same parameters and a
+    tokenizer.json that tokenises as the GGUF-built tokenizer does."""
+    from jaxinterp.cli import main
+    from jaxinterp.conversion import load_converted
+    from jaxinterp.loading import load_tokenizer
+
+    out = str(tmp_path / "smol")
+    assert main(["convert", "smollm2", out]) == 0
+    cfg, params = load_converted(out)
+    assert cfg == smollm2.cfg
+    for path in (("embed", "w_e"), ("blocks", "attn", "w_k"), ("blocks", "mlp", "w_out")):
+        a, b = params, smollm2.params
+        for k in path:
+            a, b = a[k], b[k]
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tok = load_tokenizer(out)
+    assert os.path.exists(os.path.join(out, "tokenizer.json"))
+    for text in PROMPTS[:6]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == \
+            smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == \
+        (smollm2.tokenizer.bos_token_id, smollm2.tokenizer.eos_token_id, smollm2.tokenizer.pad_token_id)
