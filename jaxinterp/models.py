@@ -185,8 +185,8 @@ def _rotary(cfg: ModelConfig, n_pos: int):
 class _Edges:
     """What one layer's (or the logits') downstream inputs see of an intervention.
 
-    coef:    ``[(pos,) src, dst]`` this layer's block of coefficients (masked to real
-             edges), or ``[1, dst]`` for ``add-one``.
+    coef:    ``[(pos,) src, dst]`` this layer's block of coefficients (scanned: masked to
+             real edges), or ``[1, dst]`` for ``add-one``.
     source:  ``[src, batch, pos, d_model]`` (``[1, ...]`` for ``add-one``).
     bounds, outs: this run's upstream node outputs by group, ``outs[i]
              [stop - start, batch, pos, d_model]`` for ``bounds[i] = (start, stop)``.
@@ -310,14 +310,21 @@ SCAN_MIN_LAYERS = 8
 """``forward(scan=None)`` scans from this depth on (unrolled below; see :func:`forward`)."""
 
 
-def _layer_coef(spec: GraphSpec, coef: Array, mode: str) -> tuple[Array, Array]:
+def _layer_coef(spec: GraphSpec, coef: Array) -> tuple[Array, Array]:
     """``(per-layer blocks [layer, ..., src, n_attn_inputs + 1], logits column [..., src, 1])``
-    of ``coef [..., src, dst]``, masked to real edges (``add-one``'s ``[1, dst]`` unmasked)."""
-    if mode != "add-one":
-        coef = coef * jnp.asarray(spec.real_edge_mask, coef.dtype)
+    of ``coef [..., src, dst]`` (or ``add-one``'s ``[1, dst]``)."""
     L, A1 = spec.n_layers, spec.n_attn_inputs + 1
     blocks = coef[..., :L * A1].reshape(coef.shape[:-1] + (L, A1))
     return jnp.moveaxis(blocks, -2, 0), coef[..., L * A1:]
+
+
+def _upstream(spec: GraphSpec, start) -> Array:
+    """``[src, n_attn_inputs + 1]`` 0/1: the real edges into the layer whose first head is
+    src ``start`` (its attention inputs read the nodes before it; its MLP also reads its
+    heads unless attention and MLP run in parallel). Computed, not a constant of size
+    ``src x dst``, so that nothing in the compiled program grows with the square of depth."""
+    limit = start + jnp.asarray([0] * spec.n_attn_inputs + [0 if spec.parallel_attn_mlp else spec.n_heads])
+    return (jnp.arange(spec.n_forward)[:, None] < limit[None, :]).astype(jnp.float32)
 
 
 def _layer_nodes(iv: Optional[Intervention], cfg: ModelConfig) -> tuple[Optional[tuple], Optional[tuple]]:
@@ -338,7 +345,7 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
     [layer, ...], heads [layer, head, ...], MLP outputs [layer, ...])``."""
     rotary = _rotary(cfg, resid.shape[1])
     starts = [spec.head_index(layer) for layer in range(cfg.n_layers)]
-    blocks, logits_coef = (None, None) if edges is None else _layer_coef(spec, edges.coef, edges.mode)
+    blocks, logits_coef = (None, None) if edges is None else _layer_coef(spec, edges.coef)
     at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
     # remat: the backward recomputes a layer from its inputs instead of keeping its intermediates
     checkpoint = jax.checkpoint if remat else (lambda f: f)
@@ -371,6 +378,8 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
         resid, buf = carry
         p, coef, window, start, layer_nodes = xs
         # source is closed over, not carried: a loop invariant, never stacked per layer
+        if mode is not None and mode != "add-one":  # rows not upstream of this layer are no edges
+            coef = coef * _upstream(spec, start).astype(coef.dtype)
         e = None if mode is None else _Edges(coef, source, (buf,), mode, ((0, n_src),), scanned=True)
         out, heads, m_out, e = step(window, start, p, resid, e, layer_nodes)
         return (out, None if e is None else e.outs[0]), (resid, heads, m_out)
