@@ -21,20 +21,21 @@ import numpy as np
 from common import GPT2_SMALL, ensure_checkpoint, gpu_peak_mb, machine, peak_rss_mb, write_ioi_pairs, write_json
 
 from jaxinterp import load_model
-from jaxinterp.attribution import batch_scores, prepare_data
+from jaxinterp.attribution import batch_scores
+from jaxinterp.interventions import prepare_data
 
 
-def time_method(model, pairs, year_ids, method, batch_size, ig_steps, repeats):
+def time_method(model, pairs, metric, method, batch_size, ig_steps, repeats):
     batches = list(pairs.batches(batch_size))
-    kw = dict(cfg=model.cfg, method=method, metric_name="logit_diff", ig_steps=ig_steps)
+    kw = dict(cfg=model.cfg, method=method, metric=metric, ig_steps=ig_steps)
     t = time.perf_counter()
-    jax.block_until_ready(batch_scores(model.params, batches[0], year_ids, **kw))
+    jax.block_until_ready(batch_scores(model.params, batches[0], **kw))
     first = time.perf_counter() - t
     times = []
     for _ in range(repeats):
         for b in batches:
             t = time.perf_counter()
-            jax.block_until_ready(batch_scores(model.params, b, year_ids, **kw))
+            jax.block_until_ready(batch_scores(model.params, b, **kw))
             times.append(time.perf_counter() - t)
     per_batch = float(np.median(times))
     return {"method": method, "ig_steps": ig_steps if "IG" in method else None, "batch_size": batch_size,
@@ -59,10 +60,10 @@ def main():
     model = load_model(path)
     csv_path = write_ioi_pairs(os.path.join(tempfile.gettempdir(), "jaxinterp-bench-ioi.csv"),
                                model.tokenizer, args.examples)
-    pairs, year_ids = prepare_data(model, csv_path, "logit_diff")
+    pairs, metric = prepare_data(model, csv_path, "logit_diff")
     rows = []
     for method in args.methods.split(","):
-        r = time_method(model, pairs, year_ids, method, args.batch_size, args.ig_steps, args.repeats)
+        r = time_method(model, pairs, metric, method, args.batch_size, args.ig_steps, args.repeats)
         rows.append(r)
         print(f"{method:>20}: {r['examples_per_s']:8.1f} examples/s  ({r['seconds_per_batch']:.3f} s/batch of "
               f"{args.batch_size} x {pairs.n_pos} tokens; compile {r['compile_s']:.1f} s)")

@@ -103,6 +103,7 @@ def main():
 
     from jaxinterp import load_model
     from jaxinterp.attribution import batch_scores
+    from jaxinterp.interventions import TaskMetric
 
     shape = SHAPES[args.shape]
     path = args.checkpoint_dir or os.path.join(tempfile.gettempdir(), f"jaxinterp-{args.shape}-random")
@@ -116,10 +117,10 @@ def main():
     spec = model.graph_spec
     pairs = random_pairs(args.batch_size * (args.batches + 1), args.pos, shape["vocab_size"])
     batches = list(pairs.batches(args.batch_size))
-    year_ids = np.zeros(100, np.int32)
-    kw = dict(cfg=model.cfg, method=args.method, metric_name="logit_diff", ig_steps=args.ig_steps, remat=args.remat)
+    kw = dict(cfg=model.cfg, method=args.method, metric=TaskMetric("logit_diff"), ig_steps=args.ig_steps,
+              remat=args.remat)
     t = time.perf_counter()
-    compiled = batch_scores.lower(model.params, batches[0], year_ids, **kw).compile()
+    compiled = batch_scores.lower(model.params, batches[0], **kw).compile()
     t_compile = time.perf_counter() - t
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -127,7 +128,7 @@ def main():
     times = []
     for b in batches:
         t = time.perf_counter()
-        scores = jax.block_until_ready(compiled(model.params, b, year_ids))
+        scores = jax.block_until_ready(compiled(model.params, b))
         times.append(time.perf_counter() - t)
     steady = float(np.median(times[1:])) if len(times) > 1 else times[0]
     finite = bool(np.isfinite(np.asarray(scores)).all())

@@ -34,28 +34,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import gpu_peak_mb, machine, peak_rss_mb, write_json  # noqa: E402
 
 from jaxinterp import load_model  # noqa: E402
-from jaxinterp import metrics as metrics_lib  # noqa: E402
-from jaxinterp.attribution import attribute, prepare_data  # noqa: E402
+from jaxinterp.attribution import attribute  # noqa: E402
+from jaxinterp.interventions import prepare_data  # noqa: E402
 from jaxinterp.evaluation import evaluate_baseline, evaluate_graph  # noqa: E402
 from jaxinterp.graph import Graph, GraphSpec  # noqa: E402
 from jaxinterp.models import Intervention, forward  # noqa: E402
 
 
-def _ig_edge_masks_batch(params, batch, year_ids, *, cfg, metric_name, ig_steps):
+def _ig_edge_masks_batch(params, batch, *, cfg, metric, ig_steps):
     """Sum over the batch of the per-example IG-edge-masks scores ``[src, dst]`` (built
     from the public graph forward only)."""
     spec = GraphSpec.from_config(cfg)
-    metric = metrics_lib.get_metric(metric_name, year_ids)
     mask, at = batch["attention_mask"], batch["lengths"] - 1  # each prompt's last real token
     clean_logits = forward(params, cfg, batch["clean"], mask, logit_positions=at)
     _, corr_outs = forward(params, cfg, batch["corrupted"], mask, return_node_outputs=True, logit_positions=at)
     corr_outs = jax.lax.stop_gradient(corr_outs)
-    sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
+    sign = metric.sign
 
     def f(coef):
         logits = forward(params, cfg, batch["clean"], mask, Intervention(coef, corr_outs, mode="replace"),
                          logit_positions=at)
-        values = metric(logits, clean_logits, jnp.ones_like(batch["lengths"]), batch["labels"])
+        values = metric(logits, clean_logits, batch)
         return (sign * values * batch["weight"]).sum()
 
     real = jnp.asarray(spec.real_edge_mask, jnp.float32)
@@ -67,14 +66,14 @@ def _ig_edge_masks_batch(params, batch, year_ids, *, cfg, metric_name, ig_steps)
     return jax.lax.scan(step, jnp.zeros_like(real), ms)[0] * real
 
 
-_ig_edge_masks_jit = jax.jit(_ig_edge_masks_batch, static_argnames=("cfg", "metric_name", "ig_steps"))
+_ig_edge_masks_jit = jax.jit(_ig_edge_masks_batch, static_argnames=("cfg", "metric", "ig_steps"))
 
 
-def ig_edge_masks(model, pairs, year_ids, *, metric, ig_steps, batch_size, **_):
+def ig_edge_masks(model, pairs, task_metric, *, ig_steps, batch_size, **_):
     """auto-circuit's Integrated Edge Gradients as a :class:`Graph` of mean scores."""
     total = np.zeros((model.graph_spec.n_forward, model.graph_spec.n_backward), np.float64)
     for batch in pairs.batches(batch_size):
-        total += np.asarray(_ig_edge_masks_jit(model.params, batch, year_ids, cfg=model.cfg, metric_name=metric,
+        total += np.asarray(_ig_edge_masks_jit(model.params, batch, cfg=model.cfg, metric=task_metric,
                                                ig_steps=ig_steps))
     return Graph(model.graph_spec, (total / len(pairs) / (ig_steps + 1)).astype(np.float32))
 
@@ -93,14 +92,14 @@ def main():
 
     t = time.perf_counter()
     model = load_model(args.model)
-    pairs, year_ids = prepare_data(model, args.data, args.metric)
+    pairs, task_metric = prepare_data(model, args.data, args.metric)
     seconds_load = time.perf_counter() - t
     compile_s = None
     kw = dict(method=args.method, metric=args.metric, ig_steps=args.ig_steps, batch_size=args.batch_size, quiet=True)
     run_method = attribute
     if args.method == "IG-edge-masks":  # the comparison-only method above
         def run_method(model, pairs, **kw):
-            return ig_edge_masks(model, pairs, year_ids, **kw)
+            return ig_edge_masks(model, pairs, task_metric, **kw)
     if args.method != "exact":
         # warm up through the same call that is timed: one batch twice, the difference is compilation
         head = pairs.head(args.batch_size)

@@ -19,7 +19,12 @@ source's corrupted activation, as :mod:`jaxinterp.evaluation`):
 ``L`` is the mean over examples of ``ATTRIBUTION_SIGN[metric] * metric``: KL(clean ||
 circuit) at the last real token by default (ACDC's choice), or the negated logit /
 probability difference (a loss: removing an edge that lowers the logit difference by
-less than the threshold is accepted, one that raises it always is).
+less than the threshold is accepted, one that raises it always is). ``L(H)`` is measured
+on ``H`` *pruned* (:meth:`jaxinterp.graph.Graph.prune`: nodes without inputs or outputs
+and their edges removed), the circuit that evaluation measures: under ``patching``
+pruning leaves the metric as it is, but under ``zero`` / ``mean`` ablation a node cut off
+from its inputs still computes something that its kept outgoing edges would carry, so a
+circuit accepted unpruned would change when pruned.
 
 **Semantics kept exactly sequential.** Edges into one input are tested one at a time,
 each against the circuit left by the decisions before it, as in the original; there is
@@ -32,9 +37,10 @@ logits, then for each layer from the last: ``m{l}``, then its heads' ``<q>``, ``
 index down (the latest MLP and heads first).
 
 The result is a :class:`jaxinterp.graph.Graph` in the reference's JSON format: edges
-kept are ``in_graph`` (pruned of nodes without inputs or outputs, which exact patching
-makes metric-neutral), and each tested edge's ``score`` is its ``result`` when it was
-tested (edges removed untested score 0), so evaluation, curves and pictures apply.
+kept are ``in_graph``, the accepted circuit pruned (so its evaluated metric is the ``L``
+ACDC accepted, for every intervention), and each tested edge's ``score`` is its
+``result`` when it was tested (edges removed untested score 0), so evaluation, curves and
+pictures apply.
 """
 
 from __future__ import annotations
@@ -47,12 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import metrics as metrics_lib
-from .attribution import (INTERVENTIONS, _corrupted_outputs, batch_metric, intervention_means, logit_positions,
-                          prepare_data)
 from .data import Pairs
 from .graph import Graph, GraphSpec
-from .models import Intervention, forward
+from .interventions import TaskMetric, circuit_values, corrupted_outputs, prepare_run, weighted_sum
 
 
 def processing_order(spec: GraphSpec) -> list[int]:
@@ -74,42 +77,54 @@ def stack_batches(pairs: Pairs, batch_size: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "intervention"))
-def _prepare(params, stacked, year_ids, means=None, *, cfg, intervention):
+def _prepare(params, stacked, means=None, *, cfg, intervention):
     """Per batch, the clean logits at the read positions ``[n_batches, batch, 1, vocab]``
     and the corrupted node outputs ``[n_batches, src, batch, pos, d_model]``."""
 
     def one(batch):
-        clean_logits, _, corr_outs = _corrupted_outputs(params, cfg, batch, intervention, means)
+        clean_logits, _, corr_outs = corrupted_outputs(params, cfg, batch, intervention, means)
         return clean_logits, corr_outs
 
     return jax.lax.map(one, stacked)
 
 
-def _loss(params, cfg, metric_name, stacked, year_ids, clean_logits, corr_outs, in_graph) -> jax.Array:
+def pruned(in_graph: jax.Array, spec: GraphSpec) -> jax.Array:
+    """``in_graph [src, dst]`` (bool) pruned as :meth:`Graph.prune` prunes a circuit whose
+    nodes all start in it: nodes without incoming (the input excepted) or outgoing edges
+    lose their edges, until nothing changes. Traceable (a ``while_loop``)."""
+    f2b = jnp.asarray(spec.forward_to_backward)
+
+    def step(g):
+        has_in = (g.any(0)[None, :] & f2b).any(1).at[0].set(True)  # the input node needs no input
+        nodes = g.any(1) & has_in
+        dst_alive = (nodes[:, None] & f2b).any(0).at[-1].set(True)  # the logits are always there
+        return g & nodes[:, None] & dst_alive[None, :]
+
+    return jax.lax.while_loop(lambda c: (c[0] != c[1]).any(), lambda c: (step(c[0]), c[0]),
+                              (step(in_graph), in_graph))[0]
+
+
+def _loss(params, cfg, metric: TaskMetric, stacked, clean_logits, corr_outs, in_graph) -> jax.Array:
     """``L(circuit)``: the mean over all examples of the signed metric of the circuit
-    ``in_graph [src, dst]`` (bool)."""
-    spec = GraphSpec.from_config(cfg)
-    metric = metrics_lib.get_metric(metric_name, year_ids)
-    coef = (1.0 - in_graph.astype(jnp.float32)) * jnp.asarray(spec.real_edge_mask, jnp.float32)
+    ``in_graph [src, dst]`` (bool), pruned."""
+    circuit = pruned(in_graph, GraphSpec.from_config(cfg))
 
     def one(xs):
         batch, clean, corr = xs
-        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], Intervention(coef, corr),
-                         logit_positions=logit_positions(batch))
-        return (batch_metric(metric, logits, clean, batch) * batch["weight"]).sum()
+        return weighted_sum(circuit_values(params, cfg, batch, circuit, corr, clean, metric), batch)
 
     total = jax.lax.map(one, (stacked, clean_logits, corr_outs)).sum()
-    return metrics_lib.ATTRIBUTION_SIGN[metric_name] * total / stacked["weight"].sum()
+    return metric.sign * total / stacked["weight"].sum()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric_name", "absolute"))
-def _process_input(params, stacked, year_ids, clean_logits, corr_outs, in_graph, dst, parents, threshold, *,
-                   cfg, metric_name, absolute):
+@functools.partial(jax.jit, static_argnames=("cfg", "metric", "absolute"))
+def _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst, parents, threshold, *,
+                   cfg, metric: TaskMetric, absolute):
     """ACDC's step for one downstream input ``dst``: the edges ``parents[i] -> dst``
     (``parents [k]``, -1 = padding) tested in order, each removal committed before the
     next test. Returns ``(in_graph, results [k], L of the final circuit)``; a result is
     NaN where nothing was tested."""
-    loss = functools.partial(_loss, params, cfg, metric_name, stacked, year_ids, clean_logits, corr_outs)
+    loss = functools.partial(_loss, params, cfg, metric, stacked, clean_logits, corr_outs)
 
     def step(carry, u):
         graph, current = carry
@@ -146,21 +161,18 @@ def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div
     intervention: what removed edges carry, as in :func:`jaxinterp.evaluate_graph`
         (the ``mean`` interventions average over ``intervention_data``, default ``data``).
     """
-    if intervention not in INTERVENTIONS:
-        raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold}")
-    pairs, year_ids = prepare_data(model, data, metric)
-    spec, cfg = model.graph_spec, model.cfg
-    stacked = stack_batches(pairs, batch_size)
-    means = intervention_means(model, pairs, intervention, intervention_data, batch_size)
-    clean_logits, corr_outs = _prepare(model.params, stacked, year_ids, means, cfg=cfg, intervention=intervention)
+    run = prepare_run(model, data, metric, intervention, intervention_data, batch_size)
+    spec, cfg, params = model.graph_spec, model.cfg, run.model.params
+    stacked = stack_batches(run.pairs, batch_size)
+    clean_logits, corr_outs = _prepare(params, stacked, run.means, cfg=cfg, intervention=intervention)
     real = spec.real_edge_mask
     in_graph = jnp.asarray(real)
     scores = np.zeros(real.shape, np.float32)
     # the nodes each input feeds: several query heads for a grouped <k>/<v> input
     owners = {int(d): np.nonzero(spec.forward_to_backward[:, d])[0] for d in range(spec.n_backward - 1)}
-    kw = dict(cfg=cfg, metric_name=metric, absolute=bool(absolute))
+    kw = dict(cfg=cfg, metric=run.metric, absolute=bool(absolute))
     for dst in tqdm(processing_order(spec), desc="ACDC", disable=quiet):
         nodes = owners.get(dst)
         if nodes is not None and not bool(in_graph[nodes].any()):
@@ -169,8 +181,8 @@ def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div
         parents = np.nonzero(real[:, dst])[0][::-1]
         padded = np.full(spec.n_forward, -1, np.int32)
         padded[:len(parents)] = parents
-        in_graph, results, _ = _process_input(model.params, stacked, year_ids, clean_logits, corr_outs, in_graph,
-                                              dst, padded, jnp.float32(threshold), **kw)
+        in_graph, results, _ = _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst, padded,
+                                              jnp.float32(threshold), **kw)
         results = np.asarray(results)[:len(parents)]
         if not np.isfinite(results).all():  # every edge into dst is present, so every one was tested
             raise ValueError(f"ACDC: non-finite metric values at {spec.backward_names[dst]}; check the data "
@@ -179,5 +191,5 @@ def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div
     graph = Graph(spec, scores)
     graph.in_graph[:] = np.asarray(in_graph) & real
     graph.nodes_in_graph[:] = True
-    graph.prune()
+    graph.prune()  # the circuit L was measured on (see pruned)
     return graph

@@ -22,7 +22,8 @@ gradient is taken:
 * ``exact``: the true metric change when one edge alone carries its corrupted value.
 
 Scores are the mean over examples of the per-example attribution of
-``ATTRIBUTION_SIGN * metric``. The reference divides the same sum by the number of
+``ATTRIBUTION_SIGN * metric``. What the corrupted activations are (``intervention=``),
+the data, the metric and the batch loop come from :mod:`jaxinterp.interventions`. The reference divides the same sum by the number of
 examples *and* by the batch size (its metric is a batch mean): reference scores equal
 ours divided by ``batch_size``.
 """
@@ -38,130 +39,33 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import memory as memory_lib
-from . import metrics as metrics_lib
 from .config import ModelConfig
-from .data import Pairs, load_pairs, year_token_ids
+from .data import Pairs
 from .graph import Graph, GraphSpec
-from .models import Intervention, forward
-from .positional import PositionalGraph, check_one_length
-from .sharding import batches as shard_batches, replicate, shard_model, to_host
+from .interventions import (Run, TaskMetric, check_intervention, corrupted_outputs, mean_activations,  # noqa: F401
+                            metric_values, prepare_data, prepare_run, weighted_sum)
+from .models import Intervention
+from .names import IG_METHODS, INTERVENTIONS, METHODS, check_name  # noqa: F401 (INTERVENTIONS: public name)
+from .positional import PositionalGraph, check_one_length, position_labels
+from .sharding import replicate, to_host
 
-METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")
-INTERVENTIONS = ("patching", "zero", "mean", "mean-positional")
+# ``prepare_data`` and ``mean_activations`` stay importable from here: they were public here
+# before the substrate moved to :mod:`jaxinterp.interventions`.
 
 
 class AttributionError(ValueError):
     """Attribution could not produce trustworthy scores (the message says why)."""
 
 
-def logit_positions(batch) -> jax.Array:
-    """``[batch]``: the position each example's metric reads (its last real token)."""
-    return batch["lengths"] - 1
-
-
-def batch_metric(metric, logits, clean_logits, batch) -> jax.Array:
-    """``metric`` per example on logits taken at :func:`logit_positions` only
-    (``[batch, 1, vocab]``, see ``forward(..., logit_positions=)``)."""
-    return metric(logits, clean_logits, jnp.ones_like(batch["lengths"]), batch["labels"])
-
-
-def _corrupted_outputs(params, cfg, batch, intervention: str, means=None):
-    """``(clean_logits [batch, 1, vocab], clean_outs, corrupted_outs)``; outputs
-    ``[src, batch, pos, d_model]``. ``means``: ``[src, pos or 1, d_model]`` node means
-    (:func:`intervention_means`) for the ``mean`` interventions. Under ``jit`` whatever a
-    caller ignores is not computed."""
-    mask, at = batch["attention_mask"], logit_positions(batch)
-    clean_logits, clean_outs = forward(params, cfg, batch["clean"], mask, return_node_outputs=True, logit_positions=at)
-    if intervention == "patching":
-        # the reference runs the corrupted prompt with the clean prompt's attention mask
-        _, corr_outs = forward(params, cfg, batch["corrupted"], mask, return_node_outputs=True, logit_positions=at)
-    elif intervention == "zero":
-        corr_outs = jnp.zeros_like(clean_outs)
-    elif intervention in ("mean", "mean-positional"):
-        if means is None:
-            raise ValueError(f"intervention {intervention!r} needs node means (see intervention_means)")
-        corr_outs = jnp.broadcast_to(means[:, None].astype(clean_outs.dtype), clean_outs.shape)
-    else:
-        raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
-    return clean_logits, clean_outs, corr_outs
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _batch_node_sums(params, batch, *, cfg: ModelConfig):
-    """``(sums [src, pos, d_model], counts [pos])`` of the node outputs on the batch's clean
-    prompts over its real (weighted) examples and tokens."""
-    _, outs = forward(params, cfg, batch["clean"], batch["attention_mask"], return_node_outputs=True,
-                      logit_positions=logit_positions(batch))
-    real = batch["attention_mask"].astype(jnp.float32) * batch["weight"][:, None]
-    return jnp.einsum("sbpd,bp->spd", outs.astype(jnp.float32), real), real.sum(0)
-
-
-def mean_activations(model, data: Union[str, Pairs], per_position: bool = False, batch_size: int = 16,
-                     mesh=None, quiet: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Every node's mean output over the *clean* prompts of ``data`` (a pairs CSV or
-    :class:`Pairs`), real tokens only: ``(means, counts)`` with ``means [src, d_model]``
-    averaged over all real tokens, or ``[src, pos, d_model]`` averaged per position over
-    the prompts that reach it (zero where none does), and ``counts [pos]`` the number of
-    prompts that reach each position.
-
-    The reference (hannamw/EAP-IG ``compute_mean_activations``, commit 795f560) differs
-    on purpose: its non-positional mean takes only each prompt's *last* token divided by
-    the prompt's length and then averages over *all nodes* (one ``[d_model]`` vector for
-    every node), and its positional mean includes padding tokens. Those are not means of
-    a node's activation; the means here are.
-    """
-    if isinstance(data, str):
-        data, _ = prepare_data(model, data, "kl_div")
-    model = shard_model(model, mesh)
-    sums = np.zeros((model.graph_spec.n_forward, data.n_pos, model.cfg.d_model))
-    counts = np.zeros(data.n_pos)
-    for batch in tqdm(shard_batches(data, batch_size, mesh), total=data.n_batches(batch_size), desc="means",
-                      disable=quiet):
-        s, c = _batch_node_sums(model.params, batch, cfg=model.cfg)
-        sums += to_host(s)
-        counts += to_host(c)
-    if per_position:
-        return (sums / np.maximum(counts, 1)[None, :, None]).astype(np.float32), counts
-    return (sums.sum(1) / counts.sum()).astype(np.float32), counts
-
-
-def intervention_means(model, pairs: Pairs, intervention: str, intervention_data: Union[str, Pairs, None] = None,
-                       batch_size: int = 16, mesh=None) -> Optional[np.ndarray]:
-    """What the ``mean`` interventions patch in for ``pairs``: ``[src, 1, d_model]``
-    (``mean``) or ``[src, pairs.n_pos, d_model]`` (``mean-positional``), from the clean
-    prompts of ``intervention_data`` (default: ``pairs`` itself); None for the others."""
-    if intervention not in INTERVENTIONS:
-        raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
-    if intervention in ("patching", "zero"):
-        if intervention_data is not None:
-            raise ValueError(f"intervention_data is used by the mean interventions only, not {intervention!r}")
-        return None
-    source = pairs if intervention_data is None else intervention_data
-    if intervention == "mean":
-        return mean_activations(model, source, False, batch_size, mesh)[0][:, None]
-    means, counts = mean_activations(model, source, True, batch_size, mesh)
-    covered = int(np.count_nonzero(counts))
-    if pairs.lengths.max() > covered:
-        raise ValueError(f"mean-positional: the intervention data's prompts are at most {covered} tokens long "
-                         f"(BOS included) but the data has prompts of {int(pairs.lengths.max())}; give "
-                         f"intervention data whose prompts reach every position")
-    # positions past every prompt's end are padding, which cannot influence real tokens
-    # (causal attention): any value does there
-    means = means[:, :pairs.n_pos]
-    return np.pad(means, ((0, 0), (0, pairs.n_pos - means.shape[1]), (0, 0)))
-
-
-def _objective(params, cfg: ModelConfig, metric, sign: float, batch, clean_logits, source, mode="grad",
+def _objective(params, cfg: ModelConfig, metric: TaskMetric, batch, clean_logits, source, mode="grad",
                remat: bool = False):
     """``f(coef, tokens, input_embeddings, shift, detach)``: weighted sum of the signed
     metric; its gradient w.r.t. ``coef`` (which must be zero) gives the edge scores."""
 
     def f(coef, tokens, input_embeddings=None, shift=None, detach=None):
         iv = Intervention(coef, source, shift, detach, mode=mode)
-        logits = forward(params, cfg, tokens, batch["attention_mask"], iv, input_embeddings,
-                         logit_positions=logit_positions(batch), remat=remat)
-        values = batch_metric(metric, logits, clean_logits, batch)
-        return (sign * values * batch["weight"]).sum()
+        values = metric_values(params, cfg, batch, metric, clean_logits, iv, tokens, input_embeddings, remat)
+        return weighted_sum(metric.sign * values, batch)
 
     return f
 
@@ -177,19 +81,17 @@ def _activation_groups(spec: GraphSpec) -> np.ndarray:
     return np.stack(groups).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "metric_name", "ig_steps", "intervention", "remat",
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "metric", "ig_steps", "intervention", "remat",
                                              "positional"))
-def batch_scores(params, batch, year_ids, means=None, *, cfg: ModelConfig, method: str, metric_name: str,
+def batch_scores(params, batch, means=None, *, cfg: ModelConfig, method: str, metric: TaskMetric,
                  ig_steps: int = 5, intervention: str = "patching", remat: bool = False, positional: bool = False):
     """Sum over the batch's examples of the per-example edge scores: ``[src, dst]``, or
     ``[pos, src, dst]`` when ``positional`` (float32 also for bfloat16 parameters).
     ``remat`` rematerialises each layer; ``means``: see :func:`intervention_means`."""
     spec = GraphSpec.from_config(cfg)
-    metric = metrics_lib.get_metric(metric_name, year_ids)
-    sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
-    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention, means)
+    clean_logits, clean_outs, corr_outs = corrupted_outputs(params, cfg, batch, intervention, means)
     delta = jax.lax.stop_gradient(corr_outs - clean_outs)
-    f = _objective(params, cfg, metric, sign, batch, clean_logits, delta, remat=remat)
+    f = _objective(params, cfg, metric, batch, clean_logits, delta, remat=remat)
     grad = jax.grad(f)
     zeros = jnp.zeros(((batch["clean"].shape[1],) if positional else ()) + (spec.n_forward, spec.n_backward),
                       jnp.float32)
@@ -197,8 +99,7 @@ def batch_scores(params, batch, year_ids, means=None, *, cfg: ModelConfig, metho
     if method == "EAP":
         # the clean run's own outputs form corrupted - clean, so the separate clean run
         # above is only computed when the metric reads the clean logits (KL)
-        f_eap = _objective(params, cfg, metric, sign, batch, clean_logits, corr_outs, mode="grad-replace",
-                           remat=remat)
+        f_eap = _objective(params, cfg, metric, batch, clean_logits, corr_outs, mode="grad-replace", remat=remat)
         scores = jax.grad(f_eap)(zeros, batch["clean"])
     elif method == "clean-corrupted":
         scores = (grad(zeros, batch["clean"]) + grad(zeros, batch["corrupted"])) / 2
@@ -227,29 +128,42 @@ def batch_scores(params, batch, year_ids, means=None, *, cfg: ModelConfig, metho
     return jnp.where(jnp.asarray(spec.real_edge_mask), scores, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric_name", "intervention"))
-def batch_exact(params, batch, year_ids, src, dst, means=None, *, cfg: ModelConfig, metric_name: str,
+@functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention"))
+def batch_exact(params, batch, src, dst, means=None, *, cfg: ModelConfig, metric: TaskMetric,
                 intervention: str = "patching"):
     """Exact patching of edges ``(src[i], dst[i])`` one at a time: ``[edges]`` sums over
     the batch of ``sign * (metric(patched) - metric(clean))``."""
     spec = GraphSpec.from_config(cfg)
-    metric = metrics_lib.get_metric(metric_name, year_ids)
-    sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
-    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention, means)
+    clean_logits, clean_outs, corr_outs = corrupted_outputs(params, cfg, batch, intervention, means)
     # A single patched edge cannot change its own source (it lies upstream), so
     # "carry the corrupted value" equals "add the fixed clean->corrupted difference".
     delta = corr_outs - clean_outs
-    base = batch_metric(metric, clean_logits, clean_logits, batch)
+    base = metric(clean_logits, clean_logits, batch)
 
     def one(s, d):
         coef = jax.nn.one_hot(d, spec.n_backward)[None]
-        iv = Intervention(coef, delta[s][None], mode="add-one")
-        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], iv,
-                         logit_positions=logit_positions(batch))
-        values = batch_metric(metric, logits, clean_logits, batch)
-        return (sign * (values - base) * batch["weight"]).sum()
+        values = metric_values(params, cfg, batch, metric, clean_logits, Intervention(coef, delta[s][None],
+                                                                                      mode="add-one"))
+        return weighted_sum(metric.sign * (values - base), batch)
 
     return jax.vmap(one)(src, dst)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention"))
+def batch_exact_nodes(params, batch, means=None, *, cfg: ModelConfig, metric: TaskMetric, intervention: str):
+    """``[src]`` sums over the batch of ``sign * (metric(patched) - metric(clean))`` with
+    each node's output patched on all its outgoing edges at once."""
+    spec = GraphSpec.from_config(cfg)
+    clean_logits, _, corr_outs = corrupted_outputs(params, cfg, batch, intervention, means)
+    base = metric(clean_logits, clean_logits, batch)
+    real = jnp.asarray(spec.real_edge_mask, jnp.float32)
+
+    def one(node):
+        coef = jax.nn.one_hot(node, spec.n_forward)[:, None] * real  # all of the node's outgoing edges
+        values = metric_values(params, cfg, batch, metric, clean_logits, Intervention(coef, corr_outs))
+        return weighted_sum(metric.sign * (values - base), batch)
+
+    return jax.lax.map(one, jnp.arange(spec.n_forward))
 
 
 def _check_finite(scores: np.ndarray, what: str) -> None:
@@ -257,32 +171,6 @@ def _check_finite(scores: np.ndarray, what: str) -> None:
         bad = np.argwhere(~np.isfinite(scores))[0]
         raise AttributionError(f"{what}: non-finite scores (first at src={bad[-2]}, dst={bad[-1]}); "
                                f"check the data and the model's numerics (e.g. bfloat16 overflow)")
-
-
-def position_labels(model, pairs: Pairs) -> list[str]:
-    """A label per position: ``{index}:{first prompt's token}`` (indices only without a tokenizer)."""
-    if model.tokenizer is None:
-        return [str(p) for p in range(pairs.n_pos)]
-    return [f"{p}:{model.tokenizer.convert_ids_to_tokens(int(t))}" for p, t in enumerate(pairs.clean[0])]
-
-
-def prepare_data(model, data: Union[str, Pairs], metric: str) -> tuple[Pairs, Optional[np.ndarray]]:
-    """Tokenise ``data`` (a CSV path or :class:`Pairs`) and get the metric's extra inputs."""
-    if isinstance(data, str):
-        if model.tokenizer is None:
-            raise ValueError(f"{model.path}: the model directory has no tokenizer to read {data} with")
-        data = load_pairs(data, model.tokenizer, model.cfg.vocab_size, model.cfg.n_ctx)
-    if metric not in metrics_lib.METRIC_NAMES:
-        raise ValueError(f"unknown metric {metric!r}; choose from {metrics_lib.METRIC_NAMES}")
-    year_ids = None
-    if data.labels.ndim == 1:
-        if metric == "logit_diff":
-            raise ValueError("logit_diff needs correct_idx/incorrect_idx labels; this data has integer "
-                             "'label' values (greater-than): use --metric prob_diff")
-        if model.tokenizer is None:
-            raise ValueError("integer labels need the model's tokenizer to find the year tokens")
-        year_ids = year_token_ids(model.tokenizer)
-    return data, (np.zeros(100, np.int32) if year_ids is None else year_ids)
 
 
 @memory_lib.explain_out_of_memory
@@ -299,7 +187,8 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
     intervention: what the corrupted activations are: the corrupted prompts' (``patching``),
         zero, or each node's mean output over ``intervention_data``'s clean prompts (default:
         ``data``'s), over all tokens (``mean``) or per position (``mean-positional``); see
-        :func:`mean_activations`. EAP-IG-inputs and clean-corrupted need ``patching``.
+        :func:`jaxinterp.interventions.mean_activations`. EAP-IG-inputs and clean-corrupted
+        need ``patching``.
     positional: score every (position, edge) (gradient methods; all prompts must have one
         token length): returns a :class:`jaxinterp.positional.PositionalGraph` whose scores
         ``[pos, src, dst]`` sum over positions to the position-free scores.
@@ -317,79 +206,86 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
         of examples), *instead of* ``batch_size``. Running out of device memory raises
         :class:`jaxinterp.memory.OutOfMemoryError` with what to change.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if intervention not in INTERVENTIONS:
-        raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
+    check_name("method", method, METHODS)
+    check_intervention(intervention, intervention_data)
     if method in ("EAP-IG-inputs", "clean-corrupted") and intervention != "patching":
         raise ValueError(f"{method} is defined for intervention='patching' only")
     if ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
-    pairs, year_ids = prepare_data(model, data, metric)
+    run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
+    pairs, spec = run.pairs, run.model.graph_spec
     if positional:
         if method == "exact":
             raise ValueError("position-aware scores are offered for the gradient methods, not 'exact'")
         check_one_length(pairs.lengths, pairs.n_pos, pairs.corrupted_lengths)
-    if max_memory is not None:
-        batch_size = memory_lib.batch_size_for(model, pairs, method, max_memory, mesh, exact_chunk, quiet)
-    model, year_ids = shard_model(model, mesh), replicate(year_ids, mesh)
-    means = replicate(intervention_means(model, pairs, intervention, intervention_data, batch_size, mesh), mesh)
-    spec = model.graph_spec
-    total = np.zeros(((pairs.n_pos,) if positional else ()) + (spec.n_forward, spec.n_backward), np.float64)
-    n_batches = pairs.n_batches(batch_size)
-    kw = dict(cfg=model.cfg, metric_name=metric, intervention=intervention)
+    if max_memory is not None:  # before the means are computed: they use the batch size too
+        run.batch_size = memory_lib.batch_size_for(run.model, pairs, method, max_memory, mesh, exact_chunk, quiet)
     if method == "exact":
-        src, dst = np.nonzero(spec.real_edge_mask)
-        pad = (-len(src)) % exact_chunk
-        src_p, dst_p = np.concatenate([src, np.zeros(pad, int)]), np.concatenate([dst, np.zeros(pad, int)])
-        bar = tqdm(total=n_batches * len(src_p) // exact_chunk, desc="exact", disable=quiet)
-        for batch in shard_batches(pairs, batch_size, mesh):
-            for i in range(0, len(src_p), exact_chunk):
-                vals = batch_exact(model.params, batch, year_ids, replicate(src_p[i:i + exact_chunk], mesh),
-                                   replicate(dst_p[i:i + exact_chunk], mesh), means, **kw)
-                np.add.at(total, (src_p[i:i + exact_chunk], dst_p[i:i + exact_chunk]),
-                          np.where(np.arange(i, i + exact_chunk) < len(src), to_host(vals), 0.0))
-                bar.update()
-        bar.close()
+        scores = exact_edge_scores(run, exact_chunk, quiet)
     else:
-        steps = ig_steps if "IG" in method else 1  # static in batch_scores: no recompilation over unused steps
-        for batch in tqdm(shard_batches(pairs, batch_size, mesh), total=n_batches, desc=method, disable=quiet):
-            total += to_host(batch_scores(model.params, batch, year_ids, means, method=method, ig_steps=steps,
-                                          remat=remat, positional=positional, **kw))
-    scores = (total / len(pairs)).astype(np.float32)
+        steps = ig_steps if method in IG_METHODS else 1  # static in batch_scores: no recompilation over unused steps
+        kw = dict(cfg=run.model.cfg, metric=run.metric, intervention=intervention, method=method, ig_steps=steps,
+                  remat=remat, positional=positional)
+        scores = run.mean(lambda b: batch_scores(run.model.params, b, run.means, **kw), method, quiet)
+    scores = scores.astype(np.float32)
     _check_finite(scores, method)
     if positional:
         return PositionalGraph(spec, scores, positions=position_labels(model, pairs))
     graph = Graph(spec, scores)
-    graph.nodes_scores = (exact_node_scores(model, pairs, metric, batch_size, intervention, year_ids, mesh, means)
-                          if method == "exact" else graph.scores.sum(1))
+    graph.nodes_scores = exact_node_scores(run) if method == "exact" else graph.scores.sum(1)
     return graph
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric_name", "intervention"))
-def _batch_exact_nodes(params, batch, year_ids, means=None, *, cfg, metric_name, intervention):
-    spec = GraphSpec.from_config(cfg)
-    metric = metrics_lib.get_metric(metric_name, year_ids)
-    sign = metrics_lib.ATTRIBUTION_SIGN[metric_name]
-    clean_logits, clean_outs, corr_outs = _corrupted_outputs(params, cfg, batch, intervention, means)
-    base = batch_metric(metric, clean_logits, clean_logits, batch)
-    real = jnp.asarray(spec.real_edge_mask, jnp.float32)
+def exact_edge_scores(run: Run, exact_chunk: int = 64, quiet: bool = True) -> np.ndarray:
+    """``[src, dst]`` float64: the mean over ``run``'s examples of each edge's exact
+    patching effect, ``exact_chunk`` patched forward passes at a time."""
+    spec, mesh = run.model.graph_spec, run.mesh
+    src, dst = np.nonzero(spec.real_edge_mask)
+    pad = (-len(src)) % exact_chunk
+    src_p, dst_p = np.concatenate([src, np.zeros(pad, int)]), np.concatenate([dst, np.zeros(pad, int)])
+    kw = dict(cfg=run.model.cfg, metric=run.metric, intervention=run.intervention)
+    bar = tqdm(total=run.pairs.n_batches(run.batch_size) * len(src_p) // exact_chunk, desc="exact", disable=quiet)
 
-    def one(node):
-        coef = jax.nn.one_hot(node, spec.n_forward)[:, None] * real  # all of the node's outgoing edges
-        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], Intervention(coef, corr_outs),
-                         logit_positions=logit_positions(batch))
-        values = batch_metric(metric, logits, clean_logits, batch)
-        return (sign * (values - base) * batch["weight"]).sum()
+    def one_batch(batch) -> np.ndarray:
+        total = np.zeros((spec.n_forward, spec.n_backward))
+        for i in range(0, len(src_p), exact_chunk):
+            edges = slice(i, i + exact_chunk)
+            vals = batch_exact(run.model.params, batch, replicate(src_p[edges], mesh), replicate(dst_p[edges], mesh),
+                               run.means, **kw)
+            np.add.at(total, (src_p[edges], dst_p[edges]),
+                      np.where(np.arange(i, i + exact_chunk) < len(src), to_host(vals), 0.0))
+            bar.update()
+        return total
 
-    return jax.lax.map(one, jnp.arange(spec.n_forward))
+    scores = run.mean(one_batch)
+    bar.close()
+    return scores
 
 
-def exact_node_scores(model, pairs: Pairs, metric: str, batch_size: int, intervention: str,
-                      year_ids, mesh=None, means=None) -> np.ndarray:
+def exact_node_scores(run: Run) -> np.ndarray:
     """``[src]``: the exact effect of patching each node's output on all its outgoing edges."""
-    total = np.zeros(model.graph_spec.n_forward)
-    for batch in shard_batches(pairs, batch_size, mesh):
-        total += to_host(_batch_exact_nodes(model.params, batch, year_ids, means, cfg=model.cfg,
-                                            metric_name=metric, intervention=intervention))
-    return (total / len(pairs)).astype(np.float32)
+    kw = dict(cfg=run.model.cfg, metric=run.metric, intervention=run.intervention)
+    return run.mean(lambda b: batch_exact_nodes(run.model.params, b, run.means, **kw)).astype(np.float32)
+
+
+def compiled_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: str = "EAP-IG-inputs",
+                        dtype=jnp.float32, ig_steps: int = 5, metric: str = "logit_diff",
+                        exact_chunk: int = 64) -> int:
+    """XLA's own figure for one compiled batch of :func:`batch_scores` (:func:`batch_exact`
+    for ``exact``) on the default backend: arguments + outputs + temporaries. Compiles the
+    program from shapes alone (no weights needed); the check of
+    :func:`jaxinterp.memory.estimate_peak_bytes` (which lives here, not in ``memory``, so
+    that ``memory`` does not import the methods it estimates)."""
+    sds = jax.ShapeDtypeStruct
+    i32 = jnp.int32
+    batch = {"clean": sds((batch_size, n_pos), i32), "corrupted": sds((batch_size, n_pos), i32),
+             "attention_mask": sds((batch_size, n_pos), i32), "lengths": sds((batch_size,), i32),
+             "labels": sds((batch_size, 2), i32), "weight": sds((batch_size,), jnp.float32)}
+    args = (memory_lib.abstract_params(cfg, dtype), batch)
+    if method == "exact":
+        edges = sds((exact_chunk,), i32)
+        lowered = batch_exact.lower(*args, edges, edges, cfg=cfg, metric=TaskMetric(metric))
+    else:
+        lowered = batch_scores.lower(*args, cfg=cfg, method=method, metric=TaskMetric(metric), ig_steps=ig_steps)
+    m = lowered.compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)

@@ -19,6 +19,7 @@ import time
 
 from .errors import JaxinterpError
 from .io import dumps
+from .names import INTERVENTIONS, METHODS, METRICS, OBJECTIVES
 
 
 # --- option types: a bad value is an argparse error naming the option, before any work ----
@@ -90,11 +91,11 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     if data:
         p.add_argument("--data", required=True,
                        help="pairs CSV: columns clean, corrupted and correct_idx, incorrect_idx (token ids) or label")
-        p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "prob_diff", "kl_div"],
+        p.add_argument("--metric", default="logit_diff", choices=METRICS,
                        help="task metric, read at each prompt's last real token (default: logit_diff)")
         p.add_argument("--batch-size", type=_positive_int, default=16,
                        help="examples per compiled batch (default: 16)")
-        p.add_argument("--intervention", default="patching", choices=["patching", "zero", "mean", "mean-positional"],
+        p.add_argument("--intervention", default="patching", choices=INTERVENTIONS,
                        help="what an edge outside the circuit carries: the corrupted activation, zero, or the "
                             "node's mean output over --intervention-data (over all tokens, or per position)")
         p.add_argument("--intervention-data", default=None, metavar="CSV",
@@ -107,7 +108,7 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 
 def _load(args, mesh=None):
-    from .attribution import prepare_data
+    from .interventions import prepare_data
     from .loading import load_model
 
     import jax.numpy as jnp
@@ -207,7 +208,7 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_baseline, evaluate_empty, evaluate_graph, normalized_faithfulness
+    from .evaluation import evaluate
     from .graph import Graph
 
     model, pairs = _load(args)
@@ -216,14 +217,11 @@ def cmd_evaluate(args) -> int:
         graph.apply_topn(args.top_n, absolute=not args.signed)
     elif args.threshold is not None:
         graph.apply_threshold(args.threshold, absolute=not args.signed)
-    kw = dict(metric=args.metric, batch_size=args.batch_size)
-    iv = dict(intervention=args.intervention, intervention_data=args.intervention_data)
-    value = evaluate_graph(model, graph, pairs, **iv, **kw)
-    clean = evaluate_baseline(model, pairs, **kw)
-    empty = evaluate_empty(model, pairs, **iv, **kw)
+    # the circuit (pruned), the full model, the empty circuit and the corrupted run: one pass
+    values = evaluate(model, graph, pairs, args.metric, args.intervention, args.batch_size,
+                      intervention_data=args.intervention_data)
     result = {"edges": graph.count_included_edges(), "nodes": graph.count_included_nodes(),
-              "metric": args.metric, "intervention": args.intervention, "circuit": value, "model": clean,
-              "empty": empty, "faithfulness": float(normalized_faithfulness(value, clean, empty))}
+              "metric": args.metric, "intervention": args.intervention, **values.to_dict()}
     _require_finite_results(result, args.metric)
     print(dumps(result, indent=2))  # strict JSON: an undefined faithfulness is null
     return 0
@@ -385,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attribute", help="score every edge of the circuit graph")
     _add_common(p)
     p.add_argument("--method", default="EAP-IG-inputs",
-                   choices=["EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact"])
+                   choices=METHODS)
     p.add_argument("--ig-steps", type=_positive_int, default=5,
                    help="integration steps for the EAP-IG methods (default: 5)")
     p.add_argument("--remat", action="store_true",
@@ -444,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "--edges. Edges outside the circuit carry what --intervention says, as in evaluation.")
     p.add_argument("--edges", type=_positive_int, required=True, help="edges in the circuit ((position, edge) entries with "
                                                             "--positional)")
-    p.add_argument("--objective", default="kl_div", choices=["kl_div", "logit_diff", "prob_diff"],
+    p.add_argument("--objective", default="kl_div", choices=OBJECTIVES,
                    help="KL from the full model (default) or the squared difference of a task metric from it")
     p.add_argument("--steps", type=_positive_int, default=500,
                    help="optimisation steps, one batch each (default: 500)")

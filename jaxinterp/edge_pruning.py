@@ -37,14 +37,12 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from . import metrics as metrics_lib
-from .attribution import INTERVENTIONS, _corrupted_outputs, batch_metric, intervention_means, logit_positions
-from .attribution import position_labels, prepare_data
 from .data import Pairs
 from .graph import Graph, GraphSpec
-from .models import Intervention, forward
-from .positional import PositionalGraph, check_one_length
-from .sharding import batches as shard_batches, replicate, shard_model, to_host
+from .interventions import Run, TaskMetric, circuit_values, corrupted_outputs, prepare_run
+from .names import OBJECTIVES, check_name
+from .positional import PositionalGraph, check_one_length, position_labels
+from .sharding import batches as shard_batches, replicate, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,38 +75,30 @@ class LearnedCircuit:
     history: dict
 
 
-OBJECTIVES = ("kl_div", "logit_diff", "prob_diff")
-
-
-def _faithfulness_loss(objective: str, metric, logits, clean_logits, batch) -> jax.Array:
-    """Weighted mean over the batch's examples of the distance of the circuit's output
-    from the full model's."""
-    if objective == "kl_div":
-        per = batch_metric(metric, logits, clean_logits, batch)
-    else:
-        per = (batch_metric(metric, logits, clean_logits, batch) - batch_metric(metric, clean_logits, clean_logits,
-                                                                                batch)) ** 2
+def _faithfulness_loss(metric: TaskMetric, values, clean_logits, batch) -> jax.Array:
+    """Weighted mean over the batch's examples of the distance of the circuit's metric
+    ``values [batch]`` from the full model's: the KL itself (``kl_div``), else the squared
+    difference of the task metric."""
+    per = values if metric.name == "kl_div" else (values - metric(clean_logits, clean_logits, batch)) ** 2
     return (per * batch["weight"]).sum() / jnp.maximum(batch["weight"].sum(), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "objective", "intervention", "hc", "lr", "lambda_lr",
+@functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention", "hc", "lr", "lambda_lr",
                                              "total_edges"))
-def _train_step(state, params, batch, means, year_ids, key, target, scale, *, cfg, objective: str,
+def _train_step(state, params, batch, means, key, target, scale, *, cfg, metric: TaskMetric,
                 intervention: str, hc: HardConcrete, lr: float, lambda_lr: float, total_edges: int):
     """One optimisation step: ``state = (log_alpha, lambdas, adam state, lambda adam state)``
     -> ``(new state, [loss, faithfulness loss, density, lambda_1, lambda_2])``. The
     parameters are an argument, not a closure: a closed-over model would be baked into the
     program as constants (and compiled again for every call)."""
     real = jnp.asarray(GraphSpec.from_config(cfg).real_edge_mask, jnp.float32)
-    metric = metrics_lib.get_metric(objective, year_ids)
     opt, lambda_opt = optax.adam(lr), optax.adam(lambda_lr)
 
     def loss_fn(log_alpha, lambdas):
-        clean_logits, _, corr_outs = jax.lax.stop_gradient(_corrupted_outputs(params, cfg, batch, intervention, means))
+        clean_logits, _, corr_outs = jax.lax.stop_gradient(corrupted_outputs(params, cfg, batch, intervention, means))
         z = hc.sample(log_alpha, key)
-        logits = forward(params, cfg, batch["clean"], batch["attention_mask"],
-                         Intervention((1.0 - z) * real, corr_outs), logit_positions=logit_positions(batch))
-        faith = _faithfulness_loss(objective, metric, logits, clean_logits, batch) / scale
+        values = circuit_values(params, cfg, batch, z, corr_outs, clean_logits, metric)
+        faith = _faithfulness_loss(metric, values, clean_logits, batch) / scale
         density = (hc.keep_probability(log_alpha) * real).sum() / total_edges
         gap = density - target
         return faith + lambdas[0] * gap + lambdas[1] * gap ** 2, (faith, density)
@@ -123,18 +113,17 @@ def _train_step(state, params, batch, means, year_ids, key, target, scale, *, cf
     return new, jnp.stack([loss, faith, density, lambdas[0], lambdas[1]])
 
 
-def _empty_loss(model, pairs: Pairs, objective: str, intervention: str, intervention_data, batch_size: int,
-                mesh) -> float:
-    """The faithfulness loss of the empty circuit over ``pairs``: the unit of the loss."""
-    from .evaluation import evaluate_baseline, evaluate_empty
-
-    empty = evaluate_empty(model, pairs, objective, intervention, batch_size, mesh, intervention_data)
-    if objective != "kl_div":
-        empty = (empty - evaluate_baseline(model, pairs, objective, batch_size, mesh=mesh)) ** 2
-    if not np.isfinite(empty) or empty <= 1e-12:
-        raise ValueError(f"the empty circuit's {objective} loss is {empty:.3g}: the data do not distinguish the "
+def _empty_loss(run: Run) -> float:
+    """The faithfulness loss of the empty circuit over the run's data: the unit of the
+    loss. The full and the empty circuit are evaluated in one pass, through the graph
+    forward, as evaluation does."""
+    spec = run.model.graph_spec
+    full, empty = run.circuit_metrics(np.stack([spec.real_edge_mask, np.zeros_like(spec.real_edge_mask)]))
+    loss = empty if run.metric.name == "kl_div" else (empty - full) ** 2
+    if not np.isfinite(loss) or loss <= 1e-12:
+        raise ValueError(f"the empty circuit's {run.metric.name} loss is {loss:.3g}: the data do not distinguish the "
                          f"model from the ablated model, so there is no circuit to learn")
-    return float(empty)
+    return float(loss)
 
 
 def _init_log_alpha(shape, real: np.ndarray, n_edges: int, init_logit: float,
@@ -177,14 +166,11 @@ def learn_circuit(model, data: Union[str, Pairs], n_edges: int, *, objective: st
     mesh: a ``("data", "model")`` mesh (:mod:`jaxinterp.sharding`): batches over ``data``,
         the model over ``model``; the masks are replicated.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
-    if intervention not in INTERVENTIONS:
-        raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
+    check_name("objective", objective, OBJECTIVES)
     if steps < 1 or not 0.0 <= warmup <= 1.0:
         raise ValueError(f"need steps >= 1 and 0 <= warmup <= 1, got steps={steps}, warmup={warmup}")
-    pairs, year_ids = prepare_data(model, data, objective)
-    spec, cfg = model.graph_spec, model.cfg
+    run = prepare_run(model, data, objective, intervention, intervention_data, batch_size, mesh)
+    pairs, spec, cfg = run.pairs, model.graph_spec, model.cfg
     shape = ((pairs.n_pos,) if positional else ()) + (spec.n_forward, spec.n_backward)
     if positional:
         check_one_length(pairs.lengths, pairs.n_pos, pairs.corrupted_lengths)
@@ -194,13 +180,10 @@ def learn_circuit(model, data: Union[str, Pairs], n_edges: int, *, objective: st
     if isinstance(init_scores, (Graph, PositionalGraph)):
         init_scores = init_scores.scores
 
-    model_s = shard_model(model, mesh)
-    scale = _empty_loss(model_s, pairs, objective, intervention, intervention_data, batch_size, mesh)
-    means = replicate(intervention_means(model_s, pairs, intervention, intervention_data, batch_size, mesh), mesh)
-    year_ids = replicate(year_ids, mesh)
+    scale = _empty_loss(run)
     final_density = n_edges / total_edges
     opt, lambda_opt = optax.adam(lr), optax.adam(lambda_lr)
-    kw = dict(cfg=cfg, objective=objective, intervention=intervention, hc=hard_concrete, lr=lr, lambda_lr=lambda_lr,
+    kw = dict(cfg=cfg, metric=run.metric, intervention=intervention, hc=hard_concrete, lr=lr, lambda_lr=lambda_lr,
               total_edges=total_edges)
 
     log_alpha = replicate(jnp.asarray(_init_log_alpha(shape, spec.real_edge_mask, n_edges, init_logit, init_scores)),
@@ -213,7 +196,7 @@ def learn_circuit(model, data: Union[str, Pairs], n_edges: int, *, objective: st
     for i in tqdm(range(steps), desc="edge pruning", disable=quiet):
         ramp = min(1.0, i / max(warmup * steps, 1e-9)) if warmup > 0 else 1.0
         target = 1.0 + ramp * (final_density - 1.0)
-        state, record = _train_step(state, model_s.params, batches[i % len(batches)], means, year_ids,
+        state, record = _train_step(state, run.model.params, batches[i % len(batches)], run.means,
                                     jax.random.fold_in(base_key, i), jnp.float32(target), jnp.float32(scale), **kw)
         records.append(record)
         targets.append(target)

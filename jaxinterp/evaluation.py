@@ -1,11 +1,21 @@
-"""Circuit evaluation: run the model with every edge outside the circuit patched.
+"""Circuit evaluation: run the model with every edge outside the circuit ablated.
 
 An edge ``u->v`` outside the circuit carries ``u``'s corrupted activation (``patching``),
 zero (``zero``) or ``u``'s mean output over a data set (``mean``, ``mean-positional``: see
-:func:`jaxinterp.attribution.mean_activations`); edges inside carry this run's own
-activations. Faithfulness is
-normalised as in the EAP-IG paper: ``(m(C) - m(empty)) / (m(model) - m(empty))``, where
-the empty circuit is the corrupted run.
+:mod:`jaxinterp.interventions`); edges inside carry this run's own activations.
+
+Faithfulness is MIB's circuit-track definition (the EAP-IG paper's normalisation),
+
+    f(C) = (m(C) - m(empty)) / (m(N) - m(empty)),
+
+with ``m(N)`` the full model (every edge in the circuit) and ``m(empty)`` the empty
+circuit (every edge ablated), both evaluated through the same graph forward as ``m(C)``
+and in the same pass, so that ``f(empty) = 0`` and ``f(N) = 1`` for every metric and
+intervention. (Under ``patching`` the empty circuit is the corrupted run up to float
+rounding; the corrupted run's own value is reported beside it as ``corrupted``, the
+reference's ``evaluate_baseline(run_corrupted=True)``.) ``m`` is read against the clean
+run's logits: for ``kl_div``, ``m(N) = KL(clean || clean) = 0`` (the reference's
+``evaluate_baseline`` passes the corrupted logits instead, giving KL(corrupted || clean)).
 
 :func:`faithfulness_curve` evaluates many circuit sizes in one compiled call (``vmap``
 over edge masks) instead of one model run per size.
@@ -20,115 +30,147 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from . import metrics as metrics_lib
-from .attribution import (INTERVENTIONS, _corrupted_outputs, batch_metric, intervention_means, logit_positions,
-                          prepare_data)
 from .data import Pairs
-from .graph import Graph, GraphSpec
-from .models import Intervention, forward
+from .graph import Graph
+from .interventions import Run, TaskMetric, metric_values, prepare_run, weighted_sum
+from .models import forward
 from .positional import PositionalGraph, check_one_length
-from .sharding import batches as shard_batches, replicate, shard_model, to_host
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric_name", "intervention", "chunk"))
-def _batch_eval(params, batch, year_ids, in_graph, means=None, *, cfg, metric_name, intervention, chunk=8):
-    """Weighted metric sums ``[circuit]`` for each mask in ``in_graph [circuit, src, dst]``."""
-    spec = GraphSpec.from_config(cfg)
-    metric = metrics_lib.get_metric(metric_name, year_ids)
-    clean_logits, _, corr_outs = _corrupted_outputs(params, cfg, batch, intervention, means)
-    real = jnp.asarray(spec.real_edge_mask, jnp.float32)
-
-    def one(mask):
-        coef = (1.0 - mask.astype(jnp.float32)) * real
-        logits = forward(params, cfg, batch["clean"], batch["attention_mask"], Intervention(coef, corr_outs),
-                         logit_positions=logit_positions(batch))
-        return (batch_metric(metric, logits, clean_logits, batch) * batch["weight"]).sum()
-
-    return jax.lax.map(one, in_graph, batch_size=chunk)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "metric_name"))
-def _batch_baseline(params, batch, year_ids, *, cfg, metric_name):
-    metric = metrics_lib.get_metric(metric_name, year_ids)
-    mask, at = batch["attention_mask"], logit_positions(batch)
-    clean = forward(params, cfg, batch["clean"], mask, logit_positions=at)
-    corrupted = forward(params, cfg, batch["corrupted"], mask, logit_positions=at)
-    w = batch["weight"]
-    return jnp.stack([(batch_metric(metric, clean, corrupted, batch) * w).sum(),
-                      (batch_metric(metric, corrupted, clean, batch) * w).sum()])
-
-
-def evaluate_masks(model, masks: np.ndarray, data: Union[str, Pairs], metric: str = "logit_diff",
-                   intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
-                   quiet: bool = True, mesh=None, intervention_data: Union[str, Pairs, None] = None) -> np.ndarray:
-    """Mean metric over ``data`` of each circuit ``masks [circuit, src, dst]`` (bool), or
-    ``[circuit, pos, src, dst]`` for position-aware circuits (prompts of one length).
-    ``mesh``: shard over a ``("data", "model")`` mesh (:mod:`jaxinterp.sharding`).
-    ``intervention_data``: the prompts the ``mean`` interventions average over (default ``data``)."""
-    if intervention not in INTERVENTIONS:
-        raise ValueError(f"unknown intervention {intervention!r}; choose from {INTERVENTIONS}")
-    pairs, year_ids = prepare_data(model, data, metric)
-    spec = model.graph_spec
+# --- one pass over the data -----------------------------------------------------------------
+def _circuit_metrics(run: Run, masks: np.ndarray, chunk: int = 8, quiet: bool = True) -> np.ndarray:
+    """``[circuit]`` mean metrics of ``masks [circuit, (pos,) src, dst]``, checked against
+    the run's graph and prompts first."""
+    spec, pairs = run.model.graph_spec, run.pairs
     if np.ndim(masks) not in (3, 4) or np.shape(masks)[-2:] != (spec.n_forward, spec.n_backward):
         raise ValueError(f"masks have shape {np.shape(masks)}, the model's graph ({spec.describe()}) needs "
                          f"[circuit, {spec.n_forward}, {spec.n_backward}] (or [circuit, pos, ...] per position)")
-    masks = np.asarray(masks, bool)
-    if masks.ndim == 4:
+    if np.ndim(masks) == 4:
         check_one_length(pairs.lengths, pairs.n_pos, pairs.corrupted_lengths)
-        if masks.shape[1] != pairs.n_pos:
-            raise ValueError(f"position-aware circuits of {masks.shape[1]} positions for prompts of {pairs.n_pos} "
-                             f"tokens")
-    n_masks = len(masks)
-    model, year_ids = shard_model(model, mesh), replicate(year_ids, mesh)
-    means = replicate(intervention_means(model, pairs, intervention, intervention_data, batch_size, mesh), mesh)
-    masks = replicate(masks, mesh)
-    total = np.zeros(n_masks)
-    for batch in tqdm(shard_batches(pairs, batch_size, mesh), total=pairs.n_batches(batch_size), desc="evaluate",
-                      disable=quiet):
-        total += to_host(_batch_eval(model.params, batch, year_ids, masks, means, cfg=model.cfg, metric_name=metric,
-                                     intervention=intervention, chunk=chunk))
-    return total / len(pairs)
+        if np.shape(masks)[1] != pairs.n_pos:
+            raise ValueError(f"position-aware circuits of {np.shape(masks)[1]} positions for prompts of "
+                             f"{pairs.n_pos} tokens")
+    return run.circuit_metrics(masks, chunk, quiet)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "metric"))
+def _batch_baseline(params, batch, *, cfg, metric: TaskMetric):
+    """Weighted metric sums ``[2]`` of the unmodified model on the clean and on the
+    corrupted prompts, both read against the clean run's logits."""
+    clean = forward(params, cfg, batch["clean"], batch["attention_mask"], logit_positions=batch["lengths"] - 1)
+    corrupted = metric_values(params, cfg, batch, metric, clean, tokens=batch["corrupted"])
+    return jnp.stack([weighted_sum(metric(clean, clean, batch), batch), weighted_sum(corrupted, batch)])
+
+
+def _baselines(run: Run) -> np.ndarray:
+    """``[clean, corrupted]``: the unmodified model's mean metric on each prompt set."""
+    return run.mean(lambda b: _batch_baseline(run.model.params, b, cfg=run.model.cfg, metric=run.metric))
+
+
+@dataclasses.dataclass
+class _Ends:
+    """What faithfulness is measured between: ``model`` = m(N) and ``empty`` = m(empty)
+    (graph forward), and the corrupted run's own metric ``corrupted``."""
+
+    model: float
+    empty: float
+    corrupted: float
+
+
+def _with_ends(run: Run, masks: np.ndarray, chunk: int, quiet: bool) -> tuple[np.ndarray, "_Ends"]:
+    """``masks``' mean metrics and the ends, the full and the empty circuit
+    evaluated as two more masks of the same pass."""
+    full = np.broadcast_to(run.model.graph_spec.real_edge_mask, np.shape(masks)[1:])
+    values = _circuit_metrics(run, np.concatenate([masks, [full, np.zeros_like(full)]]), chunk, quiet)
+    ends = _Ends(float(values[-2]), float(values[-1]), float(_baselines(run)[1]))
+    return values[:-2], ends
+
+
+# --- public ---------------------------------------------------------------------------------
+def evaluate_masks(model, masks: np.ndarray, data: Union[str, Pairs], metric: str = "logit_diff",
+                   intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
+                   quiet: bool = True, mesh=None, intervention_data: Union[str, Pairs, None] = None,
+                   means: Optional[np.ndarray] = None) -> np.ndarray:
+    """Mean metric over ``data`` of each circuit ``masks [circuit, src, dst]`` (bool), or
+    ``[circuit, pos, src, dst]`` for position-aware circuits (prompts of one length).
+    ``mesh``: shard over a ``("data", "model")`` mesh (:mod:`jaxinterp.sharding`).
+    ``intervention_data``: the prompts the ``mean`` interventions average over (default
+    ``data``); ``means``: node means already computed for ``data``
+    (:func:`jaxinterp.interventions.intervention_means`), to reuse."""
+    run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh, means)
+    return _circuit_metrics(run, masks, chunk, quiet)
+
+
+def _checked_circuit(model, graph: Graph, prune: bool) -> np.ndarray:
+    model.graph_spec.check_same(graph.spec, "the circuit")  # e.g. a file of the other grouped-query view
+    if prune:
+        graph.prune()
+    return graph.in_graph[None]
 
 
 def evaluate_graph(model, graph: Graph, data: Union[str, Pairs], metric: str = "logit_diff",
                    intervention: str = "patching", batch_size: int = 16, prune: bool = True, mesh=None,
-                   intervention_data: Union[str, Pairs, None] = None) -> float:
+                   intervention_data: Union[str, Pairs, None] = None, means: Optional[np.ndarray] = None) -> float:
     """Mean metric of the circuit ``graph.in_graph`` (pruned first, as the reference does)."""
-    model.graph_spec.check_same(graph.spec, "the circuit")  # e.g. a file of the other grouped-query view
-    if prune:
-        graph.prune()
-    return float(evaluate_masks(model, graph.in_graph[None], data, metric, intervention, batch_size, mesh=mesh,
-                                intervention_data=intervention_data)[0])
+    masks = _checked_circuit(model, graph, prune)
+    return float(evaluate_masks(model, masks, data, metric, intervention, batch_size, mesh=mesh,
+                                intervention_data=intervention_data, means=means)[0])
 
 
 def evaluate_empty(model, data: Union[str, Pairs], metric: str = "logit_diff", intervention: str = "patching",
-                   batch_size: int = 16, mesh=None, intervention_data: Union[str, Pairs, None] = None) -> float:
-    """Mean metric of the empty circuit, m(empty) of faithfulness: the corrupted run for
-    ``patching`` (every edge patched is the corrupted model), otherwise every edge ablated."""
-    if intervention == "patching":
-        return evaluate_baseline(model, data, metric, batch_size, run_corrupted=True, mesh=mesh)
-    pairs, _ = prepare_data(model, data, metric)
-    masks = np.zeros((1, model.graph_spec.n_forward, model.graph_spec.n_backward), bool)
-    return float(evaluate_masks(model, masks, pairs, metric, intervention, batch_size, mesh=mesh,
-                                intervention_data=intervention_data)[0])
+                   batch_size: int = 16, mesh=None, intervention_data: Union[str, Pairs, None] = None,
+                   means: Optional[np.ndarray] = None) -> float:
+    """Mean metric of the empty circuit, m(empty) of faithfulness: every edge ablated,
+    through the graph forward (for ``patching``, the corrupted run up to float rounding)."""
+    spec = model.graph_spec
+    return float(evaluate_masks(model, np.zeros((1, spec.n_forward, spec.n_backward), bool), data, metric,
+                                intervention, batch_size, mesh=mesh, intervention_data=intervention_data,
+                                means=means)[0])
 
 
 def evaluate_baseline(model, data: Union[str, Pairs], metric: str = "logit_diff", batch_size: int = 16,
                       run_corrupted: bool = False, mesh=None) -> float:
-    """Mean metric of the unmodified model on the clean (or corrupted) prompts."""
-    pairs, year_ids = prepare_data(model, data, metric)
-    model, year_ids = shard_model(model, mesh), replicate(year_ids, mesh)
-    total = np.zeros(2)
-    for batch in shard_batches(pairs, batch_size, mesh):
-        total += to_host(_batch_baseline(model.params, batch, year_ids, cfg=model.cfg, metric_name=metric))
-    return float(total[1 if run_corrupted else 0] / len(pairs))
+    """Mean metric of the unmodified model on the clean (or corrupted) prompts, read
+    against the clean run (``kl_div``: 0 on the clean prompts)."""
+    run = prepare_run(model, data, metric, batch_size=batch_size, mesh=mesh)
+    return float(_baselines(run)[1 if run_corrupted else 0])
+
+
+@dataclasses.dataclass
+class CircuitEvaluation:
+    """One circuit evaluated: its mean metric ``circuit`` = m(C), the full model's ``model``
+    = m(N), the empty circuit's ``empty`` = m(empty), the corrupted run's ``corrupted`` and
+    ``faithfulness`` = (m(C) - m(empty)) / (m(N) - m(empty)) (NaN when m(N) = m(empty))."""
+
+    circuit: float
+    model: float
+    empty: float
+    corrupted: float
+    faithfulness: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def evaluate(model, graph: Graph, data: Union[str, Pairs], metric: str = "logit_diff",
+             intervention: str = "patching", batch_size: int = 16, prune: bool = True, mesh=None,
+             intervention_data: Union[str, Pairs, None] = None, chunk: int = 8) -> CircuitEvaluation:
+    """The circuit ``graph.in_graph`` (pruned first, as :func:`evaluate_graph`), the full
+    model and the empty circuit evaluated in one pass, and the faithfulness between them."""
+    masks = _checked_circuit(model, graph, prune)
+    run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
+    values, ends = _with_ends(run, masks, chunk, quiet=True)
+    value = float(values[0])
+    return CircuitEvaluation(value, ends.model, ends.empty, ends.corrupted,
+                             float(normalized_faithfulness(value, ends.model, ends.empty)))
 
 
 @dataclasses.dataclass
 class Curve:
-    """Faithfulness of top-n circuits: ``sizes`` requested, ``n_edges`` kept after pruning."""
+    """Faithfulness of top-n circuits: ``sizes`` requested, ``n_edges`` kept after pruning,
+    their mean ``metric`` and ``faithfulness``; ``clean`` = m(N) and ``empty`` = m(empty)
+    (the ends faithfulness runs between), ``corrupted`` the corrupted run's metric."""
 
     sizes: np.ndarray
     n_edges: np.ndarray
@@ -137,6 +179,7 @@ class Curve:
     clean: float
     corrupted: float
     label: str = ""
+    empty: Optional[float] = None
 
     def to_dict(self) -> dict:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
@@ -160,21 +203,14 @@ def faithfulness_curve(model, graph: Union[Graph, PositionalGraph], data: Union[
                        metric: str = "logit_diff", intervention: str = "patching", batch_size: int = 16,
                        absolute: bool = True, chunk: int = 8, label: str = "", quiet: bool = True,
                        mesh=None, intervention_data: Union[str, Pairs, None] = None) -> Curve:
-    """Faithfulness of the top-``n`` circuits of ``graph``'s scores, for every ``n`` in ``sizes``."""
-    pairs, _ = prepare_data(model, data, metric)
-    model = shard_model(model, mesh)  # once, not in every evaluation below
-    model.graph_spec.check_same(graph.spec, "the scored graph")
+    """Faithfulness of the top-``n`` circuits of ``graph``'s scores, for every ``n`` in
+    ``sizes``; the full model and the empty circuit are two more masks of the same pass."""
+    run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
+    run.model.graph_spec.check_same(graph.spec, "the scored graph")
     masks, kept = topn_masks(graph, sizes, absolute)
-    clean = evaluate_baseline(model, pairs, metric, batch_size, mesh=mesh)
-    if intervention == "patching":
-        values = evaluate_masks(model, masks, pairs, metric, intervention, batch_size, chunk, quiet, mesh=mesh)
-        empty = evaluate_empty(model, pairs, metric, intervention, batch_size, mesh)
-    else:  # the empty circuit is one more mask: one pass, one computation of the means
-        empty_mask = np.zeros((1,) + masks.shape[1:], bool)
-        values = evaluate_masks(model, np.concatenate([masks, empty_mask]), pairs, metric, intervention,
-                                batch_size, chunk, quiet, mesh=mesh, intervention_data=intervention_data)
-        values, empty = values[:-1], float(values[-1])
-    return Curve(np.asarray(sizes), kept, values, normalized_faithfulness(values, clean, empty), clean, empty, label)
+    values, ends = _with_ends(run, masks, chunk, quiet)
+    return Curve(np.asarray(sizes), kept, values, normalized_faithfulness(values, ends.model, ends.empty),
+                 ends.model, ends.corrupted, label, ends.empty)
 
 
 def normalized_faithfulness(value, clean: float, empty: float):

@@ -3,9 +3,10 @@
 :func:`estimate_peak_bytes` is an analytical *upper-bound* estimate of one compiled
 batch of :func:`jaxinterp.attribution.batch_scores` (or ``batch_exact``) per device,
 from the config, the batch shape and the method alone: no weights, no compilation.
-:func:`pick_micro_batch` inverts it. :func:`compiled_peak_bytes` asks XLA for the same
-figure of the real compiled program (it compiles, so it is slow for large models); the
-tests check the estimate against it.
+:func:`pick_micro_batch` inverts it. :func:`jaxinterp.attribution.compiled_peak_bytes`
+asks XLA for the same figure of the real compiled program (it compiles, so it is slow for
+large models); the tests check the estimate against it. (It lives with the methods it
+compiles: this module is imported by them and imports none of them.)
 
 What lives at the peak of a gradient method (bytes per example and position unless
 stated; ``s`` is the activation dtype's size, graph sizes from :class:`GraphSpec`)::
@@ -23,7 +24,7 @@ stated; ``s`` is the activation dtype's size, graph sizes from :class:`GraphSpec
 
 ``exact`` runs ``exact_chunk`` patched forward passes at once without a backward pass:
 each holds one layer's per-edge inputs (``EXACT_EDGE_COPIES``) and attention at a time.
-The copy counts were fitted to XLA's own memory analysis (:func:`compiled_peak_bytes`,
+The copy counts were fitted to XLA's own memory analysis (``compiled_peak_bytes``,
 CPU, jax 0.10) of GPT-2-, Llama-(GQA, gated) shaped models at batch 4..32 and 16..32
 positions: the estimate is 1.1x..2.1x XLA's figure (tests/test_memory.py keeps it an
 upper bound). A mesh divides parameters by its ``model`` axis and examples by its ``data``
@@ -173,29 +174,6 @@ def pick_micro_batch(cfg: ModelConfig, n_pos: int, method: str, max_memory_bytes
     return lo * step
 
 
-def compiled_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: str = "EAP-IG-inputs",
-                        dtype=jnp.float32, ig_steps: int = 5, metric: str = "logit_diff",
-                        exact_chunk: int = 64) -> int:
-    """XLA's own figure for one compiled batch of ``batch_scores`` (``batch_exact`` for
-    ``exact``) on the default backend: arguments + outputs + temporaries. Compiles the
-    program from shapes alone (no weights needed)."""
-    from .attribution import batch_exact, batch_scores
-
-    sds = jax.ShapeDtypeStruct
-    i32 = jnp.int32
-    batch = {"clean": sds((batch_size, n_pos), i32), "corrupted": sds((batch_size, n_pos), i32),
-             "attention_mask": sds((batch_size, n_pos), i32), "lengths": sds((batch_size,), i32),
-             "labels": sds((batch_size, 2), i32), "weight": sds((batch_size,), jnp.float32)}
-    args = (abstract_params(cfg, dtype), batch, sds((100,), i32))
-    if method == "exact":
-        edges = sds((exact_chunk,), i32)
-        lowered = batch_exact.lower(*args, edges, edges, cfg=cfg, metric_name=metric)
-    else:
-        lowered = batch_scores.lower(*args, cfg=cfg, method=method, metric_name=metric, ig_steps=ig_steps)
-    m = lowered.compile().memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-
-
 def is_resource_exhausted(error: BaseException) -> bool:
     """Whether ``error`` is XLA's out-of-memory error (``RESOURCE_EXHAUSTED``)."""
     return isinstance(error, getattr(jax.errors, "JaxRuntimeError", RuntimeError)) and \
@@ -266,7 +244,7 @@ def default_device_memory() -> Optional[int]:
 
 
 __all__ = ["OutOfMemoryError", "parse_bytes", "format_bytes", "abstract_params", "param_count",
-           "estimate_peak_bytes", "pick_micro_batch", "compiled_peak_bytes", "is_resource_exhausted",
+           "estimate_peak_bytes", "pick_micro_batch", "is_resource_exhausted",
            "out_of_memory_message", "batch_size_for", "explain_out_of_memory",
            "default_device_memory"]
 

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .names import METRICS, check_name
+
 Metric = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -65,7 +67,7 @@ def kl_div(logits, clean_logits, lengths, labels):
     return (jnp.exp(clean_logp) * (clean_logp - logp)).sum(-1)
 
 
-METRIC_NAMES = ("logit_diff", "prob_diff", "kl_div")
+METRIC_NAMES = METRICS
 ATTRIBUTION_SIGN = {"logit_diff": -1.0, "prob_diff": -1.0, "kl_div": 1.0}
 
 
@@ -76,4 +78,5 @@ def get_metric(name: str, year_ids: Optional[np.ndarray] = None) -> Metric:
         return make_prob_diff(year_ids)
     if name == "kl_div":
         return kl_div
-    raise ValueError(f"unknown metric {name!r}; choose from {METRIC_NAMES}")
+    check_name("metric", name, METRICS)
+    raise AssertionError(f"metric {name!r} is in names.METRICS but has no implementation here")

@@ -42,6 +42,14 @@ def check_one_length(lengths: np.ndarray, n_pos: int, corrupted_lengths: Optiona
     return int(seen[0])
 
 
+def position_labels(model, pairs) -> list[str]:
+    """A label per position of ``pairs`` (:class:`jaxinterp.data.Pairs`):
+    ``{index}:{first prompt's token}`` (indices only when ``model`` has no tokenizer)."""
+    if model.tokenizer is None:
+        return [str(p) for p in range(pairs.n_pos)]
+    return [f"{p}:{model.tokenizer.convert_ids_to_tokens(int(t))}" for p, t in enumerate(pairs.clean[0])]
+
+
 class PositionalGraph:
     """Scores and circuit membership per position: ``scores [pos, src, dst]`` float32,
     ``in_graph [pos, src, dst]`` bool; entries outside ``spec.real_edge_mask`` are zero.

@@ -69,8 +69,8 @@ except ImportError:  # Python 3.10
 from . import __version__
 from .io import (TMP_PREFIX, atomic_write_text, clean_tmp, dumps, file_hash, fingerprint, read_text,  # noqa: F401
                  same_path, save_figure, to_strict_json)
+from .names import IG_METHODS
 
-IG_METHODS = ("EAP-IG-inputs", "EAP-IG-activations")
 SWEEP_KEYS = {"out": str, "methods": list, "ig_steps": list, "metric": str, "batch_size": int, "sizes": list,
               "intervention": str, "dtype": str, "max_memory": (str, int), "mesh": str, "limit": int,
               "grouped_kv": bool}
@@ -146,8 +146,7 @@ def _check_positive(value, where: str) -> None:
 
 def parse_sweep(text: str, base_dir: str = ".") -> Sweep:
     """Parse and validate sweep TOML ``text``; relative paths are relative to ``base_dir``."""
-    from .attribution import INTERVENTIONS, METHODS
-    from .metrics import METRIC_NAMES
+    from .names import INTERVENTIONS, METHODS, METRICS as METRIC_NAMES
     from .tasks import TASKS
 
     if tomllib is None:

@@ -2,11 +2,14 @@
 (:func:`jaxinterp.evaluation.evaluate_masks`) per edge, as the original
 ``TLACDCExperiment.step`` does it. The reference the compiled :func:`jaxinterp.acdc.acdc`
 is checked (tests) and timed (``benchmarks/bench_acdc.py``) against; it shares no code
-with it beyond the circuit evaluation."""
+with it beyond the circuit evaluation. Each circuit is measured pruned
+(:meth:`jaxinterp.graph.Graph.prune`), as evaluation measures it."""
 
 import numpy as np
 
 from jaxinterp.evaluation import evaluate_masks
+from jaxinterp.graph import Graph
+from jaxinterp.interventions import intervention_means
 from jaxinterp.metrics import ATTRIBUTION_SIGN
 
 
@@ -20,18 +23,29 @@ def loop_order(spec):
     return order
 
 
-def loop_acdc(model, pairs, threshold, metric="kl_div", absolute=False, batch_size=32):
-    """``(in_graph [src, dst] bool, scores [src, dst])`` before pruning."""
+def prune(spec, mask):
+    g = Graph(spec)
+    g.in_graph[:] = mask
+    g.nodes_in_graph[:] = True
+    return g.prune().in_graph
+
+
+def loop_acdc(model, pairs, threshold, metric="kl_div", absolute=False, batch_size=32, intervention="patching",
+              with_loss=False):
+    """``(in_graph [src, dst] bool, scores [src, dst], n_evaluations)`` before pruning,
+    and with ``with_loss`` the ``L`` of the circuit accepted last."""
     spec = model.graph_spec
     real = spec.real_edge_mask
     in_graph = real.copy()
     scores = np.zeros(real.shape)
     n_evaluations = 0
+    means = intervention_means(model, pairs, intervention, batch_size=batch_size)
 
     def loss(mask):
         nonlocal n_evaluations
         n_evaluations += 1
-        return ATTRIBUTION_SIGN[metric] * evaluate_masks(model, mask[None], pairs, metric, batch_size=batch_size)[0]
+        values = evaluate_masks(model, prune(spec, mask)[None], pairs, metric, intervention, batch_size, means=means)
+        return ATTRIBUTION_SIGN[metric] * values[0]
 
     for dst in loop_order(spec):
         owners = np.nonzero(spec.forward_to_backward[:, dst])[0]
@@ -49,4 +63,4 @@ def loop_acdc(model, pairs, threshold, metric="kl_div", absolute=False, batch_si
             scores[src, dst] = result
             if (abs(result) if absolute else result) < threshold:
                 in_graph, current = trial, value
-    return in_graph, scores, n_evaluations
+    return (in_graph, scores, n_evaluations, current) if with_loss else (in_graph, scores, n_evaluations)

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from jaxinterp.attribution import attribute, prepare_data
-from jaxinterp.evaluation import (evaluate_baseline, evaluate_graph, evaluate_masks, faithfulness_curve,
-                                  normalized_faithfulness)
+from jaxinterp.attribution import attribute
+from jaxinterp.interventions import prepare_data
+from jaxinterp.evaluation import (evaluate, evaluate_baseline, evaluate_empty, evaluate_graph, evaluate_masks,
+                                  faithfulness_curve, normalized_faithfulness)
 from jaxinterp.graph import Graph
 
 
@@ -91,7 +92,7 @@ def _handbuilt_circuit_metric(model, pairs, in_graph, ablated):
 
 @pytest.mark.parametrize("intervention", ["mean", "mean-positional"])
 def test_mean_ablated_circuit_equals_the_handbuilt_circuit(model, pairs, intervention):
-    from jaxinterp.attribution import mean_activations
+    from jaxinterp.interventions import mean_activations
 
     spec = model.graph_spec
     rng = np.random.default_rng(0)
@@ -109,13 +110,133 @@ def test_mean_ablated_circuit_equals_the_handbuilt_circuit(model, pairs, interve
 def test_mean_intervention_faithfulness_runs_from_empty_to_full(model, pairs, scored, tmp_path):
     curve = faithfulness_curve(model, scored, pairs, [1, 20, scored.spec.n_edges], intervention="mean",
                                batch_size=8)
-    assert curve.corrupted == pytest.approx(evaluate_masks(
+    assert curve.empty == pytest.approx(evaluate_masks(
         model, np.zeros((1,) + scored.spec.real_edge_mask.shape, bool), pairs, intervention="mean",
         batch_size=8)[0], rel=1e-4, abs=1e-6)
-    assert abs(curve.clean - curve.corrupted) > 1e-4
+    assert abs(curve.clean - curve.empty) > 1e-4
     np.testing.assert_allclose(curve.faithfulness[-1], 1.0, atol=1e-3)
     # another data set's means give another empty circuit
     other = pairs.head(3)
     other_curve = faithfulness_curve(model, scored, pairs, [1], intervention="mean", intervention_data=other,
                                      batch_size=8)
-    assert abs(other_curve.corrupted - curve.corrupted) > 1e-6
+    assert abs(other_curve.empty - curve.empty) > 1e-6
+
+
+METRICS = ["logit_diff", "prob_diff", "kl_div"]
+INTERVENTIONS = ["patching", "zero", "mean", "mean-positional"]
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    """``(model, pairs, EAP graph)`` on a random GPT-2 whose edges matter (a large
+    initializer_range: the default init's metric changes are at float noise)."""
+    from jaxinterp import load_model
+    from jaxinterp.testing import save_random_gpt2
+
+    from conftest import write_ioi_csv
+
+    path = save_random_gpt2(str(tmp_path_factory.mktemp("sharp_gpt2")), n_layer=2, n_head=4, n_embd=32, seed=0,
+                            initializer_range=0.2)
+    model = load_model(path)
+    csv = write_ioi_csv(tmp_path_factory.mktemp("sharp_data") / "ioi.csv", model.tokenizer, n=12, ragged=True)
+    pairs = prepare_data(model, csv, "logit_diff")[0]
+    return model, pairs, attribute(model, pairs, method="EAP", batch_size=8, quiet=True), csv
+
+
+@pytest.mark.parametrize("intervention", INTERVENTIONS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_faithfulness_is_0_for_the_empty_circuit_and_1_for_all_edges(sharp, metric, intervention):
+    """MIB's definition (issue 14): the top-0 and the all-edges circuits, evaluated as
+    circuits of the curve, sit exactly at the ends; m(N) is the model itself (for KL, 0:
+    the old m(N) = KL(corrupted || clean) gave -8323 here on a 3-layer model)."""
+    model, pairs, scored, _ = sharp
+    n = scored.spec.n_edges
+    curve = faithfulness_curve(model, scored, pairs, [0, 5, n], metric=metric, intervention=intervention,
+                               batch_size=8)
+    np.testing.assert_allclose(curve.faithfulness[[0, -1]], [0.0, 1.0], atol=1e-4)
+    assert curve.n_edges[0] == 0 and curve.n_edges[-1] == n
+    scale = abs(curve.clean - curve.empty)
+    assert scale > 1e-4, "the task must tell the model from the empty circuit for the check to mean anything"
+    # the ends are what they say, by independent computations: the plain forward on the clean
+    # and on the corrupted prompts
+    clean = evaluate_baseline(model, pairs, metric, batch_size=8)
+    np.testing.assert_allclose(curve.clean, clean, atol=1e-5 * scale)
+    assert curve.corrupted == pytest.approx(evaluate_baseline(model, pairs, metric, batch_size=8,
+                                                              run_corrupted=True), rel=1e-6, abs=1e-9)
+    if metric == "kl_div":
+        assert abs(clean) < 1e-6  # KL(clean || clean)
+    if intervention == "patching":  # every edge patched is the corrupted run
+        np.testing.assert_allclose(curve.empty, curve.corrupted, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("intervention", ["patching", "mean"])
+def test_evaluate_gives_one_pass_the_circuit_and_its_ends(sharp, intervention):
+    model, pairs, scored, _ = sharp
+    g = Graph(scored.spec, scored.scores).apply_topn(20)
+    result = evaluate(model, g, pairs, "kl_div", intervention, batch_size=8)
+    kw = dict(metric="kl_div", intervention=intervention, batch_size=8)
+    np.testing.assert_allclose(result.circuit, evaluate_graph(model, g, pairs, **kw), rtol=1e-5)
+    np.testing.assert_allclose(result.empty, evaluate_empty(model, pairs, **kw), rtol=1e-5)
+    assert abs(result.model) < 1e-6
+    assert result.faithfulness == pytest.approx(1 - result.circuit / result.empty, rel=1e-6)
+
+
+def test_evaluate_masks_reuses_given_means(model, pairs):
+    """Given node means are used as they are (not computed again from the data)."""
+    from jaxinterp.interventions import intervention_means
+
+    spec = model.graph_spec
+    empty = np.zeros((1, spec.n_forward, spec.n_backward), bool)
+    means = intervention_means(model, pairs, "mean", batch_size=8)
+    own = evaluate_masks(model, empty, pairs, intervention="mean", batch_size=8)
+    np.testing.assert_array_equal(evaluate_masks(model, empty, pairs, intervention="mean", batch_size=8,
+                                                 means=means), own)
+    other = evaluate_masks(model, empty, pairs, intervention="mean", batch_size=8, means=2 * means)
+    assert abs(other[0] - own[0]) > 1e-4
+    with pytest.raises(ValueError, match="mean interventions only"):
+        evaluate_masks(model, empty, pairs, intervention="zero", batch_size=8, means=means)
+
+
+@pytest.mark.parametrize("intervention", INTERVENTIONS)
+def test_cli_kl_faithfulness_of_all_edges_and_none(sharp, tmp_path, capsys, intervention):
+    """The issue's command lines: ``evaluate --metric kl_div --top-n <all>`` gave -8323,
+    ``--top-n 0`` gave -0.18."""
+    import json
+
+    from jaxinterp.cli import main
+
+    model, _, _, ioi_csv = sharp
+    gpt2_dir = model.path
+    out = str(tmp_path / "g.json")
+    assert main(["attribute", "--model", gpt2_dir, "--data", ioi_csv, "--method", "EAP", "--metric", "kl_div",
+                 "--batch-size", "8", "--out", out]) == 0
+    n = Graph.from_json(out).spec.n_edges
+    for top_n, expected in [(n, 1.0), (0, 0.0)]:
+        capsys.readouterr()
+        assert main(["evaluate", "--model", gpt2_dir, "--data", ioi_csv, "--graph", out, "--metric", "kl_div",
+                     "--intervention", intervention, "--top-n", str(top_n), "--batch-size", "8"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["faithfulness"] == pytest.approx(expected, abs=1e-4), (top_n, result)
+        assert abs(result["model"]) < 1e-6 and result["empty"] > 1e-4 and result["corrupted"] > 1e-4
+
+
+def test_kl_faithfulness_curve_on_the_demo_model_is_sensible(tmp_path):
+    """On the trained demo model: about 0 for tiny circuits, 1 at all edges, mostly
+    increasing in between."""
+    from jaxinterp import load_model, tasks
+    from jaxinterp.demo import demo_model_dir
+
+    demo = load_model(demo_model_dir())
+    csv = tasks.write_pairs_csv("ioi", 32, str(tmp_path / "ioi.csv"), demo.tokenizer, seed=3)
+    g = attribute(demo, csv, method="EAP-IG-inputs", metric="kl_div", batch_size=16, quiet=True)
+    n = g.spec.n_edges
+    sizes = sorted({int(round(x)) for x in np.geomspace(1, n, 16)} | {n})
+    curve = faithfulness_curve(demo, g, csv, sizes, metric="kl_div", batch_size=16)
+    f = curve.faithfulness
+    assert abs(curve.clean) < 1e-6 and curve.empty > 0.1, (curve.clean, curve.empty)
+    assert abs(f[0]) < 0.1, f
+    assert f[-1] == pytest.approx(1.0, abs=1e-4)
+    assert np.all(np.isfinite(f)) and np.all(f < 1.0 + 0.1), f
+    steps = np.diff(f)
+    assert (steps > -0.02).mean() >= 0.8, f  # mostly increasing
+    assert f[len(f) // 2:].min() > f[:len(f) // 4].max(), f  # large circuits are more faithful than small ones

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinterp.attribution import compiled_peak_bytes
 from jaxinterp.config import ModelConfig
-from jaxinterp.memory import (OutOfMemoryError, abstract_params, compiled_peak_bytes, estimate_peak_bytes,
+from jaxinterp.memory import (OutOfMemoryError, abstract_params, estimate_peak_bytes,
                               explain_out_of_memory, format_bytes, is_resource_exhausted, param_count,
                               parse_bytes, pick_micro_batch)
 

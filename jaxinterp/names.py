@@ -1,0 +1,30 @@
+"""The vocabularies of jaxinterp's options, in one place and without jax.
+
+The library checks its arguments against these tuples, the command line offers them as
+``choices=`` and the sweep file's schema validates against them, so a name added here is
+added everywhere at once. This module imports nothing (the CLI reads it before it knows
+whether it will need jax at all).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+#: attribution methods, with the reference's (hannamw/EAP-IG) ``method=`` names
+METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")
+#: the methods that average over integrated-gradient steps (``ig_steps``)
+IG_METHODS = ("EAP-IG-inputs", "EAP-IG-activations")
+#: task metrics (:mod:`jaxinterp.metrics`), read at each prompt's last real token
+METRICS = ("logit_diff", "prob_diff", "kl_div")
+#: what an edge outside a circuit carries (:mod:`jaxinterp.interventions`)
+INTERVENTIONS = ("patching", "zero", "mean", "mean-positional")
+#: faithfulness losses of learned circuits (:mod:`jaxinterp.edge_pruning`)
+OBJECTIVES = ("kl_div", "logit_diff", "prob_diff")
+
+
+def check_name(kind: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``; else ValueError ``unknown {kind} ...``
+    naming the choices."""
+    if value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; choose from {tuple(choices)}")
+    return value
