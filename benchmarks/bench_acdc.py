@@ -35,7 +35,8 @@ from acdc_loop import loop_acdc  # noqa: E402
 
 from jaxinterp import load_model, tasks  # noqa: E402
 from jaxinterp.acdc import acdc  # noqa: E402
-from jaxinterp.attribution import attribute, prepare_data  # noqa: E402
+from jaxinterp.attribution import attribute  # noqa: E402
+from jaxinterp.interventions import prepare_data  # noqa: E402
 from jaxinterp.demo import DEMO_SEED, demo_model_dir  # noqa: E402
 from jaxinterp.evaluation import evaluate_baseline, evaluate_masks, normalized_faithfulness  # noqa: E402
 from jaxinterp.graph import Graph  # noqa: E402

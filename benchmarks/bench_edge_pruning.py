@@ -25,7 +25,8 @@ import numpy as np
 from common import machine, peak_rss_mb, write_json
 
 from jaxinterp import load_model, tasks
-from jaxinterp.attribution import attribute, prepare_data
+from jaxinterp.attribution import attribute
+from jaxinterp.interventions import prepare_data
 from jaxinterp.demo import DEMO_SEED, demo_model_dir
 from jaxinterp.edge_pruning import learn_circuit
 from jaxinterp.evaluation import evaluate_baseline, evaluate_masks, normalized_faithfulness

@@ -87,7 +87,7 @@ def batch_scores(params, batch, means=None, *, cfg: ModelConfig, method: str, me
                  ig_steps: int = 5, intervention: str = "patching", remat: bool = False, positional: bool = False):
     """Sum over the batch's examples of the per-example edge scores: ``[src, dst]``, or
     ``[pos, src, dst]`` when ``positional`` (float32 also for bfloat16 parameters).
-    ``remat`` rematerialises each layer; ``means``: see :func:`intervention_means`."""
+    ``remat`` rematerialises each layer; ``means``: see :func:`jaxinterp.interventions.intervention_means`."""
     spec = GraphSpec.from_config(cfg)
     clean_logits, clean_outs, corr_outs = corrupted_outputs(params, cfg, batch, intervention, means)
     delta = jax.lax.stop_gradient(corr_outs - clean_outs)
