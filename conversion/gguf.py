@@ -137,8 +137,9 @@ class _Arch:
 
     ``top`` / ``block``: GGUF tensor name (without ``.weight``/``.bias``; ``block`` names
     without the ``blk.{layer}.`` prefix) -> HF name (after the family's prefix; ``block``
-    ones after ``block_prefix.format(layer)``). ``hf_config(meta, get, tensors)`` returns
-    the config.json fields; ``keys``: the ``{arch}.*`` metadata keys it reads.
+    ones after ``block_prefix.format(layer)``). ``hf_config(meta, tensor_names, vocab_size)``
+    returns the config.json fields (``meta`` a :class:`_Meta`); ``keys``: the ``{arch}.*``
+    metadata keys it reads.
     """
 
     model_type: str
