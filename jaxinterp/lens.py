@@ -45,27 +45,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ops
 from .config import ModelConfig
 from .graph import GraphSpec
-from .models import forward, residual_stream
+from .models import final_logits, forward, layer_params, norm, residual_stream
 
 Array = jax.Array
 
 
 # --- the final norm and the unembedding ------------------------------------------------
 
-def _norm(cfg: ModelConfig, p, x: Array) -> Array:
-    if cfg.norm == "layernorm":
-        return ops.layer_norm(x, p["w"], p.get("b"), cfg.norm_eps)
-    return ops.rms_norm(x, p["w"], cfg.norm_eps, cfg.norm_offset)
-
-
 def decode(params, cfg: ModelConfig, x: Array) -> Array:
     """Residual stream ``x [..., d_model]`` -> float32 logits ``[..., vocab]`` through the
     final norm, the unembedding and the final soft-cap, as the model's last layer does."""
-    logits = ops.unembed(params["unembed"]["w_u"], _norm(cfg, params["ln_f"], x), params["unembed"].get("b_u"))
-    return ops.softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
+    return final_logits(params, cfg, norm(cfg, params["ln_f"], x))
 
 
 def norm_scale(cfg: ModelConfig, x: Array) -> Array:
@@ -158,10 +150,6 @@ def direct_logit_attribution(params, cfg: ModelConfig, tokens, attention_mask=No
 
 # --- parameters ----------------------------------------------------------------------------
 
-def _block(params, layer: int):
-    return jax.tree.map(lambda a: a[layer], params["blocks"])
-
-
 def _check_layer(cfg: ModelConfig, layer: int, head: Optional[int] = None) -> None:
     if not 0 <= layer < cfg.n_layers:
         raise ValueError(f"layer {layer} is outside 0..{cfg.n_layers - 1}")
@@ -203,7 +191,7 @@ def _embeddings_into(params, cfg: ModelConfig, layer: int) -> Array:
     """``[vocab, d_model]``: token embeddings (scaled as the ``input`` node) through the
     linear part of ``layer``'s first norm at unit scale."""
     w_e = params["embed"]["w_e"].astype(jnp.float32) * cfg.embed_scale
-    return norm_linear(cfg, _block(params, layer)["ln1"], w_e)
+    return norm_linear(cfg, layer_params(params, layer)["ln1"], w_e)
 
 
 def ov_factors(params, cfg: ModelConfig, layer: int, head: int) -> tuple[Array, Array]:
@@ -211,7 +199,7 @@ def ov_factors(params, cfg: ModelConfig, layer: int, head: int) -> tuple[Array, 
     vocab]``: entry ``(i, j)`` is how much attending to token ``i`` raises the logit of
     token ``j`` (Dar et al.'s ``E W_V W_O E^T`` with the norms' linear parts)."""
     _check_layer(cfg, layer, head)
-    attn = _block(params, layer)["attn"]
+    attn = layer_params(params, layer)["attn"]
     kv = head // cfg.group_size
     left = _embeddings_into(params, cfg, layer) @ attn["w_v"][kv].astype(jnp.float32)
     right = readout(params, cfg, attn["w_o"][head])
@@ -223,7 +211,7 @@ def qk_factors(params, cfg: ModelConfig, layer: int, head: int) -> tuple[Array, 
     vocab]``: entry ``(i, j)`` is the attention logit (before scaling) of a query token
     ``i`` on a key token ``j`` (``E W_Q W_K^T E^T``)."""
     _check_layer(cfg, layer, head)
-    attn = _block(params, layer)["attn"]
+    attn = layer_params(params, layer)["attn"]
     emb = _embeddings_into(params, cfg, layer)
     kv = head // cfg.group_size
     return emb @ attn["w_q"][head].astype(jnp.float32), (emb @ attn["w_k"][kv].astype(jnp.float32)).T

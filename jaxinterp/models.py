@@ -158,6 +158,11 @@ def embed_input(params: Params, cfg: ModelConfig, tokens: Array) -> Array:
     return emb
 
 
+def layer_params(params: Params, layer: int) -> Params:
+    """Layer ``layer``'s parameters (the ``blocks`` leaves without their leading ``layer`` axis)."""
+    return jax.tree.map(lambda a: a[layer], params["blocks"])
+
+
 def final_logits(params: Params, cfg: ModelConfig, normed: Array) -> Array:
     """Float32 logits ``[..., vocab]`` of the final-normed residual ``normed [..., d_model]``
     (unembedding, its bias, Gemma 2's soft-cap)."""
@@ -346,7 +351,7 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
     rotary = _rotary(cfg, resid.shape[1])
     starts = [spec.head_index(layer) for layer in range(cfg.n_layers)]
     blocks, logits_coef = (None, None) if edges is None else _layer_coef(spec, edges.coef)
-    at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731  (a layer's slice)
     # remat: the backward recomputes a layer from its inputs instead of keeping its intermediates
     checkpoint = jax.checkpoint if remat else (lambda f: f)
 

@@ -64,7 +64,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .graph import GraphSpec
-from .models import Intervention, forward, residual_stream
+from .models import Intervention, embed_input, forward, residual_stream
 
 KINDS = ("resid", "attn", "mlp")
 _CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -240,8 +240,7 @@ def _check_trace_args(cfg: ModelConfig, tokens, corrupted_embeddings, target: in
 def token_embeddings(params, cfg: ModelConfig, tokens) -> jax.Array:
     """The ``input`` node's output for ``tokens [..., pos]``: ``[..., pos, d_model]``
     (scaled by ``cfg.embed_scale``, as the graph forward does)."""
-    emb = jnp.take(params["embed"]["w_e"], jnp.asarray(tokens), axis=0)
-    return emb * jnp.asarray(cfg.embed_scale, emb.dtype) if cfg.embed_scale != 1.0 else emb
+    return embed_input(params, cfg, jnp.asarray(tokens))
 
 
 def embedding_std(params, cfg: ModelConfig, tokens=None) -> float:
