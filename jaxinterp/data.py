@@ -56,10 +56,25 @@ class Pairs:
             raise ValueError(f"the number of examples to keep must be an integer >= 1, got {n!r}")
         return Pairs(*(None if a is None else a[:n] for a in dataclasses.astuple(self)))
 
+    def padded_to(self, n_pos: int) -> "Pairs":
+        """These pairs right-padded to ``n_pos >= self.n_pos`` tokens (attention mask 0).
+        Harmless for every position-free result: attention is causal, so no real token
+        sees a padding token, and metrics read each prompt's last real token."""
+        if n_pos < self.n_pos:
+            raise ValueError(f"cannot pad prompts of {self.n_pos} tokens to {n_pos}")
+        if n_pos == self.n_pos:
+            return self
+        widen = lambda a: np.pad(a, ((0, 0), (0, n_pos - self.n_pos)), mode="edge")  # noqa: E731 (ids stay in the vocabulary)
+        mask = np.pad(self.attention_mask, ((0, 0), (0, n_pos - self.n_pos)))
+        return dataclasses.replace(self, clean=widen(self.clean), corrupted=widen(self.corrupted), attention_mask=mask)
+
     def batches(self, batch_size: int) -> Iterator[dict]:
-        """Fixed-shape batches; the last is padded with copies of row 0 of weight 0."""
+        """Fixed-shape batches; the last is padded with copies of row 0 of weight 0. With
+        fewer examples than ``batch_size``, the one batch has :func:`bucket` ``(len(self))``
+        rows instead (less padding; a few shapes, so compiled programs are reused)."""
         check_batch_size(batch_size)
         n = len(self)
+        batch_size = min(batch_size, bucket(n))
         for start in range(0, n, batch_size):
             idx = np.arange(start, start + batch_size)
             weight = (idx < n).astype(np.float32)
@@ -73,6 +88,27 @@ class Pairs:
     def n_batches(self, batch_size: int) -> int:
         check_batch_size(batch_size)
         return math.ceil(len(self) / batch_size)
+
+
+def bucket(n: int) -> int:
+    """The smallest of ``1, 2, 3, 4, 6, 8, 12, 16, 24, ...`` (powers of two and 1.5 times
+    them) that is ``>= n``: batch sizes and padded lengths are rounded up to these, so
+    runs on different data reuse a few compiled programs (the persistent compilation
+    cache, :mod:`jaxinterp.cache`) at most 50% padding."""
+    if n < 1:
+        raise ValueError(f"cannot bucket {n}")
+    p = 1 << (int(n) - 1).bit_length()  # smallest power of two >= n
+    return p * 3 // 4 if p >= 4 and p * 3 // 4 >= n else p
+
+
+def bucket_length(pairs: "Pairs", n_ctx: Optional[int] = None) -> "Pairs":
+    """``pairs`` right-padded to :func:`bucket` of their length (at least 8 tokens, at
+    most the model's context ``n_ctx``). For position-free results only: position-aware
+    ones (scores or means per position) need the data's own length."""
+    n_pos = max(bucket(pairs.n_pos), min(8, n_ctx or 8))
+    if n_ctx is not None:
+        n_pos = max(min(n_pos, n_ctx), pairs.n_pos)
+    return pairs.padded_to(n_pos)
 
 
 def check_batch_size(batch_size) -> None:

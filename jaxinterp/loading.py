@@ -94,7 +94,15 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None
     mesh: a ``("data", "model")`` mesh (:func:`jaxinterp.sharding.make_mesh`): each device
         receives only its shard of every parameter straight from host memory, so a model
         larger than one device loads (without it, parameters go to the default device).
+
+    Also turns on jaxinterp's persistent compilation cache (:mod:`jaxinterp.cache`: a user
+    cache directory, so a second process does not compile the same programs again; it is
+    process-wide, so later jitted functions of the caller's are cached too) unless
+    ``JAXINTERP_COMPILE_CACHE=0`` or the caller already set ``jax_compilation_cache_dir``.
     """
+    from .cache import enable_compile_cache
+
+    enable_compile_cache()  # here, at the API boundary, never at import time
     from .conversion import is_converted, load_converted, load_hf_checkpoint
     from .conversion.gguf import load_gguf_checkpoint, load_gguf_tokenizer, packaged_gguf
 

@@ -1,0 +1,110 @@
+"""``jaxinterp plan`` figures for the README's "Scale" tables, one process per plan.
+
+    python benchmarks/bench_plan.py scale      # Llama-3-8B (1 device) and Llama-3-70B (8, 16 devices)
+    python benchmarks/bench_plan.py depth      # AOT compile time of EAP vs depth, scan vs unrolled
+
+Each plan runs as ``jaxinterp plan ... --json`` in its own process under ``timeout``
+(virtual CPU devices need a fresh jax) and its figures go, with the command, the
+machine's load before and after, and the machine, to ``benchmarks/results/plan_*.json``.
+``depth`` compiles a narrow Llama-shaped model (4 heads x d_model 64, 2 key/value heads)
+at 12, 24, 48 and 80 layers with the layers scanned (``forward``'s default from 8 layers
+on) and unrolled (``--unrolled``, in-process: ``models.SCAN_MIN_LAYERS`` raised), each
+unrolled compile bounded by ``--unrolled-timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+NARROW = dict(model_type="llama", vocab_size=4096, hidden_size=64, intermediate_size=172, num_hidden_layers=12,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=500000.0,
+              tie_word_embeddings=False)
+
+
+def loadavg() -> list[float]:
+    return list(os.getloadavg())
+
+
+UNROLLED = ("import sys, jaxinterp.models as m; m.SCAN_MIN_LAYERS = 10**9; from jaxinterp.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+
+
+def run_plan(name: str, args: list[str], timeout: int, unrolled: bool = False) -> dict:
+    """``jaxinterp plan ARGS --json`` in a fresh process; its figures plus how it ran.
+    ``unrolled``: with forward's automatic scan moved past any depth (layers unrolled)."""
+    from common import machine
+
+    out = os.path.join(tempfile.mkdtemp(), "plan.json")
+    cmd = [sys.executable, *(["-c", UNROLLED] if unrolled else ["-m", "jaxinterp"]), "plan", *args, "--json", out]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # the command sets the device count from --mesh
+    before, t = loadavg(), time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"
+    except subprocess.TimeoutExpired:
+        status = f"timed out after {timeout}s"
+    record = json.load(open(out)) if status == "ok" else {}
+    record.update(benchmark="plan", name=name, status=status, wall_s=time.perf_counter() - t,
+                  command="jaxinterp plan " + " ".join(args), layers_unrolled=unrolled, loadavg_before=before, loadavg_after=loadavg(),
+                  machine=machine())
+    write(f"plan_{name}.json", record)
+    print(f"{name}: {status}" + (f", compile {record['compile_s']:.1f}s, XLA peak "
+                                 f"{record['memory_per_device']['peak'] / 2**30:.2f} GiB, estimate "
+                                 f"{(record['estimate_peak_bytes'] or 0) / 2**30:.2f} GiB" if status == "ok" else ""),
+          flush=True)
+    return record
+
+
+def write(name: str, record: dict) -> None:
+    sys.path.insert(0, os.path.dirname(HERE))
+    from jaxinterp.io import atomic_write_text
+
+    os.makedirs(RESULTS, exist_ok=True)
+    atomic_write_text(os.path.join(RESULTS, name), json.dumps(record, indent=1) + "\n")
+
+
+def scale(timeout: int) -> None:
+    for method in ("EAP", "EAP-IG-inputs"):
+        tag = "eap" if method == "EAP" else "eapig"
+        for b in (1, 8, 16):
+            run_plan(f"llama3_8b_{tag}_b{b}", ["--shape", "llama-3-8b", "--method", method, "--batch-size", str(b),
+                                               "--pos", "64", "--peak-tflops", "989"], timeout)
+        for m in (8, 16):
+            run_plan(f"llama3_70b_{tag}_1x{m}", ["--shape", "llama-3-70b", "--method", method, "--batch-size", "8",
+                                                 "--pos", "64", "--mesh", f"1x{m}", "--peak-tflops", "989"], timeout)
+
+
+def depth(timeout: int, unrolled_timeout: int) -> None:
+    config = os.path.join(tempfile.mkdtemp(), "config.json")
+    with open(config, "w") as f:
+        json.dump(NARROW, f)
+    for layers in (12, 24, 48, 80):
+        common = ["--shape", config, "--layers", str(layers), "--method", "EAP", "--batch-size", "4", "--pos", "16"]
+        run_plan(f"depth_scan_L{layers}", common, timeout)
+        # unrolled: the same command with forward's automatic choice moved past this depth
+        run_plan(f"depth_unrolled_L{layers}", common, unrolled_timeout, unrolled=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=["scale", "depth"])
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds per plan")
+    ap.add_argument("--unrolled-timeout", type=int, default=600, help="seconds per unrolled compile (depth)")
+    args = ap.parse_args()
+    if args.which == "scale":
+        scale(args.timeout)
+    else:
+        depth(args.timeout, args.unrolled_timeout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The persistent compilation cache (jaxinterp.cache) and the shape buckets that let
+runs reuse its programs.
+
+A second process running the same ``jaxinterp attribute`` command must compile nothing:
+jax times every request to compile (``/jax/core/compile/backend_compile_duration``,
+answered by compiling or from the persistent cache) and reports every cache hit; the
+second process's requests must all be hits. Bucketed batch sizes
+and padded lengths must not change the scores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxinterp.cache import ENV, configured_dir, default_dir
+from jaxinterp.data import Pairs, bucket, bucket_length
+
+# Runs the CLI with jax's compile and cache events counted; prints them as JSON last.
+COUNTING = """
+import json, sys
+from jax import monitoring
+counts = {"requests": 0, "hits": 0}
+def on_duration(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":  # around every compile, cached or not
+        counts["requests"] += 1
+def on_event(event, **kw):
+    if event == "/jax/compilation_cache/cache_hits":
+        counts["hits"] += 1
+monitoring.register_event_duration_secs_listener(on_duration)
+monitoring.register_event_listener(on_event)
+from jaxinterp.cli import main
+status = main(sys.argv[1:])
+print(json.dumps(counts))
+sys.exit(status)
+"""
+
+
+def test_configured_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_dir() == os.path.join(str(tmp_path), "jaxinterp", "xla")
+    for off in ("0", "off", "FALSE", "no"):
+        assert configured_dir(off) is None
+    assert configured_dir("1") == default_dir()
+    assert configured_dir(str(tmp_path / "c")) == str(tmp_path / "c")
+    monkeypatch.delenv(ENV, raising=False)
+    assert configured_dir() == default_dir()
+    monkeypatch.setenv(ENV, "0")
+    assert configured_dir() is None
+
+
+def _attribute(gpt2_dir, ioi_csv, out, cache, extra=()):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{ENV: str(cache)})
+    proc = subprocess.run([sys.executable, "-c", COUNTING, "attribute", "--model", gpt2_dir, "--data", ioi_csv,
+                           "--method", "EAP", "--batch-size", "4", "--out", str(out), *extra],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _entries(cache):
+    return sorted(p for p in os.listdir(cache)) if os.path.isdir(cache) else []
+
+
+def test_second_process_compiles_nothing(gpt2_dir, ioi_csv, tmp_path):
+    cache = tmp_path / "xla"
+    first = _attribute(gpt2_dir, ioi_csv, tmp_path / "a.json", cache)
+    entries = _entries(cache)
+    assert first["requests"] > 0 and first["hits"] == 0 and entries
+    second = _attribute(gpt2_dir, ioi_csv, tmp_path / "b.json", cache)
+    assert second == {"requests": first["requests"], "hits": first["requests"]}
+    assert _entries(cache) == entries
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a == b
+    # turned off: nothing read or written
+    off = _attribute(gpt2_dir, ioi_csv, tmp_path / "c.json", cache, ["--no-compile-cache"])
+    assert off == {"requests": first["requests"], "hits": 0} and _entries(cache) == entries
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 2, 3, 5, 7, 9, 13, 17, 25, 33, 100)] == [1, 2, 3, 6, 8, 12, 16, 24, 32, 48, 128]
+    rng = np.random.default_rng(0)
+    clean = rng.integers(1, 50, (5, 11)).astype(np.int32)
+    lengths = np.array([11, 9, 4, 11, 7], np.int32)
+    mask = (np.arange(11)[None] < lengths[:, None]).astype(np.int32)
+    pairs = Pairs(clean, clean[::-1].copy(), mask, lengths, np.ones((5, 2), np.int32))
+    batch = next(pairs.batches(16))  # fewer examples than the batch size: 6 rows, not 16
+    assert batch["clean"].shape == (6, 11) and batch["weight"].tolist() == [1, 1, 1, 1, 1, 0]
+    assert [b["clean"].shape[0] for b in pairs.batches(2)] == [2, 2, 2]
+    padded = bucket_length(pairs, n_ctx=64)
+    assert padded.n_pos == 12 and (padded.attention_mask[:, 11] == 0).all()
+    assert (padded.clean[:, :11] == clean).all() and (padded.lengths == lengths).all()
+    assert bucket_length(pairs, n_ctx=11).n_pos == 11  # never past the model's context
+
+
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
+def test_bucketed_scores_equal_exact_length(model, ioi_csv, method):
+    """Scores on the data padded to its length bucket (and beyond) equal the scores at its
+    own length, relative to their scale."""
+    import jax
+
+    from jaxinterp.attribution import batch_scores
+    from jaxinterp.interventions import prepare_data
+
+    pairs, metric = prepare_data(model, ioi_csv, "logit_diff")
+    kw = dict(cfg=model.cfg, method=method, metric=metric, ig_steps=2 if "IG" in method else 1)
+
+    def scores(p):
+        return sum(np.asarray(jax.device_get(batch_scores(model.params, b, **kw)), np.float64)
+                   for b in p.batches(5))
+
+    exact = scores(pairs)
+    assert bucket_length(pairs, model.cfg.n_ctx).n_pos > pairs.n_pos  # the test pads at all
+    scale = np.abs(exact).max()
+    for padded in (bucket_length(pairs, model.cfg.n_ctx), pairs.padded_to(pairs.n_pos + 9)):
+        np.testing.assert_allclose(scores(padded), exact, rtol=0, atol=2e-5 * scale)

@@ -1,0 +1,118 @@
+"""``jaxinterp plan``: XLA's figures of a method's program compiled from abstract arrays.
+
+The memory figure must be the real program's (the same jitted batch function on real
+arrays), the FLOP count must multiply loop bodies by their trip counts (the layers run as
+a scan, which XLA's cost_analysis counts once), and a 2x4 mesh of virtual CPU devices
+must compile from the command line, which sets the device count itself.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinterp import models
+from jaxinterp.cli import main
+from jaxinterp.config import ModelConfig
+from jaxinterp.memory import abstract_params
+from jaxinterp.plan import PlanError, forward_flops, hlo_dot_flops, memory_figures, plan
+from jaxinterp.shapes import ShapeError, model_config
+
+# Llama-shaped (RMSNorm, rotary, gated MLP, grouped-query attention), small enough to compile quickly
+TINY = ModelConfig(n_layers=2, n_heads=4, d_model=32, d_head=8, d_mlp=48, vocab_size=64, n_ctx=32, n_kv_heads=2,
+                   norm="rmsnorm", positional="rotary", act_fn="silu", gated_mlp=True, qkv_bias=False,
+                   out_bias=False, mlp_bias=False, tie_word_embeddings=False, model_type="llama")
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_dot_flops_multiply_loop_bodies(scan):
+    """A plain forward's dot FLOPs, counted from the compiled HLO, equal the analytic count
+    whether the layers are a scan (one body, trip count 3) or unrolled; XLA's own
+    cost_analysis counts the scanned body once, so it falls short there."""
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY, n_layers=3)
+    fn = jax.jit(lambda p, t: models.forward(p, cfg, t, scan=scan))
+    compiled = fn.lower(abstract_params(cfg), jax.ShapeDtypeStruct((2, 16), jnp.int32)).compile()
+    counted = hlo_dot_flops(compiled.as_text())
+    assert counted["unknown_trip_counts"] == 0
+    assert counted["flops"] == forward_flops(cfg, 2, 16)
+    if scan:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        assert cost["flops"] < 0.75 * counted["flops"]
+
+
+def _real_batch(cfg, batch_size, n_pos, seed=0):
+    from jaxinterp.data import Pairs
+
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(1, cfg.vocab_size, (batch_size, n_pos)).astype(np.int32)
+    corrupted = clean.copy()
+    corrupted[:, 1] = rng.integers(1, cfg.vocab_size, batch_size)
+    pairs = Pairs(clean, corrupted, np.ones_like(clean), np.full(batch_size, n_pos, np.int32),
+                  rng.integers(1, cfg.vocab_size, (batch_size, 2)).astype(np.int32))
+    return next(pairs.batches(batch_size))
+
+
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
+def test_plan_memory_is_the_real_programs(method):
+    """plan's per-device memory equals memory_analysis() of batch_scores compiled on real
+    weights and a real batch of the same shape (as attribute() calls it)."""
+    from jaxinterp.attribution import batch_scores
+    from jaxinterp.interventions import TaskMetric
+
+    r = plan(TINY, method, batch_size=3, n_pos=8, ig_steps=2, peak_tflops=1.0)
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 64))
+    params = jax.tree.map(lambda a: 0.02 * jax.random.normal(next(keys), a.shape, a.dtype), abstract_params(TINY))
+    steps = 2 if "IG" in method else 1
+    real = batch_scores.lower(params, _real_batch(TINY, 3, 8), cfg=TINY, method=method,
+                              metric=TaskMetric("logit_diff"), ig_steps=steps, remat=False).compile()
+    assert r["memory_per_device"] == memory_figures(real)
+    assert r["memory_per_device"]["peak"] > 0
+    assert r["flops_per_device"] > 0 and r["hlo_unknown_trip_counts"] == 0
+    assert r["seconds_at_mfu"] == pytest.approx(r["flops_per_device"] / 1e12 / 0.4)
+    assert r["estimate_peak_bytes"] > 0
+
+
+def test_plan_refuses_bad_requests(capsys):
+    with pytest.raises(ShapeError, match="unknown shape"):
+        model_config("llama-9")
+    with pytest.raises(PlanError, match="does not divide"):
+        plan(TINY, "EAP", n_pos=8, mesh_shape=(1, 3))
+    with pytest.raises(PlanError, match="context"):
+        plan(TINY, "EAP", n_pos=33)
+    assert main(["plan", "--shape", "llama-9", "--method", "EAP"]) == 2
+    assert "unknown shape" in capsys.readouterr().err
+    # 8 heads: a 3-way model axis is refused before any device is asked for
+    assert main(["plan", "--shape", "tiny", "--mesh", "1x3"]) == 2
+    assert "does not divide" in capsys.readouterr().err
+
+
+def test_plan_cli_2x4_virtual_mesh(tmp_path):
+    """The command sets the virtual device count from --mesh itself (no XLA_FLAGS given);
+    the batch is padded to the data axis and each device holds a quarter of the sharded
+    parameters or less."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32)))
+    outs = {}
+    for mesh in ("1x1", "2x4"):
+        out = tmp_path / f"plan_{mesh}.json"
+        proc = subprocess.run([sys.executable, "-m", "jaxinterp", "plan", "--shape", str(config), "--method", "EAP",
+                               "--batch-size", "3", "--pos", "8", "--mesh", mesh, "--json", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[mesh] = json.loads(out.read_text())
+    r, one = outs["2x4"], outs["1x1"]
+    assert r["devices"] == 8 and r["mesh"] == {"data": 2, "model": 4}
+    assert r["batch_size_padded"] == 4 and one["batch_size_padded"] == 3
+    assert 0 < r["memory_per_device"]["argument"] < one["memory_per_device"]["argument"] / 2
+    assert r["flops_total"] >= 0.9 * one["flops_per_device"]
