@@ -24,17 +24,14 @@ import numpy as np
 
 from common import gpu_peak_mb, machine, peak_rss_mb, write_json
 
-SHAPES = {
-    # the shapes of the public models (vocabulary included), random weights
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, head_dim=64, tie_word_embeddings=True),
-    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, vocab_size=128256, head_dim=128, tie_word_embeddings=True),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, head_dim=128, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=4096, head_dim=32, tie_word_embeddings=False),
-}
+from jaxinterp.shapes import HF_SHAPES
+
+# the shapes of the public models (vocabulary included), random weights: the Llama-architecture
+# entries of the one shape table, jaxinterp.shapes, in the LlamaConfig fields this script writes
+_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "vocab_size", "head_dim", "tie_word_embeddings")
+SHAPES = {name: {k: hf[k] for k in _KEYS} for name, hf in HF_SHAPES.items()
+          if hf["model_type"] == "llama" and name != "llama-3-70b"}
 
 
 def build_checkpoint(path: str, shape: dict, dtype: str, seed: int = 0) -> str:

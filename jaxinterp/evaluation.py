@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .data import Pairs
+from .data import Pairs, bucket_length
 from .graph import Graph
 from .interventions import Run, TaskMetric, metric_values, prepare_run, weighted_sum
 from .models import forward
@@ -160,6 +160,8 @@ def evaluate(model, graph: Graph, data: Union[str, Pairs], metric: str = "logit_
     model and the empty circuit evaluated in one pass, and the faithfulness between them."""
     masks = _checked_circuit(model, graph, prune)
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
+    if intervention != "mean-positional":  # position-free: reuse compiled programs
+        run.pairs = bucket_length(run.pairs, run.model.cfg.n_ctx)
     values, ends = _with_ends(run, masks, chunk, quiet=True)
     value = float(values[0])
     return CircuitEvaluation(value, ends.model, ends.empty, ends.corrupted,
@@ -208,6 +210,8 @@ def faithfulness_curve(model, graph: Union[Graph, PositionalGraph], data: Union[
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
     run.model.graph_spec.check_same(graph.spec, "the scored graph")
     masks, kept = topn_masks(graph, sizes, absolute)
+    if masks.ndim == 3 and intervention != "mean-positional":  # position-free: reuse compiled programs
+        run.pairs = bucket_length(run.pairs, run.model.cfg.n_ctx)
     values, ends = _with_ends(run, masks, chunk, quiet)
     return Curve(np.asarray(sizes), kept, values, normalized_faithfulness(values, ends.model, ends.empty),
                  ends.model, ends.corrupted, label, ends.empty)
