@@ -106,7 +106,9 @@ def test_cli_max_memory(gpt2_dir, ioi_csv, tmp_path, capsys):
     from jaxinterp.cli import main
 
     args = ["attribute", "--model", gpt2_dir, "--data", ioi_csv, "--method", "EAP", "--out", str(tmp_path / "g.json")]
-    assert main(args + ["--max-memory", "lots"]) == 2
+    with pytest.raises(SystemExit) as refused:  # an unreadable size is an argparse error, before any work
+        main(args + ["--max-memory", "lots"])
+    assert refused.value.code == 2
     assert "cannot read a memory size from 'lots'" in capsys.readouterr().err
     assert main(args + ["--max-memory", "1kB"]) == 2
     assert "shard the model over more devices" in capsys.readouterr().err
