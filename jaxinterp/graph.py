@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import json
 from typing import Iterator, Optional
 
 import numpy as np
@@ -227,6 +228,14 @@ class GraphSpec:
     @functools.cached_property
     def _edge_lookup(self) -> dict[str, tuple[int, int]]:
         return {name: (s, d) for name, s, d in self.edges}
+
+    @property
+    def _edge_columns(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """``(names, src [edge], dst [edge])``: :attr:`edges` as columns, built with array
+        operations and cached per graph shape (a file's graph is a new ``GraphSpec``), so
+        that graph files are written and read without one Python step per edge (1.6 M
+        edges for Llama-3.1-8B; building :attr:`edges` alone takes seconds there)."""
+        return _edge_columns(self)
 
     def to_cfg(self) -> dict:
         """The ``cfg`` block of the reference's JSON graph files (plus ``n_kv_heads`` in
@@ -421,9 +430,17 @@ class Graph:
         nodes["logits"] = {"in_graph": True}
         if self.nodes_scores is not None:
             nodes["logits"]["score"] = None  # the reference writes NaN: no score
-        edges = {name: {"score": float(self.scores[s, d]), "in_graph": bool(self.in_graph[s, d])}
-                 for name, s, d in spec.edges}
-        atomic_write_text(path, dumps({"cfg": spec.to_cfg(), "nodes": nodes, "edges": edges}))
+        # The edges block is formatted directly, byte for byte what ``json.dumps`` writes for
+        # the dict {name: {"score": float, "in_graph": bool}} (names are plain ASCII, scores
+        # finite, checked above, and json writes a float as its repr): dumping 1.6 M small
+        # dicts took ~40 s, this takes ~2 s.
+        names, src, dst = spec._edge_columns
+        scores, members = self.scores[src, dst].tolist(), self.in_graph[src, dst].tolist()
+        keys = _json_keys(spec)
+        edges = ", ".join([f'{k}: {{"score": {v!r}, "in_graph": {"true" if m else "false"}}}'
+                           for k, v, m in zip(keys, scores, members)])
+        head = dumps({"cfg": spec.to_cfg(), "nodes": nodes})
+        atomic_write_text(path, head[:-1] + ', "edges": {' + edges + "}}")
 
     @classmethod
     def from_json(cls, path: str, spec: Optional[GraphSpec] = None) -> "Graph":
@@ -443,53 +460,138 @@ class Graph:
             raise ValueError(f"{path}: not a circuit graph file ('cfg', 'nodes' and 'edges' must be objects)")
         spec = _spec_from_file(d["cfg"], path, spec)
         g = cls(spec)
-        lookup = spec._edge_lookup
-        unknown = [name for name in d["edges"] if name not in lookup]
-        if unknown:
-            raise ValueError(f"{path}: {len(unknown)} edges {_some(unknown)} do not exist in a graph with cfg "
-                             f"{d['cfg']}")
-        absent = [name for name, _, _ in spec.edges if name not in d["edges"]]
-        if absent:
-            raise ValueError(f"{path}: {len(absent)} of {spec.n_edges} edges are missing, e.g. {_some(absent)} "
-                             f"(a truncated or filtered file? every edge needs a score)")
-        no_score, bad, not_finite = [], [], []
-        for name, info in d["edges"].items():
-            if not isinstance(info, dict) or info.get("score") is None:
-                no_score.append(name)
-                continue
-            score, member = info["score"], info.get("in_graph", False)
-            if isinstance(score, bool) or not isinstance(score, (int, float)) or not isinstance(member, bool):
-                bad.append(name)
-            elif not np.isfinite(score):
-                not_finite.append(name)
-            else:
-                s, t = lookup[name]
-                g.scores[s, t] = score
-                g.in_graph[s, t] = member
-        for names, why in ((no_score, "have no score"), (bad, "have a score or in_graph that is not a number "
-                                                                 "or a boolean"),
-                           (not_finite, "have a score that is NaN or infinite")):
-            if names:
-                raise ValueError(f"{path}: {len(names)} of {spec.n_edges} edges {why}, e.g. {_some(names)}")
-        index = {n: i for i, n in enumerate(spec.forward_names)}
-        strange = [name for name in d["nodes"] if name != "logits" and name not in index]
-        if strange:
-            raise ValueError(f"{path}: {len(strange)} nodes {_some(strange)} do not exist in a graph with cfg "
-                             f"{d['cfg']}")
-        any_scores = False
-        node_scores = np.full(spec.n_forward, np.nan, np.float32)
-        for name, info in d["nodes"].items():
-            if name == "logits":
-                continue
-            if not isinstance(info, dict):
-                raise ValueError(f"{path}: node {name!r} is {info!r}, not an object with 'in_graph'")
-            g.nodes_in_graph[index[name]] = bool(info.get("in_graph", False))
-            score = info.get("score")
-            if isinstance(score, (int, float)) and not isinstance(score, bool) and np.isfinite(score):
-                any_scores = True
-                node_scores[index[name]] = score
-        g.nodes_scores = node_scores if any_scores else None
+        if not _read_edges_fast(g, d["edges"]):  # irregular: the per-edge checks below say what is wrong
+            _read_edges_checked(g, d, path)
+        _read_nodes(g, d, path)
         return g
+
+
+@functools.lru_cache(maxsize=4)
+def _edge_columns(spec: GraphSpec) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """:attr:`GraphSpec._edge_columns`: the order of :attr:`GraphSpec.edges` block by
+    block. Layer ``l``'s attention inputs are read by the forward nodes ``0 ..
+    attn_prev(l) - 1`` (the residual stream so far, in index order), each source's
+    destinations in one fixed order (per key/value input: its query heads' ``<q>``, then
+    ``<k>``, ``<v>``; plus ``m{l}`` with a parallel MLP); then ``m{l}``'s inputs from
+    ``0 .. mlp_prev(l) - 1``; finally the logits' from every forward node."""
+    group = spec.n_heads // spec.n_kv_inputs
+    src_blocks, dst_blocks = [], []
+
+    def block(n_src: int, dsts: list[int]) -> None:
+        src_blocks.append(np.repeat(np.arange(n_src), len(dsts)))
+        dst_blocks.append(np.tile(np.asarray(dsts, np.int64), n_src))
+
+    for layer in range(spec.n_layers):
+        order = []
+        for g in range(spec.n_kv_inputs):
+            order += [spec.qkv_index(layer, "q", h) for h in range(g * group, (g + 1) * group)]
+            order += [spec.qkv_index(layer, "k", g), spec.qkv_index(layer, "v", g)]
+        if spec.parallel_attn_mlp:
+            order.append(spec.mlp_in_index(layer))
+        block(spec.attn_prev(layer), order)
+        if not spec.parallel_attn_mlp:
+            block(spec.mlp_prev(layer), [spec.mlp_in_index(layer)])
+    block(spec.n_forward, [spec.logits_index])
+    src, dst = np.concatenate(src_blocks).astype(np.int64), np.concatenate(dst_blocks)
+    fn, bn = [f + "->" for f in spec.forward_names], spec.backward_names
+    names = [fn[s] + bn[d] for s, d in zip(src.tolist(), dst.tolist())]
+    return names, src, dst
+
+
+@functools.lru_cache(maxsize=2)
+def _json_keys(spec: GraphSpec) -> list[str]:
+    """The edge names as JSON strings (cached per graph shape)."""
+    return [json.dumps(name) for name in spec._edge_columns[0]]
+
+
+def _read_edges_fast(g: "Graph", edges: dict) -> bool:
+    """Fill ``g``'s scores and membership from a file's ``edges`` object with array
+    operations when it is regular (every edge exactly once, each ``{"score": finite
+    number, "in_graph": bool}``), and return True; return False, changing nothing, on
+    anything else, for :func:`_read_edges_checked` to name."""
+    spec = g.spec
+    names, src, dst = spec._edge_columns
+    if len(edges) != len(names):
+        return False
+    if list(edges) == names:  # the order both tools write
+        s, t = src, dst
+    else:
+        lookup = spec._edge_lookup
+        try:
+            at = np.array([lookup[name] for name in edges], np.int64).reshape(-1, 2)
+        except KeyError:
+            return False
+        s, t = at[:, 0], at[:, 1]  # dict keys are unique, so len(edges) known names are all of them
+    try:
+        infos = list(edges.values())
+        scores = [info["score"] for info in infos]
+        members = [info.get("in_graph", False) for info in infos]
+    except (TypeError, KeyError, AttributeError):
+        return False
+    if not set(map(type, scores)) <= {float, int} or not set(map(type, members)) <= {bool}:
+        return False  # bool is not int here: type() is exact
+    values = np.array(scores, np.float64)
+    if not np.isfinite(values).all():
+        return False
+    g.scores[s, t] = values
+    g.in_graph[s, t] = np.array(members, bool)
+    return True
+
+
+def _read_edges_checked(g: "Graph", d: dict, path: str) -> None:
+    """The edges one by one, with errors that name them (see :meth:`Graph.from_json`)."""
+    spec = g.spec
+    lookup = spec._edge_lookup
+    unknown = [name for name in d["edges"] if name not in lookup]
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} edges {_some(unknown)} do not exist in a graph with cfg "
+                         f"{d['cfg']}")
+    absent = [name for name, _, _ in spec.edges if name not in d["edges"]]
+    if absent:
+        raise ValueError(f"{path}: {len(absent)} of {spec.n_edges} edges are missing, e.g. {_some(absent)} "
+                         f"(a truncated or filtered file? every edge needs a score)")
+    no_score, bad, not_finite = [], [], []
+    for name, info in d["edges"].items():
+        if not isinstance(info, dict) or info.get("score") is None:
+            no_score.append(name)
+            continue
+        score, member = info["score"], info.get("in_graph", False)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not isinstance(member, bool):
+            bad.append(name)
+        elif not np.isfinite(score):
+            not_finite.append(name)
+        else:
+            s, t = lookup[name]
+            g.scores[s, t] = score
+            g.in_graph[s, t] = member
+    for names, why in ((no_score, "have no score"), (bad, "have a score or in_graph that is not a number "
+                                                             "or a boolean"),
+                       (not_finite, "have a score that is NaN or infinite")):
+        if names:
+            raise ValueError(f"{path}: {len(names)} of {spec.n_edges} edges {why}, e.g. {_some(names)}")
+
+
+def _read_nodes(g: "Graph", d: dict, path: str) -> None:
+    """The nodes' membership and scores (a few thousand at most: no fast path needed)."""
+    spec = g.spec
+    index = {n: i for i, n in enumerate(spec.forward_names)}
+    strange = [name for name in d["nodes"] if name != "logits" and name not in index]
+    if strange:
+        raise ValueError(f"{path}: {len(strange)} nodes {_some(strange)} do not exist in a graph with cfg "
+                         f"{d['cfg']}")
+    any_scores = False
+    node_scores = np.full(spec.n_forward, np.nan, np.float32)
+    for name, info in d["nodes"].items():
+        if name == "logits":
+            continue
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: node {name!r} is {info!r}, not an object with 'in_graph'")
+        g.nodes_in_graph[index[name]] = bool(info.get("in_graph", False))
+        score = info.get("score")
+        if isinstance(score, (int, float)) and not isinstance(score, bool) and np.isfinite(score):
+            any_scores = True
+            node_scores[index[name]] = score
+    g.nodes_scores = node_scores if any_scores else None
 
 
 def _some(names, k: int = 3) -> str:
