@@ -130,4 +130,8 @@ def load_converted(path: str) -> tuple[ModelConfig, dict]:
         params = ckptr.restore(os.path.join(path, "params"))
     import jax
 
-    return cfg, jax.tree.map(np.asarray, params)
+    from .hf import check_layout
+
+    params = jax.tree.map(np.asarray, params)
+    check_layout(params, cfg, f"{path}: the converted parameters (convert the model again)")
+    return cfg, params

@@ -188,7 +188,19 @@ def convert_tensors(family: Family, cfg: ModelConfig, loaders: dict[str, Callabl
     if leftover:
         raise ConversionError(f"{model_dir}: tensors not understood by the {cfg.model_type} converter: "
                               f"{sorted(names.get(available[k], k) for k in leftover)[:10]}")
+    check_layout(params, cfg, f"{model_dir}: the {cfg.model_type} converter's output")
     return params
+
+
+def check_layout(params, cfg: ModelConfig, source: str) -> None:
+    """:func:`jaxinterp.layout.check_params` as a ConversionError: every converted or restored
+    pytree has exactly the leaves and shapes of the one layout table."""
+    from jaxinterp.layout import LayoutError, check_params
+
+    try:
+        check_params(params, cfg, source)
+    except LayoutError as e:
+        raise ConversionError(str(e)) from None
 
 
 def convert_hf(model_dir: str, out_dir: str) -> str:

@@ -40,6 +40,7 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
+from . import layout
 from .config import ModelConfig
 from .graph import GraphSpec
 
@@ -87,35 +88,15 @@ def format_bytes(n: float) -> str:
 
 
 def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
-    """The parameter pytree of ``cfg`` (layout in :mod:`jaxinterp.models`) as
+    """The parameter pytree of ``cfg`` (the table in :mod:`jaxinterp.layout`) as
     ``jax.ShapeDtypeStruct`` leaves: shapes without weights, to count bytes or to
     compile for a model that is not loaded."""
-    L, H, K, D, E, M, V = (cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.d_model, cfg.d_head, cfg.d_mlp,
-                           cfg.vocab_size)
-    s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
-    norm = lambda *lead: {"w": s(*lead, D), **({"b": s(*lead, D)} if cfg.norm == "layernorm" else {})}  # noqa: E731
-    attn = {"w_q": s(L, H, D, E), "w_k": s(L, K, D, E), "w_v": s(L, K, D, E), "w_o": s(L, H, E, D)}
-    if cfg.qkv_bias:
-        attn.update(b_q=s(L, H, E), b_k=s(L, K, E), b_v=s(L, K, E))
-    if cfg.out_bias:
-        attn["b_o"] = s(L, D)
-    mlp = {"w_in": s(L, D, M), "w_out": s(L, M, D)}
-    if cfg.gated_mlp:
-        mlp["w_gate"] = s(L, D, M)
-    if cfg.mlp_bias:
-        mlp.update(b_in=s(L, M), b_out=s(L, D), **({"b_gate": s(L, M)} if cfg.gated_mlp else {}))
-    blocks = {"ln1": norm(L), "attn": attn, "ln2": norm(L), "mlp": mlp}
-    if cfg.sandwich_norms:
-        blocks.update(ln1_post=norm(L), ln2_post=norm(L))
-    embed = {"w_e": s(V, D)}
-    if cfg.positional == "learned":
-        embed["w_pos"] = s(cfg.n_ctx, D)
-    return {"embed": embed, "blocks": blocks, "ln_f": norm(), "unembed": {"w_u": s(D, V)}}
+    return layout.abstract_params(cfg, dtype)
 
 
 def param_count(cfg: ModelConfig) -> int:
     """Number of parameters (tied embeddings counted twice, as they are stored)."""
-    return sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_params(cfg)))
+    return layout.param_count(cfg)
 
 
 def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_chunk: int) -> float:

@@ -39,17 +39,10 @@ layer's ``S`` in the same run (:func:`jaxinterp.ops.rms_norm_shares`). The share
 ``S``, and with it every head's share of that layer, in that run. ``m{l}`` is the
 normalised MLP output.
 
-Parameters (``layer`` leading on every block leaf; biases are optional, ``b`` of a norm
-is absent for RMSNorm)::
-
-    embed:   w_e [vocab, d_model], w_pos [n_ctx, d_model] (learned positions only)
-    blocks:  ln1 {w, b}, attn {w_q [head, d_model, d_head], b_q [head, d_head],
-                               w_k, w_v [kv_head, d_model, d_head], b_k, b_v [kv_head, d_head],
-                               w_o [head, d_head, d_model], b_o [d_model]},
-             ln2 {w, b}, mlp {w_in, b_in, (w_gate, b_gate), w_out, b_out},
-             (ln1_post {w}, ln2_post {w} with ``cfg.sandwich_norms``)
-    ln_f:    {w, b}
-    unembed: w_u [d_model, vocab], (b_u [vocab])
+Parameters: a nested dict whose leaves, logical axes (``layer`` leading on every block
+leaf) and optional leaves are the table :data:`jaxinterp.layout.LEAVES` (print it with
+``python -m jaxinterp.layout``). The forward reads an optional leaf (biases, ``w_gate``,
+a norm's ``b``) by its presence; conversion checks presence against the config.
 
 One forward serves every family; :class:`jaxinterp.config.ModelConfig` fields switch
 RMSNorm (with Gemma's ``1 + w``), the embedding scale (part of the ``input`` node, so

@@ -4,12 +4,9 @@ Shapes are named with one vocabulary everywhere: ``batch, pos, head, kv_head, gr
 d_head, d_model, d_mlp, vocab``. Every function here can be imported and used on its own;
 the circuit-graph forward in :mod:`jaxinterp.models` is built from them.
 
-Attention parameters (one layer)::
-
-    w_q [head, d_model, d_head]      b_q [head, d_head]
-    w_k [kv_head, d_model, d_head]   b_k [kv_head, d_head]
-    w_v [kv_head, d_model, d_head]   b_v [kv_head, d_head]
-    w_o [head, d_head, d_model]      b_o [d_model]
+Parameters of one layer are the ``blocks/attn`` and ``blocks/mlp`` leaves of the layout
+table :data:`jaxinterp.layout.LEAVES` without their leading ``layer`` axis (e.g.
+``w_k [kv_head, d_model, d_head]``); biases are optional and read by their presence.
 
 Grouped-query attention stays grouped: queries are reshaped to ``[kv_head, group]``
 instead of repeating keys and values.

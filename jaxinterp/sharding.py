@@ -1,11 +1,11 @@
 """Sharding attribution over a device mesh with axes ``("data", "model")``.
 
 Examples are split over ``data``; attention heads, MLP hidden units and the vocabulary
-over ``model`` (Megatron-style tensor parallelism). The layout is declared as data: a
-table from each parameter leaf to its logical axes (:data:`PARAM_AXES`, the axis names
-of the README) and a table from logical axes to mesh axes (:data:`MESH_RULES`). A
-dimension that the mesh axis does not divide (e.g. 2 key/value heads on a 4-way
-``model`` axis) is replicated instead.
+over ``model`` (Megatron-style tensor parallelism). The layout is declared as data: each
+parameter leaf's logical axes come from the one parameter table, :data:`jaxinterp.layout.LEAVES`
+(:data:`PARAM_AXES` is its view), and a small table maps logical axes to mesh axes
+(:data:`MESH_RULES`). A dimension that the mesh axis does not divide (e.g. 2 key/value
+heads on a 4-way ``model`` axis) is replicated instead.
 
 Nothing else changes: the same jitted :func:`jaxinterp.attribution.batch_scores` runs
 on sharded inputs and ``jit`` propagates the shardings through the program. Results are
@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .layout import LEAVES, leaf_axes
+
 try:
     from jax.sharding import AxisType
 except ImportError:  # jax < 0.5: mesh axes have no types, every axis behaves as Auto
@@ -34,32 +36,8 @@ except ImportError:  # jax < 0.5: mesh axes have no types, every axis behaves as
 
 AXES = ("data", "model")
 
-# Logical axes of every parameter leaf (layout in jaxinterp.models), keyed by
-# (group, leaf); block leaves get a leading "layer" axis. Norm groups share one entry.
-_NORM = ("d_model",)
-PARAM_AXES = {
-    ("embed", "w_e"): ("vocab", "d_model"),
-    ("embed", "w_pos"): ("ctx", "d_model"),
-    ("attn", "w_q"): ("head", "d_model", "d_head"),
-    ("attn", "b_q"): ("head", "d_head"),
-    ("attn", "w_k"): ("kv_head", "d_model", "d_head"),
-    ("attn", "b_k"): ("kv_head", "d_head"),
-    ("attn", "w_v"): ("kv_head", "d_model", "d_head"),
-    ("attn", "b_v"): ("kv_head", "d_head"),
-    ("attn", "w_o"): ("head", "d_head", "d_model"),
-    ("attn", "b_o"): ("d_model",),
-    ("mlp", "w_in"): ("d_model", "d_mlp"),
-    ("mlp", "b_in"): ("d_mlp",),
-    ("mlp", "w_gate"): ("d_model", "d_mlp"),
-    ("mlp", "b_gate"): ("d_mlp",),
-    ("mlp", "w_out"): ("d_mlp", "d_model"),
-    ("mlp", "b_out"): ("d_model",),
-    ("norm", "w"): _NORM,
-    ("norm", "b"): _NORM,
-    ("unembed", "w_u"): ("d_model", "vocab"),
-    ("unembed", "b_u"): ("vocab",),
-}
-NORM_GROUPS = ("ln1", "ln2", "ln1_post", "ln2_post", "ln_f")
+# Logical axes of every parameter leaf, keyed by its path: a view of the layout table.
+PARAM_AXES = {path: leaf.axes for path, leaf in LEAVES.items()}
 
 # Logical axis -> mesh axis; axes not listed are replicated.
 MESH_RULES = {"head": "model", "kv_head": "model", "d_mlp": "model", "vocab": "model", "batch": "data"}
@@ -106,11 +84,10 @@ def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence] = None)
 
 def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str, ...]:
     """Logical axes of the parameter leaf at ``path`` (e.g. ``("blocks", "attn", "w_q")``)."""
-    group, leaf = path[-2], path[-1]
-    key = ("norm", leaf) if group in NORM_GROUPS else (group, leaf)
-    if key not in PARAM_AXES:
-        raise ValueError(f"parameter {'/'.join(path)} is not in jaxinterp.sharding.PARAM_AXES; add its axes there")
-    axes = (("layer",) if path[0] == "blocks" else ()) + PARAM_AXES[key]
+    axes = leaf_axes(path)
+    if axes is None:
+        raise ValueError(f"parameter {'/'.join(path)} is not in jaxinterp.sharding.PARAM_AXES; add its axes to "
+                         f"jaxinterp.layout.LEAVES")
     if len(axes) != ndim:
         raise ValueError(f"parameter {'/'.join(path)} has {ndim} dimensions, its axes {axes} say {len(axes)}")
     return axes

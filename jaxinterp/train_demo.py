@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import tasks
+from . import layout, tasks
 from .config import ModelConfig
 
 N_TRAIN = 20000  # examples per task in the training pool
@@ -65,34 +65,29 @@ def demo_config(tokenizer, n_layers=3, n_heads=4, d_model=64, d_mlp=256, n_ctx=3
 
 
 def init_params(cfg: ModelConfig, seed: int):
-    """GPT-2 initialisation: N(0, 0.02) weights, residual output projections scaled by
-    1/sqrt(2 n_layers), zero biases, unit LayerNorm gains. ``unembed.w_u`` is absent
-    (tied: it is ``embed.w_e.T``, see :func:`full_params`)."""
+    """GPT-2 initialisation of every leaf of ``cfg``'s layout (:data:`jaxinterp.layout.LEAVES`):
+    N(0, 0.02) weights, learned positions N(0, 0.01), residual output projections
+    (``w_o``, ``w_out``) scaled by 1/sqrt(2 n_layers), zero biases, unit norm gains.
+    ``unembed.w_u`` is absent when tied (it is ``embed.w_e.T``, see :func:`full_params`)."""
     import jax
     import jax.numpy as jnp
 
-    L, H, D, E, M, V = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp, cfg.vocab_size
+    # 16 keys, drawn in the table's order: the demo model's weights do not depend on
+    # how many leaves a config has
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
-    std, out_std = 0.02, 0.02 / np.sqrt(2 * L)
+    std, out_std = 0.02, 0.02 / np.sqrt(2 * cfg.n_layers)
 
-    def normal(shape, s=std):
-        return s * jax.random.normal(next(keys), shape, jnp.float32)
+    def init(path, shape):
+        name = path[-1]
+        if name == "b" or name.startswith("b_"):
+            return jnp.zeros(shape, jnp.float32)
+        if name == "w" and path[-2].startswith("ln"):  # a norm's gain
+            return jnp.ones(shape, jnp.float32)
+        scale = {"w_pos": 0.01, "w_o": out_std, "w_out": out_std}.get(name, std)
+        return scale * jax.random.normal(next(keys), shape, jnp.float32)
 
-    zeros, ones = (lambda *s: jnp.zeros(s, jnp.float32)), (lambda *s: jnp.ones(s, jnp.float32))
-    return {
-        "embed": {"w_e": normal((V, D)), "w_pos": normal((cfg.n_ctx, D), 0.01)},
-        "blocks": {
-            "ln1": {"w": ones(L, D), "b": zeros(L, D)},
-            "attn": {"w_q": normal((L, H, D, E)), "b_q": zeros(L, H, E),
-                     "w_k": normal((L, H, D, E)), "b_k": zeros(L, H, E),
-                     "w_v": normal((L, H, D, E)), "b_v": zeros(L, H, E),
-                     "w_o": normal((L, H, E, D), out_std), "b_o": zeros(L, D)},
-            "ln2": {"w": ones(L, D), "b": zeros(L, D)},
-            "mlp": {"w_in": normal((L, D, M)), "b_in": zeros(L, M),
-                    "w_out": normal((L, M, D), out_std), "b_out": zeros(L, D)},
-        },
-        "ln_f": {"w": ones(D), "b": zeros(D)},
-    }
+    return layout.unflatten({path: init(path, shape) for path, shape in layout.shapes(cfg).items()
+                             if not (path == ("unembed", "w_u") and cfg.tie_word_embeddings)})
 
 
 def full_params(params):
