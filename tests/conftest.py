@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# load_model turns on the persistent compilation cache; tests stay hermetic (test_cache
+# gives its subprocesses a cache directory of their own)
+os.environ.setdefault("JAXINTERP_COMPILE_CACHE", "0")
 
 from jaxinterp.testing import NAMES, save_random_gpt2  # noqa: E402
 
