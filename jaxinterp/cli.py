@@ -1,4 +1,4 @@
-"""``jaxinterp`` command line: convert, attribute, evaluate, curve, acdc, prune, lens, sweep, plan, demo.
+"""``jaxinterp`` command line: convert, attribute, evaluate, curve, acdc, prune, lens, sweep, plan, demo, mib.
 
 Compiled programs are kept in a persistent compilation cache (:mod:`jaxinterp.cache`;
 ``--no-compile-cache`` or ``JAXINTERP_COMPILE_CACHE=0`` turns it off, ``--compile-cache
@@ -537,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=64, help="number of IOI prompt pairs")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.set_defaults(func=cmd_demo)
+
+    from .mib import add_parser as add_mib_parser  # the command bodies live in jaxinterp.mib
+
+    add_mib_parser(sub, _positive_int, DEBUG_HELP, lambda q: _add_cache_options(q, argparse.SUPPRESS))
     for p in sub.choices.values():  # --debug also after the command (SUPPRESS: keeps one given before it)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         _add_cache_options(p, argparse.SUPPRESS)

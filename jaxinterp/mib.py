@@ -1,0 +1,746 @@
+"""The MIB circuit track (Mueller et al., ICML 2025): its data, its metrics, its submission files.
+
+**Data.** MIB's task data sets (``mib-bench/<task>`` on the Hugging Face hub) are read from
+a local copy in their own schema: a ``datasets`` ``save_to_disk`` directory (when
+``datasets`` is installed), parquet files (when ``pyarrow`` is), or the JSON lines / JSON /
+CSV that ``Dataset.to_json`` / ``to_csv`` export. Rows become prompt pairs exactly as MIB's
+``HFEAPDataset`` builds them (hannamw/MIB-circuit-track ``MIB_circuit_track/dataset.py``):
+
+* clean = ``prompt``; corrupted = ``<counterfactual>["prompt"]`` with the counterfactual
+  column ``s2_io_flip_counterfactual`` (IOI), ``symbol_counterfactual`` (MCQA, ARC) or
+  ``random_counterfactual`` (arithmetic);
+* labels = the first token of the clean answer and of the counterfactual answer, each
+  tokenised without special tokens: IOI ``" " + metadata.indirect_object`` and
+  ``" " + metadata.subject``; MCQA/ARC ``choices.label[answerKey]`` of the row and of its
+  counterfactual (no leading space); arithmetic ``str(label)`` of both;
+* rows are kept as MIB filters them: IOI when ``" " + indirect_object``, ``" " +
+  subject`` and ``" " + random_c`` tokenise to equally many tokens; MCQA/ARC when both
+  answers do; arithmetic when both labels are one token, the counterfactual and its
+  prompt exist and ``operator`` is the task's (``+`` addition, ``-`` subtraction).
+
+**Metrics** (:func:`score_graph`), as the leaderboard computes them (its back end,
+mttk/MIB-circuit-track-autoeval, calls ``evaluate_area_under_curve`` with ``log_scale``
+False): circuit sizes ``int(pct * n_edges)`` for ``pct`` in :data:`PERCENTAGES`, each
+circuit the top-n edges with dangling nodes pruned; faithfulness ``f = (m(C) - m(empty)) /
+(m(N) - m(empty))`` with ``m`` the mean logit difference. **CPR** is the area under f with
+edges ranked by signed score, **CMD** the area under ``|1 - f|`` with edges ranked by
+``|score|``. Both rankings (20 circuits) and the two ends (the full model and the empty
+circuit) are evaluated as 22 masks of one :func:`jaxinterp.evaluation.evaluate_masks`
+call: one compiled program, one pass over the data.
+
+**Submissions** (:func:`write_submission`, :func:`read_submission`): one folder per
+leaderboard cell ``{task}_{model}`` (hyphens in the task: ``ioi_gpt2``,
+``arc-easy_llama3``) holding one importance file (the reference's graph JSON) or nine
+binary circuits at the size caps 0.1% .. 50% of the edges.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import glob
+import io as _io
+import json
+import math
+import os
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from .data import DataError, Pairs
+from .errors import JaxinterpError
+
+# --- the benchmark's constants --------------------------------------------------------------
+
+#: task -> (hub data set under ``mib-bench/``, counterfactual column), MIB's ``TASKS_TO_HF_NAMES``.
+TASKS = {
+    "ioi": ("ioi", "s2_io_flip_counterfactual"),
+    "mcqa": ("copycolors_mcqa", "symbol_counterfactual"),  # config "4_answer_choices"
+    "arithmetic_addition": ("arithmetic_addition", "random_counterfactual"),
+    "arithmetic_subtraction": ("arithmetic_subtraction", "random_counterfactual"),
+    "arc_easy": ("arc_easy", "symbol_counterfactual"),
+    "arc_challenge": ("arc_challenge", "symbol_counterfactual"),
+}
+
+#: model name -> edges of its graph (the autoeval's ``EDGE_COUNTS``; jaxinterp's default graph has the same).
+MODELS = {"gpt2": 32491, "qwen2.5": 179749, "gemma2": 74218, "llama3": 1592881}
+
+#: the leaderboard's cells (MIB's ``COL_MAPPING``), folder names of a submission.
+CELLS = ("ioi_gpt2", "ioi_qwen2.5", "ioi_gemma2", "ioi_llama3", "mcqa_qwen2.5", "mcqa_gemma2", "mcqa_llama3",
+         "arithmetic-addition_llama3", "arithmetic-subtraction_llama3", "arc-easy_gemma2", "arc-easy_llama3",
+         "arc-challenge_llama3")
+
+#: the fractions of the edges the curve is evaluated at (``evaluate_area_under_curve``).
+PERCENTAGES = (.001, .002, .005, .01, .02, .05, .1, .2, .5, 1)
+
+
+def canonical_task(name: str) -> str:
+    """``name`` as a key of :data:`TASKS` (hyphens or underscores; the hub names too)."""
+    key = str(name).strip().lower().replace("-", "_")
+    for task, (hub, _) in TASKS.items():
+        if key in (task, hub):
+            return task
+    raise ValueError(f"unknown MIB task {name!r}; the tasks are {', '.join(TASKS)}")
+
+
+def cell_name(task: str, model: str) -> str:
+    """The submission folder of ``task`` on ``model``: ``arc-easy_llama3``; ValueError unless
+    it is a leaderboard cell."""
+    cell = f"{canonical_task(task).replace('_', '-')}_{model}"
+    if cell not in CELLS:
+        raise ValueError(f"{cell} is not a cell of the MIB leaderboard; the cells are {', '.join(CELLS)}")
+    return cell
+
+
+def parse_cell(cell: str) -> tuple[str, str]:
+    """``(task, model)`` of a cell name such as ``arc-easy_llama3``; ValueError otherwise."""
+    if cell not in CELLS:
+        raise ValueError(f"{cell!r} is not a cell of the MIB leaderboard; the cells are {', '.join(CELLS)}")
+    task, model = cell.split("_", 1)
+    return canonical_task(task), model
+
+
+# --- reading a local copy of a data set ---------------------------------------------------
+
+_NESTED = ("metadata", "choices", "s2_io_flip_counterfactual", "symbol_counterfactual", "random_counterfactual")
+
+
+def _cell_value(text: str) -> Any:
+    """A nested column of a CSV export: pandas writes a dict cell as its Python repr (JSON
+    from other tools); an empty cell is None."""
+    if text is None or text == "":
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return text
+
+
+def _read_csv_rows(path: str) -> list[dict]:
+    from .io import open_text
+
+    with open_text(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in _NESTED:
+            if isinstance(row.get(key), str):
+                row[key] = _cell_value(row[key])
+    return rows
+
+
+def _read_json_rows(path: str) -> list[dict]:
+    from .io import read_text
+
+    text = read_text(path)
+    try:
+        data = json.loads(text)  # one JSON array (or a single object)
+    except json.JSONDecodeError:
+        data = []  # JSON lines, what Dataset.to_json writes
+        for i, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {i} is not JSON ({e.msg}); expected JSON lines or one JSON "
+                                    f"array of rows") from None
+    if isinstance(data, dict):
+        data = data.get("rows", data.get("data", [data]))
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected rows (a JSON array or JSON lines), found a JSON {type(data).__name__}")
+    return data
+
+
+def _read_parquet_rows(path: str) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise JaxinterpError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or export the data set "
+                             f"as JSON lines (Dataset.to_json)") from None
+    return pq.read_table(path).to_pylist()
+
+
+_READERS = {".csv": _read_csv_rows, ".json": _read_json_rows, ".jsonl": _read_json_rows,
+            ".parquet": _read_parquet_rows}
+
+
+def _read_saved_dataset(path: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise JaxinterpError(f"{path} is a `datasets` save_to_disk directory; reading it needs the datasets package "
+                             f"(pip install datasets), or export it as JSON lines (Dataset.to_json)") from None
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path} has no split {split!r}; it has {', '.join(ds)}")
+        ds = ds[split]
+    return ds.to_list()
+
+
+def read_mib_rows(path: str, split: str = "validation") -> list[dict]:
+    """The rows of a local copy of an MIB data set: a file (``.jsonl``/``.json``/``.csv``/
+    ``.parquet``) or a directory (a ``save_to_disk`` one, or one holding such files: those
+    whose name contains ``split``, e.g. the hub's ``data/validation-00000-of-00001.parquet``)."""
+    if not os.path.exists(path):
+        raise JaxinterpError(f"{path} does not exist")
+    if os.path.isdir(path):
+        if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            return _read_saved_dataset(path, split)
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if os.path.splitext(f)[1].lower() in _READERS and os.path.isfile(f))
+        chosen = [f for f in files if split in os.path.relpath(f, path)]
+        if not chosen:
+            raise DataError(f"{path}: no .jsonl/.json/.csv/.parquet file of split {split!r} in it (found "
+                            f"{len(files)} data files{': ' + ', '.join(map(os.path.basename, files[:5])) if files else ''})")
+        return [row for f in chosen for row in read_mib_rows(f, split)]
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _READERS:
+        raise DataError(f"{path}: unknown data file type {ext or '(none)'!r}; MIB data is read from .jsonl, .json, "
+                        f".csv, .parquet or a save_to_disk directory")
+    try:
+        rows = _READERS[ext](path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+# --- rows -> prompt pairs, as HFEAPDataset --------------------------------------------------
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _get(row: dict, keys: Sequence, where: str):
+    """``row[k0][k1]...``; DataError naming the row and the missing field."""
+    value = row
+    for i, k in enumerate(keys):
+        try:
+            value = value[k]
+        except (KeyError, IndexError, TypeError):
+            field = "".join(f"[{k!r}]" for k in keys[:i + 1])
+            raise DataError(f"{where}: no field {field} (is this the task's data, in MIB's schema?)") from None
+    return value
+
+
+def _answer_key(value, where: str) -> int:
+    """``answerKey``: an index into ``choices.label`` (an integer; a CSV export makes it a string)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"{where}: answerKey {value!r} is not an index into choices.label")
+    return value
+
+
+def _first_token(tokenizer, text: str, where: str, what: str) -> int:
+    ids = _ids(tokenizer, text)
+    if not ids:
+        raise DataError(f"{where}: the {what} {text!r} tokenises to nothing")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and tokenizer.unk_token not in text:
+        raise DataError(f"{where}: the {what} {text!r} is outside the tokenizer's vocabulary")
+    return int(ids[0])
+
+
+def mib_examples(rows: Iterable[dict], task: str, tokenizer, counterfactual: Optional[str] = None,
+                 source: str = "data") -> tuple[list[dict], int]:
+    """``(examples, n_dropped)``: the rows MIB keeps as dicts ``clean``, ``corrupted``,
+    ``labels`` = ``(correct id, incorrect id)`` and ``line`` (where the row is, for
+    messages), and how many rows the task's filter dropped. ``counterfactual``: another
+    counterfactual column than the task's default."""
+    task = canonical_task(task)
+    cf = counterfactual or TASKS[task][1]
+    tok_len = lambda text: len(_ids(tokenizer, text))  # noqa: E731
+    kept, dropped = [], 0
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        if task == "ioi":
+            io, subj, rand = (_get(row, ("metadata", k), where) for k in ("indirect_object", "subject", "random_c"))
+            if not tok_len(f" {io}") == tok_len(f" {subj}") == tok_len(f" {rand}"):
+                dropped += 1
+                continue
+            corrupted = _get(row, (cf, "prompt"), where)
+            labels = (_first_token(tokenizer, f" {io}", where, "indirect object"),
+                      _first_token(tokenizer, f" {subj}", where, "subject"))
+        elif task in ("mcqa", "arc_easy", "arc_challenge"):
+            clean_key = _answer_key(_get(row, ("answerKey",), where), where)
+            answer = _get(row, ("choices", "label", clean_key), where)
+            cf_key = _answer_key(_get(row, (cf, "answerKey"), where), where)
+            cf_answer = str(_get(row, (cf, "choices", "label", cf_key), where))
+            if tok_len(answer) != tok_len(cf_answer):
+                dropped += 1
+                continue
+            corrupted = _get(row, (cf, "prompt"), where)
+            labels = (_first_token(tokenizer, answer, where, "answer"),
+                      _first_token(tokenizer, cf_answer, where, "counterfactual answer"))
+        else:  # arithmetic
+            operator = "-" if task == "arithmetic_subtraction" else "+"
+            label = str(_get(row, ("label",), where))
+            counter = row.get(cf)
+            if (tok_len(label) != 1 or counter is None or not isinstance(counter, dict)
+                    or counter.get("prompt") is None or _get(row, ("operator",), where) != operator
+                    or tok_len(str(_get(counter, ("label",), f"{where} {cf}"))) != 1):
+                dropped += 1
+                continue
+            corrupted = counter["prompt"]
+            labels = (_first_token(tokenizer, label, where, "label"),
+                      _first_token(tokenizer, str(counter["label"]), where, "counterfactual label"))
+        clean = _get(row, ("prompt",), where)
+        if not isinstance(clean, str) or not isinstance(corrupted, str):
+            raise DataError(f"{where}: the prompt and {cf}.prompt must be text")
+        kept.append({"clean": clean, "corrupted": corrupted, "labels": labels, "line": where})
+    return kept, dropped
+
+
+def is_pairs_csv(path: str) -> bool:
+    """Whether ``path`` is a pairs CSV (columns ``clean`` and ``corrupted``) rather than MIB data."""
+    if os.path.isdir(path) or os.path.splitext(path)[1].lower() != ".csv":
+        return False
+    from .io import open_text
+
+    try:
+        with open_text(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error):
+        return False
+    return {"clean", "corrupted"} <= set(header)
+
+
+def load_mib_examples(path: str, task: str, tokenizer, split: str = "validation", limit: Optional[int] = None,
+                      counterfactual: Optional[str] = None) -> tuple[list[dict], int]:
+    """:func:`mib_examples` of a local copy (:func:`read_mib_rows`), the first ``limit``
+    kept ones (MIB's ``head``, applied after the filter)."""
+    examples, dropped = mib_examples(read_mib_rows(path, split), task, tokenizer, counterfactual, source=path)
+    if not examples:
+        raise DataError(f"{path}: MIB's filter for {task} kept none of the {dropped} rows with this tokenizer")
+    return (examples[:limit] if limit else examples), dropped
+
+
+def load_task_data(model, data: Union[str, Pairs], task: Optional[str] = None, split: str = "validation",
+                   limit: Optional[int] = None) -> Pairs:
+    """``data`` as :class:`Pairs` for ``model``: Pairs as they are, a pairs CSV as every
+    command reads it, anything else as MIB data of ``task`` (tokenised as the pairs CSV
+    is: BOS prepended, right padded)."""
+    from .data import load_pairs
+    from .interventions import load_data
+
+    if isinstance(data, Pairs) or is_pairs_csv(data):
+        pairs = load_data(model, data)
+        return pairs.head(limit) if limit else pairs
+    if task is None:
+        raise ValueError(f"{data} is MIB data (not a pairs CSV): say which task it is (--task, one of "
+                         f"{', '.join(TASKS)})")
+    if model.tokenizer is None:
+        raise ValueError(f"{model.path}: the model directory has no tokenizer to read {data} with")
+    examples, _ = load_mib_examples(data, task, model.tokenizer, split, limit)
+    return load_pairs(examples, model.tokenizer, model.cfg.vocab_size, model.cfg.n_ctx)
+
+
+def write_pairs_csv(examples: Sequence[dict], path: str) -> str:
+    """Write examples (:func:`mib_examples`) as a pairs CSV (``clean, corrupted,
+    correct_idx, incorrect_idx``), atomically."""
+    from .io import atomic_write_text
+
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["clean", "corrupted", "correct_idx", "incorrect_idx"])
+    for ex in examples:
+        w.writerow([ex["clean"], ex["corrupted"], int(ex["labels"][0]), int(ex["labels"][1])])
+    return atomic_write_text(path, buf.getvalue())
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+def mib_sizes(n_items: int, percentages: Sequence[float] = PERCENTAGES) -> list[int]:
+    """``int(pct * n_items)`` per ``pct`` (Python floats, as MIB computes them: 0.001 * 32491 -> 32)."""
+    return [int(pct * n_items) for pct in percentages]
+
+
+def area_under(values: Sequence[float], percentages: Sequence[float] = PERCENTAGES, log_scale: bool = False) -> float:
+    """Trapezoid area under ``values`` over ``percentages``, as ``evaluate_area_under_curve``
+    computes it: x is the fraction of edges itself (not rescaled: the grid runs from 0.001
+    to 1, so a constant f = 1 gives 0.999, not 1), no point is added at 0, and
+    ``log_scale`` (off on the leaderboard) uses ``log(pct)`` as x instead."""
+    if len(values) != len(percentages):
+        raise ValueError(f"{len(values)} values for {len(percentages)} percentages")
+    x = [math.log(p) for p in percentages] if log_scale else list(percentages)
+    return float(sum((x[i + 1] - x[i]) * (values[i] + values[i + 1]) / 2 for i in range(len(x) - 1)))
+
+
+def weighted_edge_count(in_graph: np.ndarray, real: np.ndarray, neurons_in_graph: Optional[np.ndarray] = None) -> float:
+    """The reference's ``weighted_edge_count``: the circuit's edges ``in_graph [src, dst]``,
+    each weighted by the fraction of its source's neurons in the circuit when
+    ``neurons_in_graph [src, d_model]`` is given (neuron-level circuits), else 1."""
+    edges = np.asarray(in_graph, bool) & real
+    if neurons_in_graph is None:
+        return float(edges.sum())
+    frac = np.asarray(neurons_in_graph, np.float64).mean(1)  # [src]
+    return float((edges.sum(1) * frac).sum())
+
+
+@dataclasses.dataclass
+class MIBCurve:
+    """One ranking's curve: ``absolute`` ranking by ``|score|`` (CMD) or by signed score
+    (CPR); per ``percentages``: ``sizes`` = int(pct * n_edges) asked for, ``edge_counts``
+    kept after pruning (= ``weighted_edge_counts`` at the edge level), the circuits' mean
+    metric ``metric`` and ``faithfulness``; the areas under f and under |1 - f|."""
+
+    absolute: bool
+    percentages: list
+    sizes: list
+    edge_counts: list
+    weighted_edge_counts: list
+    metric: list
+    faithfulness: list
+    area_under: float
+    area_from_1: float
+    average: float
+
+
+@dataclasses.dataclass
+class MIBScore:
+    """``cpr`` (signed ranking's area under f) and ``cmd`` (absolute ranking's area under
+    |1 - f|), both curves, and the ends: ``model`` = m(N), ``empty`` = m(empty) (graph
+    forward, same pass), over ``n_examples`` examples of a graph of ``n_edges`` edges."""
+
+    cpr: float
+    cmd: float
+    signed: MIBCurve
+    absolute: MIBCurve
+    model: float
+    empty: float
+    n_edges: int
+    n_examples: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, metric: str = "logit_diff",
+                intervention: str = "patching", percentages: Sequence[float] = PERCENTAGES, chunk: int = 8,
+                mesh=None, task: Optional[str] = None, split: str = "validation",
+                limit: Optional[int] = None) -> MIBScore:
+    """CPR and CMD of ``graph``'s edge scores on ``data`` (:func:`load_task_data`): both
+    rankings' circuits at :func:`mib_sizes` plus the full and the empty circuit, all in one
+    :func:`~jaxinterp.evaluation.evaluate_masks` call (``chunk`` circuits per vectorised
+    forward). m(N) is the full circuit through the graph forward, as m(empty) is (MIB's
+    ``evaluate_baseline`` runs the plain model: equal up to float rounding).
+
+    Raises ValueError when faithfulness is undefined (m(N) = m(empty)) or not finite."""
+    from .data import bucket_length
+    from .evaluation import evaluate_masks, normalized_faithfulness, topn_masks
+
+    spec = model.graph_spec
+    spec.check_same(graph.spec, "the scored graph")
+    pairs = load_task_data(model, data, task, split, limit)
+    if intervention != "mean-positional":  # position-free: a bucketed length reuses compiled programs
+        pairs = bucket_length(pairs, model.cfg.n_ctx)
+    n_edges = spec.n_edges
+    sizes = mib_sizes(n_edges, percentages)
+    signed, signed_kept = topn_masks(graph, sizes, absolute=False)
+    absolute, abs_kept = topn_masks(graph, sizes, absolute=True)
+    real = spec.real_edge_mask
+    masks = np.concatenate([signed, absolute, real[None], np.zeros_like(real)[None]])
+    values = evaluate_masks(model, masks, pairs, metric, intervention, batch_size, chunk=chunk, mesh=mesh)
+    m_full, m_empty = float(values[-2]), float(values[-1])
+    if not np.isfinite(values).all():
+        raise ValueError(f"the circuits' {metric} is not finite (NaN or infinite): a broken model or data")
+    faith = normalized_faithfulness(values[:-2], m_full, m_empty)
+    if not np.isfinite(faith).all():
+        raise ValueError(f"faithfulness is undefined: the full model and the empty circuit both give {metric} "
+                         f"{m_full:.6g}")
+    n = len(sizes)
+    curves = []
+    for k, (is_abs, kept, m) in enumerate(((False, signed_kept, masks[:n]), (True, abs_kept, masks[n:2 * n]))):
+        f = [float(v) for v in faith[k * n:(k + 1) * n]]
+        curves.append(MIBCurve(
+            absolute=is_abs, percentages=list(percentages), sizes=sizes, edge_counts=[int(c) for c in kept],
+            weighted_edge_counts=[weighted_edge_count(c, real) for c in m],
+            metric=[float(v) for v in values[k * n:(k + 1) * n]], faithfulness=f,
+            area_under=area_under(f, percentages), area_from_1=area_under([abs(1 - v) for v in f], percentages),
+            average=sum(f) / len(f)))
+    return MIBScore(cpr=curves[0].area_under, cmd=curves[1].area_from_1, signed=curves[0], absolute=curves[1],
+                    model=m_full, empty=m_empty, n_edges=n_edges, n_examples=len(pairs))
+
+
+# --- submission files ---------------------------------------------------------------------
+
+#: the size caps of the nine-circuit form: every fraction of :data:`PERCENTAGES` but the full model.
+CIRCUIT_PERCENTAGES = PERCENTAGES[:-1]
+IMPORTANCES = "importances.json"
+RANKING_DIRS = {True: "abs-True", False: "abs-False"}
+
+
+def circuit_file(pct: float) -> str:
+    return f"circuit_{pct:g}.json"
+
+
+def _write_cell(folder: str, graph, circuits: bool, absolute: bool) -> list[str]:
+    from .graph import Graph
+
+    os.makedirs(folder, exist_ok=True)
+    if not circuits:
+        path = os.path.join(folder, IMPORTANCES)
+        graph.to_json(path)
+        return [path]
+    paths = []
+    g = Graph(graph.spec, graph.scores)
+    for pct, n in zip(CIRCUIT_PERCENTAGES, mib_sizes(graph.spec.n_edges, CIRCUIT_PERCENTAGES)):
+        g.apply_topn(n, absolute=absolute, prune=True)  # pruning only removes: at most n edges, under the cap
+        path = os.path.join(folder, circuit_file(pct))
+        g.to_json(path)  # scores kept: MIB's loader reads in_graph (and a score when present)
+        paths.append(path)
+    return paths
+
+
+def write_submission(out_dir: str, graphs: dict, circuits: bool = False, ranking: str = "both") -> list[str]:
+    """Write a submission directory: ``graphs`` maps cells (``ioi_gpt2``, see :data:`CELLS`)
+    to scored :class:`~jaxinterp.graph.Graph` objects. ``circuits=False``: one
+    ``importances.json`` per cell (the leaderboard ranks it both ways itself).
+    ``circuits=True``: nine binary circuits per cell, top-``int(pct * n_edges)`` pruned
+    for each cap in :data:`CIRCUIT_PERCENTAGES`, ranked by ``|score|`` (``ranking=
+    "absolute"``), by signed score (``"signed"``), or both (``"both"``: under ``abs-True/``
+    and ``abs-False/``, the folders the leaderboard's back end reads as "evaluate with
+    this ranking only"; it takes CPR from ``abs-False`` and CMD from ``abs-True``).
+
+    The directory is built beside ``out_dir`` and swapped in whole (an existing one is
+    replaced only when the new one is complete). Returns the files written (final paths)."""
+    from .io import replace_dir, temp_dir_beside
+
+    for cell, graph in graphs.items():
+        _check_cell_graph(cell, graph.spec.n_edges, "its graph")
+    if ranking not in ("both", "absolute", "signed"):
+        raise ValueError(f"ranking must be both, absolute or signed, not {ranking!r}")
+    rankings = {"both": (True, False), "absolute": (True,), "signed": (False,)}[ranking]
+    tmp = temp_dir_beside(out_dir)
+    written = []
+    try:
+        for cell, graph in graphs.items():
+            if not circuits:
+                written += _write_cell(os.path.join(tmp, cell), graph, False, True)
+            elif ranking == "both":
+                for absolute in rankings:
+                    written += _write_cell(os.path.join(tmp, RANKING_DIRS[absolute], cell), graph, True, absolute)
+            else:
+                written += _write_cell(os.path.join(tmp, cell), graph, True, rankings[0])
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [os.path.join(out_dir, os.path.relpath(p, tmp)) for p in written]
+
+
+def _check_cell_graph(cell: str, n_edges: int, what: str) -> None:
+    """ValueError unless ``cell`` is a leaderboard cell and ``n_edges`` its model's edge count
+    (a graph of another model would be refused by the leaderboard only after upload)."""
+    _, model = parse_cell(cell)
+    if n_edges != MODELS[model]:
+        raise ValueError(f"{cell}: {what} has {n_edges} edges, but {model}'s graph has {MODELS[model]}")
+
+
+@dataclasses.dataclass
+class SubmittedCell:
+    """One cell of a submission read back: ``importances`` (a Graph) or ``circuits``
+    (Graphs sorted by edge count, as the leaderboard sorts them); ``absolute`` the ranking
+    its folder names (None: not named, the leaderboard evaluates both)."""
+
+    cell: str
+    folder: str
+    importances: Any = None
+    circuits: Optional[list] = None
+    absolute: Optional[bool] = None
+
+
+def read_submission(path: str, specs: Optional[dict] = None) -> list[SubmittedCell]:
+    """Read a submission directory back and check it: each cell folder (directly, or under
+    ``abs-True``/``abs-False``) holds one importance JSON or nine circuit JSONs whose sorted
+    edge counts respect the caps int(pct * n_edges). ``specs``: model name -> GraphSpec to
+    check files against. ``.pt`` files are refused (they need torch)."""
+    from .graph import Graph
+
+    if not os.path.isdir(path):
+        raise JaxinterpError(f"{path} is not a directory")
+    found = []
+
+    def visit(directory: str, absolute: Optional[bool]):
+        for name in sorted(os.listdir(directory)):
+            folder = os.path.join(directory, name)
+            if not os.path.isdir(folder) or name.startswith("."):
+                continue
+            if name in RANKING_DIRS.values() and absolute is None:
+                visit(folder, name == RANKING_DIRS[True])
+                continue
+            _, model = parse_cell(name)
+            files = sorted(f for f in os.listdir(folder) if f.endswith((".json", ".pt")))
+            if any(f.endswith(".pt") for f in files):
+                raise JaxinterpError(f"{folder}: .pt circuit files need torch; jaxinterp reads the JSON form")
+            spec = (specs or {}).get(model)
+            graphs = [Graph.from_json(os.path.join(folder, f), spec=spec) for f in files]
+            for f, g in zip(files, graphs):
+                _check_cell_graph(name, g.spec.n_edges, f)
+            if len(graphs) == 1:
+                found.append(SubmittedCell(name, folder, importances=graphs[0], absolute=absolute))
+            elif len(graphs) == len(CIRCUIT_PERCENTAGES):
+                graphs.sort(key=lambda g: weighted_edge_count(g.in_graph, g.spec.real_edge_mask))
+                n_edges = graphs[0].spec.n_edges
+                for g, pct, cap in zip(graphs, CIRCUIT_PERCENTAGES, mib_sizes(n_edges, CIRCUIT_PERCENTAGES)):
+                    if g.count_included_edges() > cap:
+                        raise ValueError(f"{folder}: the circuits' edge counts exceed the caps: the one for "
+                                         f"{pct:g} of the edges has {g.count_included_edges()} > {cap}")
+                found.append(SubmittedCell(name, folder, circuits=graphs, absolute=absolute))
+            else:
+                raise ValueError(f"{folder}: {len(graphs)} circuit files; a cell holds one importance file or "
+                                 f"{len(CIRCUIT_PERCENTAGES)} circuits")
+
+    visit(path, None)
+    if not found:
+        raise ValueError(f"{path}: no cell folders ({', '.join(CELLS[:3])}, ...) in it")
+    return found
+
+
+# --- the command line (`jaxinterp mib ...`; the parser is in cli.py) ------------------------
+
+def _check_data_path(path: str, option: str = "--data") -> None:
+    if not os.path.exists(path):
+        raise JaxinterpError(f"{option} {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise JaxinterpError(f"{option} {path} is not readable")
+
+
+def _tokenizer(model_dir: str):
+    from .loading import load_tokenizer
+
+    tok = load_tokenizer(model_dir) if os.path.isdir(model_dir) else None
+    if tok is None:
+        raise JaxinterpError(f"--model {model_dir}: no tokenizer there (a model directory with tokenizer.json)")
+    return tok
+
+
+def cmd_data(args) -> int:
+    """``jaxinterp mib data``: a local MIB data set -> the pairs CSV."""
+    from .io import check_writable_file
+
+    if args.task is None:
+        raise JaxinterpError(f"--task is required: which MIB task {args.mib_data} holds ({', '.join(TASKS)})")
+    task = canonical_task(args.task)
+    _check_data_path(args.mib_data)
+    check_writable_file(args.mib_out, "--out", [("--data", args.mib_data), ("--model", args.model)])
+    examples, dropped = load_mib_examples(args.mib_data, task, _tokenizer(args.model), args.split, args.limit)
+    write_pairs_csv(examples, args.mib_out)
+    print(f"{len(examples)} pairs ({dropped} rows dropped by MIB's {task} filter) -> {args.mib_out}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    """``jaxinterp mib score``: CPR and CMD of a graph's scores, both curves, as JSON."""
+    from .graph import Graph
+    from .io import atomic_write_text, check_writable_file, dumps
+    from .loading import load_model
+
+    import jax.numpy as jnp
+
+    task = canonical_task(args.task) if args.task else None
+    _check_data_path(args.mib_data)
+    if not is_pairs_csv(args.mib_data) and task is None:
+        raise JaxinterpError(f"--data {args.mib_data} is MIB data, not a pairs CSV: give --task "
+                             f"({', '.join(TASKS)})")
+    if args.mib_out is not None:
+        check_writable_file(args.mib_out, "--out", [("--data", args.mib_data), ("--graph", args.graph),
+                                                    ("--model", args.model)])
+    model = load_model(args.model, dtype=jnp.dtype(args.dtype))
+    graph = Graph.from_json(args.graph, spec=model.graph_spec)
+    result = score_graph(model, graph, args.mib_data, batch_size=args.batch_size, task=task, split=args.split,
+                         limit=args.limit)
+    for curve in (result.signed, result.absolute):
+        kind = "|score|" if curve.absolute else "signed score"
+        print(f"ranked by {kind}:")
+        for pct, n, f in zip(curve.percentages, curve.edge_counts, curve.faithfulness):
+            print(f"  {pct * 100:>5g}%  {n:>8} edges  faithfulness {f:.4f}")
+    print(f"CPR {result.cpr:.4f}  CMD {result.cmd:.4f}  ({result.n_examples} examples, m(N) {result.model:.4f}, "
+          f"m(empty) {result.empty:.4f})")
+    if args.mib_out is not None:
+        atomic_write_text(args.mib_out, dumps(result.to_dict(), indent=2))
+        print(f"-> {args.mib_out}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    """``jaxinterp mib submit``: a submission directory from graph files, one per cell."""
+    from .graph import Graph
+    from .io import check_writable_dir
+
+    cells = {}
+    for item in args.cell:
+        cell, sep, path = item.partition("=")
+        if not sep or not path:
+            raise JaxinterpError(f"--cell {item!r}: expected CELL=GRAPH.json, e.g. ioi_gpt2=scores.json")
+        parse_cell(cell)
+        if cell in cells:
+            raise JaxinterpError(f"--cell {cell} is given twice")
+        if not os.path.isfile(path):
+            raise JaxinterpError(f"--cell {cell}: {path} is not a file")
+        cells[cell] = path
+    check_writable_dir(args.mib_out, "--out", [(f"--cell {c}", p) for c, p in cells.items()], replaces=True)
+    graphs = {cell: Graph.from_json(path) for cell, path in cells.items()}
+    written = write_submission(args.mib_out, graphs, circuits=args.circuits, ranking=args.ranking)
+    read_submission(args.mib_out)  # what was written reads back and respects the caps
+    print(f"{len(cells)} cells, {len(written)} files -> {args.mib_out}")
+    return 0
+
+
+def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
+    """The ``mib`` command and its subcommands (called by :func:`jaxinterp.cli.build_parser`;
+    ``cache_options(parser)`` adds the compilation-cache options to each subcommand)."""
+    import argparse
+
+    p = sub.add_parser("mib", help="the MIB circuit track: its data, its CPR/CMD scores, its submission files")
+    p.description = __doc__.split("\n\n")[0]
+    mib = p.add_subparsers(dest="mib_command", required=True)
+
+    def common(q, data_help: str):
+        q.add_argument("--data", dest="mib_data", required=True, metavar="DATA", help=data_help)
+        q.add_argument("--task", default=None, help=f"MIB task: {', '.join(TASKS)} (hyphens or underscores)")
+        q.add_argument("--split", default="validation", help="split of a multi-split copy (default: validation)")
+        q.add_argument("--limit", type=positive_int, default=None, help="the first N pairs MIB's filter keeps")
+        finish(q)
+
+    def finish(q):
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        if cache_options is not None:
+            cache_options(q)
+
+    q = mib.add_parser("data", help="convert a local copy of an MIB data set to the pairs CSV")
+    common(q, "the data set: .jsonl/.json/.csv/.parquet export, or a save_to_disk directory")
+    q.add_argument("--model", required=True, help="model directory whose tokenizer makes the labels")
+    q.add_argument("--out", dest="mib_out", required=True, metavar="CSV", help="pairs CSV to write")
+    q.set_defaults(func=cmd_data)
+
+    q = mib.add_parser("score", help="CPR and CMD of a graph's edge scores, as the leaderboard computes them")
+    common(q, "MIB data (with --task) or a pairs CSV")
+    q.add_argument("--model", required=True, help="model directory or a `jaxinterp convert` output")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    q.add_argument("--graph", required=True, help="graph JSON with edge scores")
+    q.add_argument("--batch-size", type=positive_int, default=16, help="examples per compiled batch (default: 16)")
+    q.add_argument("--out", dest="mib_out", default=None, metavar="JSON",
+                   help="write cpr, cmd and both curves (faithfulness and edge_counts per pct) as JSON")
+    q.set_defaults(func=cmd_score)
+
+    q = mib.add_parser("submit", help="write a submission directory (one folder per task_model cell)")
+    q.add_argument("--cell", action="append", required=True, metavar="CELL=GRAPH.json",
+                   help=f"a cell and its scored graph, repeatable; cells: {', '.join(CELLS)}")
+    q.add_argument("--circuits", action="store_true",
+                   help="nine binary circuits per cell at the caps 0.1%%..50%% of the edges instead of one "
+                        "importance file")
+    q.add_argument("--ranking", default="both", choices=["both", "absolute", "signed"],
+                   help="with --circuits: rank by |score|, by signed score, or both (abs-True/ and abs-False/)")
+    q.add_argument("--out", dest="mib_out", required=True, metavar="DIR", help="submission directory to write")
+    finish(q)
+    q.set_defaults(func=cmd_submit)
