@@ -50,12 +50,16 @@ def test_circuit_evaluation_equals_exact_single_edge_removal(model, pairs):
     clean = evaluate_baseline(model, pairs, batch_size=8)
     spec = exact.spec
     masks = np.repeat(spec.real_edge_mask[None], 4, 0)
-    edges = [spec.edge_index(n) for n in ["input->a1.h2<v>", "a0.h0->m0", "m0->a1.h3<q>", "a1.h1->logits"]]
+    into_a1 = [n for n, _, _ in spec.edges if n.startswith("m0->a1.")]  # the one of these that matters most
+    m0_a1 = max(into_a1, key=lambda n: abs(exact.scores[spec.edge_index(n)]))
+    edges = [spec.edge_index(n) for n in ["input->a1.h2<v>", "a0.h0->m0", m0_a1, "a1.h1->logits"]]
     for i, (s, d) in enumerate(edges):
         masks[i, s, d] = False
     values = evaluate_masks(model, masks, pairs, batch_size=8)
-    for (s, d), v in zip(edges, values):
-        np.testing.assert_allclose(-(v - clean), exact.scores[s, d], rtol=1e-3, atol=1e-6)
+    want = np.array([exact.scores[s, d] for s, d in edges])
+    scale = np.abs(exact.scores).max()
+    assert np.abs(want).min() > 1e-2 * scale  # edges that matter, or a zero score would pass
+    np.testing.assert_allclose(-(values - clean), want, rtol=0, atol=1e-4 * scale)
 
 
 def test_zero_intervention_empty_graph_differs_from_patching(model, pairs):
