@@ -7,9 +7,9 @@ Each plan runs as ``jaxinterp plan ... --json`` in its own process under ``timeo
 (virtual CPU devices need a fresh jax) and its figures go, with the command, the
 machine's load before and after, and the machine, to ``benchmarks/results/plan_*.json``.
 ``depth`` compiles a narrow Llama-shaped model (4 heads x d_model 64, 2 key/value heads)
-at 12, 24, 48 and 80 layers with the layers scanned (``forward``'s default from 8 layers
-on) and unrolled (``--unrolled``, in-process: ``models.SCAN_MIN_LAYERS`` raised), each
-unrolled compile bounded by ``--unrolled-timeout`` seconds.
+at 12, 24, 48 and 80 layers with the layers scanned and unrolled (in-process:
+``models.SCAN_MIN_LAYERS`` set to 1 or past any depth; ``forward``'s default scans from
+16 layers on), each unrolled compile bounded by ``--unrolled-timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -33,17 +34,18 @@ def loadavg() -> list[float]:
     return list(os.getloadavg())
 
 
-UNROLLED = ("import sys, jaxinterp.models as m; m.SCAN_MIN_LAYERS = 10**9; from jaxinterp.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
+LAYERS = ("import sys, jaxinterp.models as m; m.SCAN_MIN_LAYERS = {}; from jaxinterp.cli import main; "
+          "sys.exit(main(sys.argv[1:]))")
 
 
-def run_plan(name: str, args: list[str], timeout: int, unrolled: bool = False) -> dict:
+def run_plan(name: str, args: list[str], timeout: int, unrolled: Optional[bool] = None) -> dict:
     """``jaxinterp plan ARGS --json`` in a fresh process; its figures plus how it ran.
-    ``unrolled``: with forward's automatic scan moved past any depth (layers unrolled)."""
+    ``unrolled``: force the layers unrolled (True) or scanned (False); None: forward's choice."""
     from common import machine
 
     out = os.path.join(tempfile.mkdtemp(), "plan.json")
-    cmd = [sys.executable, *(["-c", UNROLLED] if unrolled else ["-m", "jaxinterp"]), "plan", *args, "--json", out]
+    runner = ["-m", "jaxinterp"] if unrolled is None else ["-c", LAYERS.format(10**9 if unrolled else 1)]
+    cmd = [sys.executable, *runner, "plan", *args, "--json", out]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # the command sets the device count from --mesh
     before, t = loadavg(), time.perf_counter()
@@ -89,7 +91,7 @@ def depth(timeout: int, unrolled_timeout: int) -> None:
         json.dump(NARROW, f)
     for layers in (12, 24, 48, 80):
         common = ["--shape", config, "--layers", str(layers), "--method", "EAP", "--batch-size", "4", "--pos", "16"]
-        run_plan(f"depth_scan_L{layers}", common, timeout)
+        run_plan(f"depth_scan_L{layers}", common, timeout, unrolled=False)
         # unrolled: the same command with forward's automatic choice moved past this depth
         run_plan(f"depth_unrolled_L{layers}", common, unrolled_timeout, unrolled=True)
 

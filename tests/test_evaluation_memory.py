@@ -16,8 +16,9 @@ from jaxinterp.graph import GraphSpec
 from jaxinterp.interventions import TaskMetric, batch_circuit_metrics
 from jaxinterp.memory import abstract_params
 
-# SmolLM2's architecture (GQA, RMSNorm, gated MLP, rotary), narrower and shallower
-CFG = ModelConfig(n_layers=10, n_heads=6, n_kv_heads=2, d_model=96, d_head=16, d_mlp=256, vocab_size=512,
+# SmolLM2's architecture (GQA, RMSNorm, gated MLP, rotary), narrower and shallower but deep
+# enough for the layers to be scanned (models.SCAN_MIN_LAYERS)
+CFG = ModelConfig(n_layers=16, n_heads=6, n_kv_heads=2, d_model=96, d_head=16, d_mlp=256, vocab_size=512,
                   n_ctx=128, norm="rmsnorm", positional="rotary", act_fn="silu", gated_mlp=True, qkv_bias=False,
                   out_bias=False, mlp_bias=False)
 
@@ -42,6 +43,6 @@ def test_circuit_evaluation_memory_is_a_few_node_output_arrays_per_circuit(chunk
     temp = compiled_temp_bytes(CFG, batch, pos, circuits=8, chunk=chunk)
     # The corrupted run's outputs (and the scan's stacked copy of them) once, then this
     # run's outputs, their difference from the corrupted ones and the layer's edge inputs
-    # per circuit evaluated at once. Measured: 4.4 (chunk 1) and 11.2 (chunk 4); the
-    # unrolled forward needed 8.6 and 38.3 here (and ~22 per circuit at SmolLM2's size).
+    # per circuit evaluated at once. Measured at 10 layers: 4.4 (chunk 1) and 11.2 (chunk
+    # 4); the unrolled forward needed 8.6 and 38.3 (and ~22 per circuit at SmolLM2's size).
     assert temp <= (3 + 3 * chunk) * node_outputs, (temp / node_outputs, chunk)
