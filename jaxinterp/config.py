@@ -28,6 +28,13 @@ class ModelConfig:
     Axis names used throughout jaxinterp: ``layer, head, kv_head, d_head, d_model, d_mlp,
     vocab`` (see the README). ``d_head`` need not be ``d_model / n_heads`` (Gemma).
 
+    Layout switches: ``qkv_bias``, ``out_bias``, ``mlp_bias``, ``gated_mlp`` (with ``norm``,
+    ``positional`` and ``sandwich_norms``) say which optional parameter leaves exist; they
+    are read through the switches of :data:`jaxinterp.layout.SWITCHES`, the forward reads
+    the leaves' presence, and conversion checks that the two agree.
+    (``tie_word_embeddings``, ``model_type`` and ``bos_token_id`` are conversion facts the
+    forward does not read.)
+
     Architectural switches beyond GPT-2:
 
     * ``norm_offset``: RMSNorm multiplies by ``norm_offset + w`` (Gemma: 1).

@@ -10,7 +10,6 @@ import pytest
 from jaxinterp import layout, sharding
 from jaxinterp.config import ModelConfig
 from jaxinterp.conversion import ConversionError, load_converted, save_converted
-from jaxinterp.conversion.hf import Family, convert_tensors, _open_tensors, read_hf_config
 from jaxinterp.layout import LEAVES, SWITCHES, LayoutError, check_params
 
 AXES = {"layer", "head", "kv_head", "d_head", "d_model", "d_mlp", "vocab", "ctx"}
@@ -76,18 +75,17 @@ def test_check_names_the_missing_extra_or_misshapen_leaf(model):
         check_params(bad, c)
 
 
-def test_a_converter_whose_rules_disagree_with_the_table_is_refused(gpt2_dir):
-    from jaxinterp.conversion.hf import family_for
+def test_a_converter_whose_rules_disagree_with_the_table_is_refused(gpt2_dir, monkeypatch):
+    from jaxinterp.conversion import hf
 
-    gpt2 = family_for(read_hf_config(gpt2_dir))
+    gpt2 = hf.family_for(hf.read_hf_config(gpt2_dir))
     # rules that forget the attention output bias (its tensor ignored, so only the layout check can see it)
     broken = dataclasses.replace(
         gpt2, rules=lambda cfg: [r for r in gpt2.rules(cfg) if r.outputs != (("blocks", "attn", "b_o"),)],
         ignore=gpt2.ignore + (r"h\.\d+\.attn\.c_proj\.bias",))
-    cfg = broken.config(read_hf_config(gpt2_dir))
+    monkeypatch.setitem(hf.FAMILIES, "gpt2", broken)
     with pytest.raises(ConversionError, match=r"the gpt2 converter's output: missing parameter blocks/attn/b_o"):
-        convert_tensors(broken, cfg, _open_tensors(gpt2_dir), gpt2_dir)
-    assert isinstance(broken, Family)
+        hf.load_hf_checkpoint(gpt2_dir)
 
 
 def test_a_restored_checkpoint_is_checked(model, tmp_path):
