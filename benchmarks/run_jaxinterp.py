@@ -38,7 +38,7 @@ from jaxinterp.attribution import attribute  # noqa: E402
 from jaxinterp.interventions import prepare_data  # noqa: E402
 from jaxinterp.evaluation import evaluate_baseline, evaluate_graph  # noqa: E402
 from jaxinterp.graph import Graph, GraphSpec  # noqa: E402
-from jaxinterp.models import Intervention, forward  # noqa: E402
+from jaxinterp.models import EdgeIntervention, forward  # noqa: E402
 
 
 def _ig_edge_masks_batch(params, batch, *, cfg, metric, ig_steps):
@@ -52,7 +52,7 @@ def _ig_edge_masks_batch(params, batch, *, cfg, metric, ig_steps):
     sign = metric.sign
 
     def f(coef):
-        logits = forward(params, cfg, batch["clean"], mask, Intervention(coef, corr_outs, mode="replace"),
+        logits = forward(params, cfg, batch["clean"], mask, EdgeIntervention(coef, corr_outs, mode="replace"),
                          logit_positions=at)
         values = metric(logits, clean_logits, batch)
         return (sign * values * batch["weight"]).sum()

@@ -44,7 +44,7 @@ from .data import Pairs, bucket_length
 from .graph import Graph, GraphSpec
 from .interventions import (Run, TaskMetric, check_intervention, corrupted_outputs, mean_activations,  # noqa: F401
                             metric_values, prepare_data, prepare_run, weighted_sum)
-from .models import Intervention
+from .models import EdgeIntervention
 from .names import IG_METHODS, INTERVENTIONS, METHODS, check_name  # noqa: F401 (INTERVENTIONS: public name)
 from .positional import PositionalGraph, check_one_length, position_labels
 from .sharding import replicate, to_host
@@ -63,7 +63,7 @@ def _objective(params, cfg: ModelConfig, metric: TaskMetric, batch, clean_logits
     metric; its gradient w.r.t. ``coef`` (which must be zero) gives the edge scores."""
 
     def f(coef, tokens, input_embeddings=None, shift=None, detach=None):
-        iv = Intervention(coef, source, shift, detach, mode=mode)
+        iv = EdgeIntervention(coef, source, shift, detach, mode=mode)
         values = metric_values(params, cfg, batch, metric, clean_logits, iv, tokens, input_embeddings, remat)
         return weighted_sum(metric.sign * values, batch)
 
@@ -142,7 +142,7 @@ def batch_exact(params, batch, src, dst, means=None, *, cfg: ModelConfig, metric
 
     def one(s, d):
         coef = jax.nn.one_hot(d, spec.n_backward)[None]
-        values = metric_values(params, cfg, batch, metric, clean_logits, Intervention(coef, delta[s][None],
+        values = metric_values(params, cfg, batch, metric, clean_logits, EdgeIntervention(coef, delta[s][None],
                                                                                       mode="add-one"))
         return weighted_sum(metric.sign * (values - base), batch)
 
@@ -160,7 +160,7 @@ def batch_exact_nodes(params, batch, means=None, *, cfg: ModelConfig, metric: Ta
 
     def one(node):
         coef = jax.nn.one_hot(node, spec.n_forward)[:, None] * real  # all of the node's outgoing edges
-        values = metric_values(params, cfg, batch, metric, clean_logits, Intervention(coef, corr_outs))
+        values = metric_values(params, cfg, batch, metric, clean_logits, EdgeIntervention(coef, corr_outs))
         return weighted_sum(metric.sign * (values - base), batch)
 
     return jax.lax.map(one, jnp.arange(spec.n_forward))

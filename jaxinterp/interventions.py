@@ -38,7 +38,7 @@ from . import metrics as metrics_lib
 from .config import ModelConfig
 from .data import Pairs, load_pairs, year_token_ids
 from .graph import GraphSpec
-from .models import Intervention, forward
+from .models import EdgeIntervention, forward
 from .names import INTERVENTIONS, METRICS, check_name
 from .sharding import batches as shard_batches, replicate, shard_model, to_host
 
@@ -211,7 +211,7 @@ def circuit_values(params, cfg: ModelConfig, batch: dict, in_circuit, corr_outs,
     (:func:`corrupted_outputs`) in place of its source's own output."""
     real = jnp.asarray(GraphSpec.from_config(cfg).real_edge_mask, jnp.float32)
     coef = (1.0 - in_circuit.astype(jnp.float32)) * real
-    return metric_values(params, cfg, batch, metric, clean_logits, Intervention(coef, corr_outs))
+    return metric_values(params, cfg, batch, metric, clean_logits, EdgeIntervention(coef, corr_outs))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention", "chunk"))

@@ -73,8 +73,11 @@ Params = Any
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Intervention:
-    """Per-edge intervention for :func:`forward` (see the module docstring).
+class EdgeIntervention:
+    """Per-edge rewiring for :func:`forward` (see the module docstring). Not the
+    ``intervention="patching" | "zero" | "mean"`` choice of the methods, which picks the
+    values an ablated edge carries (:mod:`jaxinterp.interventions`) and becomes the
+    ``source`` here.
 
     coef:   ``[src, dst]`` edge coefficients (entries outside the real edges are ignored), or
             ``[pos, src, dst]``: one per edge and position (position-aware edges; the
@@ -333,7 +336,7 @@ def _upstream(spec: GraphSpec, start) -> Array:
     return (jnp.arange(spec.n_forward)[:, None] < limit[None, :]).astype(jnp.float32)
 
 
-def _layer_nodes(iv: Optional[Intervention], cfg: ModelConfig) -> tuple[Optional[tuple], Optional[tuple]]:
+def _layer_nodes(iv: Optional[EdgeIntervention], cfg: ModelConfig) -> tuple[Optional[tuple], Optional[tuple]]:
     """:func:`_node_out`'s arrays for the input node and for every layer's nodes
     (``[layer, head + 1, ...]``); None where no node is shifted or detached."""
     if iv is None or (iv.shift is None and iv.detach is None):
@@ -397,7 +400,7 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
-            intervention: Optional[Intervention] = None, input_embeddings: Optional[Array] = None,
+            intervention: Optional[EdgeIntervention] = None, input_embeddings: Optional[Array] = None,
             return_node_outputs: bool = False, logit_positions: Optional[Array] = None, remat: bool = False,
             scan: Optional[bool] = None):
     """Run the model on ``tokens [batch, pos]``.
@@ -423,7 +426,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
 
 
 def residual_stream(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
-                    intervention: Optional[Intervention] = None, input_embeddings: Optional[Array] = None,
+                    intervention: Optional[EdgeIntervention] = None, input_embeddings: Optional[Array] = None,
                     scan: Optional[bool] = None):
     """``(logits [batch, pos, vocab], resid [n_layers + 1, batch, pos, d_model])``: the
     residual stream entering each layer (embeddings and positions included) and, last,
@@ -434,7 +437,7 @@ def residual_stream(params: Params, cfg: ModelConfig, tokens: Array, attention_m
 
 
 def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array],
-         iv: Optional[Intervention], input_embeddings: Optional[Array], logit_positions: Optional[Array] = None,
+         iv: Optional[EdgeIntervention], input_embeddings: Optional[Array], logit_positions: Optional[Array] = None,
          remat: bool = False, scan: Optional[bool] = None) -> dict:
     spec = GraphSpec.from_config(cfg)
     n_batch, n_pos = tokens.shape

@@ -24,7 +24,7 @@ With ``window > 1`` the states of layers ``max(0, l - window // 2)`` up to
 
 How a restoration runs on the circuit-graph engine
 --------------------------------------------------
-Restoring is an additive shift of node outputs: ``Intervention(shift=1, source=delta,
+Restoring is an additive shift of node outputs: ``EdgeIntervention(shift=1, source=delta,
 mode="add")`` with zero edge coefficients adds ``delta_u`` to node ``u``'s output on all
 its outgoing edges and on the residual stream. ``delta`` is zero except at the restored
 position, where it is ``clean - (this run's value)``:
@@ -64,7 +64,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .graph import GraphSpec
-from .models import Intervention, embed_input, forward, residual_stream
+from .models import EdgeIntervention, embed_input, forward, residual_stream
 
 KINDS = ("resid", "attn", "mlp")
 _CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -101,7 +101,7 @@ def window_nodes(spec: GraphSpec, kind: str, window: int) -> np.ndarray:
                      for l in range(spec.n_layers)]).astype(np.float32)
 
 
-def _run_state(params, cfg: ModelConfig, tokens, embeddings, iv: Optional[Intervention], kind: str):
+def _run_state(params, cfg: ModelConfig, tokens, embeddings, iv: Optional[EdgeIntervention], kind: str):
     """One run: ``(probabilities at the last position [batch, vocab], state [src, batch,
     pos, d_model])`` where ``state`` is what each node contributes to the restorable
     hidden state *as this run sees it* (shifts included): node outputs for attn/mlp; for
@@ -134,7 +134,7 @@ def _restored_prob(params, cfg: ModelConfig, tokens, embeddings, clean_state, co
     shift = jnp.ones_like(nodes)
 
     def run(delta):
-        return _run_state(params, cfg, tokens, embeddings, Intervention(coef, delta, shift, mode="add"), kind)
+        return _run_state(params, cfg, tokens, embeddings, EdgeIntervention(coef, delta, shift, mode="add"), kind)
 
     def step(delta, _):
         _, state = run(delta)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxinterp.graph import GraphSpec
-from jaxinterp.models import Intervention, forward, node_outputs, residual_stream
+from jaxinterp.models import EdgeIntervention, forward, node_outputs, residual_stream
 
 import handbuilt
 
@@ -36,7 +36,7 @@ def test_graph_forward_without_intervention_is_the_plain_forward(model, batch, m
     spec = model.graph_spec
     plain = forward(model.params, model.cfg, *batch)
     source = jax.random.normal(jax.random.PRNGKey(0), (spec.n_forward, 3, 9, model.cfg.d_model))
-    iv = Intervention(jnp.zeros((spec.n_forward, spec.n_backward)), source, mode=mode)
+    iv = EdgeIntervention(jnp.zeros((spec.n_forward, spec.n_backward)), source, mode=mode)
     np.testing.assert_allclose(forward(model.params, model.cfg, *batch, intervention=iv), plain, atol=1e-5)
 
 
@@ -65,7 +65,7 @@ def test_zeroing_all_edges_of_a_node_removes_that_node(model, batch, node):
     u = spec.forward_names.index(node)
     coef = jnp.zeros((spec.n_forward, spec.n_backward)).at[u].set(1.0)
     source = jnp.zeros((spec.n_forward, 3, 9, model.cfg.d_model))  # zero instead of the node's output
-    got = forward(model.params, model.cfg, *batch, intervention=Intervention(coef, source, mode="replace"))
+    got = forward(model.params, model.cfg, *batch, intervention=EdgeIntervention(coef, source, mode="replace"))
     want = forward(_removed(model.params, model.cfg, node), model.cfg, *batch)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
@@ -79,7 +79,7 @@ def test_replacing_one_edge_matches_the_handbuilt_patch(model, batch):
     for name in ["a0.h1->a1.h3<k>", "input->m1", "m0->logits", "a1.h0->logits"]:
         s, d = spec.edge_index(name)
         coef = jnp.zeros((spec.n_forward, spec.n_backward)).at[s, d].set(1.0)
-        got = forward(model.params, cfg, *batch, intervention=Intervention(coef, source, mode="replace"))
+        got = forward(model.params, cfg, *batch, intervention=EdgeIntervention(coef, source, mode="replace"))
         src_name, dst_name = name.split("->")
         want, _ = handbuilt.forward(model.params, cfg, *batch,
                                     extra={dst_name: source[s] - clean[src_name]})
@@ -92,8 +92,8 @@ def test_add_one_is_add_with_a_single_source_row(model, batch):
     for name in ["input->a1.h2<q>", "a0.h3->m0", "m1->logits"]:
         s, d = spec.edge_index(name)
         coef = jnp.zeros((spec.n_forward, spec.n_backward)).at[s, d].set(0.7)
-        want = forward(model.params, cfg, *batch, intervention=Intervention(coef, source, mode="add"))
-        one = Intervention(0.7 * jax.nn.one_hot(d, spec.n_backward)[None], source[s][None], mode="add-one")
+        want = forward(model.params, cfg, *batch, intervention=EdgeIntervention(coef, source, mode="add"))
+        one = EdgeIntervention(0.7 * jax.nn.one_hot(d, spec.n_backward)[None], source[s][None], mode="add-one")
         np.testing.assert_allclose(forward(model.params, cfg, *batch, intervention=one), want, atol=1e-5, err_msg=name)
 
 
@@ -104,7 +104,7 @@ def test_grad_replace_gradient_is_the_grad_of_replace(model, batch):
     zeros = jnp.zeros((spec.n_forward, spec.n_backward))
 
     def total(coef, mode):
-        return forward(model.params, cfg, *batch, intervention=Intervention(coef, source, mode=mode))[:, -1, :5].sum()
+        return forward(model.params, cfg, *batch, intervention=EdgeIntervention(coef, source, mode=mode))[:, -1, :5].sum()
 
     want = jax.grad(lambda c: total(c, "replace"))(zeros)
     got = jax.grad(lambda c: total(c, "grad-replace"))(zeros)
@@ -145,7 +145,7 @@ def test_compiled_edge_gradients_at_a_realistic_batch_are_autodiff_through_the_s
     zeros = jnp.zeros((spec.n_forward, spec.n_backward))
 
     def total(coef, m, source):
-        logits = forward(model.params, cfg, tokens, mask, intervention=Intervention(coef, source, mode=m))
+        logits = forward(model.params, cfg, tokens, mask, intervention=EdgeIntervention(coef, source, mode=m))
         return (logits[:, -1, :7] ** 2).sum()
 
     want = jax.jit(jax.grad(lambda c: total(c, "add", delta)))(zeros)
@@ -175,10 +175,10 @@ def _intervention(spec, cfg, mode, n_pos, seed=0, positional=False, shifted=Fals
     shape = ((n_pos,) if positional else ()) + (spec.n_forward, spec.n_backward)
     coef = jax.random.uniform(k[1], shape) if mode in ("replace", "add") else jnp.zeros(shape)
     if not shifted:
-        return Intervention(coef, source, mode=mode)
+        return EdgeIntervention(coef, source, mode=mode)
     shift = jax.random.uniform(k[2], (spec.n_forward,))
     detach = (jax.random.uniform(k[3], (spec.n_forward,)) > 0.5).astype(jnp.float32)
-    return Intervention(coef, source, shift, detach, mode=mode)
+    return EdgeIntervention(coef, source, shift, detach, mode=mode)
 
 
 @pytest.mark.parametrize("mode,positional,shifted", [
@@ -216,7 +216,7 @@ def test_scanned_add_one_equals_unrolled(qwen):
     spec, cfg = qwen.graph_spec, qwen.cfg
     tokens = jnp.asarray(np.random.default_rng(2).integers(4, cfg.vocab_size, size=(3, 6)))
     source = jax.random.normal(jax.random.PRNGKey(4), (1, 3, 6, cfg.d_model))
-    iv = Intervention(jax.random.uniform(jax.random.PRNGKey(5), (1, spec.n_backward)), source, mode="add-one")
+    iv = EdgeIntervention(jax.random.uniform(jax.random.PRNGKey(5), (1, spec.n_backward)), source, mode="add-one")
     want = forward(qwen.params, cfg, tokens, intervention=iv, scan=False)
     got = forward(qwen.params, cfg, tokens, intervention=iv, scan=True)
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
