@@ -100,6 +100,20 @@ def save_figure(fig, path: str, **kwargs) -> str:
     return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format=ext, **kwargs))
 
 
+def write_figure(fig, path: str, **kwargs) -> str:
+    """Save a finished matplotlib figure to ``path`` (its directory made if needed) with
+    :func:`save_figure`, so a failed write leaves an older picture whole, and close it
+    whatever happens (pyplot keeps every open figure alive). Returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_figure(fig, path, **kwargs)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def clean_tmp(directory: str) -> list[str]:
     """Remove the temporary files (and directories) that killed writers left in ``directory``."""
     removed = []

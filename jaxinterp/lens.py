@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Optional, Sequence
 
 import jax
@@ -47,6 +46,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .graph import GraphSpec
+from .io import write_figure
 from .models import final_logits, forward, layer_params, norm, residual_stream
 
 Array = jax.Array
@@ -284,14 +284,7 @@ def plot_logit_lens(lens_logits: np.ndarray, tokens: Sequence[str], decode_token
     fig.colorbar(mesh, ax=ax).set_label("probability of the top token", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    from .io import save_figure
-
-    try:
-        save_figure(fig, path)  # atomic: a failed write leaves an old picture whole
-    finally:
-        plt.close(fig)
-    return path
+    return write_figure(fig, path)  # atomic: a failed write leaves an old picture whole
 
 
 def lens_report(model, prompt: str, k: int = 5) -> dict:

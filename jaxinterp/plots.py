@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from .graph import Graph
-from .io import atomic_write_text, atomic_write_with, save_figure
+from .io import atomic_write_text, atomic_write_with, write_figure
 
 
 def plot_curves(curves: Sequence, path: str, title: str = "Faithfulness of top-n circuits") -> str:
@@ -32,12 +32,7 @@ def plot_curves(curves: Sequence, path: str, title: str = "Faithfulness of top-n
     if any(c.label for c in curves):
         ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        save_figure(fig, path)  # atomic: a failed write leaves an old picture whole
-    finally:
-        plt.close(fig)
-    return path
+    return write_figure(fig, path)  # atomic: a failed write leaves an old picture whole
 
 
 def plot_pruning_history(history: dict, path: str, title: str = "Edge pruning") -> str:
@@ -62,12 +57,7 @@ def plot_pruning_history(history: dict, path: str, title: str = "Edge pruning") 
     ax2.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        save_figure(fig, path)  # atomic: a failed write leaves an old picture whole
-    finally:
-        plt.close(fig)
-    return path
+    return write_figure(fig, path)  # atomic: a failed write leaves an old picture whole
 
 
 _QKV_COLOURS = {"q": "#FF00FF", "k": "#00FF00", "v": "#0000FF", None: "#000000"}
@@ -165,8 +155,4 @@ def _draw_circuit_matplotlib(graph: Graph, path: str, title: str = "") -> str:
     ax.set_title(title or f"circuit: {len(used)} edges, {len(nodes)} nodes "
                  "(q magenta, k green, v blue; dashed = negative)", fontsize=9)
     fig.tight_layout()
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+    return write_figure(fig, path)  # atomic: a failed write leaves an old picture whole

@@ -68,7 +68,7 @@ except ImportError:  # Python 3.10
 
 from . import __version__
 from .io import (TMP_PREFIX, atomic_write_text, clean_tmp, dumps, file_hash, fingerprint, read_text,  # noqa: F401
-                 same_path, save_figure, to_strict_json)
+                 same_path, to_strict_json, write_figure)
 from .names import IG_METHODS
 
 SWEEP_KEYS = {"out": str, "methods": list, "ig_steps": list, "metric": str, "batch_size": int, "sizes": list,
@@ -609,8 +609,4 @@ def plot_sweep(results: list[dict], path: str) -> str:
             if ax.lines:
                 ax.legend(fontsize=7)
     fig.tight_layout()
-    try:
-        save_figure(fig, path)  # atomic: temporary file + rename
-    finally:
-        plt.close(fig)
-    return path
+    return write_figure(fig, path)  # atomic: a failed write leaves an old picture whole

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Optional, Sequence, Union
 
 import jax
@@ -64,6 +63,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .graph import GraphSpec
+from .io import write_figure
 from .models import EdgeIntervention, embed_input, forward, residual_stream
 
 KINDS = ("resid", "attn", "mlp")
@@ -405,11 +405,4 @@ def plot_trace(traces, path: str, title: Optional[str] = None) -> str:
     fig.suptitle(title or f"causal trace: p({t.target_text.strip()}) clean {t.p_clean:.2f}, "
                  f"corrupted {t.p_corrupted:.2f}", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    from .io import save_figure
-
-    try:
-        save_figure(fig, path)  # atomic: a failed write leaves an old picture whole
-    finally:
-        plt.close(fig)
-    return path
+    return write_figure(fig, path)  # atomic: a failed write leaves an old picture whole
