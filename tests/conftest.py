@@ -14,6 +14,22 @@ os.environ.setdefault("JAXINTERP_COMPILE_CACHE", "0")
 from jaxinterp.testing import NAMES, save_random_gpt2  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_compile_cache():
+    """A test that runs a command in-process (a sweep turns on jax's persistent cache in
+    its output directory) must not leave the cache on for the tests after it: their
+    programs would be written to a directory that pytest removes, and a CI run segfaulted
+    inside XLA's compile with it on."""
+    import jax
+    from jax._src import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    if jax.config.jax_compilation_cache_dir != before:
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory):
     """2 layers, 4 heads, d_model 64, tied embeddings."""
