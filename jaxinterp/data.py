@@ -13,6 +13,7 @@ data set, so every batch has the same shape and the program compiles once.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -117,18 +118,25 @@ def check_batch_size(batch_size) -> None:
         raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
 
 
+@contextlib.contextmanager
+def text_errors(path: str):
+    """Reading ``path`` inside: a decoding or CSV error becomes one :class:`DataError`
+    naming the file and the cause."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+
+
 def read_pairs_csv(path: str) -> list[dict]:
     """Rows of a pairs CSV as dicts with ``clean``, ``corrupted`` and label fields (UTF-8;
     a byte-order mark is skipped). Errors name the file and the line."""
     from .io import open_text
 
-    try:
-        with open_text(path, newline="") as f:
-            return _read_pairs(path, f)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except csv.Error as e:
-        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    with text_errors(path), open_text(path, newline="") as f:
+        return _read_pairs(path, f)
 
 
 def _read_pairs(path: str, f) -> list[dict]:

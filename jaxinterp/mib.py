@@ -48,7 +48,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .data import DataError, Pairs
+from .data import DataError, Pairs, text_errors
 from .errors import JaxinterpError
 
 # --- the benchmark's constants --------------------------------------------------------------
@@ -200,12 +200,8 @@ def read_mib_rows(path: str, split: str = "validation") -> list[dict]:
     if ext not in _READERS:
         raise DataError(f"{path}: unknown data file type {ext or '(none)'!r}; MIB data is read from .jsonl, .json, "
                         f".csv, .parquet or a save_to_disk directory")
-    try:
+    with text_errors(path):
         rows = _READERS[ext](path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except csv.Error as e:
-        raise DataError(f"{path}: not a readable CSV file ({e})") from None
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
