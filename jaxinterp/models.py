@@ -267,14 +267,16 @@ def _node_out(x: Array, nodes: Optional[tuple]) -> Array:
 
 
 def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, start, p, resid: Array,
-           edges: Optional[_Edges], nodes: Optional[tuple]):
+           edges: Optional[_Edges], nodes: Optional[tuple], blocked: Optional[Array] = None):
     """One transformer layer over the circuit graph, as nanoGPT's block plus (*).
 
     ``window``: its sliding window (None, or an int); ``start``: the src index of its first
     head; ``p``: its parameters; ``edges``: its :class:`_Edges` (coefficients
     ``[..., src, n_attn_inputs + 1]``) or None (plain forward); ``nodes``: :func:`_node_out`'s
-    arrays for its ``head + 1`` nodes. Returns ``(resid out, heads [head, batch, pos,
-    d_model], mlp out [batch, pos, d_model], edges after this layer)``.
+    arrays for its ``head + 1`` nodes; ``blocked``: None or ``[batch or 1, pos_q, pos_k]``
+    bool, attention edges knocked out in this layer (every head). Returns ``(resid out,
+    heads [head, batch, pos, d_model], mlp out [batch, pos, d_model], mlp hidden [batch,
+    pos, d_mlp], edges after this layer)``.
     """
     H, A = cfg.n_heads, spec.n_attn_inputs
     head_nodes, mlp_nodes = (None, None) if nodes is None else (
@@ -282,7 +284,10 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
     x = _normed(cfg, edges, resid, slice(0, A), p["ln1"])
     # q per query head, then k and v per query head (default view) or per key/value head
     x_q, x_k, x_v = (x,) * 3 if edges is None else jnp.split(x, [H, H + spec.n_kv_inputs])
-    heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, ops.attention_mask(key_mask, window), rotary,
+    mask = ops.attention_mask(key_mask, window)
+    if blocked is not None:  # attention knockout: the query does not see these keys
+        mask = mask & ~blocked
+    heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, mask, rotary,
                                 head_major=True, scale=cfg.attn_scale, logit_softcap=cfg.attn_logit_softcap)
     b_o = p["attn"].get("b_o")
     if cfg.sandwich_norms:  # the nodes are the heads' shares of the normalised sum (module docstring)
@@ -294,7 +299,8 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
 
     m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
     x = _normed(cfg, edges, m_in, slice(A, A + 1), p["ln2"])
-    m_out = ops.mlp(p["mlp"], x if edges is None else x[0], cfg.act_fn)
+    hidden = ops.mlp_hidden(p["mlp"], x if edges is None else x[0], cfg.act_fn)
+    m_out = ops.mlp_out(p["mlp"], hidden)
     if cfg.sandwich_norms:
         m_out = norm(cfg, p["ln2_post"], m_out)
     m_out = _node_out(m_out, mlp_nodes)
@@ -302,7 +308,7 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
         if cfg.parallel_attn_mlp:  # the heads join the stream beside the MLP
             edges = edges.with_outputs(start, heads)
         edges = edges.with_outputs(start + H, m_out[None])
-    return resid + attn_out + m_out, heads, m_out, edges
+    return resid + attn_out + m_out, heads, m_out, hidden, edges
 
 
 # --- the layer loop: unrolled, or one lax.scan over stacked layers ----------------------
@@ -348,10 +354,12 @@ def _layer_nodes(iv: Optional[EdgeIntervention], cfg: ModelConfig) -> tuple[Opti
 
 
 def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: Array, edges: Optional[_Edges],
-            nodes: Optional[tuple], remat: bool, scan: bool):
+            nodes: Optional[tuple], remat: bool, scan: bool, blocked: Optional[Array] = None):
     """Every layer. ``edges``: the intervention with the input node's output, coefficients
-    ``[..., src, dst]``. Returns ``(resid, edges for the logits, resid entering each layer
-    [layer, ...], heads [layer, head, ...], MLP outputs [layer, ...])``."""
+    ``[..., src, dst]``; ``blocked``: None or ``[layer, batch or 1, pos_q, pos_k]`` knocked-out
+    attention edges. Returns ``(resid, edges for the logits, resid entering each layer
+    [layer, ...], heads [layer, head, ...], MLP outputs [layer, ...], MLP hidden
+    activations [layer, batch, pos, d_mlp])``."""
     rotary = _rotary(cfg, resid.shape[1])
     starts = [spec.head_index(layer) for layer in range(cfg.n_layers)]
     blocks, logits_coef = (None, None) if edges is None else _layer_coef(spec, edges.coef)
@@ -360,17 +368,19 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
     checkpoint = jax.checkpoint if remat else (lambda f: f)
 
     if not scan:
-        rs, hs, ms = [], [], []
+        rs, hs, ms, ks = [], [], [], []
         for layer in range(cfg.n_layers):
             rs.append(resid)
             step = checkpoint(functools.partial(_block, cfg, spec, rotary, key_mask, cfg.window(layer), starts[layer]))
             e = None if edges is None else dataclasses.replace(edges, coef=blocks[layer])
-            resid, heads, m_out, edges = step(at(params["blocks"], layer), resid, e,
-                                              None if nodes is None else at(nodes, layer))
+            resid, heads, m_out, hidden, edges = step(at(params["blocks"], layer), resid, e,
+                                                      None if nodes is None else at(nodes, layer),
+                                                      None if blocked is None else blocked[layer])
             hs.append(heads)
             ms.append(m_out)
+            ks.append(hidden)
         return (resid, None if edges is None else dataclasses.replace(edges, coef=logits_coef),
-                jnp.stack(rs), jnp.stack(hs), jnp.stack(ms))
+                jnp.stack(rs), jnp.stack(hs), jnp.stack(ms), jnp.stack(ks))
 
     # Scanned: one compiled layer body for all layers. Its upstream axis has a fixed width
     # (every src row, zero coefficients for those not upstream), so the bodies are identical.
@@ -385,24 +395,24 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
 
     def body(carry, xs):
         resid, buf = carry
-        p, coef, window, start, layer_nodes = xs
+        p, coef, window, start, layer_nodes, layer_blocked = xs
         # source is closed over, not carried: a loop invariant, never stacked per layer
         if mode is not None and mode != "add-one":  # rows not upstream of this layer are no edges
             coef = coef * _upstream(spec, start).astype(coef.dtype)
         e = None if mode is None else _Edges(coef, source, (buf,), mode, ((0, n_src),), scanned=True)
-        out, heads, m_out, e = step(window, start, p, resid, e, layer_nodes)
-        return (out, None if e is None else e.outs[0]), (resid, heads, m_out)
+        out, heads, m_out, hidden, e = step(window, start, p, resid, e, layer_nodes, layer_blocked)
+        return (out, None if e is None else e.outs[0]), (resid, heads, m_out, hidden)
 
-    xs = (params["blocks"], blocks, windows, jnp.asarray(starts, jnp.int32), nodes)
-    (resid, buf), (rs, hs, ms) = jax.lax.scan(body, (resid, buf), xs)
+    xs = (params["blocks"], blocks, windows, jnp.asarray(starts, jnp.int32), nodes, blocked)
+    (resid, buf), (rs, hs, ms, ks) = jax.lax.scan(body, (resid, buf), xs)
     edges = None if mode is None else _Edges(logits_coef, source, (buf,), mode, ((0, n_src),), scanned=True)
-    return resid, edges, rs, hs, ms
+    return resid, edges, rs, hs, ms, ks
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
             intervention: Optional[EdgeIntervention] = None, input_embeddings: Optional[Array] = None,
             return_node_outputs: bool = False, logit_positions: Optional[Array] = None, remat: bool = False,
-            scan: Optional[bool] = None):
+            scan: Optional[bool] = None, attention_block: Optional[Array] = None):
     """Run the model on ``tokens [batch, pos]``.
 
     attention_mask: ``[batch, pos]``, 1 for real tokens (right padding); default all ones.
@@ -418,27 +428,43 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
         time independent of depth) or unrolled (each layer's contraction runs over its
         upstream nodes only); None: scan from :data:`SCAN_MIN_LAYERS` layers on. Both
         compute the same numbers to float rounding.
+    attention_block: ``[layer, batch or 1, pos_q, pos_k]`` bool, True where query ``pos_q``
+        must not attend to key ``pos_k`` in that layer (every head): attention knockout
+        (:mod:`jaxinterp.knockout`). The caller keeps at least one key per query unblocked.
 
     Returns float32 logits ``[batch, pos, vocab]`` (and the node outputs).
     """
-    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, logit_positions, remat, scan)
+    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, logit_positions, remat, scan,
+               attention_block)
     return (run["logits"], run["outs"]) if return_node_outputs else run["logits"]
 
 
 def residual_stream(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
                     intervention: Optional[EdgeIntervention] = None, input_embeddings: Optional[Array] = None,
-                    scan: Optional[bool] = None):
+                    scan: Optional[bool] = None, attention_block: Optional[Array] = None):
     """``(logits [batch, pos, vocab], resid [n_layers + 1, batch, pos, d_model])``: the
     residual stream entering each layer (embeddings and positions included) and, last,
     the stream entering the final norm. With an intervention, this run's streams (the
     per-edge inputs of (*) differ from them only where edges are patched)."""
-    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, scan=scan)
+    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, scan=scan, blocked=attention_block)
     return run["logits"], run["resid"]
+
+
+def activations(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
+                intervention: Optional[EdgeIntervention] = None, input_embeddings: Optional[Array] = None,
+                scan: Optional[bool] = None, attention_block: Optional[Array] = None) -> dict:
+    """One run of :func:`forward` with its capture points: ``logits [batch, pos, vocab]``,
+    ``resid [n_layers + 1, batch, pos, d_model]`` (as :func:`residual_stream`),
+    ``mlp_hidden [layer, batch, pos, d_mlp]`` (each MLP's input to ``w_out``: ROME's keys),
+    ``mlp_out [layer, batch, pos, d_model]`` and ``outs [src, batch, pos, d_model]``
+    (every node's output). Under jit the ones a caller does not read are not computed."""
+    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, scan=scan, blocked=attention_block)
+    return {k: run[k] for k in ("logits", "resid", "mlp_hidden", "mlp_out", "outs")}
 
 
 def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array],
          iv: Optional[EdgeIntervention], input_embeddings: Optional[Array], logit_positions: Optional[Array] = None,
-         remat: bool = False, scan: Optional[bool] = None) -> dict:
+         remat: bool = False, scan: Optional[bool] = None, blocked: Optional[Array] = None) -> dict:
     spec = GraphSpec.from_config(cfg)
     n_batch, n_pos = tokens.shape
     scan = cfg.n_layers >= SCAN_MIN_LAYERS if scan is None else scan
@@ -449,13 +475,19 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     if iv is not None and iv.coef.ndim == 3 and (iv.mode == "add-one" or iv.coef.shape[0] != n_pos):
         raise ValueError(f"position-aware coefficients {iv.coef.shape} need one row per position ({n_pos}) "
                          f"and a mode other than add-one")
+    if blocked is not None:
+        if blocked.ndim != 4 or blocked.shape[0] != cfg.n_layers or blocked.shape[1] not in (1, n_batch) \
+                or blocked.shape[2:] != (n_pos, n_pos):
+            raise ValueError(f"attention_block {blocked.shape} must be [layer={cfg.n_layers}, batch={n_batch} or 1, "
+                             f"pos_q={n_pos}, pos_k={n_pos}]")
+        blocked = blocked.astype(bool)
     if scan and iv is not None and iv.mode == "grad-replace":
         # A scanned backward cannot read this run's outputs of earlier layers without
         # keeping a copy of them per layer; with coef = 0 this run is the plain run (with
         # any shifts), so its outputs come from one forward pass first and the edge probe
         # contracts a fixed source.
         outs = _run(params, cfg, tokens, attention_mask, dataclasses.replace(iv, mode="grad"), input_embeddings,
-                    logit_positions, scan=True)["outs"]
+                    logit_positions, scan=True, blocked=blocked)["outs"]
         iv = dataclasses.replace(iv, source=iv.source - jax.lax.stop_gradient(outs).astype(iv.source.dtype),
                                  mode="grad")
 
@@ -465,7 +497,8 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     if cfg.positional == "learned":
         resid = resid + ops.pos_embed(params["embed"]["w_pos"], n_pos)[None]
     edges = None if iv is None else _Edges(iv.coef, iv.source, (emb[None],), iv.mode, ((0, 1),))
-    resid, edges, resids, heads, mlps = _layers(params, cfg, spec, resid, attention_mask, edges, nodes, remat, scan)
+    resid, edges, resids, heads, mlps, hidden = _layers(params, cfg, spec, resid, attention_mask, edges, nodes, remat,
+                                                        scan, blocked)
 
     n_f = _normed(cfg, edges, resid, slice(0, 1), params["ln_f"])
     n_f = n_f if edges is None else n_f[0]
@@ -473,7 +506,7 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         n_f = jnp.take_along_axis(n_f, logit_positions.reshape(n_batch, -1)[..., None], axis=1)
     outs = jnp.concatenate([emb[None], jnp.concatenate([heads, mlps[:, None]], 1).reshape((-1,) + emb.shape)])
     return {"logits": final_logits(params, cfg, n_f), "outs": outs,
-            "resid": jnp.concatenate([resids, resid[None]])}
+            "resid": jnp.concatenate([resids, resid[None]]), "mlp_hidden": hidden, "mlp_out": mlps}
 
 
 def node_outputs(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None) -> Array:

@@ -98,17 +98,29 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 
 def mlp(p: Params, x: Array, act_fn: str = "gelu_new") -> Array:
-    """Position-wise MLP. ``x [..., d_model]`` -> ``[..., d_model]``.
+    """Position-wise MLP. ``x [..., d_model]`` -> ``[..., d_model]``:
+    ``mlp_out(p, mlp_hidden(p, x, act_fn))``.
 
     ``p``: ``w_in [d_model, d_mlp]``, optional ``b_in [d_mlp]``, ``w_out [d_mlp, d_model]``,
     optional ``b_out [d_model]``; with ``w_gate [d_model, d_mlp]`` it is a gated MLP
     (SwiGLU/GeGLU): ``act(x @ w_gate) * (x @ w_in)``.
     """
+    return mlp_out(p, mlp_hidden(p, x, act_fn))
+
+
+def mlp_hidden(p: Params, x: Array, act_fn: str = "gelu_new") -> Array:
+    """The MLP's hidden activation ``[..., d_mlp]`` of ``x [..., d_model]``: the input of
+    ``w_out`` (GPT-2's ``c_proj``, Llama's ``down_proj``), the *key* a ROME edit writes to."""
     act = ACTIVATIONS[act_fn]
     h = jnp.einsum("...d,dm->...m", x, p["w_in"])
     if "b_in" in p:
         h = h + p["b_in"]
-    h = act(jnp.einsum("...d,dm->...m", x, p["w_gate"])) * h if "w_gate" in p else act(h)
+    return act(jnp.einsum("...d,dm->...m", x, p["w_gate"])) * h if "w_gate" in p else act(h)
+
+
+def mlp_out(p: Params, h: Array) -> Array:
+    """``h [..., d_mlp] @ w_out (+ b_out)`` -> ``[..., d_model]``: the MLP's output for a
+    hidden activation (a ROME *value*)."""
     out = jnp.einsum("...m,md->...d", h, p["w_out"])
     return out + p["b_out"] if "b_out" in p else out
 

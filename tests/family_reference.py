@@ -57,12 +57,15 @@ def _head_qkv(cfg, attn, x, h):
     return q, k, v
 
 
-def forward(hf, ids, mask, extra=None):
+def forward(hf, ids, mask, extra=None, blocked=None):
     """``ids, mask [batch, pos]`` (torch) -> ``(logits [batch, pos, vocab], {node: output})``.
 
-    ``extra``: downstream input name -> ``[batch, pos, d_model]`` added to that input.
+    ``extra``: downstream input name -> ``[batch, pos, d_model]`` added to that input;
+    ``blocked``: layer -> ``[batch, pos_q, pos_k]`` bool tensor, attention scores masked out
+    in that layer (attention knockout).
     """
     extra = extra or {}
+    blocked = blocked or {}
     cfg = hf.config
     base, embed, final_norm, unembed = _parts(hf)
     rope_module = sys.modules[type(base).__module__]
@@ -78,6 +81,8 @@ def forward(hf, ids, mask, extra=None):
         allowed = (pos[None, :] <= pos[:, None])[None] & (mask[:, None, :] > 0)
         if window is not None:
             allowed = allowed & (pos[None, :] > pos[:, None] - window)[None]
+        if l in blocked:
+            allowed = allowed & ~blocked[l]
         attn_out = 0.0
         o_weight = (attn.dense if cfg.model_type == "gpt_neox" else attn.o_proj).weight  # [d_model, head * d_head]
         H = cfg.num_attention_heads

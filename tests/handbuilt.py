@@ -15,11 +15,13 @@ def _ln(x, w, b, eps=1e-5):
     return (x - mu) / jnp.sqrt(var + eps) * w + b
 
 
-def forward(params, cfg, tokens, mask, extra=None, emb=None):
+def forward(params, cfg, tokens, mask, extra=None, emb=None, blocked=None):
     """``extra``: dict mapping a downstream input name (``a0.h1<k>``, ``m1``, ``logits``)
     to an array ``[batch, pos, d_model]`` added to that input; ``emb`` replaces the token
-    embedding. Returns
+    embedding; ``blocked``: dict layer -> ``[batch, pos_q, pos_k]`` bool, attention
+    scores masked out in that layer (attention knockout). Returns
     ``(logits, {node name: output})``."""
+    blocked = blocked or {}
     extra = extra or {}
     B, P = tokens.shape
     emb = params["embed"]["w_e"][tokens] if emb is None else emb
@@ -37,7 +39,7 @@ def forward(params, cfg, tokens, mask, extra=None, emb=None):
             k = inp("k") @ p["attn"]["w_k"][h] + p["attn"]["b_k"][h]
             v = inp("v") @ p["attn"]["w_v"][h] + p["attn"]["b_v"][h]
             s = jnp.einsum("bqe,bke->bqk", q, k) / jnp.sqrt(q.shape[-1])
-            s = jnp.where(allowed, s, -1e30)
+            s = jnp.where(allowed & ~blocked[l] if l in blocked else allowed, s, -1e30)
             z = jax.nn.softmax(s, -1) @ v
             out = z @ p["attn"]["w_o"][h]
             outs[f"a{l}.h{h}"] = out
