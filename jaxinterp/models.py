@@ -81,7 +81,10 @@ class EdgeIntervention:
 
     coef:   ``[src, dst]`` edge coefficients (entries outside the real edges are ignored), or
             ``[pos, src, dst]``: one per edge and position (position-aware edges; the
-            gradient modes then give per-position scores, and ``add-one`` is not offered).
+            gradient modes then give per-position scores, and ``add-one`` is not offered),
+            or None with mode ``add``: no edge is touched and only ``shift`` acts (the
+            plain forward with some node outputs moved, e.g. a ROME value delta), without
+            the per-layer edge contraction.
     source: ``[src, batch, pos, d_model]`` activations (``replace``) or differences
             (``add``, ``grad``).
     shift:  optional ``[src]``: node ``u``'s output becomes ``out_u + shift_u * source_u``
@@ -91,7 +94,7 @@ class EdgeIntervention:
             output does); values are unchanged.
     """
 
-    coef: Array
+    coef: Optional[Array]
     source: Array
     shift: Optional[Array] = None
     detach: Optional[Array] = None
@@ -472,7 +475,9 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         attention_mask = jnp.ones((n_batch, n_pos), jnp.int32)
     if iv is not None and iv.mode not in MODES:
         raise ValueError(f"unknown intervention mode {iv.mode!r}; choose from {MODES}")
-    if iv is not None and iv.coef.ndim == 3 and (iv.mode == "add-one" or iv.coef.shape[0] != n_pos):
+    if iv is not None and iv.coef is None and (iv.mode != "add" or iv.shift is None):
+        raise ValueError("an intervention without edge coefficients (coef=None) must be mode 'add' with a shift")
+    if iv is not None and iv.coef is not None and iv.coef.ndim == 3 and (iv.mode == "add-one" or iv.coef.shape[0] != n_pos):
         raise ValueError(f"position-aware coefficients {iv.coef.shape} need one row per position ({n_pos}) "
                          f"and a mode other than add-one")
     if blocked is not None:
@@ -496,7 +501,7 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     resid = emb
     if cfg.positional == "learned":
         resid = resid + ops.pos_embed(params["embed"]["w_pos"], n_pos)[None]
-    edges = None if iv is None else _Edges(iv.coef, iv.source, (emb[None],), iv.mode, ((0, 1),))
+    edges = None if iv is None or iv.coef is None else _Edges(iv.coef, iv.source, (emb[None],), iv.mode, ((0, 1),))
     resid, edges, resids, heads, mlps, hidden = _layers(params, cfg, spec, resid, attention_mask, edges, nodes, remat,
                                                         scan, blocked)
 

@@ -1,0 +1,168 @@
+"""ROME (and MEMIT) on the functional model, read as a specification.
+
+* The rank-one update is ROME's closed form, recomputed here in numpy the way ROME's code
+  does it (explicit inverse, normalised left vector, right vector divided by the prompt's
+  key), and the edited matrix maps the prompt's key to v*.
+* The second moment equals E[k k^T] of the keys that torch's GPT-2 feeds ``c_proj``
+  (forward pre-hooks on the Hugging Face model), and is cached on disk.
+* An edit of the shipped demo model makes the target the top-1 for its prompt and its
+  paraphrases (other templates, places and objects of the same two names) while the top-1
+  of unrelated prompts (other names; other tasks) stays.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jaxinterp import editing, load_model, tasks
+from jaxinterp.data import tokenize
+from jaxinterp.demo import demo_model_dir
+
+PROMPT = "When Mary and John went to the store , {} gave a drink to"  # the subject is the second mention
+SUBJECT, TARGET = "John", "Kate"
+HP = editing.RomeHParams(v_steps=60)  # ROME's GPT-2 XL defaults, with more steps for this small model
+# ROME's generated prefixes are far outside what the demo model was trained on (it knows three task
+# templates), so the demo edit averages the key over the plain prompt only.
+CONTEXTS = ["{}"]
+
+
+@pytest.fixture(scope="module")
+def stats_env(tmp_path_factory):
+    old = os.environ.get("JAXINTERP_STATS_DIR")
+    os.environ["JAXINTERP_STATS_DIR"] = str(tmp_path_factory.mktemp("stats"))
+    yield os.environ["JAXINTERP_STATS_DIR"]
+    if old is None:
+        del os.environ["JAXINTERP_STATS_DIR"]
+    else:
+        os.environ["JAXINTERP_STATS_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model(demo_model_dir())
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """The demo model's 'Wikipedia': task prompts with their continuations, one per line."""
+    rows = tasks.generate("ioi", 96, seed=1) + tasks.generate("greater_than", 48, seed=1) + \
+        tasks.generate("induction", 48, seed=1)
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text("\n".join(r["clean"] + " " + r["target"] for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def edit(demo, text_file, stats_env):
+    return editing.rome(demo, PROMPT, SUBJECT, TARGET, layer=0, hparams=HP, contexts=CONTEXTS, text_file=text_file,
+                        return_info=True, progress=False)
+
+
+def _top1(model, texts):
+    ids = tokenize(model.tokenizer, texts)
+    n = max(map(len, ids))
+    tokens = np.array([row + [0] * (n - len(row)) for row in ids], np.int32)
+    mask = (np.arange(n)[None] < np.array([len(r) for r in ids])[:, None]).astype(np.int32)
+    logits = np.asarray(model(tokens, mask))[np.arange(len(ids)), mask.sum(1) - 1]
+    return [model.tokenizer.decode([int(t)]) for t in logits.argmax(-1)]
+
+
+def _rome_numpy(c, k_star, v_star, k_cur, cur_out):
+    """ROME's compute_u / compute_v / upd_matrix, step by step."""
+    u = np.linalg.inv(c) @ k_star
+    u = u / np.linalg.norm(u)
+    right = (v_star - cur_out) / np.dot(k_cur, u)
+    return u[:, None] @ right[None, :]
+
+
+def test_rank_one_update_is_romes_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(48, 48))
+    c = a @ a.T / 48 + 0.1 * np.eye(48)
+    k_star, k_cur = rng.normal(size=48), rng.normal(size=48)
+    v_star, cur_out = rng.normal(size=16), rng.normal(size=16)
+    got = editing.rank_one_update(c, k_star, v_star, k_cur, cur_out)
+    want = _rome_numpy(c, k_star, v_star, k_cur, cur_out)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())
+    np.testing.assert_allclose(k_cur @ got, v_star - cur_out, atol=1e-10)  # the prompt's key now gives v*
+
+
+def test_demo_edit_applies_the_closed_form(demo, edit, text_file):
+    edited, info = edit
+    layer = info["layer"]
+    c = editing.second_moment(demo, layer, editing.sample_tokens(demo, text_file))  # read from the cache
+    want = _rome_numpy(c, info["k_star"], info["v_star"], info["k_cur"], info["cur_out"])
+    got = np.asarray(edited.params["blocks"]["mlp"]["w_out"][layer]) - np.asarray(demo.params["blocks"]["mlp"]["w_out"][layer])
+    # float32 parameters: the difference is rounded at the scale of w_out
+    scale = np.abs(np.asarray(demo.params["blocks"]["mlp"]["w_out"][layer])).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=4e-7 * scale + 1e-6 * np.abs(want).max())
+    for name, leaf in jax.tree_util.tree_flatten_with_path(demo.params)[0]:
+        other = edited.params
+        for k in name:
+            other = other[k.key]
+        if "w_out" not in str(name):
+            assert other is leaf  # every other leaf is shared, not copied
+    # the MLP output at the subject's last token in the prompt is now v* (what the optimisation asked for)
+    from jaxinterp.models import activations
+
+    ids = np.asarray(tokenize(demo.tokenizer, [PROMPT.format(SUBJECT)]), np.int32)
+    at = [i for i, t in enumerate(ids[0]) if demo.tokenizer.decode([int(t)]) == SUBJECT][-1]  # its second mention
+    out = np.asarray(jax.jit(activations, static_argnums=1)(edited.params, edited.cfg, ids)["mlp_out"][layer, 0, at])
+    np.testing.assert_allclose(out, info["v_star"], atol=1e-4 * np.abs(info["v_star"]).max())
+
+
+def test_demo_edit_makes_the_target_top1_and_leaves_unrelated_prompts(demo, edit):
+    edited, info = edit
+    fill = dict(N1="Mary", N2="John", S2="John")
+    paraphrases = [PROMPT.format(SUBJECT)] + [
+        tasks.IOI_TEMPLATES[t].format(PLACE=p, OBJECT=o, **fill)
+        for t, p, o in [(0, "park", "book"), (2, "school", "key"), (3, "garden", "ring"), (4, "office", "hat")]]
+    assert set(_top1(demo, paraphrases)) == {"Mary"}  # before: the IOI answer
+    assert _top1(edited, paraphrases) == [TARGET] * len(paraphrases)
+    unrelated = [r["clean"] for r in tasks.generate("ioi", 24, seed=5)
+                 if not {"John", "Mary", TARGET} & set(r["clean"].split())]
+    assert len(unrelated) >= 10
+    assert _top1(edited, unrelated) == _top1(demo, unrelated)
+
+
+def test_second_moment_equals_torch_keys_and_is_cached(demo, text_file, stats_env):
+    from transformers import AutoModelForCausalLM
+
+    tokens = editing.sample_tokens(demo, text_file, n_samples=12)
+    c = editing.second_moment(demo, 1, tokens)
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir()).eval()
+    keys = []
+    hook = hf.transformer.h[1].mlp.c_proj.register_forward_pre_hook(lambda m, i: keys.append(i[0][0].detach()))
+    with torch.no_grad():
+        for row in tokens:
+            hf(torch.tensor(row[row >= 0], dtype=torch.long)[None])
+    hook.remove()
+    k = torch.cat(keys).double().numpy()
+    want = k.T @ k / len(k)
+    np.testing.assert_allclose(c, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    files = os.listdir(stats_env)
+    assert len(files) >= 1 and all(f.endswith(".npz") for f in files)
+    # a cached file is what is read back: a planted value shows through
+    key_file = [f for f in files if os.path.getmtime(os.path.join(stats_env, f)) ==
+                max(os.path.getmtime(os.path.join(stats_env, g)) for g in files)][0]
+    np.savez(os.path.join(stats_env, key_file), mom2=np.eye(3), n_tokens=1.0)
+    assert editing.second_moment(demo, 1, tokens).shape == (3, 3)
+    assert editing.second_moment(demo, 1, tokens, cache=False).shape == c.shape
+
+
+def test_context_templates_and_requests(demo):
+    ctx = editing.context_templates(demo, ((3, 2),), seed=0)
+    assert ctx[0] == "{}" and len(ctx) == 3 and all(c.endswith("{}") for c in ctx)
+    for c in ctx:  # every prefix is text the tokenizer reads back
+        tokenize(demo.tokenizer, [c.format(PROMPT.format(SUBJECT))])
+    assert editing.subject_template("The Eiffel Tower is in", "Eiffel Tower") == "The {} is in"
+    with pytest.raises(editing.EditError, match="does not occur"):
+        editing.Request.make("When Mary went", "Bob", "Kate")
+    with pytest.raises(editing.EditError, match="vocabulary"):
+        editing.rome(demo, PROMPT, SUBJECT, "Zeppelin", layer=0, contexts=CONTEXTS, mom2=np.eye(demo.cfg.d_mlp))
+    with pytest.raises(editing.EditError, match="layer"):
+        editing.rome(demo, PROMPT, SUBJECT, TARGET, layer=3, contexts=CONTEXTS, mom2=np.eye(demo.cfg.d_mlp))
