@@ -29,8 +29,10 @@ def is_converted(path: str) -> bool:
     return os.path.exists(os.path.join(path, CONFIG_NAME))
 
 
-def save_converted(out_dir: str, cfg: ModelConfig, params, tokenizer_dir: str | None = None) -> None:
-    """Save ``params`` with orbax next to the config (and the tokenizer's files).
+def save_converted(out_dir: str, cfg: ModelConfig, params, tokenizer_dir: str | None = None,
+                   extra_files: dict | None = None) -> None:
+    """Save ``params`` with orbax next to the config (and the tokenizer's files, and
+    ``extra_files``: name -> text, e.g. the record of an edit, written in the same swap).
 
     The model is built in a temporary directory beside ``out_dir`` and swapped in when
     complete (:func:`jaxinterp.io.replace_dir`): an existing converted model there is
@@ -58,6 +60,8 @@ def save_converted(out_dir: str, cfg: ModelConfig, params, tokenizer_dir: str | 
                 src = os.path.join(tokenizer_dir, name)
                 if os.path.exists(src):
                     shutil.copyfile(src, os.path.join(tmp, name))
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(os.path.join(tmp, name), text)
         atomic_write_text(os.path.join(tmp, CONFIG_NAME), cfg.to_json())  # last: marks the directory complete
         replace_dir(tmp, out_dir)
     except OSError as e:

@@ -541,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .mib import add_parser as add_mib_parser  # the command bodies live in jaxinterp.mib
 
     add_mib_parser(sub, _positive_int, DEBUG_HELP, lambda q: _add_cache_options(q, argparse.SUPPRESS))
+    from .edit_cli import add_parsers as add_edit_parsers  # edit, knockout: bodies in jaxinterp.edit_cli
+
+    add_edit_parsers(sub, _positive_int)
     for p in sub.choices.values():  # --debug also after the command (SUPPRESS: keeps one given before it)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         _add_cache_options(p, argparse.SUPPRESS)

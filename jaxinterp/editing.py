@@ -268,7 +268,7 @@ def sample_tokens(model, text_file: Optional[str] = None, n_samples: int = 64, l
 
 
 def second_moment(model, layer: int, tokens: Optional[np.ndarray] = None, batch_size: int = 32,
-                  cache: bool = True) -> np.ndarray:
+                  cache: bool = True, progress: bool = True) -> np.ndarray:
     """``C = E[k k^T]`` ``[d_mlp, d_mlp]`` (float64) of layer ``layer``'s MLP hidden
     activations over the real tokens of ``tokens [n, pos]`` (right-padded with -1; default
     :func:`sample_tokens`), cached in :func:`stats_dir` under a hash of the model's
@@ -285,7 +285,8 @@ def second_moment(model, layer: int, tokens: Optional[np.ndarray] = None, batch_
     mask = (tokens >= 0).astype(np.int32)
     clean = np.where(tokens >= 0, tokens, _pad_id(model.tokenizer)).astype(np.int32)
     total, count = np.zeros((model.cfg.d_mlp,) * 2), 0.0
-    for i in tqdm(range(0, len(clean), batch_size), desc=f"second moment, layer {layer}", leave=False):
+    for i in tqdm(range(0, len(clean), batch_size), desc=f"second moment, layer {layer}", leave=False,
+                  disable=not progress):
         s, c = _moment_sum(model.params, model.cfg, jnp.asarray(clean[i:i + batch_size]),
                            jnp.asarray(mask[i:i + batch_size]), layer)
         total += np.asarray(s, np.float64)
@@ -377,10 +378,66 @@ class Request:
         return self.template.format(self.subject)
 
 
-def _v_batch(tokenizer, request: Request, contexts: Sequence[str], essence: str):
-    """Token batch for the value optimisation: every context + prompt + target[:-1], then
-    the essence prompt. Returns ``(tokens, mask [batch, pos], lookup [batch] subject's last
-    token, target_pos [n_rewrite, T], target [T], n_rewrite)``."""
+def read_requests(path_or_records) -> list[dict]:
+    """Edit requests from a JSON file (a list of records, or one record) or a list of
+    dicts, in CounterFact's form (``{"requested_rewrite": {"prompt": "{} is in", "subject":
+    ..., "target_new": {"str": ...}, "target_true": {"str": ...}}, "paraphrase_prompts":
+    [...], "neighborhood_prompts": [...]}``) or flat (``prompt``, ``subject``, ``target_new``
+    as strings; ``prompt`` may hold the subject instead of ``{}``). Returns flat records
+    with ``template``, ``subject``, ``target_new``, ``target_true`` (or None),
+    ``paraphrase_prompts`` and ``neighborhood_prompts`` (lists); a malformed record is an
+    EditError naming it."""
+    where = "requests"
+    if isinstance(path_or_records, str):
+        from .io import read_json
+
+        where = path_or_records
+        records = read_json(path_or_records)
+    else:
+        records = path_or_records
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list) or not records:
+        raise EditError(f"{where}: expected a non-empty JSON list of edit requests")
+
+    def text(x, name, i, required=True):
+        if isinstance(x, dict):
+            x = x.get("str")
+        if x is None and not required:
+            return None
+        if not isinstance(x, str) or not x.strip():
+            raise EditError(f"{where}: request {i}: {name} must be a non-empty string, got {x!r}")
+        return x
+
+    out = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise EditError(f"{where}: request {i} is not a JSON object")
+        rw = r.get("requested_rewrite", r)
+        if not isinstance(rw, dict):
+            raise EditError(f"{where}: request {i}: requested_rewrite is not a JSON object")
+        prompt, subject = text(rw.get("prompt"), "prompt", i), text(rw.get("subject"), "subject", i)
+        lists = {}
+        for key in ("paraphrase_prompts", "neighborhood_prompts"):
+            v = r.get(key, [])
+            if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+                raise EditError(f"{where}: request {i}: {key} must be a list of non-empty strings")
+            lists[key] = v
+        try:
+            template = subject_template(prompt, subject)
+        except EditError as e:
+            raise EditError(f"{where}: request {i}: {e}") from None
+        out.append({"template": template, "subject": subject,
+                    "target_new": text(rw.get("target_new"), "target_new", i).strip(),
+                    "target_true": (text(rw.get("target_true"), "target_true", i, required=False) or "").strip() or None,
+                    **lists})
+    return out
+
+
+def _v_rows(tokenizer, request: Request, contexts: Sequence[str], essence: str):
+    """One request's rows for the value optimisation: every context + prompt + target[:-1],
+    then the essence prompt. Returns ``(seqs, lookup (subject's last token per row),
+    target positions per rewrite row [T], target ids [T])``."""
     target = target_token_ids(tokenizer, request.target)
     seqs, lookup, tpos = [], [], []
     for c in contexts:
@@ -389,14 +446,156 @@ def _v_batch(tokenizer, request: Request, contexts: Sequence[str], essence: str)
         seqs.append(ids + target[:-1])
         lookup.append(last)
         tpos.append(list(range(n - 1, n - 1 + len(target))))
-    if not _known(tokenizer, essence.format("").strip() or "x") and essence.strip() != "{}":
+    if essence.strip() != "{}" and not _known(tokenizer, essence.replace("{}", "").strip() or "x"):
         essence = "{}"  # a word-level vocabulary without "is a": the subject on its own
     ids, last = subject_last_index(tokenizer, essence, request.subject)
-    seqs.append(ids)
-    lookup.append(last)
+    return seqs + [ids], lookup + [last], tpos, target
+
+
+def _v_batch(tokenizer, reqs: Sequence[Request], contexts: Sequence[str], essence: str) -> dict:
+    """Every request's rows in one batch (``n_ctx`` rewrite rows, then one essence row, per
+    request), right-padded to a multiple of 8 tokens (fewer compiled shapes). Targets are
+    padded to the longest with weight 0."""
+    rows = [_v_rows(tokenizer, r, contexts, essence) for r in reqs]
+    T = max(len(r[3]) for r in rows)
+    seqs, lookup, pos, tgt, w, owner = [], [], [], [], [], []
+    for j, (sq, lk, tp, target) in enumerate(rows):
+        seqs += sq
+        lookup += lk
+        owner += [j] * len(sq)
+        for t in tp + [[lk[-1]] * len(target)]:  # the essence row reads its subject's last token
+            pos.append(t + [t[-1]] * (T - len(t)))
+        tgt.append(target + [target[-1]] * (T - len(target)))
+        w.append([1.0] * len(target) + [0.0] * (T - len(target)))
     tokens, mask = _pad(seqs, _pad_id(tokenizer))
-    return tokens, mask, np.asarray(lookup, np.int32), np.asarray(tpos, np.int32), np.asarray(target, np.int32), \
-        len(contexts)
+    extra = (-tokens.shape[1]) % 8
+    tokens = np.pad(tokens, ((0, 0), (0, extra)), constant_values=_pad_id(tokenizer))
+    mask = np.pad(mask, ((0, 0), (0, extra)))
+    return dict(tokens=tokens, mask=mask, lookup=np.asarray(lookup, np.int32), logit_pos=np.asarray(pos, np.int32),
+                target=np.asarray(tgt, np.int32), target_w=np.asarray(w, np.float32),
+                owner=np.asarray(owner, np.int32), n_ctx=len(contexts), n_req=len(reqs))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer", "residual"))
+def _values_at(params, cfg: ModelConfig, tokens, mask, positions, layer: int, residual: bool):
+    """``[batch, d_model]``: the MLP output of ``layer`` (or the residual after its block)
+    at ``positions [batch]``."""
+    acts = activations(params, cfg, tokens, mask)
+    b = jnp.arange(tokens.shape[0])
+    return (acts["resid"][layer + 1] if residual else acts["mlp_out"][layer])[b, positions]
+
+
+def _shifted_logits(params, cfg: ModelConfig, tokens, mask, lookup, logit_pos, delta, node: int):
+    """Logits ``[batch, k, vocab]`` at ``logit_pos [batch, k]`` with ``delta [batch, d_model]``
+    added to node ``node``'s output at each row's ``lookup``."""
+    B, P = tokens.shape
+    n_src = GraphSpec.from_config(cfg).n_forward
+    place = jax.nn.one_hot(lookup, P, dtype=delta.dtype)[:, :, None] * delta[:, None, :]  # [batch, pos, d_model]
+    source = jnp.zeros((n_src, B, P, delta.shape[-1]), delta.dtype).at[node].set(place)
+    shift = jnp.zeros((n_src,), delta.dtype).at[node].set(1.0)
+    return forward(params, cfg, tokens, mask, intervention=EdgeIntervention(None, source, shift, mode="add"),
+                   logit_positions=logit_pos)
+
+
+def _safe_norm(x: Array, axis=-1) -> Array:
+    """``|x|`` along ``axis`` with gradient 0 at ``x = 0`` (as torch's), not NaN: the value
+    optimisation starts there."""
+    sq = jnp.sum(x * x, axis)
+    return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+def _v_losses(deltas, params, cfg, batch, kl_init, target_norm, *, node, n_ctx, kl_factor, weight_decay):
+    """Per-request ROME loss ``[request]`` (and its parts) for ``deltas [request, d_model]``."""
+    n_req = deltas.shape[0]
+    logits = _shifted_logits(params, cfg, batch["tokens"], batch["mask"], batch["lookup"], batch["logit_pos"],
+                             deltas[batch["owner"]], node)
+    logp = jax.nn.log_softmax(logits, -1).reshape((n_req, n_ctx + 1) + logits.shape[1:])  # [req, row, T, vocab]
+    picked = jnp.take_along_axis(logp[:, :n_ctx], jnp.broadcast_to(batch["target"][:, None, :, None],
+                                                                   (n_req, n_ctx) + batch["target"].shape[1:] + (1,)),
+                                 -1)[..., 0]  # [req, ctx, T]
+    w = batch["target_w"][:, None, :]
+    nll_each = -(picked * w).sum(-1) / w.sum(-1)  # [req, ctx]
+    kl_logp = logp[:, n_ctx, 0]  # [req, vocab]
+    # torch's kl_div(init, new, log_target=True, "batchmean") as ROME calls it: KL(new || init)
+    kl = (jnp.exp(kl_logp) * (kl_logp - kl_init)).sum(-1)
+    wd = weight_decay * _safe_norm(deltas) / target_norm ** 2
+    return nll_each.mean(1) + kl_factor * kl + wd, (nll_each, kl, kl_logp)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "node", "n_ctx", "kl_factor", "weight_decay", "lr"))
+def _v_step(deltas, state, active, params, cfg, batch, kl_init, target_norm, max_norm, *, node, n_ctx, kl_factor,
+            weight_decay, lr):
+    """One Adam step of every active request's delta (Adam is elementwise, so one optimiser
+    over the stacked deltas is one optimiser per request), then ROME's projection."""
+    import optax
+
+    def total(d):
+        losses, aux = _v_losses(d, params, cfg, batch, kl_init, target_norm, node=node, n_ctx=n_ctx,
+                                kl_factor=kl_factor, weight_decay=weight_decay)
+        return losses.sum(), (losses, aux)
+
+    (_, (losses, aux)), g = jax.value_and_grad(total, has_aux=True)(deltas)
+    upd, state = optax.adam(lr).update(g, state, deltas)
+    new = optax.apply_updates(deltas, upd)
+    n = jnp.linalg.norm(new, axis=-1, keepdims=True)
+    new = jnp.where(n > max_norm[:, None], new * max_norm[:, None] / jnp.maximum(n, 1e-30), new)
+    return losses, aux, jnp.where(active[:, None], new, deltas), state
+
+
+def optimise_values(model, reqs: Sequence[Request], layer: int, contexts: Sequence[str], hp,
+                    progress: bool = True, residual: bool = False) -> tuple[np.ndarray, dict]:
+    """ROME's ``compute_v`` for every request at once: ``(v* [request, d_model], info)``.
+    ``residual``: the initial value is the residual after block ``layer`` instead of the
+    MLP output (MEMIT's ``compute_z``; the delta is added at the same node, whose shift
+    moves exactly that residual). A request stops when its loss falls below 0.05, as ROME's."""
+    import optax
+    from tqdm.auto import tqdm
+
+    cfg, params = model.cfg, model.params
+    batch = _v_batch(model.tokenizer, reqs, contexts, hp.essence)
+    if cfg_ctx(cfg) is not None and int(batch["mask"].sum(1).max()) > cfg_ctx(cfg):
+        raise EditError(f"the prefixed prompts have {int(batch['mask'].sum(1).max())} tokens, more than the model's "
+                        f"context of {cfg_ctx(cfg)}; use shorter context prefixes")
+    n_ctx, n_req = batch.pop("n_ctx"), batch.pop("n_req")
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    node = GraphSpec.from_config(cfg).mlp_index(layer)
+    first = np.arange(n_req) * (n_ctx + 1)  # each request's plain prompt (context "{}")
+    target_init = _values_at(params, cfg, batch["tokens"][first], batch["mask"][first], batch["lookup"][first],
+                             layer, residual).astype(jnp.float32)
+    tnorm = jnp.linalg.norm(target_init, axis=-1)
+    kw = dict(node=node, n_ctx=n_ctx, kl_factor=hp.kl_factor, weight_decay=hp.v_weight_decay)
+    deltas = jnp.zeros((n_req, cfg.d_model), jnp.float32)
+    kl_init = jax.jit(lambda d: _v_losses(d, params, cfg, batch, jnp.zeros((n_req, cfg.vocab_size)), tnorm,
+                                          **kw)[1][2])(deltas)
+    state = optax.adam(hp.v_lr).init(deltas)
+    active = np.ones(n_req, bool)
+    history = []
+    bar = tqdm(range(hp.v_steps), desc=f"{'MEMIT z' if residual else 'ROME value'}, layer {layer}", leave=False,
+               disable=not progress)
+    for it in bar:
+        losses, aux, new, new_state = _v_step(deltas, state, jnp.asarray(active), params, cfg, batch, kl_init, tnorm,
+                                              hp.clamp_norm_factor * tnorm, lr=hp.v_lr, **kw)
+        losses = np.asarray(losses)
+        history.append({"loss": float(losses.mean()), "p_target": float(jnp.exp(-aux[0]).mean()),
+                        "kl": float(aux[1].mean())})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", p=f"{history[-1]['p_target']:.3f}")
+        if not np.isfinite(losses).all():
+            raise EditError("the value optimisation diverged (the loss is not finite)")
+        active &= losses >= 5e-2  # ROME stops a request here, before stepping
+        if not active.any() or it == hp.v_steps - 1:  # and never steps on its last iteration
+            break
+        deltas, state = new, new_state
+    v_star = np.asarray(target_init + deltas, np.float64)
+    return v_star, {"history": history, "delta_norm": np.asarray(jnp.linalg.norm(deltas, axis=-1)).tolist(),
+                    "target_init_norm": np.asarray(tnorm).tolist(), "n_contexts": n_ctx,
+                    "final_loss": losses.tolist()}
+
+
+def optimise_value(model, request: Request, layer: int, contexts: Sequence[str], hp, progress: bool = True,
+                   residual: bool = False) -> tuple[np.ndarray, dict]:
+    """:func:`optimise_values` of one request: ``(v* [d_model], info)``."""
+    v, info = optimise_values(model, [request], layer, contexts, hp, progress, residual)
+    return v[0], info
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer"))
@@ -406,92 +605,6 @@ def _keys_values(params, cfg: ModelConfig, tokens, mask, positions, layer: int):
     acts = activations(params, cfg, tokens, mask)
     b = jnp.arange(tokens.shape[0])
     return acts["mlp_hidden"][layer, b, positions], acts["mlp_out"][layer, b, positions]
-
-
-def _shifted_logits(params, cfg: ModelConfig, tokens, mask, lookup, logit_pos, delta, node: int):
-    """Logits ``[batch, k, vocab]`` at ``logit_pos [batch, k]`` with ``delta`` (``[d_model]``,
-    or ``[batch, d_model]``) added to node ``node``'s output at each row's ``lookup``."""
-    B, P = tokens.shape
-    n_src = GraphSpec.from_config(cfg).n_forward
-    delta = jnp.broadcast_to(delta, (B, delta.shape[-1]))
-    place = jax.nn.one_hot(lookup, P, dtype=delta.dtype)[:, :, None] * delta[:, None, :]  # [batch, pos, d_model]
-    source = jnp.zeros((n_src, B, P, delta.shape[-1]), delta.dtype).at[node].set(place)
-    shift = jnp.zeros((n_src,), delta.dtype).at[node].set(1.0)
-    return forward(params, cfg, tokens, mask, intervention=EdgeIntervention(None, source, shift, mode="add"),
-                   logit_positions=logit_pos)
-
-
-def _safe_norm(x: Array) -> Array:
-    """``|x|`` with gradient 0 at ``x = 0`` (as torch's), not NaN: the value optimisation starts there."""
-    sq = jnp.sum(x * x)
-    return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
-
-
-def _v_loss(delta, params, cfg, tokens, mask, lookup, logit_pos, target, kl_init, target_norm, node,
-            n_rewrite: int, kl_factor: float, weight_decay: float):
-    logp = jax.nn.log_softmax(_shifted_logits(params, cfg, tokens, mask, lookup, logit_pos, delta, node), -1)
-    T = target.shape[0]
-    nll_each = -jnp.take_along_axis(logp[:n_rewrite], jnp.broadcast_to(target, (n_rewrite, T))[..., None],
-                                    -1)[..., 0].sum(1) / T
-    kl_logp = logp[n_rewrite:, 0]
-    # torch's kl_div(init, new, log_target=True, "batchmean") as ROME calls it: KL(new || init)
-    kl = (jnp.exp(kl_logp) * (kl_logp - kl_init)).sum(-1).mean()
-    wd = weight_decay * _safe_norm(delta) / target_norm ** 2
-    return nll_each.mean() + kl_factor * kl + wd, (nll_each, kl, wd, kl_logp)
-
-
-def optimise_value(model, request: Request, layer: int, contexts: Sequence[str], hp: RomeHParams,
-                   progress: bool = True) -> tuple[np.ndarray, dict]:
-    """ROME's ``compute_v``: ``(v* [d_model], info)`` for ``request`` at ``layer``."""
-    import optax
-    from tqdm.auto import tqdm
-
-    cfg, params = model.cfg, model.params
-    tokens, mask, lookup, tpos, target, n_rw = _v_batch(model.tokenizer, request, contexts, hp.essence)
-    if cfg_ctx(cfg) is not None and tokens.shape[1] > cfg_ctx(cfg):
-        raise EditError(f"the prefixed prompts have {tokens.shape[1]} tokens, more than the model's context of "
-                        f"{cfg_ctx(cfg)}; use shorter context prefixes")
-    T = len(target)
-    logit_pos = np.concatenate([tpos, np.repeat(lookup[n_rw:, None], T, 1)]).astype(np.int32)
-    node = GraphSpec.from_config(cfg).mlp_index(layer)
-    _, outs = _keys_values(params, cfg, jnp.asarray(tokens[:1]), jnp.asarray(mask[:1]), jnp.asarray(lookup[:1]),
-                           layer)
-    target_init = outs[0].astype(jnp.float32)
-    args = (params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lookup), jnp.asarray(logit_pos),
-            jnp.asarray(target))
-    zero = jnp.zeros((cfg.d_model,), jnp.float32)
-    loss_fn = functools.partial(_v_loss, n_rewrite=n_rw, kl_factor=hp.kl_factor, weight_decay=hp.v_weight_decay)
-    kl_init = jax.jit(lambda d: loss_fn(d, *args, jnp.zeros((1, cfg.vocab_size)), jnp.linalg.norm(target_init),
-                                        node)[1][3], static_argnums=())(zero)
-    opt = optax.adam(hp.v_lr)
-    tnorm = jnp.linalg.norm(target_init)
-    max_norm = hp.clamp_norm_factor * tnorm
-
-    @jax.jit
-    def step(delta, state):
-        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(delta, *args, kl_init, tnorm, node)
-        upd, state = opt.update(g, state, delta)
-        new = optax.apply_updates(delta, upd)
-        n = jnp.linalg.norm(new)
-        new = jnp.where(n > max_norm, new * max_norm / n, new)  # ROME's projection into the L2 ball
-        return loss, aux, new, state
-
-    delta, state = zero, opt.init(zero)
-    history = []
-    bar = tqdm(range(hp.v_steps), desc=f"ROME value, layer {layer}", leave=False, disable=not progress)
-    for it in bar:
-        loss, aux, new, new_state = step(delta, state)
-        loss = float(loss)
-        history.append({"loss": loss, "p_target": float(jnp.exp(-aux[0]).mean()), "kl": float(aux[1])})
-        bar.set_postfix(loss=f"{loss:.3f}", p=f"{history[-1]['p_target']:.3f}")
-        if loss < 5e-2 or it == hp.v_steps - 1:  # ROME stops before stepping on its last iteration
-            break
-        delta, state = new, new_state
-    if not np.isfinite(history[-1]["loss"]):
-        raise EditError("the value optimisation diverged (the loss is not finite)")
-    v_star = np.asarray(target_init + delta, np.float64)
-    return v_star, {"history": history, "delta_norm": float(jnp.linalg.norm(delta)),
-                    "target_init_norm": float(tnorm), "n_contexts": n_rw}
 
 
 def compute_key(model, request: Request, layer: int, contexts: Sequence[str]) -> tuple[np.ndarray, np.ndarray,
@@ -553,3 +666,113 @@ def rome(model, prompt: str, subject: str, target: str, layer: Optional[int] = N
         return edited
     return edited, {**info, "layer": layer, "k_star": k_star, "k_cur": k_cur, "cur_out": cur_out, "v_star": v_star,
                     "update": upd, "contexts": contexts}
+
+
+# --- MEMIT ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MemitHParams:
+    """MEMIT's hyperparameters (defaults: its GPT-2 XL file). ``mom2_update_weight``: the
+    weight ``lambda`` of the prior keys' second moment against the new keys
+    (``lambda C + K K^T``); it counts in tokens of prior text."""
+
+    v_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    mom2_update_weight: float = 20000.0
+    context_lengths: tuple = ((10, 5),)
+    essence: str = "{} is a"
+    seed: int = 0
+
+
+def _keys_at(model, reqs: Sequence[Request], layer: int, contexts: Sequence[str]) -> np.ndarray:
+    """``[request, d_mlp]``: each request's key at ``layer``, MEMIT's average over its
+    context types (the plain prompt, and the mean over the generated prefixes)."""
+    seqs, lookup = [], []
+    for r in reqs:
+        for c in contexts:
+            ids, last = subject_last_index(model.tokenizer, c.format(r.template), r.subject)
+            seqs.append(ids)
+            lookup.append(last)
+    keys = _batched_keys(model, seqs, lookup, layer)[0].reshape(len(reqs), len(contexts), -1)
+    plain, rest = keys[:, 0], keys[:, 1:]
+    return plain if rest.shape[1] == 0 else (plain + rest.mean(1)) / 2
+
+
+def _batched_keys(model, seqs, lookup, layer: int, batch_size: int = 64):
+    """``(keys [n, d_mlp], residual after block ``layer`` [n, d_model])`` at ``lookup``."""
+    keys, resids = [], []
+    n = max(map(len, seqs))  # one padded length: one compiled program
+    for i in range(0, len(seqs), batch_size):
+        chunk = list(seqs[i:i + batch_size])
+        look = list(lookup[i:i + batch_size])
+        pad = batch_size - len(chunk) if len(seqs) > batch_size else 0
+        tokens, mask = _pad(chunk + [chunk[-1]] * pad, _pad_id(model.tokenizer))
+        tokens = np.pad(tokens, ((0, 0), (0, n - tokens.shape[1])), constant_values=_pad_id(model.tokenizer))
+        mask = np.pad(mask, ((0, 0), (0, n - mask.shape[1])))
+        k, z = _keys_resid(model.params, model.cfg, jnp.asarray(tokens), jnp.asarray(mask),
+                           jnp.asarray(look + [look[-1]] * pad, jnp.int32), layer)
+        keys.append(np.asarray(k, np.float64)[:len(chunk)])
+        resids.append(np.asarray(z, np.float64)[:len(chunk)])
+    return np.concatenate(keys), np.concatenate(resids)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
+def _keys_resid(params, cfg: ModelConfig, tokens, mask, positions, layer: int):
+    acts = activations(params, cfg, tokens, mask)
+    b = jnp.arange(tokens.shape[0])
+    return acts["mlp_hidden"][layer, b, positions], acts["resid"][layer + 1, b, positions]
+
+
+def memit(model, requests, layers: Optional[Sequence[int]] = None, hparams: Optional[MemitHParams] = None,
+          mom2s: Optional[dict] = None, text_file: Optional[str] = None, contexts: Optional[Sequence[str]] = None,
+          return_info: bool = False, progress: bool = True):
+    """MEMIT: many edits at once over ``layers`` (default: the 4 layers up to the first
+    request's :func:`default_layer`). ``requests``: records of :func:`read_requests` or
+    ``(prompt, subject, target)`` tuples. The residual each edit needs at the last layer
+    is spread over the layers (``1 / (layers left)`` of what remains at each), and each
+    layer's update solves ``(lambda C + K K^T) A = K`` for the keys ``K [d_mlp, n]``:
+    ``w_out += A R^T``. Returns a new :class:`jaxinterp.Model` (and info)."""
+    from tqdm.auto import tqdm
+
+    check_editable(model.cfg)
+    hp = hparams or MemitHParams()
+    reqs = [Request.make(*r) if isinstance(r, (tuple, list)) else Request(r["template"], r["subject"], r["target_new"])
+            for r in (requests if not isinstance(requests, str) else read_requests(requests))]
+    if not reqs:
+        raise EditError("no edit requests")
+    if layers is None:
+        top = default_layer(model, reqs[0])
+        layers = list(range(max(0, top - 3), top + 1))
+    layers = sorted(int(l) for l in layers)
+    for l in layers:
+        _check_layer(model.cfg, l)
+    contexts = list(contexts) if contexts is not None else context_templates(model, hp.context_lengths, hp.seed)
+    z_layer = layers[-1]
+    zs, z_info = optimise_values(model, reqs, z_layer, contexts, hp, progress, residual=True)  # [request, d_model]
+    plain = [subject_last_index(model.tokenizer, r.template, r.subject) for r in reqs]
+    params = model.params
+    info = {"layers": layers, "zs": zs, "updates": {}, "z_history": z_info["history"]}
+    for i, layer in enumerate(tqdm(layers, desc="MEMIT layers", leave=False, disable=not progress)):
+        current = dataclasses.replace(model, params=params)
+        keys = _keys_at(current, reqs, layer, contexts)  # [request, d_mlp]
+        _, cur_z = _batched_keys(current, [p[0] for p in plain], [p[1] for p in plain], z_layer)
+        resid = (zs - cur_z) / (len(layers) - i)  # [request, d_model]
+        c = mom2s[layer] if mom2s is not None and layer in mom2s else \
+            second_moment(model, layer, sample_tokens(model, text_file))
+        upd = memit_update(c, keys, resid, hp.mom2_update_weight)
+        params = with_w_out(params, layer, upd)
+        info["updates"][layer] = upd
+    edited = dataclasses.replace(model, params=params, path=None)
+    return (edited, info) if return_info else edited
+
+
+def memit_update(mom2, keys, resid, weight: float) -> np.ndarray:
+    """MEMIT's layer update ``[d_mlp, d_model]``: ``A R^T`` with ``(weight C + K^T K) A = K^T``
+    (float64). mom2: ``C [d_mlp, d_mlp]``; keys: ``K [request, d_mlp]``; resid: ``R
+    [request, d_model]`` (this layer's share of each edit's residual)."""
+    k = np.asarray(keys, np.float64).T  # [d_mlp, n]
+    adj = np.linalg.solve(weight * np.asarray(mom2, np.float64) + k @ k.T, k)
+    return adj @ np.asarray(resid, np.float64)
