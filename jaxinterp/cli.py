@@ -120,7 +120,7 @@ def _load(args, mesh=None):
     model = load_model(args.model, dtype=jnp.dtype(args.dtype), grouped_kv=args.grouped_kv, mesh=mesh)
     _check_weights(model)
     if getattr(args, "top_n", None) is not None:  # before the data, long before any computation
-        _check_top_n(args.top_n, model.graph_spec)
+        _check_top_n(args.top_n, model.graph_spec, getattr(args, "level", "edge"), model.cfg.d_model)
     pairs, _ = prepare_data(model, args.data, args.metric)
     if args.limit is not None:
         pairs = pairs.head(args.limit)
@@ -148,11 +148,13 @@ def _check_weights(model) -> None:
                              f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}")
 
 
-def _check_top_n(n: int, spec) -> None:
-    if n > spec.n_edges:
+def _check_top_n(n: int, spec, level: str = "edge", d_model: int = 0) -> None:
+    items = {"edge": (spec.n_edges, "edges"), "node": (spec.n_forward, "nodes"),
+             "neuron": (spec.n_forward * d_model, "neurons")}[level]
+    if n > items[0]:
         from .errors import JaxinterpError
 
-        raise JaxinterpError(f"--top-n {n}: the model's graph has {spec.n_edges} edges")
+        raise JaxinterpError(f"--top-n {n}: the model's graph has {items[0]} {items[1]}")
 
 
 def _sizes(text: str) -> list[int]:
@@ -189,25 +191,57 @@ def _mesh(args):
     return make_mesh(*parse_mesh(args.mesh))
 
 
+def _check_level_options(args) -> None:
+    """``--level node|neuron``: refuse the options it does not take, before any work."""
+    from .errors import JaxinterpError
+
+    if args.level == "edge":
+        if args.mlp_gradient is not None:
+            raise JaxinterpError("--mlp-gradient is for --level node or neuron (edge scores have no such choice)")
+        return
+    for flag, given in (("--remat", args.remat), ("--max-memory", args.max_memory is not None)):
+        if given:
+            raise JaxinterpError(f"{flag} is not offered with --level {args.level}")
+    if args.method == "exact" and args.level == "neuron":
+        raise JaxinterpError("--level neuron: --method exact scores nodes, not neurons (use --level node)")
+    if args.method in ("EAP-IG-inputs", "clean-corrupted") and args.intervention != "patching":
+        raise JaxinterpError(f"--method {args.method} is defined for --intervention patching only")
+
+
 def cmd_attribute(args) -> int:
     from .attribution import attribute
 
+    _check_level_options(args)
     mesh = _mesh(args)
     model, pairs = _load(args, mesh)  # each device receives only its shards
     t = time.perf_counter()
-    graph = attribute(model, pairs, method=args.method, metric=args.metric, ig_steps=args.ig_steps,
-                      batch_size=args.batch_size, intervention=args.intervention, remat=args.remat,
-                      mesh=mesh, max_memory=args.max_memory, intervention_data=args.intervention_data)
+    if args.level == "edge":
+        graph = attribute(model, pairs, method=args.method, metric=args.metric, ig_steps=args.ig_steps,
+                          batch_size=args.batch_size, intervention=args.intervention, remat=args.remat,
+                          mesh=mesh, max_memory=args.max_memory, intervention_data=args.intervention_data)
+    else:
+        from .node_attribution import attribute_nodes
+
+        graph = attribute_nodes(model, pairs, method=args.method, metric=args.metric, level=args.level,
+                                ig_steps=args.ig_steps, batch_size=args.batch_size, intervention=args.intervention,
+                                mlp_gradient=args.mlp_gradient or "input", intervention_data=args.intervention_data,
+                                mesh=mesh, quiet=False)
     seconds = time.perf_counter() - t
     if args.top_n is not None:
-        graph.apply_topn(args.top_n, absolute=not args.signed)
+        if args.level == "edge":
+            graph.apply_topn(args.top_n, absolute=not args.signed)
+        else:
+            from .mib import apply_topn
+
+            apply_topn(graph, args.top_n, absolute=not args.signed, level=args.level)
     import jax
 
     if jax.process_index() != 0:  # every process holds the same scores; one writes them
         return 0
     graph.to_json(args.out)
-    print(f"{args.method}: scored {graph.spec.n_edges} edges on {len(pairs)} examples in {seconds:.1f}s "
-          f"-> {args.out}")
+    what = {"edge": f"{graph.spec.n_edges} edges", "node": f"{graph.spec.n_forward} nodes",
+            "neuron": f"{graph.spec.n_forward} x {model.cfg.d_model} neurons"}[args.level]
+    print(f"{args.method}: scored {what} on {len(pairs)} examples in {seconds:.1f}s -> {args.out}")
     return 0
 
 
@@ -430,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-n", type=_nonneg_int, default=None,
                    help="mark the top-N edges as the circuit in the output")
     p.add_argument("--signed", action="store_true", help="rank by signed score instead of absolute value")
+    p.add_argument("--level", default="edge", choices=("edge", "node", "neuron"),
+                   help="score edges (default), nodes (the nodes' 'score'), or every node's output dimensions "
+                        "(the nodes' 'neurons_scores'), as the reference's attribute / attribute_node; "
+                        "--top-n then counts edges, nodes or neurons")
+    p.add_argument("--mlp-gradient", default=None, choices=("input", "output"),
+                   help="--level node/neuron: an MLP's output difference times the gradient at its input (the "
+                        "reference's attribute_node, default) or at its output (as every other node)")
     p.add_argument("--out", required=True, help="graph JSON to write (the reference's Graph.to_json format)")
     p.set_defaults(func=cmd_attribute)
 

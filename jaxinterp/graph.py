@@ -297,7 +297,9 @@ class Graph:
     """Scores and circuit membership over a :class:`GraphSpec`.
 
     ``scores [src, dst]`` float32, ``in_graph [src, dst]`` bool, ``nodes_in_graph [src]``
-    bool, optional ``nodes_scores [src]``. Entries outside ``spec.real_edge_mask`` are
+    bool, optional ``nodes_scores [src]``, and for neuron-level graphs (MIB's neuron
+    level) optional ``neurons_scores [src, d_model]`` (NaN: unscored) and
+    ``neurons_in_graph [src, d_model]``. Entries outside ``spec.real_edge_mask`` are
     always zero/False.
     """
 
@@ -311,6 +313,8 @@ class Graph:
         self.in_graph = np.zeros(shape, bool)
         self.nodes_in_graph = np.zeros(spec.n_forward, bool)
         self.nodes_scores: Optional[np.ndarray] = None
+        self.neurons_scores: Optional[np.ndarray] = None
+        self.neurons_in_graph: Optional[np.ndarray] = None
 
     @classmethod
     def from_config(cls, cfg, scores=None) -> "Graph":
@@ -427,6 +431,7 @@ class Graph:
             nodes[name] = {"in_graph": bool(self.nodes_in_graph[i])}
             if self.nodes_scores is not None:
                 nodes[name]["score"] = float(self.nodes_scores[i])
+        _write_neurons(self, nodes)
         nodes["logits"] = {"in_graph": True}
         if self.nodes_scores is not None:
             nodes["logits"]["score"] = None  # the reference writes NaN: no score
@@ -592,6 +597,70 @@ def _read_nodes(g: "Graph", d: dict, path: str) -> None:
             any_scores = True
             node_scores[index[name]] = score
     g.nodes_scores = node_scores if any_scores else None
+    _read_neurons(g, d, path)
+
+
+def _head_of(name: str) -> Optional[int]:
+    """The head number of an attention node's name (``a3.h7`` -> 7), else None."""
+    return int(name.split(".h")[1]) if name.startswith("a") and ".h" in name else None
+
+
+def _write_neurons(g: "Graph", nodes: dict) -> None:
+    """``neurons`` / ``neurons_scores`` per node as the reference's ``to_json`` writes them:
+    for an attention head the whole layer's block ``[n_heads][d_model]`` (its writer indexes
+    by the layer's head slice, and its reader assigns the block back to that slice), else
+    ``[d_model]``; an unscored neuron (NaN) is ``null``."""
+    if g.neurons_scores is None and g.neurons_in_graph is None:
+        return
+    spec = g.spec
+    d_model = (g.neurons_scores if g.neurons_scores is not None else g.neurons_in_graph).shape[1]
+    members = np.zeros((spec.n_forward, d_model), bool) if g.neurons_in_graph is None else g.neurons_in_graph
+    scores = None if g.neurons_scores is None else np.where(np.isfinite(g.neurons_scores), g.neurons_scores, np.nan)
+    for i, name in enumerate(spec.forward_names):
+        head = _head_of(name)
+        rows = slice(i - head, i - head + spec.n_heads) if head is not None else i
+        nodes[name]["neurons"] = members[rows].tolist()
+        if scores is not None:
+            block = scores[rows].astype(np.float64)
+            nodes[name]["neurons_scores"] = np.where(np.isnan(block), None, block).tolist()
+
+
+def _read_neurons(g: "Graph", d: dict, path: str) -> None:
+    """``neurons`` / ``neurons_scores`` of the reference's format (an attention head's
+    entry may be its layer's ``[n_heads][d_model]`` block: its own row is taken)."""
+    spec = g.spec
+    found = {"neurons": {}, "neurons_scores": {}}
+    for name, info in d["nodes"].items():
+        if name == "logits" or not isinstance(info, dict):
+            continue
+        for key in found:
+            value = info.get(key)
+            if value is None:
+                continue
+            try:  # null (the reference's NaN) reads as NaN: unscored
+                arr = np.asarray(value, bool if key == "neurons" else np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: node {name!r} has malformed {key}") from None
+            head = _head_of(name)
+            if arr.ndim == 2 and head is not None and arr.shape[0] == spec.n_heads:
+                arr = arr[head]
+            if arr.ndim != 1:
+                raise ValueError(f"{path}: node {name!r} has {key} of shape {arr.shape}, expected one value per "
+                                 f"output dimension")
+            found[key][name] = arr
+    index = {n: i for i, n in enumerate(spec.forward_names)}
+    for key, attr, dtype, fill in (("neurons", "neurons_in_graph", bool, False),
+                                   ("neurons_scores", "neurons_scores", np.float32, np.nan)):
+        if not found[key]:
+            continue
+        widths = {a.shape[0] for a in found[key].values()}
+        if len(widths) != 1 or (spec.d_model and widths != {spec.d_model}):
+            raise ValueError(f"{path}: the nodes' {key} have lengths {sorted(widths)}, expected d_model "
+                             f"{spec.d_model or 'the same for every node'}")
+        out = np.full((spec.n_forward, widths.pop()), fill, dtype)
+        for name, arr in found[key].items():
+            out[index[name]] = arr
+        setattr(g, attr, out)
 
 
 def _some(names, k: int = 3) -> str:

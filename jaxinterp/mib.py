@@ -380,12 +380,74 @@ def weighted_edge_count(in_graph: np.ndarray, real: np.ndarray, neurons_in_graph
     return float((edges.sum(1) * frac).sum())
 
 
+LEVELS = ("edge", "node", "neuron")
+
+
+def topn_items(scores: np.ndarray, n: int, absolute: bool) -> np.ndarray:
+    """Bool mask of the ``n`` highest-ranked scored items of ``scores`` (any shape; by
+    ``|score|`` when ``absolute``), plus every unscored (NaN) item, as the reference's
+    node- and neuron-level ``apply_topn`` keeps them. Ties keep index order."""
+    from .graph import topn_order
+
+    scored = np.isfinite(scores)
+    if not 0 <= n <= int(scored.sum()):
+        raise ValueError(f"n={n} is outside [0, {int(scored.sum())}] scored items")
+    ranked = np.where(scored, np.abs(scores) if absolute else scores, -np.inf)
+    keep = np.zeros(scores.size, bool)
+    keep[topn_order(ranked)[:n]] = True
+    return keep.reshape(scores.shape) | ~scored
+
+
+def node_circuit(spec, nodes: np.ndarray) -> np.ndarray:
+    """``in_graph [src, dst]`` of the node circuit ``nodes [src]``: every real edge between
+    two of its nodes or into the logits (the reference's node-level ``apply_topn``, which
+    turns on all of a kept node's outgoing edges, then prunes)."""
+    alive = (nodes[:, None] & spec.forward_to_backward).any(0)
+    alive[spec.logits_index] = True
+    return spec.real_edge_mask & nodes[:, None] & alive[None, :]
+
+
+def mib_edge_count(spec, nodes: np.ndarray, neurons: Optional[np.ndarray] = None) -> float:
+    """The reference's ``weighted_edge_count`` of a node (or neuron) circuit, as MIB
+    reports it: its node-level ``apply_topn`` turns on a kept node's whole row of the
+    ``[src, dst]`` matrix, so the count includes the non-edges from a node to the
+    inputs of kept nodes *before* it (the full model counts ``n_forward * n_backward``,
+    not ``n_edges``); those carry nothing in the evaluation. With ``neurons [src,
+    d_model]`` each row is weighted by the fraction of its node's dimensions kept."""
+    alive = (nodes[:, None] & spec.forward_to_backward).any(0)
+    alive[spec.logits_index] = True
+    per_row = nodes * float(alive.sum())
+    if neurons is not None:
+        per_row = per_row * np.asarray(neurons, np.float64).mean(1)
+    return float(per_row.sum())
+
+
+def apply_topn(graph, n: int, absolute: bool = True, level: str = "edge"):
+    """``graph`` with its top-``n`` edges, nodes or neurons (``level``) as the circuit, as
+    the reference's ``apply_topn(n, absolute, level=level)`` followed by its prune:
+    ``nodes_in_graph``, ``in_graph`` (:func:`node_circuit`: the real edges) and, at the
+    neuron level, ``neurons_in_graph``. Returns ``graph``."""
+    if level == "edge":
+        return graph.apply_topn(n, absolute=absolute)
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+    items = topn_items(_level_scores(graph, level), n, absolute)
+    nodes = items if level == "node" else items.any(-1)
+    graph.nodes_in_graph = nodes.copy()
+    graph.in_graph = node_circuit(graph.spec, nodes)
+    if level == "neuron":
+        graph.neurons_in_graph = items
+    return graph
+
+
 @dataclasses.dataclass
 class MIBCurve:
     """One ranking's curve: ``absolute`` ranking by ``|score|`` (CMD) or by signed score
-    (CPR); per ``percentages``: ``sizes`` = int(pct * n_edges) asked for, ``edge_counts``
-    kept after pruning (= ``weighted_edge_counts`` at the edge level), the circuits' mean
-    metric ``metric`` and ``faithfulness``; the areas under f and under |1 - f|."""
+    (CPR); per ``percentages``: ``sizes`` = int(pct * n_items) asked for (items: edges,
+    nodes or neurons, by the level), ``edge_counts`` the real edges kept after pruning,
+    ``weighted_edge_counts`` the reference's count (= ``edge_counts`` at the edge level;
+    see :func:`mib_edge_count` for the others), the circuits' mean metric ``metric`` and
+    ``faithfulness``; the areas under f and under |1 - f|."""
 
     absolute: bool
     percentages: list
@@ -403,7 +465,8 @@ class MIBCurve:
 class MIBScore:
     """``cpr`` (signed ranking's area under f) and ``cmd`` (absolute ranking's area under
     |1 - f|), both curves, and the ends: ``model`` = m(N), ``empty`` = m(empty) (graph
-    forward, same pass), over ``n_examples`` examples of a graph of ``n_edges`` edges."""
+    forward, same pass), over ``n_examples`` examples of a graph of ``n_edges`` edges;
+    ``level`` the items ranked (``n_items`` of them scored)."""
 
     cpr: float
     cmd: float
@@ -413,37 +476,98 @@ class MIBScore:
     empty: float
     n_edges: int
     n_examples: int
+    level: str = "edge"
+    n_items: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def _padded(masks: np.ndarray, chunk: int) -> np.ndarray:
+    """``masks`` with its last mask repeated up to a multiple of ``chunk``: the vectorised
+    evaluation then compiles one body of ``chunk`` circuits instead of two (a remainder)."""
+    extra = (-len(masks)) % chunk
+    return np.concatenate([masks, np.repeat(masks[-1:], extra, 0)]) if extra else masks
+
+
+def _level_scores(graph, level: str) -> np.ndarray:
+    if level == "node":
+        if graph.nodes_scores is None:
+            raise ValueError("node-level scoring needs node scores (the graph JSON's nodes carry no 'score'; "
+                             "jaxinterp attribute --level node writes them)")
+        return np.asarray(graph.nodes_scores, np.float64)
+    scores = getattr(graph, "neurons_scores", None)
+    if scores is None:
+        raise ValueError("neuron-level scoring needs neuron scores (the graph JSON's nodes carry no "
+                         "'neurons_scores'; jaxinterp attribute --level neuron writes them)")
+    return np.asarray(scores, np.float64)
+
+
 def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, metric: str = "logit_diff",
                 intervention: str = "patching", percentages: Sequence[float] = PERCENTAGES, chunk: int = 8,
                 mesh=None, task: Optional[str] = None, split: str = "validation",
-                limit: Optional[int] = None) -> MIBScore:
-    """CPR and CMD of ``graph``'s edge scores on ``data`` (:func:`load_task_data`): both
-    rankings' circuits at :func:`mib_sizes` plus the full and the empty circuit, all in one
-    :func:`~jaxinterp.evaluation.evaluate_masks` call (``chunk`` circuits per vectorised
-    forward). m(N) is the full circuit through the graph forward, as m(empty) is (MIB's
-    ``evaluate_baseline`` runs the plain model: equal up to float rounding).
+                limit: Optional[int] = None, level: str = "edge") -> MIBScore:
+    """CPR and CMD of ``graph``'s scores on ``data`` (:func:`load_task_data`) at ``level``:
+    ``edge`` (edge scores), ``node`` (``graph.nodes_scores``) or ``neuron``
+    (``graph.neurons_scores [src, d_model]``), as ``evaluate_area_under_curve(level=)``:
+    ``int(pct * n_items)`` items per point (items: edges, or the *scored* nodes / neurons;
+    unscored ones are always kept), top-n by signed or absolute score. A node circuit is
+    every edge among its nodes (:func:`node_circuit`); a neuron circuit keeps the kept
+    output dimensions of every node and patches the others on all outgoing edges
+    (:func:`jaxinterp.node_attribution.evaluate_neuron_masks`). Both rankings' circuits
+    plus the full and the empty circuit are one compiled evaluation (``chunk`` circuits
+    per vectorised forward). m(N) is the full circuit through the graph forward, as
+    m(empty) is (MIB's ``evaluate_baseline`` runs the plain model: equal up to float
+    rounding).
 
     Raises ValueError when faithfulness is undefined (m(N) = m(empty)) or not finite."""
     from .data import bucket_length
     from .evaluation import evaluate_masks, normalized_faithfulness, topn_masks
 
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     spec = model.graph_spec
     spec.check_same(graph.spec, "the scored graph")
     pairs = load_task_data(model, data, task, split, limit)
     if intervention != "mean-positional":  # position-free: a bucketed length reuses compiled programs
         pairs = bucket_length(pairs, model.cfg.n_ctx)
     n_edges = spec.n_edges
-    sizes = mib_sizes(n_edges, percentages)
-    signed, signed_kept = topn_masks(graph, sizes, absolute=False)
-    absolute, abs_kept = topn_masks(graph, sizes, absolute=True)
     real = spec.real_edge_mask
-    masks = np.concatenate([signed, absolute, real[None], np.zeros_like(real)[None]])
-    values = evaluate_masks(model, masks, pairs, metric, intervention, batch_size, chunk=chunk, mesh=mesh)
+    rankings = (False, True)
+    if level == "edge":
+        n_items = n_edges
+        sizes = mib_sizes(n_items, percentages)
+        picked = [topn_masks(graph, sizes, absolute=a) for a in rankings]
+        edge_masks = [m for m, _ in picked]
+        kept = [list(k) for _, k in picked]
+        weighted = [[weighted_edge_count(c, real) for c in m] for m in edge_masks]
+        masks = np.concatenate(edge_masks + [real[None], np.zeros_like(real)[None]])
+        values = evaluate_masks(model, _padded(masks, chunk), pairs, metric, intervention, batch_size, chunk=chunk,
+                                mesh=mesh)[:len(masks)]
+    else:
+        scores = _level_scores(graph, level)
+        if level == "neuron" and scores.shape != (spec.n_forward, model.cfg.d_model):
+            raise ValueError(f"neuron scores have shape {scores.shape}, the model's graph needs "
+                             f"{(spec.n_forward, model.cfg.d_model)}")
+        n_items = int(np.isfinite(scores).sum())
+        sizes = mib_sizes(n_items, percentages)
+        items = [np.stack([topn_items(scores, n, a) for n in sizes]) for a in rankings]
+        nodes = [it if level == "node" else it.any(-1) for it in items]
+        edge_masks = [np.stack([node_circuit(spec, n) for n in ns]) for ns in nodes]
+        kept = [[int(m.sum()) for m in ms] for ms in edge_masks]
+        weighted = [[mib_edge_count(spec, n, None if level == "node" else it) for n, it in zip(ns, its)]
+                    for ns, its in zip(nodes, items)]
+        if level == "node":
+            masks = np.concatenate(edge_masks + [real[None], np.zeros_like(real)[None]])
+            values = evaluate_masks(model, _padded(masks, chunk), pairs, metric, intervention, batch_size,
+                                    chunk=chunk, mesh=mesh)[:len(masks)]
+        else:
+            from .node_attribution import evaluate_neuron_masks
+
+            full = np.ones((1,) + scores.shape, bool)
+            masks = np.concatenate(items + [full, ~full])
+            values = evaluate_neuron_masks(model, _padded(masks, chunk), pairs, metric, intervention, batch_size,
+                                           chunk, mesh)[:len(masks)]
     m_full, m_empty = float(values[-2]), float(values[-1])
     if not np.isfinite(values).all():
         raise ValueError(f"the circuits' {metric} is not finite (NaN or infinite): a broken model or data")
@@ -453,16 +577,16 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
                          f"{m_full:.6g}")
     n = len(sizes)
     curves = []
-    for k, (is_abs, kept, m) in enumerate(((False, signed_kept, masks[:n]), (True, abs_kept, masks[n:2 * n]))):
+    for k, is_abs in enumerate(rankings):
         f = [float(v) for v in faith[k * n:(k + 1) * n]]
         curves.append(MIBCurve(
-            absolute=is_abs, percentages=list(percentages), sizes=sizes, edge_counts=[int(c) for c in kept],
-            weighted_edge_counts=[weighted_edge_count(c, real) for c in m],
-            metric=[float(v) for v in values[k * n:(k + 1) * n]], faithfulness=f,
+            absolute=is_abs, percentages=list(percentages), sizes=sizes, edge_counts=[int(c) for c in kept[k]],
+            weighted_edge_counts=weighted[k], metric=[float(v) for v in values[k * n:(k + 1) * n]], faithfulness=f,
             area_under=area_under(f, percentages), area_from_1=area_under([abs(1 - v) for v in f], percentages),
             average=sum(f) / len(f)))
     return MIBScore(cpr=curves[0].area_under, cmd=curves[1].area_from_1, signed=curves[0], absolute=curves[1],
-                    model=m_full, empty=m_empty, n_edges=n_edges, n_examples=len(pairs))
+                    model=m_full, empty=m_empty, n_edges=n_edges, n_examples=len(pairs), level=level,
+                    n_items=n_items)
 
 
 # --- submission files ---------------------------------------------------------------------
@@ -653,13 +777,19 @@ def cmd_score(args) -> int:
                                                     ("--model", args.model)])
     model = load_model(args.model, dtype=jnp.dtype(args.dtype))
     graph = Graph.from_json(args.graph, spec=model.graph_spec)
+    if args.level != "edge":  # the graph has what the level ranks, before any computation
+        try:
+            _level_scores(graph, args.level)
+        except ValueError as e:
+            raise JaxinterpError(f"--level {args.level}: --graph {args.graph}: {e}") from None
     result = score_graph(model, graph, args.mib_data, batch_size=args.batch_size, task=task, split=args.split,
-                         limit=args.limit)
+                         limit=args.limit, level=args.level)
     for curve in (result.signed, result.absolute):
         kind = "|score|" if curve.absolute else "signed score"
-        print(f"ranked by {kind}:")
-        for pct, n, f in zip(curve.percentages, curve.edge_counts, curve.faithfulness):
-            print(f"  {pct * 100:>5g}%  {n:>8} edges  faithfulness {f:.4f}")
+        print(f"ranked by {kind} ({args.level} level, {result.n_items} scored {args.level}s):")
+        for pct, size, n, f in zip(curve.percentages, curve.sizes, curve.edge_counts, curve.faithfulness):
+            items = "" if args.level == "edge" else f"{size:>8} {args.level}s "
+            print(f"  {pct * 100:>5g}%  {items}{n:>8} edges  faithfulness {f:.4f}")
     print(f"CPR {result.cpr:.4f}  CMD {result.cmd:.4f}  ({result.n_examples} examples, m(N) {result.model:.4f}, "
           f"m(empty) {result.empty:.4f})")
     if args.mib_out is not None:
@@ -723,7 +853,9 @@ def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
     common(q, "MIB data (with --task) or a pairs CSV")
     q.add_argument("--model", required=True, help="model directory or a `jaxinterp convert` output")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    q.add_argument("--graph", required=True, help="graph JSON with edge scores")
+    q.add_argument("--graph", required=True, help="graph JSON with edge scores (node / neuron scores for --level)")
+    q.add_argument("--level", default="edge", choices=LEVELS,
+                   help="rank edges (default), nodes or neurons, as evaluate_area_under_curve(level=)")
     q.add_argument("--batch-size", type=positive_int, default=16, help="examples per compiled batch (default: 16)")
     q.add_argument("--out", dest="mib_out", default=None, metavar="JSON",
                    help="write cpr, cmd and both curves (faithfulness and edge_counts per pct) as JSON")

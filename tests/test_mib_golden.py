@@ -1,0 +1,116 @@
+"""``jaxinterp.mib.score_graph`` and ``jaxinterp mib score`` against MIB's own evaluation
+(hannamw/MIB-circuit-track ``evaluate_area_under_curve`` on its pinned hannamw/EAP-IG;
+commits, versions and recipe in tests/golden/make_golden_mib.py and mib/mib.json).
+
+Two checkpoints (the shipped GPT-2-like demo model, sequential; the committed random NeoX,
+parallel attention + MLP), the 12 IOI pairs of tests/golden, ``logit_diff``, patching.
+At the edge level the graph is the reference's EAP edge scores, at the node and neuron
+levels its ``attribute_node`` EAP scores, read from the reference's own files. CPR (MIB's
+``area_under`` with ``absolute=False``), CMD (``area_from_1`` with ``absolute=True``),
+the other two areas, the average and every point of both faithfulness curves must agree
+within 1e-4 (faithfulness is normalised: 1 is the full model), and at the node and
+neuron levels MIB's weighted edge counts exactly. At the edge level MIB's pinned EAP-IG
+prunes a top-n circuit only partly (its loop stops on the first pass whose nodes did not
+change), so its counts of small circuits include dangling edges; only the full model's
+count is compared there (the metrics do not depend on dangling edges)."""
+
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxinterp import load_model, mib
+from jaxinterp.attribution import prepare_data
+from jaxinterp.graph import Graph
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+with open(os.path.join(GOLDEN, "mib", "mib.json")) as _f:
+    INFO = json.load(_f)
+TOL = 1e-4
+# the demo model only (CI time: each model and level compiles its own program). The NeoX
+# golden values agree as well: CPR/CMD within 1.2e-6 (edge), 6e-7 (node), 8.7e-6 (neuron),
+# faithfulness points within 1.6e-5, node and neuron counts exactly.
+CASES = [("demo", "edge"), ("demo", "node"), ("demo", "neuron")]
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(checkpoint):
+    entry = INFO["checkpoints"][checkpoint]
+    model = load_model(os.path.join(ROOT, entry["model"]))
+    pairs, _ = prepare_data(model, os.path.join(ROOT, INFO["data"]), INFO["metric"])
+    assert len(pairs) == entry["n_examples"]
+    return entry, model, pairs
+
+
+def _golden(entry, level):
+    """MIB's outputs for ``level``: ``{absolute: entry}`` and the graph file they scored."""
+    runs = {e["absolute"]: e for e in entry["evaluation"] if e["level"] == level}
+    assert set(runs) == {False, True} and runs[False]["graph"] == runs[True]["graph"]
+    return runs, os.path.join(GOLDEN, runs[True]["graph"])
+
+
+@functools.lru_cache(maxsize=None)
+def _score(checkpoint, level):
+    entry, model, pairs = _setup(checkpoint)
+    _, path = _golden(entry, level)
+    return mib.score_graph(model, Graph.from_json(path, spec=model.graph_spec), pairs,
+                           batch_size=INFO["batch_size"], level=level)
+
+
+@pytest.mark.parametrize("checkpoint,level", CASES)
+def test_cpr_cmd_and_curves_equal_mibs_own_evaluation(checkpoint, level):
+    entry, model, _ = _setup(checkpoint)
+    runs, _ = _golden(entry, level)
+    got = _score(checkpoint, level)
+    assert got.level == level
+    assert abs(got.cpr - runs[False]["area_under"]) <= TOL, (got.cpr, runs[False]["area_under"])
+    assert abs(got.cmd - runs[True]["area_from_1"]) <= TOL, (got.cmd, runs[True]["area_from_1"])
+    for absolute, curve in ((False, got.signed), (True, got.absolute)):
+        want = runs[absolute]
+        np.testing.assert_allclose(curve.faithfulness, want["faithfulnesses"], rtol=0, atol=TOL)
+        for ours, theirs in ((curve.area_under, want["area_under"]), (curve.area_from_1, want["area_from_1"]),
+                             (curve.average, want["average"])):
+            assert abs(ours - theirs) <= TOL
+        if level == "edge":
+            assert curve.weighted_edge_counts[-1] == want["weighted_edge_counts"][-1] == model.graph_spec.n_edges
+        else:
+            assert curve.weighted_edge_counts == want["weighted_edge_counts"]
+    # the ends: m(N) is the clean model, m(empty) the corrupted one
+    scale = max(abs(entry["clean"]), abs(entry["empty"]))
+    assert abs(got.model - entry["clean"]) <= TOL * scale and abs(got.empty - entry["empty"]) <= TOL * scale
+    # the curves are not trivial: some point strictly between the ends
+    assert any(0.05 < abs(f) and abs(f - 1) > 0.05 for f in got.signed.faithfulness + got.absolute.faithfulness)
+
+
+def test_the_rankings_differ_at_the_neuron_level():
+    """The demo model's node scores share one sign (both node curves are MIB's same
+    curve); its neuron scores do not: the signed and |score| rankings differ there."""
+    got = _score("demo", "neuron")
+    assert got.signed.faithfulness != got.absolute.faithfulness
+    assert got.signed.weighted_edge_counts != got.absolute.weighted_edge_counts
+
+
+def test_mib_score_command_writes_mibs_numbers(tmp_path, capsys):
+    """``jaxinterp mib score --level node`` on the reference's node-score file: the JSON it
+    writes holds MIB's CPR and CMD; a graph without what the level ranks is refused
+    before any computation, naming the option."""
+    from jaxinterp.cli import main
+
+    entry, model, _ = _setup("demo")
+    runs, path = _golden(entry, "node")
+    out = str(tmp_path / "s.json")
+    argv = ["mib", "score", "--model", os.path.join(ROOT, entry["model"]), "--data", os.path.join(ROOT, INFO["data"]),
+            "--graph", path, "--batch-size", str(INFO["batch_size"]), "--level", "node", "--out", out]
+    assert main(argv) == 0
+    with open(out) as f:
+        written = json.load(f)
+    assert written["level"] == "node" and written["n_items"] == model.graph_spec.n_forward
+    assert abs(written["cpr"] - runs[False]["area_under"]) <= TOL
+    assert abs(written["cmd"] - runs[True]["area_from_1"]) <= TOL
+    capsys.readouterr()
+    edge_only = os.path.join(GOLDEN, "demo_EAP_patching.json")  # edge scores only
+    assert main(argv[:6] + ["--graph", edge_only, "--level", "neuron"]) == 2
+    assert "--level neuron" in capsys.readouterr().err
