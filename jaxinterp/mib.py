@@ -44,6 +44,7 @@ import io as _io
 import json
 import math
 import os
+import time
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -726,6 +727,212 @@ def read_submission(path: str, specs: Optional[dict] = None) -> list[SubmittedCe
     return found
 
 
+# --- a model x task grid, restartable (`jaxinterp mib run`) ------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GridCell:
+    """One run: a leaderboard cell (``task`` on ``model``), a method and a level."""
+
+    model: str
+    task: str
+    method: str
+    level: str
+
+    @property
+    def cell(self) -> str:
+        return cell_name(self.task, self.model)
+
+    @property
+    def name(self) -> str:
+        return f"{self.cell}__{self.method}__{self.level}"
+
+
+def grid_paths(out_dir: str, cell: GridCell, intervention: str = "patching") -> tuple[str, str]:
+    """``(result JSON, importance file)``: ``results/<cell>__<method>__<level>.json`` and the
+    graph where MIB's run_evaluation.py looks for it,
+    ``circuits/<method>_<intervention>_<level>/<cell>/importances.json``."""
+    return (os.path.join(out_dir, "results", cell.name + ".json"),
+            os.path.join(out_dir, "circuits", f"{cell.method}_{intervention}_{cell.level}", cell.cell, IMPORTANCES))
+
+
+def _grid_result(path: str, graph_path: str, settings: dict) -> Optional[dict]:
+    """The stored result when it is complete and was computed with ``settings`` (its graph
+    file the one written with it), else None."""
+    from .io import file_hash
+
+    if not (os.path.exists(path) and os.path.exists(graph_path)):
+        return None
+    try:
+        with open(path, "rb") as f:
+            result = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(result, dict) or result.get("settings") != settings:
+        return None
+    return result if result.get("graph_sha256") == file_hash(graph_path) else None
+
+
+def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = ("EAP-IG-inputs",),
+             levels: Sequence[str] = ("edge",), ig_steps: int = 5, batch_size: int = 16, split: str = "validation",
+             limit: Optional[int] = None, intervention: str = "patching", quiet: bool = False) -> list[dict]:
+    """Attribute and score every (model, task, method, level) leaderboard cell of the grid
+    ``models`` (MIB model name -> checkpoint) x ``tasks`` (MIB task -> local data), writing
+    per cell the importance file (where MIB's run_evaluation.py reads it) and a result JSON
+    (CPR, CMD, both curves, settings, timing) last and atomically. Restartable on
+    :mod:`jaxinterp.sweep`'s machinery: a cell whose result holds the current settings
+    (inputs by content fingerprint) and whose graph file is the one written with it is
+    skipped; temporary files a kill left are removed; a lock keeps two runs out of one
+    directory; ``runlog.jsonl`` records each event. Pairs (task, model) that are not
+    leaderboard cells are skipped, as MIB's run_evaluation.py does. Writes
+    ``summary.csv`` at the end; returns the results in grid order."""
+    from tqdm.auto import tqdm
+
+    from .io import atomic_write_text, clean_tmp, dumps, file_hash, fingerprint
+    from .loading import load_model
+    from .names import METHODS
+    from .node_attribution import attribute_nodes
+    from .sweep import Lock, _log, environment, model_files, prepared_model_dir
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for level in levels:
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+    tasks = {canonical_task(t): path for t, path in tasks.items()}
+    grid = [GridCell(m, t, method, level) for m in models for t in tasks for method in methods for level in levels
+            if f"{t.replace('_', '-')}_{m}" in CELLS]
+    if not grid:
+        raise ValueError(f"no leaderboard cell in models {list(models)} x tasks {list(tasks)}; the cells are "
+                         f"{', '.join(CELLS)}")
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.join(out_dir, "results"), exist_ok=True)
+    results: dict[str, dict] = {}
+    with Lock(out_dir):
+        for d in (os.path.join(out_dir, "results"), out_dir):
+            if clean_tmp(d):
+                _log(out_dir, "clean")
+        fp_models = {m: fingerprint(model_files(src), skip=("jaxinterp_source.json",))["digest"]
+                     for m, src in models.items()}
+        fp_tasks = {t: fingerprint(path)["digest"] for t, path in tasks.items()}
+
+        def settings(c: GridCell) -> dict:
+            return {"model_fingerprint": fp_models[c.model], "data_fingerprint": fp_tasks[c.task], "split": split,
+                    "limit": limit, "method": c.method, "level": c.level, "intervention": intervention,
+                    "ig_steps": ig_steps, "batch_size": batch_size, "metric": "logit_diff"}
+
+        todo = []
+        for c in grid:
+            done = _grid_result(*grid_paths(out_dir, c, intervention), settings(c))
+            if done is not None:
+                results[c.name] = done
+                _log(out_dir, "skip", cell=c.name)
+            else:
+                todo.append(c)
+        _log(out_dir, "run", cells=len(grid), todo=len(todo))
+        bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="mib run", disable=quiet)
+        for m in models:
+            mine = [c for c in todo if c.model == m]
+            if not mine:
+                continue
+            model = load_model(prepared_model_dir(out_dir, m, models[m], fp_models[m]))
+            data = {}
+            for c in mine:
+                if c.task not in data:
+                    data[c.task] = load_task_data(model, tasks[c.task], c.task, split, limit)
+                bar.set_postfix_str(c.name)
+                _log(out_dir, "start", cell=c.name)
+                t = time.perf_counter()
+                if c.level == "edge":
+                    from .attribution import attribute
+
+                    graph = attribute(model, data[c.task], c.method, ig_steps=ig_steps, batch_size=batch_size,
+                                      intervention=intervention, quiet=True)
+                else:
+                    graph = attribute_nodes(model, data[c.task], c.method, level=c.level, ig_steps=ig_steps,
+                                            batch_size=batch_size, intervention=intervention)
+                attribute_s = time.perf_counter() - t
+                t = time.perf_counter()
+                score = score_graph(model, graph, data[c.task], batch_size=batch_size, intervention=intervention,
+                                    level=c.level)
+                score_s = time.perf_counter() - t
+                path, graph_path = grid_paths(out_dir, c, intervention)
+                os.makedirs(os.path.dirname(graph_path), exist_ok=True)
+                graph.to_json(graph_path)  # atomic; the result below marks the cell done
+                result = {"cell": c.cell, "name": c.name, **dataclasses.asdict(c), "settings": settings(c),
+                          "graph": os.path.relpath(graph_path, out_dir), "graph_sha256": file_hash(graph_path),
+                          "cpr": score.cpr, "cmd": score.cmd, "score": score.to_dict(),
+                          "timing": {"attribute_s": attribute_s, "score_s": score_s}, **environment()}
+                atomic_write_text(path, dumps(result, indent=1))
+                results[c.name] = result
+                _log(out_dir, "done", cell=c.name, seconds=attribute_s + score_s)
+                bar.update()
+        bar.close()
+        ordered = [results[c.name] for c in grid]
+        _write_grid_summary(ordered, os.path.join(out_dir, "summary.csv"))
+        _log(out_dir, "finished", cells=len(grid))
+    if not quiet:
+        print(f"mib run: {len(grid)} cells ({len(todo)} computed now, {len(grid) - len(todo)} done before) -> "
+              f"{out_dir}: results/, circuits/, summary.csv")
+    return ordered
+
+
+def _write_grid_summary(results: list[dict], path: str) -> None:
+    from .io import atomic_write_text
+
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["cell", "method", "level", "cpr", "cmd", "n_examples", "attribute_s", "score_s"])
+    for r in results:
+        w.writerow([r["cell"], r["method"], r["level"], f"{r['cpr']:.6g}", f"{r['cmd']:.6g}",
+                    r["score"]["n_examples"], f"{r['timing']['attribute_s']:.3f}", f"{r['timing']['score_s']:.3f}"])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _name_paths(items: Sequence[str], option: str) -> dict:
+    """``NAME=PATH`` options as a dict (JaxinterpError naming the option otherwise)."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise JaxinterpError(f"{option} {item!r}: expected NAME=PATH")
+        if name in out:
+            raise JaxinterpError(f"{option} {name} is given twice")
+        if not os.path.exists(path):
+            raise JaxinterpError(f"{option} {name}: {path} does not exist")
+        out[name] = path
+    return out
+
+
+def cmd_run(args) -> int:
+    """``jaxinterp mib run``: the model x task grid, restartable."""
+    from .io import check_writable_dir
+    from .names import METHODS
+
+    args.method = args.method or ["EAP-IG-inputs"]
+    args.level = args.level or ["edge"]
+
+    models = _name_paths(args.run_model, "--model")
+    for name in models:
+        if name not in MODELS:
+            raise JaxinterpError(f"--model {name}: not an MIB model name; the names are {', '.join(MODELS)}")
+    tasks = _name_paths(args.run_task, "--task")
+    try:
+        tasks = {canonical_task(t): p for t, p in tasks.items()}
+    except ValueError as e:
+        raise JaxinterpError(f"--task: {e}") from None
+    bad = [m for m in args.method if m not in METHODS]
+    if bad:
+        raise JaxinterpError(f"--method {bad[0]}: choose from {', '.join(METHODS)}")
+    if not any(f"{t.replace('_', '-')}_{m}" in CELLS for m in models for t in tasks):
+        raise JaxinterpError(f"--model x --task holds no leaderboard cell; the cells are {', '.join(CELLS)}")
+    check_writable_dir(args.mib_out, "--out", [(f"--model {m}", p) for m, p in models.items()]
+                       + [(f"--task {t}", p) for t, p in tasks.items()])
+    run_grid(models, tasks, args.mib_out, methods=args.method, levels=args.level, ig_steps=args.ig_steps,
+             batch_size=args.batch_size, split=args.split, limit=args.limit)
+    return 0
+
+
 # --- the command line (`jaxinterp mib ...`; the parser is in cli.py) ------------------------
 
 def _check_data_path(path: str, option: str = "--data") -> None:
@@ -860,6 +1067,25 @@ def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
     q.add_argument("--out", dest="mib_out", default=None, metavar="JSON",
                    help="write cpr, cmd and both curves (faithfulness and edge_counts per pct) as JSON")
     q.set_defaults(func=cmd_score)
+
+    q = mib.add_parser("run", help="attribute and score a grid of leaderboard cells (models x tasks x methods x "
+                                   "levels), restartable")
+    q.add_argument("--model", dest="run_model", action="append", required=True, metavar="NAME=DIR",
+                   help=f"an MIB model name and its checkpoint, repeatable; names: {', '.join(MODELS)}")
+    q.add_argument("--task", dest="run_task", action="append", required=True, metavar="TASK=DATA",
+                   help=f"an MIB task and its local data, repeatable; tasks: {', '.join(TASKS)}")
+    q.add_argument("--method", action="append", default=None, help="attribution method, repeatable "
+                   "(default: EAP-IG-inputs)")
+    q.add_argument("--level", action="append", default=None, choices=LEVELS,
+                   help="edge, node or neuron, repeatable (default: edge)")
+    q.add_argument("--ig-steps", type=positive_int, default=5, help="steps of the EAP-IG methods (default: 5)")
+    q.add_argument("--batch-size", type=positive_int, default=16, help="examples per compiled batch (default: 16)")
+    q.add_argument("--split", default="validation", help="split of a multi-split copy (default: validation)")
+    q.add_argument("--limit", type=positive_int, default=None, help="the first N pairs MIB's filter keeps")
+    q.add_argument("--out", dest="mib_out", required=True, metavar="DIR",
+                   help="output directory: results/, circuits/ (MIB's layout), summary.csv, runlog.jsonl")
+    finish(q)
+    q.set_defaults(func=cmd_run, method=None, level=None)
 
     q = mib.add_parser("submit", help="write a submission directory (one folder per task_model cell)")
     q.add_argument("--cell", action="append", required=True, metavar="CELL=GRAPH.json",

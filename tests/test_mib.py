@@ -352,3 +352,43 @@ def test_cli_data_score_submit(mib_model, tmp_path, capsys):
                  "absolute", "--out", str(tmp_path / "sub")]) == 0
     assert sorted(os.listdir(tmp_path / "sub" / "ioi_gpt2")) == sorted(mib.circuit_file(p)
                                                                         for p in mib.CIRCUIT_PERCENTAGES)
+
+
+# --- the grid -------------------------------------------------------------------------------
+
+def test_mib_run_grid_is_restartable(mib_model, tmp_path, capsys):
+    """``jaxinterp mib run``: each cell's importance file lands where MIB's run_evaluation.py
+    reads it and its result holds CPR/CMD equal to scoring that file; a second run computes
+    nothing; a damaged or stale cell (changed settings) alone is computed again."""
+    from jaxinterp.cli import main
+    from jaxinterp.sweep import read_runlog
+
+    data = write_jsonl(tmp_path / "ioi.jsonl", ioi_rows())
+    out = str(tmp_path / "run")
+    argv = ["mib", "run", "--model", f"gpt2={mib_model.path}", "--task", f"ioi={data}", "--task", f"mcqa={data}",
+            "--method", "EAP", "--batch-size", "4", "--out", out]
+    assert main(argv) == 0  # mcqa_gpt2 is not a leaderboard cell: skipped
+    result_path = os.path.join(out, "results", "ioi_gpt2__EAP__edge.json")
+    graph_path = os.path.join(out, "circuits", "EAP_patching_edge", "ioi_gpt2", "importances.json")
+    assert sorted(os.listdir(os.path.join(out, "results"))) == ["ioi_gpt2__EAP__edge.json"]
+    with open(result_path) as f:
+        result = json.load(f)
+    again = mib.score_graph(mib_model, Graph.from_json(graph_path, spec=mib_model.graph_spec),
+                            mib.load_task_data(mib_model, data, "ioi"), batch_size=4)
+    assert result["cpr"] == pytest.approx(again.cpr, abs=1e-6) and result["cmd"] == pytest.approx(again.cmd, abs=1e-6)
+    with open(os.path.join(out, "summary.csv")) as f:
+        assert next(csv.DictReader(f))["cell"] == "ioi_gpt2"
+
+    mtime = os.path.getmtime(result_path)
+    assert main(argv) == 0
+    assert os.path.getmtime(result_path) == mtime and read_runlog(out)[-1]["event"] == "finished"
+    assert [e["event"] for e in read_runlog(out)].count("skip") == 1
+    with open(graph_path, "a") as f:  # a damaged graph file: its cell is computed again
+        f.write(" ")
+    assert main(argv) == 0
+    assert os.path.getmtime(result_path) > mtime and [e["event"] for e in read_runlog(out)].count("done") == 2
+    capsys.readouterr()
+    for bad, message in [(["--model", f"gpt5={mib_model.path}"], "--model gpt5"),
+                         (["--task", "sst2=" + data], "--task"), (["--method", "EAPX"], "--method EAPX")]:
+        assert main(argv[:2] + bad + argv[2:]) == 2
+        assert message in capsys.readouterr().err
