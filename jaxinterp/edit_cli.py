@@ -158,7 +158,7 @@ def cmd_edit(args) -> int:
     t = time.perf_counter()
     prompts = [r["template"].format(r["subject"]) for r in records]
     before, _ = _top1(model, prompts)
-    tokens = editing.sample_tokens(model, args.text, n_samples=None if args.text else 64)
+    tokens = editing.sample_tokens(model, args.text)
     contexts = ["{}"] if args.no_contexts else None
     if args.method == "rome":
         hp = editing.RomeHParams(**({"v_steps": args.steps} if args.steps else {}))

@@ -243,17 +243,18 @@ def stats_dir() -> str:
     return os.path.join(base, "jaxinterp", "stats")
 
 
-def sample_tokens(model, text_file: Optional[str] = None, n_samples: int = 64, length: Optional[int] = None,
-                  seed: int = 0) -> np.ndarray:
-    """The text sample for statistics as right-padded tokens ``[n, pos]`` (pad id after the
-    end): the non-empty lines of ``text_file`` (each cut to ``length`` tokens), or
-    ``n_samples`` texts of ``length`` tokens the model generates (default: up to 32)."""
+def sample_tokens(model, text_file: Optional[str] = None, n_samples: Optional[int] = None,
+                  length: Optional[int] = None, seed: int = 0) -> np.ndarray:
+    """The text sample for statistics as tokens ``[n, pos]`` right-padded with -1: the
+    first ``n_samples`` (default all) non-empty lines of ``text_file``, each cut to
+    ``length`` tokens, or ``n_samples`` (default 64) texts of ``length`` tokens the model
+    generates (default length: up to 32 tokens)."""
     ctx = cfg_ctx(model.cfg)
     length = length or min(32, ctx or 32) - 1
     if ctx is not None:
         length = min(length, ctx - 1)
     if text_file is None:
-        return generate_ids(model, n_samples, length, seed=seed)
+        return generate_ids(model, n_samples or 64, length, seed=seed)
     from .io import read_text
 
     lines = [ln.strip() for ln in read_text(text_file).splitlines() if ln.strip()]
@@ -285,6 +286,10 @@ def second_moment(model, layer: int, tokens: Optional[np.ndarray] = None, batch_
     mask = (tokens >= 0).astype(np.int32)
     clean = np.where(tokens >= 0, tokens, _pad_id(model.tokenizer)).astype(np.int32)
     total, count = np.zeros((model.cfg.d_mlp,) * 2), 0.0
+    batch_size = min(batch_size, len(clean))
+    extra = (-len(clean)) % batch_size  # whole batches (masked rows): one compiled program
+    clean = np.pad(clean, ((0, extra), (0, 0)), constant_values=_pad_id(model.tokenizer))
+    mask = np.pad(mask, ((0, extra), (0, 0)))
     for i in tqdm(range(0, len(clean), batch_size), desc=f"second moment, layer {layer}", leave=False,
                   disable=not progress):
         s, c = _moment_sum(model.params, model.cfg, jnp.asarray(clean[i:i + batch_size]),
@@ -476,13 +481,34 @@ def _v_batch(tokenizer, reqs: Sequence[Request], contexts: Sequence[str], essenc
                 owner=np.asarray(owner, np.int32), n_ctx=len(contexts), n_req=len(reqs))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer", "residual"))
-def _values_at(params, cfg: ModelConfig, tokens, mask, positions, layer: int, residual: bool):
-    """``[batch, d_model]``: the MLP output of ``layer`` (or the residual after its block)
-    at ``positions [batch]``."""
+@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
+def _capture(params, cfg: ModelConfig, tokens, mask, positions, layer: int) -> dict:
+    """Layer ``layer``'s MLP hidden ``[batch, d_mlp]``, MLP output and residual after its
+    block ``[batch, d_model]`` at ``positions [batch]``."""
     acts = activations(params, cfg, tokens, mask)
     b = jnp.arange(tokens.shape[0])
-    return (acts["resid"][layer + 1] if residual else acts["mlp_out"][layer])[b, positions]
+    return {"hidden": acts["mlp_hidden"][layer, b, positions], "mlp_out": acts["mlp_out"][layer, b, positions],
+            "resid": acts["resid"][layer + 1, b, positions]}
+
+
+def capture_at(model, seqs: Sequence[Sequence[int]], lookup: Sequence[int], layer: int, batch_size: int = 64) -> dict:
+    """:func:`_capture` of token lists ``seqs`` at ``lookup`` (one position per sequence),
+    in batches padded to multiples of 8 rows and 8 tokens (few compiled shapes): numpy
+    float64 ``hidden [n, d_mlp]``, ``mlp_out [n, d_model]``, ``resid [n, d_model]``."""
+    pad_id = _pad_id(model.tokenizer)
+    n_pos = -(-max(map(len, seqs)) // 8) * 8
+    out = {"hidden": [], "mlp_out": [], "resid": []}
+    for i in range(0, len(seqs), batch_size):
+        chunk, look = list(seqs[i:i + batch_size]), list(lookup[i:i + batch_size])
+        rows = min(batch_size, -(-len(chunk) // 8) * 8)
+        tokens, mask = _pad(chunk + [chunk[-1]] * (rows - len(chunk)), pad_id)
+        tokens = np.pad(tokens, ((0, 0), (0, n_pos - tokens.shape[1])), constant_values=pad_id)
+        mask = np.pad(mask, ((0, 0), (0, n_pos - mask.shape[1])))
+        got = _capture(model.params, model.cfg, jnp.asarray(tokens), jnp.asarray(mask),
+                       jnp.asarray(look + [look[-1]] * (rows - len(chunk)), jnp.int32), layer)
+        for k in out:
+            out[k].append(np.asarray(got[k], np.float64)[:len(chunk)])
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def _shifted_logits(params, cfg: ModelConfig, tokens, mask, lookup, logit_pos, delta, node: int):
@@ -560,14 +586,16 @@ def optimise_values(model, reqs: Sequence[Request], layer: int, contexts: Sequen
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     node = GraphSpec.from_config(cfg).mlp_index(layer)
     first = np.arange(n_req) * (n_ctx + 1)  # each request's plain prompt (context "{}")
-    target_init = _values_at(params, cfg, batch["tokens"][first], batch["mask"][first], batch["lookup"][first],
-                             layer, residual).astype(jnp.float32)
+    seqs = [list(np.asarray(batch["tokens"][i][:int(batch["mask"][i].sum())])) for i in first]
+    got = capture_at(model, seqs, [int(batch["lookup"][i]) for i in first], layer)
+    target_init = jnp.asarray(got["resid" if residual else "mlp_out"], jnp.float32)
     tnorm = jnp.linalg.norm(target_init, axis=-1)
     kw = dict(node=node, n_ctx=n_ctx, kl_factor=hp.kl_factor, weight_decay=hp.v_weight_decay)
     deltas = jnp.zeros((n_req, cfg.d_model), jnp.float32)
-    kl_init = jax.jit(lambda d: _v_losses(d, params, cfg, batch, jnp.zeros((n_req, cfg.vocab_size)), tnorm,
-                                          **kw)[1][2])(deltas)
     state = optax.adam(hp.v_lr).init(deltas)
+    # the initial distributions: one call of the step itself with every request inactive (nothing moves)
+    kl_init = _v_step(deltas, state, jnp.zeros(n_req, bool), params, cfg, batch, jnp.zeros((n_req, cfg.vocab_size)),
+                      tnorm, hp.clamp_norm_factor * tnorm, lr=hp.v_lr, **kw)[1][2]
     active = np.ones(n_req, bool)
     history = []
     bar = tqdm(range(hp.v_steps), desc=f"{'MEMIT z' if residual else 'ROME value'}, layer {layer}", leave=False,
@@ -598,15 +626,6 @@ def optimise_value(model, request: Request, layer: int, contexts: Sequence[str],
     return v[0], info
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
-def _keys_values(params, cfg: ModelConfig, tokens, mask, positions, layer: int):
-    """``(hidden [batch, d_mlp], mlp output [batch, d_model])`` of layer ``layer`` at
-    ``positions [batch]``."""
-    acts = activations(params, cfg, tokens, mask)
-    b = jnp.arange(tokens.shape[0])
-    return acts["mlp_hidden"][layer, b, positions], acts["mlp_out"][layer, b, positions]
-
-
 def compute_key(model, request: Request, layer: int, contexts: Sequence[str]) -> tuple[np.ndarray, np.ndarray,
                                                                                      np.ndarray]:
     """ROME's ``compute_u`` key before the ``C^-1``: ``(k* [d_mlp] averaged over the
@@ -619,11 +638,9 @@ def compute_key(model, request: Request, layer: int, contexts: Sequence[str]) ->
     plain, plain_last = subject_last_index(model.tokenizer, request.template, request.subject)
     seqs.append(plain)
     lookup.append(plain_last)
-    tokens, mask = _pad(seqs, _pad_id(model.tokenizer))
-    keys, outs = _keys_values(model.params, model.cfg, jnp.asarray(tokens), jnp.asarray(mask),
-                              jnp.asarray(lookup, jnp.int32), layer)
-    keys = np.asarray(keys, np.float64)
-    return keys[:-1].mean(0), keys[-1], np.asarray(outs[-1], np.float64)
+    got = capture_at(model, seqs, lookup, layer)
+    keys = got["hidden"]
+    return keys[:-1].mean(0), keys[-1], got["mlp_out"][-1]
 
 
 def default_layer(model, request: Request) -> int:
@@ -696,34 +713,9 @@ def _keys_at(model, reqs: Sequence[Request], layer: int, contexts: Sequence[str]
             ids, last = subject_last_index(model.tokenizer, c.format(r.template), r.subject)
             seqs.append(ids)
             lookup.append(last)
-    keys = _batched_keys(model, seqs, lookup, layer)[0].reshape(len(reqs), len(contexts), -1)
+    keys = capture_at(model, seqs, lookup, layer)["hidden"].reshape(len(reqs), len(contexts), -1)
     plain, rest = keys[:, 0], keys[:, 1:]
     return plain if rest.shape[1] == 0 else (plain + rest.mean(1)) / 2
-
-
-def _batched_keys(model, seqs, lookup, layer: int, batch_size: int = 64):
-    """``(keys [n, d_mlp], residual after block ``layer`` [n, d_model])`` at ``lookup``."""
-    keys, resids = [], []
-    n = max(map(len, seqs))  # one padded length: one compiled program
-    for i in range(0, len(seqs), batch_size):
-        chunk = list(seqs[i:i + batch_size])
-        look = list(lookup[i:i + batch_size])
-        pad = batch_size - len(chunk) if len(seqs) > batch_size else 0
-        tokens, mask = _pad(chunk + [chunk[-1]] * pad, _pad_id(model.tokenizer))
-        tokens = np.pad(tokens, ((0, 0), (0, n - tokens.shape[1])), constant_values=_pad_id(model.tokenizer))
-        mask = np.pad(mask, ((0, 0), (0, n - mask.shape[1])))
-        k, z = _keys_resid(model.params, model.cfg, jnp.asarray(tokens), jnp.asarray(mask),
-                           jnp.asarray(look + [look[-1]] * pad, jnp.int32), layer)
-        keys.append(np.asarray(k, np.float64)[:len(chunk)])
-        resids.append(np.asarray(z, np.float64)[:len(chunk)])
-    return np.concatenate(keys), np.concatenate(resids)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
-def _keys_resid(params, cfg: ModelConfig, tokens, mask, positions, layer: int):
-    acts = activations(params, cfg, tokens, mask)
-    b = jnp.arange(tokens.shape[0])
-    return acts["mlp_hidden"][layer, b, positions], acts["resid"][layer + 1, b, positions]
 
 
 def memit(model, requests, layers: Optional[Sequence[int]] = None, hparams: Optional[MemitHParams] = None,
@@ -758,7 +750,7 @@ def memit(model, requests, layers: Optional[Sequence[int]] = None, hparams: Opti
     for i, layer in enumerate(tqdm(layers, desc="MEMIT layers", leave=False, disable=not progress)):
         current = dataclasses.replace(model, params=params)
         keys = _keys_at(current, reqs, layer, contexts)  # [request, d_mlp]
-        _, cur_z = _batched_keys(current, [p[0] for p in plain], [p[1] for p in plain], z_layer)
+        cur_z = capture_at(current, [p[0] for p in plain], [p[1] for p in plain], z_layer)["resid"]
         resid = (zs - cur_z) / (len(layers) - i)  # [request, d_model]
         c = mom2s[layer] if mom2s is not None and layer in mom2s else \
             second_moment(model, layer, sample_tokens(model, text_file))

@@ -129,29 +129,28 @@ def test_demo_edit_makes_the_target_top1_and_leaves_unrelated_prompts(demo, edit
     assert _top1(edited, unrelated) == _top1(demo, unrelated)
 
 
-def test_second_moment_equals_torch_keys_and_is_cached(demo, text_file, stats_env):
+def test_second_moment_equals_torch_keys_and_is_cached(demo, edit, text_file, stats_env):
     from transformers import AutoModelForCausalLM
 
-    tokens = editing.sample_tokens(demo, text_file, n_samples=12)
-    c = editing.second_moment(demo, 1, tokens)
+    tokens = editing.sample_tokens(demo, text_file)  # the edit's sample: its layer-0 statistics are cached
+    c = editing.second_moment(demo, 0, tokens, cache=False)
     hf = AutoModelForCausalLM.from_pretrained(demo_model_dir()).eval()
     keys = []
-    hook = hf.transformer.h[1].mlp.c_proj.register_forward_pre_hook(lambda m, i: keys.append(i[0][0].detach()))
+    hook = hf.transformer.h[0].mlp.c_proj.register_forward_pre_hook(lambda m, i: keys.append(i[0].detach()))
+    mask = tokens >= 0
     with torch.no_grad():
-        for row in tokens:
-            hf(torch.tensor(row[row >= 0], dtype=torch.long)[None])
+        hf(torch.tensor(np.where(mask, tokens, 0), dtype=torch.long), attention_mask=torch.tensor(mask.astype(np.int64)))
     hook.remove()
-    k = torch.cat(keys).double().numpy()
+    k = keys[0].double().numpy()[mask]  # [real tokens, d_mlp]
     want = k.T @ k / len(k)
     np.testing.assert_allclose(c, want, rtol=0, atol=2e-5 * np.abs(want).max())
     files = os.listdir(stats_env)
-    assert len(files) >= 1 and all(f.endswith(".npz") for f in files)
-    # a cached file is what is read back: a planted value shows through
-    key_file = [f for f in files if os.path.getmtime(os.path.join(stats_env, f)) ==
-                max(os.path.getmtime(os.path.join(stats_env, g)) for g in files)][0]
-    np.savez(os.path.join(stats_env, key_file), mom2=np.eye(3), n_tokens=1.0)
-    assert editing.second_moment(demo, 1, tokens).shape == (3, 3)
-    assert editing.second_moment(demo, 1, tokens, cache=False).shape == c.shape
+    assert len(files) == 1 and files[0].endswith(".npz")  # the edit's layer-0 statistics, kept on disk
+    np.testing.assert_allclose(editing.second_moment(demo, 0, tokens), c, rtol=1e-12, atol=0)
+    # what is read back is the cached file: a planted value shows through
+    np.savez(os.path.join(stats_env, files[0]), mom2=np.eye(3), n_tokens=1.0)
+    assert editing.second_moment(demo, 0, tokens).shape == (3, 3)
+    os.remove(os.path.join(stats_env, files[0]))
 
 
 def test_context_templates_and_requests(demo):
@@ -166,3 +165,40 @@ def test_context_templates_and_requests(demo):
         editing.rome(demo, PROMPT, SUBJECT, "Zeppelin", layer=0, contexts=CONTEXTS, mom2=np.eye(demo.cfg.d_mlp))
     with pytest.raises(editing.EditError, match="layer"):
         editing.rome(demo, PROMPT, SUBJECT, TARGET, layer=3, contexts=CONTEXTS, mom2=np.eye(demo.cfg.d_mlp))
+
+
+def test_edit_command_writes_a_checkpoint_every_command_loads(demo, edit, text_file, tmp_path):
+    from jaxinterp.cli import main
+
+    req = tmp_path / "requests.json"
+    req.write_text(json.dumps([{"requested_rewrite": {"prompt": PROMPT, "subject": SUBJECT,
+                                                      "target_new": {"str": TARGET}, "target_true": {"str": "Mary"}}}]))
+    out = tmp_path / "edited"
+    args = ["edit", "--model", demo_model_dir(), "--requests", str(req), "--method", "rome", "--layers", "0",
+            "--steps", str(HP.v_steps), "--no-contexts", "--text", text_file, "--quiet", "--no-compile-cache"]
+    assert main(args + ["--out", str(out)]) == 0
+    record = json.loads((out / "edit.json").read_text())
+    assert record["top1_before"] == ["Mary"] and record["top1_after"] == [TARGET] and record["layers"] == [0]
+    loaded = load_model(str(out))  # the converted-checkpoint reader every command uses
+    tokens = np.asarray(tokenize(demo.tokenizer, [PROMPT.format(SUBJECT)]), np.int32)
+    np.testing.assert_allclose(np.asarray(loaded(tokens)), np.asarray(edit[0](tokens)), rtol=0, atol=1e-5)
+
+
+def test_edit_command_refuses_bad_input_before_work(tmp_path, capsys):
+    from jaxinterp.cli import main
+
+    model = demo_model_dir()
+    before = sorted(os.listdir(model))
+    good = tmp_path / "r.json"
+    good.write_text(json.dumps([{"prompt": "When Mary went to the park", "subject": "Mary", "target_new": "Kate"}]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "When Mary went", "subject": "Bob", "target_new": "Kate"}]))
+    cases = [(["--requests", str(good), "--out", model], "--model input"),
+             (["--requests", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")], "does not exist"),
+             (["--requests", str(bad), "--out", str(tmp_path / "o")], "does not occur"),
+             (["--requests", str(good), "--out", str(tmp_path / "o"), "--layers", "0,1"], "one layer"),
+             (["--requests", str(good), "--out", str(tmp_path / "o"), "--mom2-weight", "5"], "MEMIT option")]
+    for extra, message in cases:
+        assert main(["edit", "--model", model] + extra) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(os.listdir(model)) == before and not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@
 by hand, layer by layer. The cut is a mask on the attention pattern in ``ops``, the same
 for every family, so one family checks it; both layer loops (unrolled, scanned) are run."""
 
+import json
 import os
 import sys
 
@@ -86,12 +87,22 @@ def test_demo_knockout_equals_a_hand_built_masked_forward(demo):
 
 def test_knockout_api_sets_and_picture(demo, tmp_path):
     prompt = "When Mary and John went to the store , John gave a drink to"
-    res = knockout(demo, prompt, subject="Mary", window=2)
+    res = knockout(demo, prompt, subject="Mary", window=2, starts=[0, 1])
     assert res.set_names == ["subject", "subject-last", "non-subject"]
     assert res.sets[0] == [2] and 2 not in res.sets[2] and 0 not in res.sets[2]
     assert res.sets[2][-1] == len(res.tokens) - 2  # every position before the last
-    assert res.probs.shape == (demo.cfg.n_layers, 3) and res.target_text == "Mary"
+    assert res.probs.shape == (2, 3) and res.target_text == "Mary"
     assert os.path.getsize(plot_knockout(res, str(tmp_path / "knockout.png"))) > 1000
+    # the command: the same sweep (every window of 2 layers), its figures beside the picture
+    from jaxinterp.cli import main
+
+    png = tmp_path / "cli.png"
+    assert main(["knockout", "--model", demo_model_dir(), "--prompt", prompt, "--subject", "Mary", "--window", "2",
+                 "--out", str(png), "--no-compile-cache"]) == 0
+    figures = json.loads((tmp_path / "cli.json").read_text())
+    assert figures["set_names"] == res.set_names and figures["starts"] == [0, 1]
+    np.testing.assert_allclose(figures["probs"], res.probs, rtol=1e-6)
+    assert os.path.getsize(png) > 1000
 
 
 def test_bad_knockouts_are_refused(demo):
