@@ -768,3 +768,125 @@ def memit_update(mom2, keys, resid, weight: float) -> np.ndarray:
     k = np.asarray(keys, np.float64).T  # [d_mlp, n]
     adj = np.linalg.solve(weight * np.asarray(mom2, np.float64) + k @ k.T, k)
     return adj @ np.asarray(resid, np.float64)
+
+
+# --- evaluation as the papers do (CounterFact) ---------------------------------------------------
+
+def target_logprobs(model, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """``[n]``: ``log p(" " + target | prompt)`` summed over the target's tokens (teacher
+    forcing), one prompt-target pair per entry."""
+    seqs, spans = [], []
+    for prompt, target in zip(prompts, targets):
+        ids, t = _ids(model.tokenizer, prompt, "prompt"), target_token_ids(model.tokenizer, target)
+        seqs.append(ids + t[:-1])
+        spans.append((len(ids) - 1, t))
+    n_pos = -(-max(map(len, seqs)) // 8) * 8
+    T = max(len(t) for _, t in spans)
+    out = np.zeros(len(seqs))
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        rows = min(batch_size, -(-len(chunk) // 8) * 8)
+        tokens, mask = _pad(chunk + [chunk[-1]] * (rows - len(chunk)), _pad_id(model.tokenizer))
+        tokens = np.pad(tokens, ((0, 0), (0, n_pos - tokens.shape[1])), constant_values=_pad_id(model.tokenizer))
+        mask = np.pad(mask, ((0, 0), (0, n_pos - mask.shape[1])))
+        logp = np.asarray(jax.nn.log_softmax(model(tokens, mask), -1))
+        for j, (start, t) in enumerate(spans[i:i + batch_size]):
+            out[i + j] = sum(logp[j, start + k, tok] for k, tok in enumerate(t))
+    return out
+
+
+def n_gram_entropy(texts: Sequence[str], ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
+    """ROME's fluency: per text, the entropy (bits) of its word bigram and trigram
+    frequencies, weighted 2/3 and 4/3 and averaged; then the mean over texts (words are
+    whitespace-separated here; ROME uses nltk's tokenizer). Repetitive text scores low."""
+    scores = []
+    for text in texts:
+        words = text.split()
+        ents = []
+        for n in ns:
+            grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+            if not grams:
+                ents.append(0.0)
+                continue
+            _, counts = np.unique(np.array([" ".join(g) for g in grams]), return_counts=True)
+            p = counts / counts.sum()
+            ents.append(float(-(p * np.log2(p)).sum()))
+        scores.append(float(np.mean(np.array(ents) * np.array(weights))))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def generate_text(model, prompts: Sequence[str], length: int, seed: int = 0, top_k: int = 5) -> list[str]:
+    """Each prompt continued by up to ``length`` sampled tokens (top-k, as ROME's
+    ``generate_fast``), prompt included, as text; prompts of one length run together."""
+    ids = [_ids(model.tokenizer, p, "prompt") for p in prompts]
+    banned = np.zeros(model.cfg.vocab_size, np.float32)
+    for t in getattr(model.tokenizer, "all_special_ids", []):
+        if 0 <= t < len(banned):
+            banned[t] = 1
+    out = [""] * len(prompts)
+    for n in sorted(set(map(len, ids))):
+        which = [i for i, x in enumerate(ids) if len(x) == n]
+        steps = length if cfg_ctx(model.cfg) is None else max(0, min(length, cfg_ctx(model.cfg) - n))
+        start = np.asarray([ids[i] for i in which], np.int32)
+        gen = start if steps == 0 else np.asarray(_sample(
+            model.params, model.cfg, jnp.asarray(start), jnp.asarray(banned), jax.random.PRNGKey(seed + n),
+            length=int(steps), top_k=int(min(top_k, (banned == 0).sum()))))
+        for row, i in zip(gen, which):
+            out[i] = _text(model.tokenizer, row[1:]) or " ".join(model.tokenizer.decode([int(t)]) for t in row[1:])
+    return out
+
+
+def evaluate_edits(model, records, gen_length: int = 20, seed: int = 0) -> dict:
+    """CounterFact's scores of ``model`` on ``records`` (:func:`read_requests`; those
+    without ``target_true`` count in the top-1 scores only):
+
+    * ``efficacy``: fraction of rewrite prompts with ``p(target_new) > p(target_true)``;
+      ``paraphrase``: the same over the paraphrase prompts; ``neighborhood``: fraction of
+      neighbourhood prompts with ``p(target_true) > p(target_new)`` (ROME's ES, PS, NS);
+    * ``*_top1``: fraction of prompts whose top-1 token is ``target_new``'s first token
+      (for neighbourhood prompts: is *not*);
+    * ``fluency``: :func:`n_gram_entropy` of text generated from the rewrite prompts.
+    """
+    records = read_requests(records) if isinstance(records, str) or isinstance(records, dict) else \
+        [r if "template" in r else read_requests([r])[0] for r in records]
+    groups = {"efficacy": [], "paraphrase": [], "neighborhood": []}
+    for r in records:
+        groups["efficacy"].append((r["template"].format(r["subject"]), r))
+        groups["paraphrase"] += [(p, r) for p in r["paraphrase_prompts"]]
+        groups["neighborhood"] += [(p, r) for p in r["neighborhood_prompts"]]
+    out = {}
+    for name, items in groups.items():
+        if not items:
+            continue
+        prompts = [p for p, _ in items]
+        new = target_logprobs(model, prompts, [r["target_new"] for _, r in items])
+        with_true = [i for i, (_, r) in enumerate(items) if r["target_true"]]
+        if with_true:
+            true = target_logprobs(model, [prompts[i] for i in with_true], [items[i][1]["target_true"] for i in with_true])
+            wins = new[with_true] > true if name != "neighborhood" else true > new[with_true]
+            out[name] = float(np.mean(wins))
+        first = np.array([target_token_ids(model.tokenizer, r["target_new"])[0] for _, r in items])
+        top = _top1_ids(model, prompts)
+        hit = top == first
+        out[f"{name}_top1"] = float(np.mean(~hit if name == "neighborhood" else hit))
+        out[f"n_{name}"] = len(items)
+    if gen_length > 0:
+        texts = generate_text(model, [p for p, _ in groups["efficacy"]], gen_length, seed)
+        out["fluency"] = n_gram_entropy(texts)
+    return out
+
+
+def _top1_ids(model, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """``[n]`` the top-1 next token of each prompt (padded batches)."""
+    seqs = [_ids(model.tokenizer, p, "prompt") for p in prompts]
+    n_pos = -(-max(map(len, seqs)) // 8) * 8
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        rows = min(batch_size, -(-len(chunk) // 8) * 8)
+        tokens, mask = _pad(chunk + [chunk[-1]] * (rows - len(chunk)), _pad_id(model.tokenizer))
+        tokens = np.pad(tokens, ((0, 0), (0, n_pos - tokens.shape[1])), constant_values=_pad_id(model.tokenizer))
+        mask = np.pad(mask, ((0, 0), (0, n_pos - mask.shape[1])))
+        logits = np.asarray(model(tokens, mask))
+        out.append(logits[np.arange(len(chunk)), mask.sum(1)[:len(chunk)] - 1].argmax(-1))
+    return np.concatenate(out)

@@ -63,12 +63,8 @@ def edit(demo, text_file, stats_env):
 
 
 def _top1(model, texts):
-    ids = tokenize(model.tokenizer, texts)
-    n = max(map(len, ids))
-    tokens = np.array([row + [0] * (n - len(row)) for row in ids], np.int32)
-    mask = (np.arange(n)[None] < np.array([len(r) for r in ids])[:, None]).astype(np.int32)
-    logits = np.asarray(model(tokens, mask))[np.arange(len(ids)), mask.sum(1) - 1]
-    return [model.tokenizer.decode([int(t)]) for t in logits.argmax(-1)]
+    """Top-1 next words (the batched, bucketed argmax the scores use: one compiled shape)."""
+    return [model.tokenizer.decode([int(t)]) for t in editing._top1_ids(model, texts)]
 
 
 def _rome_numpy(c, k_star, v_star, k_cur, cur_out):
@@ -107,11 +103,9 @@ def test_demo_edit_applies_the_closed_form(demo, edit, text_file):
         if "w_out" not in str(name):
             assert other is leaf  # every other leaf is shared, not copied
     # the MLP output at the subject's last token in the prompt is now v* (what the optimisation asked for)
-    from jaxinterp.models import activations
-
-    ids = np.asarray(tokenize(demo.tokenizer, [PROMPT.format(SUBJECT)]), np.int32)
-    at = [i for i, t in enumerate(ids[0]) if demo.tokenizer.decode([int(t)]) == SUBJECT][-1]  # its second mention
-    out = np.asarray(jax.jit(activations, static_argnums=1)(edited.params, edited.cfg, ids)["mlp_out"][layer, 0, at])
+    ids = tokenize(demo.tokenizer, [PROMPT.format(SUBJECT)])[0]
+    at = [i for i, t in enumerate(ids) if demo.tokenizer.decode([int(t)]) == SUBJECT][-1]  # its second mention
+    out = editing.capture_at(edited, [ids], [at], layer)["mlp_out"][0]
     np.testing.assert_allclose(out, info["v_star"], atol=1e-4 * np.abs(info["v_star"]).max())
 
 
@@ -202,3 +196,54 @@ def test_edit_command_refuses_bad_input_before_work(tmp_path, capsys):
         assert main(["edit", "--model", model] + extra) == 2
         assert message in capsys.readouterr().err
     assert sorted(os.listdir(model)) == before and not (tmp_path / "o").exists()
+
+
+def test_memit_update_is_memits_formula():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(40, 40))
+    c = a @ a.T / 40 + 0.05 * np.eye(40)
+    keys, resid = rng.normal(size=(5, 40)), rng.normal(size=(5, 12))  # [request, d_mlp], [request, d_model]
+    got = editing.memit_update(c, keys, resid, 7.0)
+    k = keys.T  # MEMIT's layer_ks [d_mlp, n]; its targets [d_model, n]
+    adj_k = np.linalg.solve(7.0 * c + k @ k.T, k)
+    want = (resid.T @ adj_k.T).T  # MEMIT's upd_matrix [d_model, d_mlp], transposed to w_out's [d_mlp, d_model]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())
+
+
+def test_memit_with_a_tiny_prior_weight_reaches_its_target_residual(demo, edit, text_file):
+    """One request, one layer: as lambda -> 0 MEMIT's update maps the subject's key to the
+    whole residual it asked for, so the block's output there becomes z."""
+    c = editing.second_moment(demo, 0, editing.sample_tokens(demo, text_file))
+    edited, info = editing.memit(demo, [(PROMPT, SUBJECT, TARGET)], layers=[0], mom2s={0: c}, contexts=CONTEXTS,
+                                 hparams=editing.MemitHParams(v_steps=HP.v_steps, mom2_update_weight=1e-6),
+                                 return_info=True, progress=False)
+    ids, at = editing.subject_last_index(demo.tokenizer, PROMPT, SUBJECT)
+    z_after = editing.capture_at(edited, [ids], [at], 0)["resid"][0]
+    np.testing.assert_allclose(z_after, info["zs"][0], atol=1e-3 * np.abs(info["zs"][0]).max())
+    assert _top1(edited, [PROMPT.format(SUBJECT)]) == [TARGET]
+
+
+def test_counterfact_scores_of_the_demo_edit(demo, edit):
+    record = {"requested_rewrite": {"prompt": PROMPT, "subject": SUBJECT, "target_new": {"str": TARGET},
+                                    "target_true": {"str": "Mary"}},
+              "paraphrase_prompts": ["After Mary and John arrived at the park , John handed a book to"],
+              "neighborhood_prompts": ["When Mary and Tom went to the store , Tom gave a drink to",
+                                       "When Mary and Paul went to the park , Paul gave a ring to"]}
+    before = editing.evaluate_edits(demo, [record], gen_length=0)
+    after = editing.evaluate_edits(edit[0], [record], gen_length=0)
+    assert (before["efficacy"], before["paraphrase"], before["neighborhood"]) == (0.0, 0.0, 1.0)
+    assert (after["efficacy"], after["paraphrase"], after["efficacy_top1"]) == (1.0, 1.0, 1.0)
+    assert after["n_neighborhood"] == 2
+    # the log-probabilities behind the scores: the model's own softmax at the prompt's last token
+    ids = np.asarray(tokenize(demo.tokenizer, [PROMPT.format(SUBJECT)]), np.int32)
+    logp = np.asarray(jax.nn.log_softmax(demo(ids)[0, -1]))
+    got = editing.target_logprobs(demo, [PROMPT.format(SUBJECT)] * 2, [TARGET, "Mary"])
+    want = logp[[demo.tokenizer.convert_tokens_to_ids(TARGET), demo.tokenizer.convert_tokens_to_ids("Mary")]]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_n_gram_entropy_by_hand():
+    # "a b a b": bigrams ab, ba, ab (p 2/3, 1/3); trigrams aba, bab (p 1/2 each)
+    h2 = -(2 / 3 * np.log2(2 / 3) + 1 / 3 * np.log2(1 / 3))
+    assert editing.n_gram_entropy(["a b a b"]) == pytest.approx((h2 * 2 / 3 + 1.0 * 4 / 3) / 2)
+    assert editing.n_gram_entropy(["a a a a a a"]) == 0.0  # repetition: no entropy
