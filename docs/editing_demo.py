@@ -11,7 +11,8 @@ neighbourhood prompts (another second name, the same first one: the answer stays
 ``target_true``). Unrelated prompts: IOI prompts with none of the edited names, and
 induction prompts; their top-1 before and after.
 
-Writes ``records.json``, ``text.txt`` (the statistics sample: task prompts), ``results.json``.
+Writes ``records.json``, ``text.txt`` (the statistics sample: task prompts), ``results.json``
+and, with ``--circuits N``, ``circuits/`` (:func:`jaxinterp.knowledge.circuit_report`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main(argv=None) -> dict:
     p.add_argument("--mom2-weight", type=float, default=30.0)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--layers", default="0")
+    p.add_argument("--circuits", type=int, default=0, help="also the knowledge-circuit report at this top-n")
     args = p.parse_args(argv)
     from jaxinterp import editing, load_model, tasks
     from jaxinterp.demo import demo_model_dir
@@ -99,6 +101,17 @@ def main(argv=None) -> dict:
               "fluency"):
         print(f"  {k:18s} {b[k]:.3f} -> {a[k]:.3f}")
     print(f"  unrelated top-1 unchanged {result['unrelated_top1_unchanged']:.3f} ({len(unrel)} prompts)")
+    if args.circuits:  # knowledge circuits before/after: EAP-IG on the facts and on an unrelated task
+        from jaxinterp.knowledge import circuit_report
+
+        other = tasks.generate("induction", 32, seed=3)  # every name is edited or a target: the unrelated task is induction
+        csv = tasks.write_rows_csv(tasks.csv_rows(other, model.tokenizer), os.path.join(args.out, "unrelated.csv"))
+        rep = circuit_report(model, edited, flat, csv, os.path.join(args.out, "circuits"), n=args.circuits)
+        for task in ("fact", "unrelated"):
+            r = rep[task]
+            print(f"  circuits, {task}: top-{r['n']} overlap {r['overlap']:.2f}, rank correlation "
+                  f"{r['rank_correlation']:.2f}, faithfulness {r['faithfulness_original']:.2f} -> original circuit on "
+                  f"the edited model {r['faithfulness_on_edited']:.2f}")
     return result
 
 

@@ -247,3 +247,17 @@ def test_n_gram_entropy_by_hand():
     h2 = -(2 / 3 * np.log2(2 / 3) + 1 / 3 * np.log2(1 / 3))
     assert editing.n_gram_entropy(["a b a b"]) == pytest.approx((h2 * 2 / 3 + 1.0 * 4 / 3) / 2)
     assert editing.n_gram_entropy(["a a a a a a"]) == 0.0  # repetition: no entropy
+
+
+def test_fact_rows_label_each_models_own_answer(demo):
+    from jaxinterp.knowledge import fact_rows
+
+    recs = editing.read_requests([{"prompt": PROMPT, "subject": s, "target_new": TARGET, "target_true": "Mary"}
+                                  for s in ("John", "Tom")])
+    ids = {w: demo.tokenizer.convert_tokens_to_ids(w) for w in (TARGET, "Mary")}
+    before, after = fact_rows(demo.tokenizer, recs, edited=False), fact_rows(demo.tokenizer, recs, edited=True)
+    assert [r["corrupted"] for r in before] == [PROMPT.format("Tom"), PROMPT.format("John")]  # the other subject
+    assert all((r["correct_idx"], r["incorrect_idx"]) == (ids["Mary"], ids[TARGET]) for r in before)
+    assert all((r["correct_idx"], r["incorrect_idx"]) == (ids[TARGET], ids["Mary"]) for r in after)
+    with pytest.raises(editing.EditError, match="another record"):
+        fact_rows(demo.tokenizer, recs[:1], edited=False)
