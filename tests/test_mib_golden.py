@@ -114,3 +114,47 @@ def test_mib_score_command_writes_mibs_numbers(tmp_path, capsys):
     edge_only = os.path.join(GOLDEN, "demo_EAP_patching.json")  # edge scores only
     assert main(argv[:6] + ["--graph", edge_only, "--level", "neuron"]) == 2
     assert "--level neuron" in capsys.readouterr().err
+
+
+def test_mib_run_grid_is_restartable(tmp_path, capsys):
+    """``jaxinterp mib run`` (node level, EAP, on the demo model and the golden pairs: the
+    programs compiled above): the cell's importance file lands where MIB's
+    run_evaluation.py reads it, its result holds the CPR and CMD of scoring that file,
+    which equal MIB's own numbers here; a second run computes nothing; a damaged graph
+    file's cell is computed again; pairs that are not leaderboard cells are skipped."""
+    from jaxinterp.cli import main
+    from jaxinterp.sweep import read_runlog
+
+    entry, model, pairs = _setup("demo")
+    data = os.path.join(ROOT, INFO["data"])
+    out = str(tmp_path / "run")
+    argv = ["mib", "run", "--model", f"gpt2={os.path.join(ROOT, entry['model'])}", "--task", f"ioi={data}",
+            "--task", f"mcqa={data}", "--method", "EAP", "--level", "node", "--batch-size", str(INFO["batch_size"]),
+            "--out", out]
+    assert main(argv) == 0  # mcqa_gpt2 is not a leaderboard cell
+    result_path = os.path.join(out, "results", "ioi_gpt2__EAP__node.json")
+    graph_path = os.path.join(out, "circuits", "EAP_patching_node", "ioi_gpt2", "importances.json")
+    assert sorted(os.listdir(os.path.join(out, "results"))) == ["ioi_gpt2__EAP__node.json"]
+    with open(result_path) as f:
+        result = json.load(f)
+    again = mib.score_graph(model, Graph.from_json(graph_path, spec=model.graph_spec), pairs,
+                            batch_size=INFO["batch_size"], level="node")
+    assert result["cpr"] == pytest.approx(again.cpr, abs=1e-6) and result["cmd"] == pytest.approx(again.cmd, abs=1e-6)
+    runs, _ = _golden(entry, "node")  # the reference's node scores are ours / batch size: the same ranking
+    assert abs(result["cpr"] - runs[False]["area_under"]) <= TOL and abs(result["cmd"] - runs[True]["area_from_1"]) <= TOL
+    with open(os.path.join(out, "summary.csv")) as f:
+        assert f.read().splitlines()[1].startswith("ioi_gpt2,EAP,node,")
+
+    mtime = os.path.getmtime(result_path)
+    assert main(argv) == 0
+    events = [e["event"] for e in read_runlog(out)]
+    assert os.path.getmtime(result_path) == mtime and events.count("skip") == 1 and events.count("done") == 1
+    with open(graph_path, "a") as f:  # a damaged graph file: its cell is computed again
+        f.write(" ")
+    assert main(argv) == 0
+    assert os.path.getmtime(result_path) > mtime and [e["event"] for e in read_runlog(out)].count("done") == 2
+    capsys.readouterr()
+    for bad, message in [(["--model", f"gpt5={data}"], "--model gpt5"), (["--task", f"sst2={data}"], "--task"),
+                         (["--method", "EAPX"], "--method EAPX")]:
+        assert main(argv[:2] + bad + argv[2:]) == 2
+        assert message in capsys.readouterr().err

@@ -4,10 +4,10 @@
   tests/golden/make_golden_mib.py): every neuron score within 1e-4 of the largest and
   Pearson >= 0.999, node scores the same, on the sequential demo model and the parallel
   NeoX (the reference's scores are ours / batch size, with equal batches);
-* against autodiff on an independent plain forward (tests/handbuilt.py): neuron scores
-  are ``delta`` times ``jax.grad`` of that forward's metric at the node's output (at the
-  MLP's own input for the reference's MLP convention), node scores their sums (the jvp
-  along ``delta``);
+* against autograd through an independent forward (tests/family_reference.py, torch):
+  neuron scores are ``delta`` times the gradient of that forward's metric at the node's
+  output (at the MLP's own input for the reference's MLP convention), node scores their
+  sums (the directional derivative along ``delta``);
 * the graph JSON fields (``neurons``, ``neurons_scores``) as the reference writes them,
   node-level top-n, and ``jaxinterp attribute --level``.
 """
@@ -16,12 +16,9 @@ import functools
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import handbuilt
 from jaxinterp import load_model, mib
 from jaxinterp.attribution import prepare_data
 from jaxinterp.graph import Graph
@@ -106,48 +103,44 @@ def test_the_reference_takes_an_mlps_gradient_at_its_input():
     assert np.abs(out[mlps] - want[mlps]).max() > 100 * TOL * scale
 
 
-def _handbuilt_metric(model, pairs):
-    """``(signed mean logit_diff of handbuilt.forward with extra inputs, delta per node)``."""
-    mask = jnp.asarray(pairs.attention_mask)
-    clean, corr = (jnp.asarray(t) for t in (pairs.clean, pairs.corrupted))
-    _, outs = handbuilt.forward(model.params, model.cfg, clean, mask)
-    _, corr_outs = handbuilt.forward(model.params, model.cfg, corr, mask)
-    delta = {k: corr_outs[k] - outs[k] for k in outs}
-    at = jnp.asarray(pairs.lengths) - 1
-    labels = jnp.asarray(pairs.labels)
-
-    def signed_metric(extra):
-        logits, _ = handbuilt.forward(model.params, model.cfg, clean, mask, extra=extra)
-        last = logits[jnp.arange(len(at)), at]
-        diff = jnp.take_along_axis(last, labels[:, :1], 1)[:, 0] - jnp.take_along_axis(last, labels[:, 1:], 1)[:, 0]
-        return -diff.mean()  # logit_diff's attribution sign
-
-    return signed_metric, delta
-
-
-def test_scores_equal_autodiff_of_an_independent_forward():
-    """``jax.grad`` of the metric of an independent forward (tests/handbuilt.py) with respect
+def test_scores_equal_autograd_through_an_independent_forward():
+    """Torch autograd of the metric through an independent hand-wired forward of the NeoX
+    (tests/family_reference.py: Hugging Face's modules, wired head by head) with respect
     to an extra term at every downstream input: a node's output gradient is the sum over
     the inputs it feeds, so its neuron scores are ``delta_u`` times that sum (times the
     gradient at the MLP's own input for the reference's MLP convention), summed over
-    examples and positions; node scores are sums over the dimensions (the jvp along
-    ``delta_u``)."""
-    entry, model, pairs = _setup("demo")
+    examples and positions; node scores are their sums over the dimensions (the
+    directional derivative along ``delta_u``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import family_reference
+
+    entry, model, pairs = _setup("neox")
     spec = model.graph_spec
-    signed_metric, delta = _handbuilt_metric(model, pairs)
+    hf = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, entry["model"]), dtype=torch.float32).eval()
+    mask = torch.tensor(pairs.attention_mask)
+    clean_ids, corr_ids = torch.tensor(pairs.clean).long(), torch.tensor(pairs.corrupted).long()
+    with torch.no_grad():
+        _, clean = family_reference.forward(hf, clean_ids, mask)
+        _, corr = family_reference.forward(hf, corr_ids, mask)  # the clean prompt's mask, as the reference
     names, inputs, real = spec.forward_names, spec.backward_names, spec.real_edge_mask
-    mlps = [spec.mlp_index(layer) for layer in range(spec.n_layers)]
-    zeros = {v: jnp.zeros(delta["input"].shape) for v in inputs}
-    grads = jax.jit(jax.grad(signed_metric))(zeros)  # d metric / d each downstream input
+    extra = {v: torch.zeros(clean["input"].shape, requires_grad=True) for v in inputs}
+    logits, _ = family_reference.forward(hf, clean_ids, mask, extra=extra)
+    rows, last, labels = torch.arange(len(pairs)), torch.tensor(pairs.lengths - 1), torch.tensor(pairs.labels).long()
+    final = logits[rows, last]
+    signed = -(final[rows, labels[:, 0]] - final[rows, labels[:, 1]]).mean()  # logit_diff's attribution sign
+    grads = dict(zip(inputs, torch.autograd.grad(signed, [extra[v] for v in inputs])))
 
     def product(u, g):
-        return np.asarray((delta[names[u]] * g).sum((0, 1)), np.float64)
+        return ((corr[names[u]] - clean[names[u]]) * g).sum((0, 1)).detach().double().numpy()
 
+    mlps = [spec.mlp_index(layer) for layer in range(spec.n_layers)]
     at_outputs = np.stack([product(u, sum(grads[inputs[d]] for d in np.nonzero(real[u])[0]))
                            for u in range(len(names))])
     at_mlp_inputs = np.stack([product(u, grads[names[u]]) for u in mlps])
     for mlp_gradient in ("output", "input"):
-        neurons, nodes = _ours("demo", "EAP", mlp_gradient)
+        neurons, nodes = _ours("neox", "EAP", mlp_gradient)
         want = at_outputs.copy()
         if mlp_gradient == "input":
             want[mlps] = at_mlp_inputs
