@@ -115,12 +115,14 @@ def test_demo_edit_makes_the_target_top1_and_leaves_unrelated_prompts(demo, edit
     paraphrases = [PROMPT.format(SUBJECT)] + [
         tasks.IOI_TEMPLATES[t].format(PLACE=p, OBJECT=o, **fill)
         for t, p, o in [(0, "park", "book"), (2, "school", "key"), (3, "garden", "ring"), (4, "office", "hat")]]
-    assert set(_top1(demo, paraphrases)) == {"Mary"}  # before: the IOI answer
-    assert _top1(edited, paraphrases) == [TARGET] * len(paraphrases)
     unrelated = [r["clean"] for r in tasks.generate("ioi", 24, seed=5)
                  if not {"John", "Mary", TARGET} & set(r["clean"].split())]
     assert len(unrelated) >= 10
-    assert _top1(edited, unrelated) == _top1(demo, unrelated)
+    before, after = _top1(demo, paraphrases + unrelated), _top1(edited, paraphrases + unrelated)  # one batch each
+    k = len(paraphrases)
+    assert set(before[:k]) == {"Mary"}  # before: the IOI answer
+    assert after[:k] == [TARGET] * k
+    assert after[k:] == before[k:]
 
 
 def test_second_moment_equals_torch_keys_and_is_cached(demo, edit, text_file, stats_env):
@@ -223,14 +225,16 @@ def test_memit_with_a_tiny_prior_weight_reaches_its_target_residual(demo, edit, 
     assert _top1(edited, [PROMPT.format(SUBJECT)]) == [TARGET]
 
 
-def test_counterfact_scores_of_the_demo_edit(demo, edit):
+def test_counterfact_scores_of_the_demo_edit(demo, edit, tmp_path):
     record = {"requested_rewrite": {"prompt": PROMPT, "subject": SUBJECT, "target_new": {"str": TARGET},
                                     "target_true": {"str": "Mary"}},
               "paraphrase_prompts": ["After Mary and John arrived at the park , John handed a book to"],
               "neighborhood_prompts": ["When Mary and Tom went to the store , Tom gave a drink to",
                                        "When Mary and Paul went to the park , Paul gave a ring to"]}
-    before = editing.evaluate_edits(demo, [record], gen_length=0)
-    after = editing.evaluate_edits(edit[0], [record], gen_length=0)
+    path = tmp_path / "counterfact.json"  # the records file, as CounterFact writes them
+    path.write_text(json.dumps([record]))
+    before = editing.evaluate_edits(demo, str(path), gen_length=0)
+    after = editing.evaluate_edits(edit[0], str(path), gen_length=0)
     assert (before["efficacy"], before["paraphrase"], before["neighborhood"]) == (0.0, 0.0, 1.0)
     assert (after["efficacy"], after["paraphrase"], after["efficacy_top1"]) == (1.0, 1.0, 1.0)
     assert after["n_neighborhood"] == 2
