@@ -39,9 +39,11 @@ def records(n_names: int, per_name: int, seed: int = 0) -> list[dict]:
             t = [0, 2, 3, 4][rng.integers(4)]
             fill = dict(PLACE=tasks.PLACES[rng.integers(12)], OBJECT=tasks.OBJECTS[rng.integers(12)])
             para = [tasks.IOI_TEMPLATES[u].format(N1=io, N2=s, S2=s, PLACE=tasks.PLACES[rng.integers(12)],
-                                                  OBJECT=tasks.OBJECTS[rng.integers(12)]) for u in (0, 2, 3, 4) if u != t]
+                                                  OBJECT=tasks.OBJECTS[rng.integers(12)])
+                    for u in (0, 2, 3, 4) if u != t]
             others = [x for x in names if x not in edited and x not in (io, new)]
-            neigh = [tasks.IOI_TEMPLATES[t].format(N1=io, N2=o, S2=o, **fill) for o in rng.choice(others, 2, replace=False)]
+            neigh = [tasks.IOI_TEMPLATES[t].format(N1=io, N2=o, S2=o, **fill)
+                     for o in rng.choice(others, 2, replace=False)]
             out.append({"requested_rewrite": {"prompt": tasks.IOI_TEMPLATES[t].format(N1=io, N2=s, S2="{}", **fill),
                                               "subject": s, "target_new": {"str": new}, "target_true": {"str": io}},
                         "paraphrase_prompts": para, "neighborhood_prompts": neigh})
@@ -88,7 +90,7 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - t
     names = {r["subject"] for r in flat} | {r["target_new"] for r in flat}
     unrel = unrelated(names)
-    before_u, after_u = editing._top1_ids(model, unrel), editing._top1_ids(edited, unrel)
+    before_u, after_u = editing.top1_ids(model, unrel), editing.top1_ids(edited, unrel)
     result = {"edits": len(flat), "layers": layers, "mom2_update_weight": args.mom2_weight, "steps": args.steps,
               "seconds": seconds, "before": editing.evaluate_edits(model, flat),
               "after": editing.evaluate_edits(edited, flat),
@@ -104,7 +106,7 @@ def main(argv=None) -> dict:
     if args.circuits:  # knowledge circuits before/after: EAP-IG on the facts and on an unrelated task
         from jaxinterp.knowledge import circuit_report
 
-        other = tasks.generate("induction", 32, seed=3)  # every name is edited or a target: the unrelated task is induction
+        other = tasks.generate("induction", 32, seed=3)  # every name is edited or a target: induction is unrelated
         csv = tasks.write_rows_csv(tasks.csv_rows(other, model.tokenizer), os.path.join(args.out, "unrelated.csv"))
         rep = circuit_report(model, edited, flat, csv, os.path.join(args.out, "circuits"), n=args.circuits)
         for task in ("fact", "unrelated"):

@@ -112,19 +112,10 @@ def _check_edit_args(args) -> list[dict]:
     return read_requests(args.requests)
 
 
-def _top1(model, texts) -> tuple[list[str], list[float]]:
-    import jax
-    import numpy as np
+def _top1(model, texts) -> list[str]:
+    from .editing import top1_ids
 
-    from .data import tokenize
-
-    words, probs = [], []
-    for ids in tokenize(model.tokenizer, texts):
-        p = jax.nn.softmax(model(np.asarray(ids, np.int32)[None])[0, -1])
-        i = int(np.argmax(p))
-        words.append(model.tokenizer.decode([i]).strip())
-        probs.append(float(p[i]))
-    return words, probs
+    return [model.tokenizer.decode([int(t)]).strip() for t in top1_ids(model, texts)]
 
 
 def cmd_edit(args) -> int:
@@ -157,7 +148,7 @@ def cmd_edit(args) -> int:
             raise JaxinterpError(f"--requests {args.requests}: request {i}: {e}") from None
     t = time.perf_counter()
     prompts = [r["template"].format(r["subject"]) for r in records]
-    before, _ = _top1(model, prompts)
+    before = _top1(model, prompts)
     tokens = editing.sample_tokens(model, args.text)
     contexts = ["{}"] if args.no_contexts else None
     if args.method == "rome":
@@ -183,7 +174,7 @@ def cmd_edit(args) -> int:
         mom2s = {l: editing.second_moment(model, l, tokens, progress=not args.quiet) for l in layers}
         edited = editing.memit(model, records, layers=layers, hparams=hp, mom2s=mom2s, contexts=contexts,
                                progress=not args.quiet)
-    after, p_after = _top1(edited, prompts)
+    after = _top1(edited, prompts)
     seconds = time.perf_counter() - t
     from .errors import require_finite
 
@@ -191,7 +182,7 @@ def cmd_edit(args) -> int:
     efficacy = float(np.mean([a == r["target_new"] for a, r in zip(after, records)]))
     record = {"method": args.method, "model": os.path.abspath(args.model), "layers": layers,
               "hparams": dataclasses.asdict(hp), "requests": records, "seconds": seconds,
-              "top1_before": before, "top1_after": after, "p_top1_after": p_after, "efficacy_top1": efficacy}
+              "top1_before": before, "top1_after": after, "efficacy_top1": efficacy}
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), edited.params)
     with tempfile.TemporaryDirectory() as tok_dir:  # the tokenizer as the model has it (also from a GGUF file)
         model.tokenizer.save_pretrained(tok_dir)

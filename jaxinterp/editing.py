@@ -38,7 +38,7 @@ import dataclasses
 import functools
 import hashlib
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +123,13 @@ def _pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarra
     for i, s in enumerate(seqs):
         tokens[i, :len(s)], mask[i, :len(s)] = s, 1
     return tokens, mask
+
+
+def _bucket(n: int, cfg: ModelConfig) -> int:
+    """``n`` tokens rounded up to a multiple of 8 (fewer compiled shapes), but never past
+    a learned-position model's context."""
+    ctx = cfg_ctx(cfg)
+    return max(n, min(-(-n // 8) * 8, ctx)) if ctx is not None else -(-n // 8) * 8
 
 
 def _pad_id(tokenizer) -> int:
@@ -434,7 +441,8 @@ def read_requests(path_or_records) -> list[dict]:
             raise EditError(f"{where}: request {i}: {e}") from None
         out.append({"template": template, "subject": subject,
                     "target_new": text(rw.get("target_new"), "target_new", i).strip(),
-                    "target_true": (text(rw.get("target_true"), "target_true", i, required=False) or "").strip() or None,
+                    "target_true": (text(rw.get("target_true"), "target_true", i, required=False) or "").strip()
+                    or None,
                     **lists})
     return out
 
@@ -457,7 +465,7 @@ def _v_rows(tokenizer, request: Request, contexts: Sequence[str], essence: str):
     return seqs + [ids], lookup + [last], tpos, target
 
 
-def _v_batch(tokenizer, reqs: Sequence[Request], contexts: Sequence[str], essence: str) -> dict:
+def _v_batch(tokenizer, reqs: Sequence[Request], contexts: Sequence[str], essence: str, cfg: ModelConfig) -> dict:
     """Every request's rows in one batch (``n_ctx`` rewrite rows, then one essence row, per
     request), right-padded to a multiple of 8 tokens (fewer compiled shapes). Targets are
     padded to the longest with weight 0."""
@@ -473,7 +481,7 @@ def _v_batch(tokenizer, reqs: Sequence[Request], contexts: Sequence[str], essenc
         tgt.append(target + [target[-1]] * (T - len(target)))
         w.append([1.0] * len(target) + [0.0] * (T - len(target)))
     tokens, mask = _pad(seqs, _pad_id(tokenizer))
-    extra = (-tokens.shape[1]) % 8
+    extra = _bucket(tokens.shape[1], cfg) - tokens.shape[1]
     tokens = np.pad(tokens, ((0, 0), (0, extra)), constant_values=_pad_id(tokenizer))
     mask = np.pad(mask, ((0, 0), (0, extra)))
     return dict(tokens=tokens, mask=mask, lookup=np.asarray(lookup, np.int32), logit_pos=np.asarray(pos, np.int32),
@@ -496,7 +504,7 @@ def capture_at(model, seqs: Sequence[Sequence[int]], lookup: Sequence[int], laye
     in batches padded to multiples of 8 rows and 8 tokens (few compiled shapes): numpy
     float64 ``hidden [n, d_mlp]``, ``mlp_out [n, d_model]``, ``resid [n, d_model]``."""
     pad_id = _pad_id(model.tokenizer)
-    n_pos = -(-max(map(len, seqs)) // 8) * 8
+    n_pos = _bucket(max(map(len, seqs)), model.cfg)
     out = {"hidden": [], "mlp_out": [], "resid": []}
     for i in range(0, len(seqs), batch_size):
         chunk, look = list(seqs[i:i + batch_size]), list(lookup[i:i + batch_size])
@@ -578,7 +586,7 @@ def optimise_values(model, reqs: Sequence[Request], layer: int, contexts: Sequen
     from tqdm.auto import tqdm
 
     cfg, params = model.cfg, model.params
-    batch = _v_batch(model.tokenizer, reqs, contexts, hp.essence)
+    batch = _v_batch(model.tokenizer, reqs, contexts, hp.essence, cfg)
     if cfg_ctx(cfg) is not None and int(batch["mask"].sum(1).max()) > cfg_ctx(cfg):
         raise EditError(f"the prefixed prompts have {int(batch['mask'].sum(1).max())} tokens, more than the model's "
                         f"context of {cfg_ctx(cfg)}; use shorter context prefixes")
@@ -780,8 +788,7 @@ def target_logprobs(model, prompts: Sequence[str], targets: Sequence[str], batch
         ids, t = _ids(model.tokenizer, prompt, "prompt"), target_token_ids(model.tokenizer, target)
         seqs.append(ids + t[:-1])
         spans.append((len(ids) - 1, t))
-    n_pos = -(-max(map(len, seqs)) // 8) * 8
-    T = max(len(t) for _, t in spans)
+    n_pos = _bucket(max(map(len, seqs)), model.cfg)
     out = np.zeros(len(seqs))
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
@@ -862,11 +869,12 @@ def evaluate_edits(model, records, gen_length: int = 20, seed: int = 0) -> dict:
         new = target_logprobs(model, prompts, [r["target_new"] for _, r in items])
         with_true = [i for i, (_, r) in enumerate(items) if r["target_true"]]
         if with_true:
-            true = target_logprobs(model, [prompts[i] for i in with_true], [items[i][1]["target_true"] for i in with_true])
+            true = target_logprobs(model, [prompts[i] for i in with_true],
+                                   [items[i][1]["target_true"] for i in with_true])
             wins = new[with_true] > true if name != "neighborhood" else true > new[with_true]
             out[name] = float(np.mean(wins))
         first = np.array([target_token_ids(model.tokenizer, r["target_new"])[0] for _, r in items])
-        top = _top1_ids(model, prompts)
+        top = top1_ids(model, prompts)
         hit = top == first
         out[f"{name}_top1"] = float(np.mean(~hit if name == "neighborhood" else hit))
         out[f"n_{name}"] = len(items)
@@ -876,10 +884,10 @@ def evaluate_edits(model, records, gen_length: int = 20, seed: int = 0) -> dict:
     return out
 
 
-def _top1_ids(model, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+def top1_ids(model, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """``[n]`` the top-1 next token of each prompt (padded batches)."""
     seqs = [_ids(model.tokenizer, p, "prompt") for p in prompts]
-    n_pos = -(-max(map(len, seqs)) // 8) * 8
+    n_pos = _bucket(max(map(len, seqs)), model.cfg)
     out = []
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]

@@ -22,7 +22,7 @@ circuits *for the answer the model gives*.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 

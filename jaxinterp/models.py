@@ -477,7 +477,8 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         raise ValueError(f"unknown intervention mode {iv.mode!r}; choose from {MODES}")
     if iv is not None and iv.coef is None and (iv.mode != "add" or iv.shift is None):
         raise ValueError("an intervention without edge coefficients (coef=None) must be mode 'add' with a shift")
-    if iv is not None and iv.coef is not None and iv.coef.ndim == 3 and (iv.mode == "add-one" or iv.coef.shape[0] != n_pos):
+    if iv is not None and iv.coef is not None and iv.coef.ndim == 3 and (iv.mode == "add-one"
+                                                                         or iv.coef.shape[0] != n_pos):
         raise ValueError(f"position-aware coefficients {iv.coef.shape} need one row per position ({n_pos}) "
                          f"and a mode other than add-one")
     if blocked is not None:

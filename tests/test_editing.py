@@ -64,7 +64,7 @@ def edit(demo, text_file, stats_env):
 
 def _top1(model, texts):
     """Top-1 next words (the batched, bucketed argmax the scores use: one compiled shape)."""
-    return [model.tokenizer.decode([int(t)]) for t in editing._top1_ids(model, texts)]
+    return [model.tokenizer.decode([int(t)]) for t in editing.top1_ids(model, texts)]
 
 
 def _rome_numpy(c, k_star, v_star, k_cur, cur_out):
@@ -92,7 +92,8 @@ def test_demo_edit_applies_the_closed_form(demo, edit, text_file):
     layer = info["layer"]
     c = editing.second_moment(demo, layer, editing.sample_tokens(demo, text_file))  # read from the cache
     want = _rome_numpy(c, info["k_star"], info["v_star"], info["k_cur"], info["cur_out"])
-    got = np.asarray(edited.params["blocks"]["mlp"]["w_out"][layer]) - np.asarray(demo.params["blocks"]["mlp"]["w_out"][layer])
+    w_before = np.asarray(demo.params["blocks"]["mlp"]["w_out"][layer])
+    got = np.asarray(edited.params["blocks"]["mlp"]["w_out"][layer]) - w_before
     # float32 parameters: the difference is rounded at the scale of w_out
     scale = np.abs(np.asarray(demo.params["blocks"]["mlp"]["w_out"][layer])).max()
     np.testing.assert_allclose(got, want, rtol=0, atol=4e-7 * scale + 1e-6 * np.abs(want).max())
@@ -135,7 +136,8 @@ def test_second_moment_equals_torch_keys_and_is_cached(demo, edit, text_file, st
     hook = hf.transformer.h[0].mlp.c_proj.register_forward_pre_hook(lambda m, i: keys.append(i[0].detach()))
     mask = tokens >= 0
     with torch.no_grad():
-        hf(torch.tensor(np.where(mask, tokens, 0), dtype=torch.long), attention_mask=torch.tensor(mask.astype(np.int64)))
+        hf(torch.tensor(np.where(mask, tokens, 0), dtype=torch.long),
+           attention_mask=torch.tensor(mask.astype(np.int64)))
     hook.remove()
     k = keys[0].double().numpy()[mask]  # [real tokens, d_mlp]
     want = k.T @ k / len(k)
