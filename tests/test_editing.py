@@ -108,6 +108,11 @@ def test_demo_edit_applies_the_closed_form(demo, edit, text_file):
     at = [i for i, t in enumerate(ids) if demo.tokenizer.decode([int(t)]) == SUBJECT][-1]  # its second mention
     out = editing.capture_at(edited, [ids], [at], layer)["mlp_out"][0]
     np.testing.assert_allclose(out, info["v_star"], atol=1e-4 * np.abs(info["v_star"]).max())
+    # the optimisation saw v* through the forward's node shift at the subject only; the edited weights give
+    # nearly the same p(target) (not exactly: the update also moves the MLP output wherever another key,
+    # e.g. the first "John", has a component along C^-1 k*)
+    p_edited = np.exp(editing.target_logprobs(edited, [PROMPT.format(SUBJECT)], [TARGET])[0])
+    assert p_edited == pytest.approx(info["history"][-1]["p_target"], abs=0.01)
 
 
 def test_demo_edit_makes_the_target_top1_and_leaves_unrelated_prompts(demo, edit):
