@@ -1,17 +1,23 @@
 """Shared fixtures: small random-init Hugging Face checkpoints built in the tests."""
 
-import csv
 import os
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite is compile-bound (a test runs for ~0.1 s what XLA took ~10 s to compile), so
+# it compiles without LLVM's backend optimisation: ~40% less compile time, results equal
+# to ~1e-6 of their scale. What the tests guard lives above LLVM: the one miscompilation
+# found so far (docs/upstream/jax_cpu_rmsnorm_vjp.py) reproduces at level 0 as at the
+# default. JAXINTERP_TEST_XLA_OPT=default runs the suite exactly as users compile.
+if os.environ.get("JAXINTERP_TEST_XLA_OPT", "0") != "default":
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 # load_model turns on the persistent compilation cache; tests stay hermetic (test_cache
 # gives its subprocesses a cache directory of their own)
 os.environ.setdefault("JAXINTERP_COMPILE_CACHE", "0")
 
-from jaxinterp.testing import NAMES, save_random_gpt2  # noqa: E402
+from jaxinterp.testing import save_random_gpt2, write_ioi_csv  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +34,22 @@ def _no_leaked_compile_cache():
     if jax.config.jax_compilation_cache_dir != before:
         jax.config.update("jax_compilation_cache_dir", before)
         compilation_cache.reset_cache()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free every compiled program after each test module. Each one keeps its machine code
+    in its own memory mappings (~3 per kernel); one process running the whole suite
+    accumulated tens of thousands (Linux allows 65,530 per process), and CI's run died of
+    a segfault inside XLA's compiler ~200 tests in. Later modules recompile what they
+    share (~the same time: the suite rarely reuses a program across modules)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -50,26 +72,6 @@ def padded_batch(vocab, n_pos=11, seed=0):
     lengths = np.array([n_pos, 7, 3])
     mask = (np.arange(n_pos)[None] < lengths[:, None]).astype(np.int64)
     return np.where(mask > 0, ids, 0), mask, lengths
-
-
-def write_ioi_csv(path, tokenizer, n=12, seed=0, ragged=False):
-    """IOI-shaped pairs over the test vocabulary; ``ragged`` varies prompt lengths."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        a, b, c = rng.choice(NAMES, 3, replace=False)
-        place = "school" if (ragged and i % 2) else "the store"
-        rows.append({
-            "clean": f"When {a} and {b} went to {place} , {b} gave a drink to",
-            "corrupted": f"When {a} and {b} went to {place} , {c} gave a drink to",
-            "correct_idx": tokenizer.convert_tokens_to_ids(a),
-            "incorrect_idx": tokenizer.convert_tokens_to_ids(b),
-        })
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return str(path)
 
 
 @pytest.fixture(scope="session")
