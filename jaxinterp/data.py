@@ -17,6 +17,7 @@ import contextlib
 import csv
 import dataclasses
 import math
+import os
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -137,6 +138,27 @@ def read_pairs_csv(path: str) -> list[dict]:
 
     with text_errors(path), open_text(path, newline="") as f:
         return _read_pairs(path, f)
+
+
+def write_pairs_csv(rows: Sequence[dict], path: str) -> str:
+    """Write ``rows`` as a pairs CSV in the reference's format, atomically: the inverse of
+    :func:`read_pairs_csv`, and the one writer of this format (generated tasks, MIB data,
+    the tests' and benchmarks' data). Columns ``clean, corrupted`` and, from the first row,
+    ``correct_idx, incorrect_idx`` or ``label``; a row's other keys are not written."""
+    import io as _io
+
+    from .io import atomic_write_text
+
+    if not rows:
+        raise DataError(f"{path}: no rows to write")
+    labels = ["label"] if "label" in rows[0] else ["correct_idx", "incorrect_idx"]
+    buf = _io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=["clean", "corrupted"] + labels, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def _read_pairs(path: str, f) -> list[dict]:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import time
-from importlib import resources
 from typing import Optional
 
 import numpy as np
+
+from .loading import demo_model_dir  # noqa: F401 (the demo model's home; imported from here too)
 
 DEMO_SEED = 20261123
 
@@ -25,22 +26,11 @@ DEMO_SEED = 20261123
 EXACT_MAX_EDGES = 20000  # the demo runs exact patching (the ground truth) up to this many edges
 
 
-def _word_level(tokenizer) -> bool:
-    """True for a word-level tokenizer like the shipped model's: ordinary punctuation
-    (``"store,"``) is outside its vocabulary."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    return unk is not None and unk in tokenizer("the store, then", add_special_tokens=False)["input_ids"]
-
-
 def _model_name(model: Optional[str]) -> str:
     """How the pictures and the report name the model (``--model`` as given)."""
     if model is None or os.path.abspath(model) == os.path.abspath(demo_model_dir()):
         return "the demo model"
     return os.path.basename(os.path.normpath(model))
-
-
-def demo_model_dir() -> str:
-    return str(resources.files("jaxinterp") / "demo" / "model")
 
 
 def _sizes(n_edges: int) -> list[int]:
@@ -71,7 +61,7 @@ def run_demo(model: Optional[str] = None, out_dir: str = "jaxinterp-demo", n_exa
     model_dir = model or demo_model_dir()
     m = load_model(model_dir)
     csv_path = os.path.join(out_dir, "ioi.csv")
-    if _word_level(m.tokenizer):  # the shipped model: prompts of its own words
+    if tasks.word_level(m.tokenizer):  # the shipped model: prompts of its own words
         tasks.write_pairs_csv("ioi", n_examples, csv_path, m.tokenizer, seed=DEMO_SEED)
     else:  # a pretrained model (e.g. smollm2): natural prompts, single-token names for its tokenizer
         tasks.write_rows_csv(tasks.generate_real("ioi", n_examples, m.tokenizer, seed=DEMO_SEED), csv_path)

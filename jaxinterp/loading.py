@@ -56,7 +56,7 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "to
              "merges.txt", "special_tokens_map.json", "tokenizer.model"]
 
 
-def _looks_like_hub_id(path: str) -> bool:
+def looks_like_hub_id(path: str) -> bool:
     """``name`` or ``org/name``, and not a local path: a typo in a path must say "does not
     exist", not try a download. A relative path whose first part is a local directory
     (``models/gpt2-smal``) or that names a file type (``.gguf``, ``.json``) is a path."""
@@ -80,6 +80,28 @@ def download_from_hub(repo_id: str) -> str:
             f"{repo_id!r} is not a local directory, and downloading it from the Hugging Face hub failed "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without network access, "
             f"pass a local checkpoint directory (config.json + model.safetensors + tokenizer files).") from e
+
+
+def model_files(source: str) -> str:
+    """The local file or directory of a model source: a path as it is, the name of a model
+    a package ships (``smollm2`` -> its .gguf file), or a hub id (fetched, or found in the
+    hub's cache)."""
+    from .conversion.gguf import packaged_gguf
+
+    if os.path.exists(source):
+        return source
+    if packaged_gguf(source):
+        return packaged_gguf(source)
+    if not looks_like_hub_id(source):
+        raise FileNotFoundError(f"model {source!r} does not exist")
+    return download_from_hub(source)
+
+
+def demo_model_dir() -> str:
+    """The shipped demo model's directory (inside the installed package)."""
+    from importlib import resources
+
+    return str(resources.files("jaxinterp") / "demo" / "model")
 
 
 def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None) -> Model:
@@ -106,17 +128,14 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None
     from .conversion import is_converted, load_converted, load_hf_checkpoint
     from .conversion.gguf import load_gguf_checkpoint, load_gguf_tokenizer, packaged_gguf
 
-    if not os.path.exists(path):
-        path = packaged_gguf(path) or path  # "smollm2" -> the package's .gguf file
+    if not os.path.exists(path) and not packaged_gguf(path) and not looks_like_hub_id(path):
+        raise FileNotFoundError(f"model directory {path!r} does not exist")
+    path = model_files(path)  # "smollm2" -> the package's .gguf file; a hub id -> its download
     tokenizer = None
     if os.path.isfile(path) or path.lower().endswith(".gguf"):
         cfg, params = load_gguf_checkpoint(path)  # refuses a file that is not GGUF, naming it
         tokenizer = load_gguf_tokenizer(path)
     else:
-        if not os.path.isdir(path):
-            if not _looks_like_hub_id(path):
-                raise FileNotFoundError(f"model directory {path!r} does not exist")
-            path = download_from_hub(path)
         cfg, params = load_converted(path) if is_converted(path) else load_hf_checkpoint(path)
         tokenizer = load_tokenizer(path)
     cfg = dataclasses.replace(cfg, group_kv_inputs=bool(grouped_kv))

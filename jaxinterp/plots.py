@@ -156,3 +156,34 @@ def _draw_circuit_matplotlib(graph: Graph, path: str, title: str = "") -> str:
                  "(q magenta, k green, v blue; dashed = negative)", fontsize=9)
     fig.tight_layout()
     return write_figure(fig, path)  # atomic: a failed write leaves an old picture whole
+
+
+def plot_sweep(results: list[dict], path: str) -> str:
+    """Faithfulness curves: one panel per (model, task), one line per method / steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    fig, axes = plt.subplots(len(models), len(tasks), figsize=(4.5 * len(tasks), 3.2 * len(models)),
+                             dpi=110, squeeze=False)
+    for r in results:
+        ax = axes[models.index(r["model"])][tasks.index(r["task"])]
+        c = r["curve"]
+        y = np.array([np.nan if v is None else v for v in c["faithfulness"]], float)
+        label = r["method"] + (f" ({r['ig_steps']} steps)" if r["ig_steps"] else "")
+        ax.plot(np.maximum(c["n_edges"], 1), y, marker="o", ms=3, label=label)
+    for i, m in enumerate(models):
+        for j, t in enumerate(tasks):
+            ax = axes[i][j]
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log")
+            ax.set_title(f"{m} / {t}", fontsize=9)
+            ax.set_xlabel("edges in circuit")
+            ax.set_ylabel("faithfulness")
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return write_figure(fig, path)  # atomic: a failed write leaves an old picture whole

@@ -67,8 +67,8 @@ except ImportError:  # Python 3.10
         tomllib = None
 
 from . import __version__
-from .io import (TMP_PREFIX, atomic_write_text, clean_tmp, dumps, file_hash, fingerprint, read_text,  # noqa: F401
-                 same_path, to_strict_json, write_figure)
+from .io import atomic_write_text, clean_tmp, dumps, file_hash, fingerprint, read_text, same_path, to_strict_json
+from .loading import model_files
 from .names import IG_METHODS
 
 SWEEP_KEYS = {"out": str, "methods": list, "ig_steps": list, "metric": str, "batch_size": int, "sizes": list,
@@ -194,10 +194,10 @@ def parse_sweep(text: str, base_dir: str = ".") -> Sweep:
         _check_name(name, "[models]")
         if not isinstance(path, str):
             raise SweepError(f"[models].{name} = {path!r}: expected a directory path")
-    from .loading import _looks_like_hub_id
+    from .loading import looks_like_hub_id
 
     # a relative path that is not a directory here may be a hub id such as "gpt2"
-    models = {name: path if _looks_like_hub_id(path) and not os.path.isdir(resolve(path)) else resolve(path)
+    models = {name: path if looks_like_hub_id(path) and not os.path.isdir(resolve(path)) else resolve(path)
               for name, path in models.items()}
 
     tasks = raw.get("tasks", {})
@@ -242,13 +242,6 @@ def load_sweep(path: str) -> Sweep:
 
 # --- files --------------------------------------------------------------------------------
 
-def atomic_write(path: str, text: str) -> None:
-    """:func:`jaxinterp.io.atomic_write_text` (temporary file, fsync, rename): a reader or
-    a restart after a kill never sees a partial file; a kill leaves at most a ``.tmp-*``
-    file, which :func:`clean_tmp` removes."""
-    atomic_write_text(path, text)
-
-
 class Lock:
     """An exclusive ``flock`` on ``OUT/.lock``; the kernel drops it when the holder dies."""
 
@@ -284,24 +277,6 @@ def read_runlog(out_dir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def model_files(source: str) -> str:
-    """The local file or directory of a model source (a hub id is fetched, or found in
-    the hub's cache)."""
-    from .loading import _looks_like_hub_id, download_from_hub
-
-    if os.path.exists(source):
-        return source
-    try:
-        from .conversion.gguf import packaged_gguf
-    except ImportError:  # pragma: no cover - older trees without GGUF support
-        packaged_gguf = lambda name: None  # noqa: E731
-    if packaged_gguf(source):
-        return packaged_gguf(source)
-    if not _looks_like_hub_id(source):
-        raise FileNotFoundError(f"model {source!r} does not exist")
-    return download_from_hub(source)
 
 
 def input_fingerprints(sweep: Sweep) -> dict:
@@ -399,7 +374,7 @@ def prepared_model_dir(out_dir: str, name: str, source: str, digest: Optional[st
             return target
     t = time.perf_counter()
     convert_hf(source, target)  # built beside the old conversion and swapped in
-    atomic_write(marker, json.dumps(stamp))
+    atomic_write_text(marker, json.dumps(stamp))
     _log(out_dir, "convert", model=name, source=source, seconds=time.perf_counter() - t, fingerprint=digest)
     return target
 
@@ -416,13 +391,7 @@ def task_pairs(model, task: dict, metric: str, limit: Optional[int], csv_path: s
 
         if model.tokenizer is None:
             raise SweepError("generated tasks need the model's tokenizer; this model directory has none")
-        rows = tasks_lib.csv_rows(tasks_lib.generate(task["generate"], task["n"], task["seed"]), model.tokenizer)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        os.makedirs(os.path.dirname(csv_path), exist_ok=True)
-        atomic_write(csv_path, buf.getvalue())
+        tasks_lib.write_pairs_csv(task["generate"], task["n"], csv_path, model.tokenizer, seed=task["seed"])
         data = csv_path
     pairs, _ = prepare_data(model, data, metric)
     return pairs.head(limit) if limit else pairs
@@ -476,7 +445,7 @@ def run_cell(sweep: Sweep, cell: Cell, model, pairs, mesh, out_dir: str,
               "graph": os.path.basename(graph_path), "curve": _finite(curve.to_dict()),
               "timing": {"attribute_s": attribute_s, "curve_s": curve_s}, **environment(mesh),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write(path, dumps(result, indent=1))
+    atomic_write_text(path, dumps(result, indent=1))
     return result
 
 
@@ -487,11 +456,8 @@ def run_sweep(path_or_sweep, out_dir: Optional[str] = None, quiet: bool = False)
     """Run every cell not finished yet; returns all cells' results. Writes the summary
     CSV and the curves picture at the end."""
     import jax
-    import jax.numpy as jnp
-    from tqdm.auto import tqdm
 
-    from .loading import load_model
-    from .sharding import make_mesh, parse_mesh
+    from .cache import disable_compile_cache, enable_compile_cache
 
     sweep = load_sweep(path_or_sweep) if isinstance(path_or_sweep, str) else path_or_sweep
     out_dir = out_dir or sweep.out
@@ -502,9 +468,26 @@ def run_sweep(path_or_sweep, out_dir: Optional[str] = None, quiet: bool = False)
         if os.path.exists(source) and same_path(out_dir, source):
             raise SweepError(f"the output directory {out_dir} is model {name}'s checkpoint; choose another --out")
     os.makedirs(os.path.join(out_dir, "cells"), exist_ok=True)
-    if jax.config.jax_compilation_cache_dir is None:
-        # a restarted sweep reuses the programs compiled before the kill
-        jax.config.update("jax_compilation_cache_dir", os.path.join(out_dir, "jax_cache"))
+    # a restarted sweep reuses the programs compiled before the kill (a cache the caller
+    # chose is kept; one turned on here is turned off again when the sweep returns)
+    cache_on = jax.config.jax_compilation_cache_dir is None
+    if cache_on:
+        enable_compile_cache(os.path.join(out_dir, "jax_cache"))
+    try:
+        return _run_cells(sweep, out_dir, quiet)
+    finally:
+        if cache_on:
+            disable_compile_cache()
+
+
+def _run_cells(sweep: Sweep, out_dir: str, quiet: bool) -> list[dict]:
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from .loading import load_model
+    from .plots import plot_sweep
+    from .sharding import make_mesh, parse_mesh
+
     cells = sweep.cells()
     results: dict[str, dict] = {}
     with Lock(out_dir):
@@ -577,36 +560,4 @@ def write_summary(results: list[dict], path: str, sizes: list[int]) -> None:
                     "attribute_s": f"{r['timing']['attribute_s']:.3f}", "curve_s": f"{r['timing']['curve_s']:.3f}",
                     "device": r["devices"]["kind"],
                     **{f"faithfulness@{n}": ("" if faith.get(n) is None else f"{faith[n]:.6g}") for n in sizes}})
-    atomic_write(path, buf.getvalue())
-
-
-def plot_sweep(results: list[dict], path: str) -> str:
-    """Faithfulness curves: one panel per (model, task), one line per method / steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    models = list(dict.fromkeys(r["model"] for r in results))
-    tasks = list(dict.fromkeys(r["task"] for r in results))
-    fig, axes = plt.subplots(len(models), len(tasks), figsize=(4.5 * len(tasks), 3.2 * len(models)),
-                             dpi=110, squeeze=False)
-    for r in results:
-        ax = axes[models.index(r["model"])][tasks.index(r["task"])]
-        c = r["curve"]
-        y = np.array([np.nan if v is None else v for v in c["faithfulness"]], float)
-        label = r["method"] + (f" ({r['ig_steps']} steps)" if r["ig_steps"] else "")
-        ax.plot(np.maximum(c["n_edges"], 1), y, marker="o", ms=3, label=label)
-    for i, m in enumerate(models):
-        for j, t in enumerate(tasks):
-            ax = axes[i][j]
-            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-            ax.set_xscale("log")
-            ax.set_title(f"{m} / {t}", fontsize=9)
-            ax.set_xlabel("edges in circuit")
-            ax.set_ylabel("faithfulness")
-            if ax.lines:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    return write_figure(fig, path)  # atomic: a failed write leaves an old picture whole
+    atomic_write_text(path, buf.getvalue())

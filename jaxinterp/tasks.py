@@ -38,10 +38,7 @@ words, found as the single token of ``" " + word`` in the given tokenizer) or ``
 
 from __future__ import annotations
 
-import argparse
-import csv
-import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -195,44 +192,11 @@ def csv_rows(rows: Sequence[dict], tokenizer) -> list[dict]:
 
 def write_pairs_csv(task: str, n: int, path: str, tokenizer, seed: int = 0) -> str:
     """Write ``n`` pairs of ``task`` to ``path`` in the reference's CSV format (atomically)."""
-    import io
-
-    from .io import atomic_write_text
+    from .data import write_pairs_csv as write
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of {task} pairs must be an integer >= 1, got {n!r}")
-    rows = csv_rows(generate(task, n, seed), tokenizer)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
-
-
-def main_generate(argv: Optional[Sequence[str]] = None) -> str:
-    """``generate TASK N OUT [--model DIR] [--seed S]``: write a pairs CSV.
-
-    The tokenizer is the one saved in ``--model`` (default: the shipped demo model).
-    """
-    p = argparse.ArgumentParser(prog="jaxinterp generate", description="Write a clean/corrupted pairs CSV.")
-    p.add_argument("task", choices=TASKS)
-    p.add_argument("n", type=int)
-    p.add_argument("out")
-    p.add_argument("--model", default=None, help="model directory whose tokenizer gives the label ids "
-                   "(default: the shipped demo model)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    from transformers import AutoTokenizer
-
-    if a.model is None:
-        from .demo import demo_model_dir
-        a.model = demo_model_dir()
-    tok = AutoTokenizer.from_pretrained(a.model)
-    write_pairs_csv(a.task, a.n, a.out, tok, seed=a.seed)
-    print(f"wrote {a.n} {a.task} pairs to {a.out}")
-    return a.out
+    return write(csv_rows(generate(task, n, seed), tokenizer), path)
 
 
 # --- tasks for real (sub-word) tokenizers ----------------------------------------------------
@@ -514,25 +478,35 @@ def model_correct(model, rows: Sequence[dict], criterion: str, batch_size: int =
 def write_rows_csv(rows: Sequence[dict], path: str) -> str:
     """Write rows of :func:`generate_real` to ``path`` in the reference's CSV format
     (``clean, corrupted`` and ``correct_idx, incorrect_idx`` or ``label``), atomically."""
-    import io
-    import tempfile
+    from .data import write_pairs_csv
 
-    if not rows:
-        raise ValueError(f"{path}: no rows to write")
-    fields = ["clean", "corrupted"] + (["label"] if "label" in rows[0] else ["correct_idx", "incorrect_idx"])
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".csv")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)  # a reader never sees half a file
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_pairs_csv(rows, path)
+
+
+def word_level(tokenizer) -> bool:
+    """True for a word-level tokenizer like the shipped model's (ordinary punctuation,
+    ``"store,"``, is outside its vocabulary): its prompts are :func:`generate`'s words;
+    any other tokenizer gets :func:`generate_real`'s natural text."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return unk is not None and unk in tokenizer("the store, then", add_special_tokens=False)["input_ids"]
+
+
+def write_task_csv(task: str, n: int, path: str, model, seed: int = 0, keep_correct: bool = False) -> dict:
+    """``jaxinterp generate``: ``n`` pairs of ``task`` for ``model`` (a :class:`jaxinterp.Model`)
+    written to ``path`` in the reference's CSV format. A word-level tokenizer (the shipped
+    model's) gets :func:`generate`'s prompts; any other (SmolLM2, GPT-2, ...) gets
+    :func:`generate_real`'s, scored by the model (its accuracy is returned) and, with
+    ``keep_correct``, only those it gets right. Returns what was written."""
+    tok = model.tokenizer
+    if word_level(tok):
+        if task not in TASKS:
+            raise ValueError(f"task {task!r} needs a pretrained model's tokenizer; the word-level model "
+                             f"{model.path} has {', '.join(TASKS)}")
+        if keep_correct:
+            raise ValueError("--keep-correct is for a pretrained model's natural prompts; the word-level "
+                             f"model {model.path} has the generated tasks' own words")
+        write_pairs_csv(task, n, path, tok, seed=seed)
+        return {"task": task, "n": n, "path": path, "style": "words", "accuracy": None}
+    rows = generate_real(task, n, tok, seed=seed, model=model, keep_correct=keep_correct)
+    write_rows_csv(rows, path)
+    return {"task": task, "n": n, "path": path, "style": "natural", "accuracy": rows.accuracy}

@@ -16,6 +16,25 @@ WORDS = ["When", "and", "went", "to", "the", "store", ",", "gave", "a", "drink",
          "park", "school", "Then", "had", "fun", "at", "."]
 
 
+def write_ioi_csv(path: str, tokenizer, n: int = 12, seed: int = 0, ragged: bool = False) -> str:
+    """``n`` IOI-shaped pairs over :data:`NAMES` for ``tokenizer`` (a word tokenizer over
+    :func:`small_vocab`): 15 tokens each with BOS; ``ragged`` alternates two lengths."""
+    import numpy as np
+
+    from .data import write_pairs_csv
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        a, b, c = rng.choice(NAMES, 3, replace=False)
+        place = "school" if (ragged and i % 2) else "the store"
+        rows.append({"clean": f"When {a} and {b} went to {place} , {b} gave a drink to",
+                     "corrupted": f"When {a} and {b} went to {place} , {c} gave a drink to",
+                     "correct_idx": tokenizer.convert_tokens_to_ids(a),
+                     "incorrect_idx": tokenizer.convert_tokens_to_ids(b)})
+    return write_pairs_csv(rows, str(path))
+
+
 def small_vocab() -> list[str]:
     return NAMES + WORDS
 

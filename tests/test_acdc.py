@@ -15,7 +15,7 @@ from jaxinterp.graph import Graph
 from jaxinterp.testing import save_random_gpt2
 
 from acdc_loop import loop_acdc
-from conftest import write_ioi_csv
+from jaxinterp.testing import write_ioi_csv
 
 
 @pytest.fixture(scope="module")

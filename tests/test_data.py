@@ -1,9 +1,8 @@
 """Pairs CSV reading and tokenisation (TransformerLens' to_tokens conventions)."""
 
-import numpy as np
 import pytest
 
-from jaxinterp.data import DataError, load_pairs, read_pairs_csv
+from jaxinterp.data import DataError, load_pairs, read_pairs_csv, write_pairs_csv
 
 
 def write(tmp_path, text):
@@ -53,3 +52,17 @@ def test_batches_pad_the_last_batch_with_zero_weight(tmp_path, model):
     assert len(batches) == 3 and all(b["clean"].shape[0] == 2 for b in batches)
     assert batches[-1]["weight"].tolist() == [1.0, 0.0]
     assert read_pairs_csv(write(tmp_path, "clean,corrupted,label\na,b,3\n"))[0]["labels"] == 3
+
+
+@pytest.mark.parametrize("labels", [{"correct_idx": 3, "incorrect_idx": 7}, {"label": 41}])
+def test_written_pairs_read_back_as_written(tmp_path, labels):
+    rows = [{"clean": 'He said "a, b"', "corrupted": "He said, x", "note": "not a column", **labels},
+            {"clean": "ü é", "corrupted": "ö è", **labels}]
+    path = write_pairs_csv(rows, str(tmp_path / "sub" / "pairs.csv"))
+    back = read_pairs_csv(path)
+    assert [(r["clean"], r["corrupted"]) for r in back] == [(r["clean"], r["corrupted"]) for r in rows]
+    want = (3, 7) if "label" not in labels else 41
+    assert all(r["labels"] == want for r in back)
+    assert open(path, encoding="utf-8").readline().strip().split(",") == ["clean", "corrupted", *labels]
+    with pytest.raises(DataError, match="no rows to write"):
+        write_pairs_csv([], str(tmp_path / "empty.csv"))

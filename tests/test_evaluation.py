@@ -137,7 +137,7 @@ def sharp(tmp_path_factory):
     from jaxinterp import load_model
     from jaxinterp.testing import save_random_gpt2
 
-    from conftest import write_ioi_csv
+    from jaxinterp.testing import write_ioi_csv
 
     path = save_random_gpt2(str(tmp_path_factory.mktemp("sharp_gpt2")), n_layer=2, n_head=4, n_embd=32, seed=0,
                             initializer_range=0.2)

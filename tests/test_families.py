@@ -30,13 +30,13 @@ from jaxinterp.attribution import attribute
 from jaxinterp.data import load_pairs
 from jaxinterp.tokenizer import build_word_tokenizer
 from jaxinterp.conversion import ConversionError, convert_hf, load_converted, load_hf_checkpoint
-from jaxinterp.graph import GraphSpec
 from jaxinterp.models import EdgeIntervention, forward
 
 torch = pytest.importorskip("torch")
 
 import family_reference  # noqa: E402
-from conftest import padded_batch, write_ioi_csv  # noqa: E402
+from conftest import padded_batch  # noqa: E402
+from jaxinterp.testing import write_ioi_csv  # noqa: E402
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}

@@ -8,10 +8,8 @@ names from the ``gguf`` package's own name map; llama's q/k row permutation, Gem
 from their description, independently of the reader in ``conversion/gguf.py``.
 """
 
-import csv
 import json
 import os
-import shutil
 
 import jax
 import numpy as np

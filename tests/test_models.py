@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp.graph import GraphSpec
 from jaxinterp.models import EdgeIntervention, forward, node_outputs, residual_stream
 
 import handbuilt

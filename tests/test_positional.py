@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import handbuilt
-from conftest import write_ioi_csv
+from jaxinterp.testing import write_ioi_csv
 from jaxinterp.attribution import attribute, prepare_data
 from jaxinterp.evaluation import evaluate_masks, faithfulness_curve
 from jaxinterp.metrics import logit_diff

@@ -132,9 +132,27 @@ def test_unknown_words_are_refused(tmp_path):
         tasks.generate("nope", 3)
 
 
-def test_main_generate(tmp_path, tok):
-    model_dir = tmp_path / "tok"
-    tok.save_pretrained(str(model_dir))
-    out = tasks.main_generate(["greater_than", "8", str(tmp_path / "gt.csv"), "--model", str(model_dir),
-                               "--seed", "2"])
-    assert [r["labels"] for r in read_pairs_csv(out)] == [g["label"] for g in tasks.generate("greater_than", 8, 2)]
+def test_generate_command_writes_the_demo_models_word_prompts(tmp_path, capsys):
+    from jaxinterp.cli import main
+
+    out = tmp_path / "gt.csv"
+    assert main(["generate", "greater_than", "--n", "8", "--out", str(out), "--seed", "2"]) == 0
+    assert [r["labels"] for r in read_pairs_csv(str(out))] == [g["label"] for g in tasks.generate("greater_than", 8, 2)]
+    assert "wrote 8 greater_than pairs in the model's own words" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["factual", "--n", "4"], "task 'factual' needs a pretrained model's tokenizer"),
+    (["ioi", "--n", "4", "--keep-correct"], "--keep-correct is for a pretrained model"),
+    (["ioi", "--n", "0"], "argument --n: 0 is not an integer >= 1"),
+])
+def test_generate_command_refuses_what_the_demo_model_cannot_do(tmp_path, capsys, argv, message):
+    from jaxinterp.cli import main
+
+    out = tmp_path / "x.csv"
+    try:
+        status = main(["generate", *argv, "--out", str(out)])
+    except SystemExit as e:  # argparse's own refusals
+        status = e.code
+    assert status == 2 and message in capsys.readouterr().err
+    assert not out.exists()
