@@ -26,8 +26,8 @@ ROME, as ``kmeng01/rome`` computes it:
 The default layer is the one whose MLP output, restored at the subject's last token, brings
 back most of the prediction in a causal trace (:mod:`jaxinterp.tracing`).
 
-A value delta is injected with the forward's node shift (``EdgeIntervention(coef=None,
-shift, mode="add")`` on node ``m{l}``), so the optimisation runs the one forward. Gemma 2
+A value delta is injected with the forward's ``mlp_delta`` (added to node ``m{l}``'s output
+at the subject's last token), so the optimisation runs the one forward. Gemma 2
 (sandwich norms) is refused: its ``m{l}`` node is the *normalised* MLP output, which a
 rank-one change of ``w_out`` does not move linearly.
 """
@@ -46,8 +46,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import JaxinterpError
-from .graph import GraphSpec
-from .models import EdgeIntervention, activations, forward
+from .models import activations, forward
 
 Array = jax.Array
 
@@ -519,16 +518,12 @@ def capture_at(model, seqs: Sequence[Sequence[int]], lookup: Sequence[int], laye
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _shifted_logits(params, cfg: ModelConfig, tokens, mask, lookup, logit_pos, delta, node: int):
+def _shifted_logits(params, cfg: ModelConfig, tokens, mask, lookup, logit_pos, delta, layer: int):
     """Logits ``[batch, k, vocab]`` at ``logit_pos [batch, k]`` with ``delta [batch, d_model]``
-    added to node ``node``'s output at each row's ``lookup``."""
-    B, P = tokens.shape
-    n_src = GraphSpec.from_config(cfg).n_forward
-    place = jax.nn.one_hot(lookup, P, dtype=delta.dtype)[:, :, None] * delta[:, None, :]  # [batch, pos, d_model]
-    source = jnp.zeros((n_src, B, P, delta.shape[-1]), delta.dtype).at[node].set(place)
-    shift = jnp.zeros((n_src,), delta.dtype).at[node].set(1.0)
-    return forward(params, cfg, tokens, mask, intervention=EdgeIntervention(None, source, shift, mode="add"),
-                   logit_positions=logit_pos)
+    added to layer ``layer``'s MLP node output at each row's ``lookup`` (which also moves the
+    residual after the block: MEMIT's z)."""
+    place = jax.nn.one_hot(lookup, tokens.shape[1], dtype=delta.dtype)[:, :, None] * delta[:, None, :]
+    return forward(params, cfg, tokens, mask, logit_positions=logit_pos, mlp_delta=(layer, place))
 
 
 def _safe_norm(x: Array, axis=-1) -> Array:
@@ -538,11 +533,11 @@ def _safe_norm(x: Array, axis=-1) -> Array:
     return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
-def _v_losses(deltas, params, cfg, batch, kl_init, target_norm, *, node, n_ctx, kl_factor, weight_decay):
+def _v_losses(deltas, params, cfg, batch, kl_init, target_norm, *, layer, n_ctx, kl_factor, weight_decay):
     """Per-request ROME loss ``[request]`` (and its parts) for ``deltas [request, d_model]``."""
     n_req = deltas.shape[0]
     logits = _shifted_logits(params, cfg, batch["tokens"], batch["mask"], batch["lookup"], batch["logit_pos"],
-                             deltas[batch["owner"]], node)
+                             deltas[batch["owner"]], layer)
     logp = jax.nn.log_softmax(logits, -1).reshape((n_req, n_ctx + 1) + logits.shape[1:])  # [req, row, T, vocab]
     picked = jnp.take_along_axis(logp[:, :n_ctx], jnp.broadcast_to(batch["target"][:, None, :, None],
                                                                    (n_req, n_ctx) + batch["target"].shape[1:] + (1,)),
@@ -556,15 +551,15 @@ def _v_losses(deltas, params, cfg, batch, kl_init, target_norm, *, node, n_ctx, 
     return nll_each.mean(1) + kl_factor * kl + wd, (nll_each, kl, kl_logp)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "node", "n_ctx", "kl_factor", "weight_decay", "lr"))
-def _v_step(deltas, state, active, params, cfg, batch, kl_init, target_norm, max_norm, *, node, n_ctx, kl_factor,
+@functools.partial(jax.jit, static_argnames=("cfg", "layer", "n_ctx", "kl_factor", "weight_decay", "lr"))
+def _v_step(deltas, state, active, params, cfg, batch, kl_init, target_norm, max_norm, *, layer, n_ctx, kl_factor,
             weight_decay, lr):
     """One Adam step of every active request's delta (Adam is elementwise, so one optimiser
     over the stacked deltas is one optimiser per request), then ROME's projection."""
     import optax
 
     def total(d):
-        losses, aux = _v_losses(d, params, cfg, batch, kl_init, target_norm, node=node, n_ctx=n_ctx,
+        losses, aux = _v_losses(d, params, cfg, batch, kl_init, target_norm, layer=layer, n_ctx=n_ctx,
                                 kl_factor=kl_factor, weight_decay=weight_decay)
         return losses.sum(), (losses, aux)
 
@@ -580,7 +575,7 @@ def optimise_values(model, reqs: Sequence[Request], layer: int, contexts: Sequen
                     progress: bool = True, residual: bool = False) -> tuple[np.ndarray, dict]:
     """ROME's ``compute_v`` for every request at once: ``(v* [request, d_model], info)``.
     ``residual``: the initial value is the residual after block ``layer`` instead of the
-    MLP output (MEMIT's ``compute_z``; the delta is added at the same node, whose shift
+    MLP output (MEMIT's ``compute_z``; the delta is added at the same node, which
     moves exactly that residual). A request stops when its loss falls below 0.05, as ROME's."""
     import optax
     from tqdm.auto import tqdm
@@ -592,13 +587,12 @@ def optimise_values(model, reqs: Sequence[Request], layer: int, contexts: Sequen
                         f"context of {cfg_ctx(cfg)}; use shorter context prefixes")
     n_ctx, n_req = batch.pop("n_ctx"), batch.pop("n_req")
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    node = GraphSpec.from_config(cfg).mlp_index(layer)
     first = np.arange(n_req) * (n_ctx + 1)  # each request's plain prompt (context "{}")
     seqs = [list(np.asarray(batch["tokens"][i][:int(batch["mask"][i].sum())])) for i in first]
     got = capture_at(model, seqs, [int(batch["lookup"][i]) for i in first], layer)
     target_init = jnp.asarray(got["resid" if residual else "mlp_out"], jnp.float32)
     tnorm = jnp.linalg.norm(target_init, axis=-1)
-    kw = dict(node=node, n_ctx=n_ctx, kl_factor=hp.kl_factor, weight_decay=hp.v_weight_decay)
+    kw = dict(layer=layer, n_ctx=n_ctx, kl_factor=hp.kl_factor, weight_decay=hp.v_weight_decay)
     deltas = jnp.zeros((n_req, cfg.d_model), jnp.float32)
     state = optax.adam(hp.v_lr).init(deltas)
     # the initial distributions: one call of the step itself with every request inactive (nothing moves)

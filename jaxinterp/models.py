@@ -81,10 +81,7 @@ class EdgeIntervention:
 
     coef:   ``[src, dst]`` edge coefficients (entries outside the real edges are ignored), or
             ``[pos, src, dst]``: one per edge and position (position-aware edges; the
-            gradient modes then give per-position scores, and ``add-one`` is not offered),
-            or None with mode ``add``: no edge is touched and only ``shift`` acts (the
-            plain forward with some node outputs moved, e.g. a ROME value delta), without
-            the per-layer edge contraction.
+            gradient modes then give per-position scores, and ``add-one`` is not offered).
     source: ``[src, batch, pos, d_model]`` activations (``replace``) or differences
             (``add``, ``grad``).
     shift:  optional ``[src]``: node ``u``'s output becomes ``out_u + shift_u * source_u``
@@ -94,7 +91,7 @@ class EdgeIntervention:
             output does); values are unchanged.
     """
 
-    coef: Optional[Array]
+    coef: Array
     source: Array
     shift: Optional[Array] = None
     detach: Optional[Array] = None
@@ -270,14 +267,16 @@ def _node_out(x: Array, nodes: Optional[tuple]) -> Array:
 
 
 def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, start, p, resid: Array,
-           edges: Optional[_Edges], nodes: Optional[tuple], blocked: Optional[Array] = None):
+           edges: Optional[_Edges], nodes: Optional[tuple], blocked: Optional[Array] = None,
+           m_delta: Optional[Array] = None):
     """One transformer layer over the circuit graph, as nanoGPT's block plus (*).
 
     ``window``: its sliding window (None, or an int); ``start``: the src index of its first
     head; ``p``: its parameters; ``edges``: its :class:`_Edges` (coefficients
     ``[..., src, n_attn_inputs + 1]``) or None (plain forward); ``nodes``: :func:`_node_out`'s
     arrays for its ``head + 1`` nodes; ``blocked``: None or ``[batch or 1, pos_q, pos_k]``
-    bool, attention edges knocked out in this layer (every head). Returns ``(resid out,
+    bool, attention edges knocked out in this layer (every head); ``m_delta``: None or
+    ``[batch, pos, d_model]`` added to its MLP node's output. Returns ``(resid out,
     heads [head, batch, pos, d_model], mlp out [batch, pos, d_model], mlp hidden [batch,
     pos, d_mlp], edges after this layer)``.
     """
@@ -307,6 +306,8 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
     if cfg.sandwich_norms:
         m_out = norm(cfg, p["ln2_post"], m_out)
     m_out = _node_out(m_out, mlp_nodes)
+    if m_delta is not None:  # a value delta (ROME's v*, MEMIT's z): the node's output moves, downstream sees it
+        m_out = m_out + m_delta.astype(m_out.dtype)
     if edges is not None:
         if cfg.parallel_attn_mlp:  # the heads join the stream beside the MLP
             edges = edges.with_outputs(start, heads)
@@ -357,10 +358,12 @@ def _layer_nodes(iv: Optional[EdgeIntervention], cfg: ModelConfig) -> tuple[Opti
 
 
 def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: Array, edges: Optional[_Edges],
-            nodes: Optional[tuple], remat: bool, scan: bool, blocked: Optional[Array] = None):
+            nodes: Optional[tuple], remat: bool, scan: bool, blocked: Optional[Array] = None,
+            mlp_delta: Optional[tuple] = None):
     """Every layer. ``edges``: the intervention with the input node's output, coefficients
     ``[..., src, dst]``; ``blocked``: None or ``[layer, batch or 1, pos_q, pos_k]`` knocked-out
-    attention edges. Returns ``(resid, edges for the logits, resid entering each layer
+    attention edges; ``mlp_delta``: None or ``(layer, delta [batch, pos, d_model])``.
+    Returns ``(resid, edges for the logits, resid entering each layer
     [layer, ...], heads [layer, head, ...], MLP outputs [layer, ...], MLP hidden
     activations [layer, batch, pos, d_mlp])``."""
     rotary = _rotary(cfg, resid.shape[1])
@@ -370,6 +373,11 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
     # remat: the backward recomputes a layer from its inputs instead of keeping its intermediates
     checkpoint = jax.checkpoint if remat else (lambda f: f)
 
+    def layer_delta(layer):  # the delta where ``layer`` is the chosen one, zeros elsewhere (layer may be traced)
+        if mlp_delta is None:
+            return None
+        return (jnp.asarray(layer) == mlp_delta[0]).astype(mlp_delta[1].dtype) * mlp_delta[1]
+
     if not scan:
         rs, hs, ms, ks = [], [], [], []
         for layer in range(cfg.n_layers):
@@ -378,7 +386,8 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
             e = None if edges is None else dataclasses.replace(edges, coef=blocks[layer])
             resid, heads, m_out, hidden, edges = step(at(params["blocks"], layer), resid, e,
                                                       None if nodes is None else at(nodes, layer),
-                                                      None if blocked is None else blocked[layer])
+                                                      None if blocked is None else blocked[layer],
+                                                      layer_delta(layer))
             hs.append(heads)
             ms.append(m_out)
             ks.append(hidden)
@@ -398,15 +407,18 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
 
     def body(carry, xs):
         resid, buf = carry
-        p, coef, window, start, layer_nodes, layer_blocked = xs
+        p, coef, window, start, layer_nodes, layer_blocked, index = xs
         # source is closed over, not carried: a loop invariant, never stacked per layer
         if mode is not None and mode != "add-one":  # rows not upstream of this layer are no edges
             coef = coef * _upstream(spec, start).astype(coef.dtype)
         e = None if mode is None else _Edges(coef, source, (buf,), mode, ((0, n_src),), scanned=True)
-        out, heads, m_out, hidden, e = step(window, start, p, resid, e, layer_nodes, layer_blocked)
+        out, heads, m_out, hidden, e = step(window, start, p, resid, e, layer_nodes, layer_blocked,
+                                            None if index is None else layer_delta(index))
         return (out, None if e is None else e.outs[0]), (resid, heads, m_out, hidden)
 
-    xs = (params["blocks"], blocks, windows, jnp.asarray(starts, jnp.int32), nodes, blocked)
+    # the delta itself is closed over (a loop invariant); only the layer index is scanned
+    xs = (params["blocks"], blocks, windows, jnp.asarray(starts, jnp.int32), nodes, blocked,
+          None if mlp_delta is None else jnp.arange(cfg.n_layers))
     (resid, buf), (rs, hs, ms, ks) = jax.lax.scan(body, (resid, buf), xs)
     edges = None if mode is None else _Edges(logits_coef, source, (buf,), mode, ((0, n_src),), scanned=True)
     return resid, edges, rs, hs, ms, ks
@@ -415,7 +427,8 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
 def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
             intervention: Optional[EdgeIntervention] = None, input_embeddings: Optional[Array] = None,
             return_node_outputs: bool = False, logit_positions: Optional[Array] = None, remat: bool = False,
-            scan: Optional[bool] = None, attention_block: Optional[Array] = None):
+            scan: Optional[bool] = None, attention_block: Optional[Array] = None,
+            mlp_delta: Optional[tuple] = None):
     """Run the model on ``tokens [batch, pos]``.
 
     attention_mask: ``[batch, pos]``, 1 for real tokens (right padding); default all ones.
@@ -434,11 +447,15 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
     attention_block: ``[layer, batch or 1, pos_q, pos_k]`` bool, True where query ``pos_q``
         must not attend to key ``pos_k`` in that layer (every head): attention knockout
         (:mod:`jaxinterp.knockout`). The caller keeps at least one key per query unblocked.
+    mlp_delta: ``(layer, delta [batch, pos, d_model])``: ``delta`` is added to that layer's
+        MLP node output (the ``m{layer}`` node, so the residual stream and every edge out of
+        it see it; ``layer`` may be traced). The value a ROME/MEMIT edit asks for
+        (:mod:`jaxinterp.editing`); a node shift without a ``[src, ...]``-sized source.
 
     Returns float32 logits ``[batch, pos, vocab]`` (and the node outputs).
     """
     run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, logit_positions, remat, scan,
-               attention_block)
+               attention_block, mlp_delta)
     return (run["logits"], run["outs"]) if return_node_outputs else run["logits"]
 
 
@@ -455,19 +472,23 @@ def residual_stream(params: Params, cfg: ModelConfig, tokens: Array, attention_m
 
 def activations(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None,
                 intervention: Optional[EdgeIntervention] = None, input_embeddings: Optional[Array] = None,
-                scan: Optional[bool] = None, attention_block: Optional[Array] = None) -> dict:
+                scan: Optional[bool] = None, attention_block: Optional[Array] = None,
+                mlp_delta: Optional[tuple] = None) -> dict:
     """One run of :func:`forward` with its capture points: ``logits [batch, pos, vocab]``,
     ``resid [n_layers + 1, batch, pos, d_model]`` (as :func:`residual_stream`),
     ``mlp_hidden [layer, batch, pos, d_mlp]`` (each MLP's input to ``w_out``: ROME's keys),
     ``mlp_out [layer, batch, pos, d_model]`` and ``outs [src, batch, pos, d_model]``
-    (every node's output). Under jit the ones a caller does not read are not computed."""
-    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, scan=scan, blocked=attention_block)
+    (every node's output). Under jit the ones a caller does not read are not computed.
+    ``mlp_delta`` as :func:`forward`."""
+    run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, scan=scan, blocked=attention_block,
+               mlp_delta=mlp_delta)
     return {k: run[k] for k in ("logits", "resid", "mlp_hidden", "mlp_out", "outs")}
 
 
 def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array],
          iv: Optional[EdgeIntervention], input_embeddings: Optional[Array], logit_positions: Optional[Array] = None,
-         remat: bool = False, scan: Optional[bool] = None, blocked: Optional[Array] = None) -> dict:
+         remat: bool = False, scan: Optional[bool] = None, blocked: Optional[Array] = None,
+         mlp_delta: Optional[tuple] = None) -> dict:
     spec = GraphSpec.from_config(cfg)
     n_batch, n_pos = tokens.shape
     scan = cfg.n_layers >= SCAN_MIN_LAYERS if scan is None else scan
@@ -475,12 +496,12 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         attention_mask = jnp.ones((n_batch, n_pos), jnp.int32)
     if iv is not None and iv.mode not in MODES:
         raise ValueError(f"unknown intervention mode {iv.mode!r}; choose from {MODES}")
-    if iv is not None and iv.coef is None and (iv.mode != "add" or iv.shift is None):
-        raise ValueError("an intervention without edge coefficients (coef=None) must be mode 'add' with a shift")
-    if iv is not None and iv.coef is not None and iv.coef.ndim == 3 and (iv.mode == "add-one"
-                                                                         or iv.coef.shape[0] != n_pos):
+    if iv is not None and iv.coef.ndim == 3 and (iv.mode == "add-one" or iv.coef.shape[0] != n_pos):
         raise ValueError(f"position-aware coefficients {iv.coef.shape} need one row per position ({n_pos}) "
                          f"and a mode other than add-one")
+    if mlp_delta is not None and tuple(mlp_delta[1].shape) != (n_batch, n_pos, cfg.d_model):
+        raise ValueError(f"mlp_delta's delta {tuple(mlp_delta[1].shape)} must be [batch={n_batch}, pos={n_pos}, "
+                         f"d_model={cfg.d_model}]")
     if blocked is not None:
         if blocked.ndim != 4 or blocked.shape[0] != cfg.n_layers or blocked.shape[1] not in (1, n_batch) \
                 or blocked.shape[2:] != (n_pos, n_pos):
@@ -493,7 +514,7 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         # any shifts), so its outputs come from one forward pass first and the edge probe
         # contracts a fixed source.
         outs = _run(params, cfg, tokens, attention_mask, dataclasses.replace(iv, mode="grad"), input_embeddings,
-                    logit_positions, scan=True, blocked=blocked)["outs"]
+                    logit_positions, scan=True, blocked=blocked, mlp_delta=mlp_delta)["outs"]
         iv = dataclasses.replace(iv, source=iv.source - jax.lax.stop_gradient(outs).astype(iv.source.dtype),
                                  mode="grad")
 
@@ -502,9 +523,9 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     resid = emb
     if cfg.positional == "learned":
         resid = resid + ops.pos_embed(params["embed"]["w_pos"], n_pos)[None]
-    edges = None if iv is None or iv.coef is None else _Edges(iv.coef, iv.source, (emb[None],), iv.mode, ((0, 1),))
+    edges = None if iv is None else _Edges(iv.coef, iv.source, (emb[None],), iv.mode, ((0, 1),))
     resid, edges, resids, heads, mlps, hidden = _layers(params, cfg, spec, resid, attention_mask, edges, nodes, remat,
-                                                        scan, blocked)
+                                                        scan, blocked, mlp_delta)
 
     n_f = _normed(cfg, edges, resid, slice(0, 1), params["ln_f"])
     n_f = n_f if edges is None else n_f[0]
