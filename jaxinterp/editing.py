@@ -253,10 +253,11 @@ def sample_tokens(model, text_file: Optional[str] = None, n_samples: Optional[in
                   length: Optional[int] = None, seed: int = 0) -> np.ndarray:
     """The text sample for statistics as tokens ``[n, pos]`` right-padded with -1: the
     first ``n_samples`` (default all) non-empty lines of ``text_file``, each cut to
-    ``length`` tokens, or ``n_samples`` (default 64) texts of ``length`` tokens the model
-    generates (default length: up to 32 tokens)."""
+    ``length`` tokens after BOS (default 127), or ``n_samples`` (default 64) texts of
+    ``length`` tokens the model generates (default 31); never past a learned-position
+    model's context."""
     ctx = cfg_ctx(model.cfg)
-    length = length or min(32, ctx or 32) - 1
+    length = length or (31 if text_file is None else 127)
     if ctx is not None:
         length = min(length, ctx - 1)
     if text_file is None:
