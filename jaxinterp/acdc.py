@@ -69,11 +69,17 @@ def processing_order(spec: GraphSpec) -> list[int]:
     return order
 
 
-def stack_batches(pairs: Pairs, batch_size: int) -> dict:
+def stack_batches(pairs: Pairs, batch_size: int, mesh=None) -> dict:
     """All of ``pairs`` as arrays ``[n_batches, batch, ...]`` (the last batch padded with
-    weight-0 rows), so that one compiled call can sum the metric over the whole data."""
+    weight-0 rows), so that one compiled call can sum the metric over the whole data.
+    With ``mesh``, each batch is padded (weight 0) to a multiple of the ``data`` axis and
+    split over it."""
     batches = list(pairs.batches(batch_size))
-    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    if mesh is None:
+        return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    from .sharding import shard_stacked
+
+    return shard_stacked(batches, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "intervention"))
@@ -148,7 +154,7 @@ def _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst, pare
 
 def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div", batch_size: int = 32,
          absolute: bool = False, intervention: str = "patching", quiet: bool = False,
-         intervention_data: Union[str, Pairs, None] = None) -> Graph:
+         intervention_data: Union[str, Pairs, None] = None, mesh=None) -> Graph:
     """Run ACDC on ``data`` (a pairs CSV path or :class:`Pairs`) and return the circuit.
 
     threshold: an edge is removed when its removal raises ``L`` by less than this.
@@ -160,12 +166,14 @@ def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div
         stay in device memory for the whole run.
     intervention: what removed edges carry, as in :func:`jaxinterp.evaluate_graph`
         (the ``mean`` interventions average over ``intervention_data``, default ``data``).
+    mesh: shard over a ``("data", "model")`` mesh (:mod:`jaxinterp.sharding`): each batch's
+        examples over ``data``, the model over ``model``; the circuit is the same.
     """
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold}")
-    run = prepare_run(model, data, metric, intervention, intervention_data, batch_size)
+    run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
     spec, cfg, params = model.graph_spec, model.cfg, run.model.params
-    stacked = stack_batches(run.pairs, batch_size)
+    stacked = stack_batches(run.pairs, batch_size, mesh)
     clean_logits, corr_outs = _prepare(params, stacked, run.means, cfg=cfg, intervention=intervention)
     real = spec.real_edge_mask
     in_graph = jnp.asarray(real)

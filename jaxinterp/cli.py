@@ -13,7 +13,6 @@ prints one line naming the file or option and the cause, exit status 2, no trace
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -23,7 +22,7 @@ import time
 
 from .errors import JaxinterpError
 from .io import dumps
-from .names import INTERVENTIONS, METHODS, METRICS, OBJECTIVES
+from .names import INTERVENTIONS, METHODS, METRICS
 
 
 # --- option types: a bad value is an argparse error naming the option, before any work ----
@@ -109,6 +108,14 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
                        help="grouped-query attention: one <k>/<v> input per key/value head (a{l}.kv{g}<k>, fewer "
                             "edges) instead of one per query head (the reference's view, the default); a graph "
                             "file must be used with the view it was made in")
+        p.add_argument("--mesh", default=None, metavar="DxM", type=_mesh_shape,
+                       help="shard over a DATAxMODEL device mesh, e.g. 2x4: examples over 2, heads/MLP units over 4")
+        p.add_argument("--distributed", action="store_true",
+                       help="join other processes first (jax.distributed; JAXINTERP_COORDINATOR, "
+                            "JAXINTERP_NUM_PROCESSES, JAXINTERP_PROCESS_ID or the cluster's own variables)")
+        p.add_argument("--distributed-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                       help="with --distributed: give up (exit 2, saying why) when not every process has joined "
+                            "after this long (default: JAXINTERP_DISTRIBUTED_TIMEOUT or 300)")
 
 
 def _load(args, mesh=None):
@@ -249,15 +256,20 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate
     from .graph import Graph
 
-    model, pairs = _load(args)
+    mesh = _mesh(args)
+    model, pairs = _load(args, mesh)
     graph = Graph.from_json(args.graph, spec=model.graph_spec)  # refuses the other view's files
     if args.top_n is not None:
         graph.apply_topn(args.top_n, absolute=not args.signed)
     elif args.threshold is not None:
         graph.apply_threshold(args.threshold, absolute=not args.signed)
     # the circuit (pruned), the full model, the empty circuit and the corrupted run: one pass
-    values = evaluate(model, graph, pairs, args.metric, args.intervention, args.batch_size,
+    values = evaluate(model, graph, pairs, args.metric, args.intervention, args.batch_size, mesh=mesh,
                       intervention_data=args.intervention_data)
+    import jax
+
+    if jax.process_index() != 0:  # every process holds the same values; one prints them
+        return 0
     result = {"edges": graph.count_included_edges(), "nodes": graph.count_included_nodes(),
               "metric": args.metric, "intervention": args.intervention, **values.to_dict()}
     _require_finite_results(result, args.metric)
@@ -284,7 +296,8 @@ def cmd_curve(args) -> int:
     from .graph import Graph
     from .plots import plot_curves
 
-    model, pairs = _load(args)
+    mesh = _mesh(args)
+    model, pairs = _load(args, mesh)
     graph = Graph.from_json(args.graph, spec=model.graph_spec)  # refuses the other view's files
     n_edges = graph.spec.n_edges
     sizes = sorted({s for s in args.sizes if s <= n_edges})
@@ -297,7 +310,7 @@ def cmd_curve(args) -> int:
               f"{', '.join(map(str, skipped))}", file=sys.stderr)
     curve = faithfulness_curve(model, graph, pairs, sizes, metric=args.metric, intervention=args.intervention,
                                intervention_data=args.intervention_data, batch_size=args.batch_size,
-                               absolute=not args.signed, label=args.graph, quiet=False)
+                               absolute=not args.signed, label=args.graph, quiet=False, mesh=mesh)
     # before anything is drawn: NaN metric values mean a broken model, never a curve
     from .errors import require_finite
 
@@ -306,6 +319,10 @@ def cmd_curve(args) -> int:
     if not all(math.isfinite(f) for f in curve.faithfulness):
         raise JaxinterpError(f"faithfulness is undefined: the full model and the empty circuit both give "
                              f"{args.metric} {curve.clean:.6g}; no curve to draw")
+    import jax
+
+    if jax.process_index() != 0:  # every process holds the same curve; one draws it
+        return 0
     plot_curves([curve], args.out)
     for n, kept, f in zip(curve.sizes, curve.n_edges, curve.faithfulness):
         print(f"top {n:>6}  ({kept:>6} edges after pruning)  faithfulness {f:.4f}")
@@ -316,10 +333,16 @@ def cmd_curve(args) -> int:
 def cmd_acdc(args) -> int:
     from .acdc import acdc
 
-    model, pairs = _load(args)
+    mesh = _mesh(args)
+    model, pairs = _load(args, mesh)
     t = time.perf_counter()
     graph = acdc(model, pairs, args.threshold, metric=args.metric, batch_size=args.batch_size,
-                 absolute=args.absolute, intervention=args.intervention, intervention_data=args.intervention_data)
+                 absolute=args.absolute, intervention=args.intervention, intervention_data=args.intervention_data,
+                 mesh=mesh)
+    import jax
+
+    if jax.process_index() != 0:  # every process holds the same circuit; one writes it
+        return 0
     graph.to_json(args.out)
     print(f"ACDC (threshold {args.threshold}, {args.metric}): kept {graph.count_included_edges()} edges of "
           f"{graph.spec.n_edges} on {len(pairs)} examples in {time.perf_counter() - t:.1f}s -> {args.out}")
@@ -335,7 +358,7 @@ def cmd_prune(args) -> int:
     model, pairs = _load(args, mesh)  # each device receives only its shards
     init = Graph.from_json(args.init_graph, spec=model.graph_spec) if args.init_graph else None
     t = time.perf_counter()
-    result = learn_circuit(model, pairs, args.edges, objective=args.objective, intervention=args.intervention,
+    result = learn_circuit(model, pairs, args.edges, objective=args.metric, intervention=args.intervention,
                            intervention_data=args.intervention_data, steps=args.steps, lr=args.lr,
                            batch_size=args.batch_size, init_scores=init, positional=args.positional,
                            seed=args.seed, mesh=mesh)
@@ -352,7 +375,7 @@ def cmd_prune(args) -> int:
     history_png = _training_png(args.out)
     plot_pruning_history(result.history, history_png)
     h = result.history
-    print(f"edge pruning ({args.objective}, {args.steps} steps, {seconds:.1f}s): kept "
+    print(f"edge pruning ({args.metric}, {args.steps} steps, {seconds:.1f}s): kept "
           f"{result.graph.count_included_edges()} {'(position, edge) entries' if args.positional else 'edges'}; "
           f"final loss {h['faithfulness_loss'][-1]:.4f} of the empty circuit's, expected density "
           f"{h['density'][-1]:.4f} (target {h['target'][-1]:.4f}) -> {args.out}, {history_png}")
@@ -462,17 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integration steps for the EAP-IG methods (default: 5)")
     p.add_argument("--remat", action="store_true",
                    help="recompute each layer in the backward pass (less memory, about one more forward)")
-    p.add_argument("--mesh", default=None, metavar="DxM", type=_mesh_shape,
-                   help="shard over a DATAxMODEL device mesh, e.g. 2x4: examples over 2, heads/MLP units over 4")
     p.add_argument("--max-memory", default=None, metavar="SIZE", type=_memory_size,
                    help="device memory to fit in, e.g. 70GB or 512MiB: picks the largest batch size that fits "
                         "(overrides --batch-size)")
-    p.add_argument("--distributed", action="store_true",
-                   help="join other processes first (jax.distributed; JAXINTERP_COORDINATOR, "
-                        "JAXINTERP_NUM_PROCESSES, JAXINTERP_PROCESS_ID or the cluster's own variables)")
-    p.add_argument("--distributed-timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="with --distributed: give up (exit 2, saying why) when not every process has joined "
-                        "after this long (default: JAXINTERP_DISTRIBUTED_TIMEOUT or 300)")
     p.add_argument("--top-n", type=_nonneg_int, default=None,
                    help="mark the top-N edges as the circuit in the output")
     p.add_argument("--signed", action="store_true", help="rank by signed score instead of absolute value")
@@ -520,11 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(metric="kl_div")
     p.description = ("Edge Pruning (Bhaskar et al. 2024): hard-concrete masks on every edge, trained with Adam to "
                      "keep the output close to the full model while a Lagrangian drives the expected edge count to "
-                     "--edges. Edges outside the circuit carry what --intervention says, as in evaluation.")
+                     "--edges. Edges outside the circuit carry what --intervention says, as in evaluation. --metric "
+                     "is the faithfulness loss: kl_div (default here: KL from the full model, the paper's choice) or "
+                     "the squared difference of a task metric from the full model's.")
     p.add_argument("--edges", type=_positive_int, required=True, help="edges in the circuit ((position, edge) entries with "
                                                             "--positional)")
-    p.add_argument("--objective", default="kl_div", choices=OBJECTIVES,
-                   help="KL from the full model (default) or the squared difference of a task metric from it")
     p.add_argument("--steps", type=_positive_int, default=500,
                    help="optimisation steps, one batch each (default: 500)")
     p.add_argument("--lr", type=_positive_float, default=0.1,
@@ -533,7 +548,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positional", action="store_true",
                    help="one mask per (position, edge); all prompts must have one token length")
     p.add_argument("--seed", type=_int, default=0, help="seed of the mask noise")
-    p.add_argument("--mesh", default=None, metavar="DxM", type=_mesh_shape, help="shard over a DATAxMODEL device mesh, e.g. 2x4")
     p.add_argument("--out", required=True, help="graph JSON to write (position-aware: its own JSON format); a "
                                                 "picture of the training goes next to it")
     p.set_defaults(func=cmd_prune)

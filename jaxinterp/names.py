@@ -18,8 +18,9 @@ IG_METHODS = ("EAP-IG-inputs", "EAP-IG-activations")
 METRICS = ("logit_diff", "prob_diff", "kl_div")
 #: what an edge outside a circuit carries (:mod:`jaxinterp.interventions`)
 INTERVENTIONS = ("patching", "zero", "mean", "mean-positional")
-#: faithfulness losses of learned circuits (:mod:`jaxinterp.edge_pruning`)
-OBJECTIVES = ("kl_div", "logit_diff", "prob_diff")
+#: faithfulness losses of learned circuits (:mod:`jaxinterp.edge_pruning`): every task
+#: metric (KL from the full model, or a metric's squared difference from it)
+OBJECTIVES = METRICS
 
 
 def check_name(kind: str, value: str, choices: Sequence[str]) -> str:

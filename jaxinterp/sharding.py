@@ -162,6 +162,14 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return {k: _put(v, NamedSharding(mesh, P(axis))) for k, v in batch.items()}
 
 
+def shard_stacked(batches: Sequence[dict], mesh: Mesh) -> dict:
+    """Batches stacked to ``[n_batches, batch, ...]`` leaves, each batch padded as
+    :func:`shard_batch` pads it and split over the ``data`` axis along its second axis."""
+    axis = MESH_RULES["batch"]
+    batches = [pad_batch(b, mesh.shape[axis]) for b in batches]
+    return {k: _put(np.stack([b[k] for b in batches]), NamedSharding(mesh, P(None, axis))) for k in batches[0]}
+
+
 def replicate(x, mesh: Optional[Mesh]):
     """``x`` copied to every device of ``mesh`` (no mesh or no ``x``: unchanged)."""
     return x if mesh is None or x is None else _put(x, NamedSharding(mesh, P()))

@@ -8,7 +8,7 @@ import pytest
 
 from jaxinterp import load_model
 from jaxinterp.acdc import acdc, processing_order
-from jaxinterp.attribution import prepare_data
+from jaxinterp.interventions import prepare_data
 from jaxinterp.cli import main
 from jaxinterp.evaluation import evaluate_baseline, evaluate_graph, evaluate_masks
 from jaxinterp.graph import Graph

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp.attribution import AttributionError, attribute, prepare_data
+from jaxinterp.attribution import AttributionError, attribute
+from jaxinterp.interventions import prepare_data
 from jaxinterp.loading import load_model
 from jaxinterp.metrics import logit_diff
 
@@ -187,7 +188,7 @@ def _handbuilt_means(model, pairs):
 
 
 def test_mean_activations_average_each_node_over_the_real_tokens(model, pairs):
-    from jaxinterp.attribution import mean_activations
+    from jaxinterp.interventions import mean_activations
 
     assert len(set(pairs.lengths)) > 1  # ragged prompts: padding must be left out
     overall, per_pos = _handbuilt_means(model, pairs)

@@ -39,7 +39,7 @@ def test_help_explains_options(capsys):
 
 
 def test_evaluate_with_mean_ablation_over_other_prompts(tmp_path, gpt2_dir, ioi_csv, model, capsys):
-    from jaxinterp.attribution import prepare_data
+    from jaxinterp.interventions import prepare_data
     from jaxinterp.evaluation import evaluate_empty, evaluate_graph
 
     from jaxinterp.testing import write_ioi_csv
@@ -73,4 +73,7 @@ def test_prune_writes_a_circuit_of_the_requested_size(tmp_path, gpt2_dir, ioi_cs
     g = Graph.from_json(out)
     assert g.count_included_edges() == 20
     assert os.path.getsize(str(tmp_path / "learned_training.png")) > 1000
-    assert "kept 20 edges" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kept 20 edges" in printed and "edge pruning (kl_div, 30 steps" in printed  # --metric is the loss
+    with pytest.raises(SystemExit):  # one option for the loss: --metric (the old --objective is gone)
+        main(["prune", "--model", gpt2_dir, "--data", ioi_csv, "--edges", "20", "--objective", "kl_div", "--out", out])

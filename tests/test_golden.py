@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 
 from jaxinterp import load_model
-from jaxinterp.attribution import attribute, prepare_data
+from jaxinterp.attribution import attribute
+from jaxinterp.interventions import prepare_data
 from jaxinterp.data import Pairs
 from jaxinterp.evaluation import evaluate_baseline, evaluate_graph, evaluate_masks
 from jaxinterp.graph import Graph

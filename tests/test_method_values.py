@@ -19,7 +19,8 @@ import pytest
 
 import handbuilt
 from jaxinterp import load_model, tasks
-from jaxinterp.attribution import attribute, prepare_data
+from jaxinterp.attribution import attribute
+from jaxinterp.interventions import prepare_data
 from jaxinterp.demo import demo_model_dir
 
 STEPS = 2

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from jaxinterp import load_model, mib
-from jaxinterp.attribution import prepare_data
+from jaxinterp.interventions import prepare_data
 from jaxinterp.graph import Graph
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

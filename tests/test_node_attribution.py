@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from jaxinterp import load_model, mib
-from jaxinterp.attribution import prepare_data
+from jaxinterp.interventions import prepare_data
 from jaxinterp.graph import Graph
 from jaxinterp.node_attribution import assemble, neuron_scores
 

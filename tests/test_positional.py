@@ -7,7 +7,8 @@ import pytest
 
 import handbuilt
 from jaxinterp.testing import write_ioi_csv
-from jaxinterp.attribution import attribute, prepare_data
+from jaxinterp.attribution import attribute
+from jaxinterp.interventions import prepare_data
 from jaxinterp.evaluation import evaluate_masks, faithfulness_curve
 from jaxinterp.metrics import logit_diff
 from jaxinterp.positional import PositionalGraph, PositionError

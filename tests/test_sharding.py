@@ -62,7 +62,7 @@ def workers(gpt2_dir, ioi_csv, tmp_path_factory):
 
 def _wait(procs):
     for p in procs:
-        out, _ = p.communicate(timeout=400)
+        out, _ = p.communicate(timeout=900)  # a hang guard: a loaded 2-core machine takes minutes
         assert p.returncode == 0, f"worker failed ({p.args[2]}):\n{out[-4000:]}"
 
 
@@ -116,6 +116,23 @@ def test_cli_mesh_flag(mesh_run, single):
     info, scores = mesh_run
     assert info["cli_rc"] == 0
     _close(scores["cli-EAP"], single["EAP"])
+
+
+def test_acdc_command_on_mesh(mesh_run, model, ioi_csv):
+    from jaxinterp.acdc import acdc
+    from multidevice_worker import ACDC_THRESHOLD
+
+    info, scores = mesh_run
+    assert info["acdc_rc"] == 0
+    single = acdc(model, ioi_csv, ACDC_THRESHOLD, metric="logit_diff", absolute=True, batch_size=BATCH, quiet=True)
+    real = model.graph_spec.real_edge_mask
+    assert 0 < single.in_graph[real].sum() < real.sum()  # the threshold makes real decisions
+    # a score is a difference of two mean logit differences of size ~1: float32 rounding
+    # makes it uncertain by ~1e-6 absolute, whatever the score's own size
+    margin = np.abs(np.abs(single.scores[real]) - ACDC_THRESHOLD).min()
+    assert margin > 5e-6, "a decision this close to the threshold would hinge on float rounding"
+    np.testing.assert_array_equal(scores["acdc-in-graph"], single.in_graph)
+    np.testing.assert_allclose(scores["acdc-scores"], single.scores, rtol=1e-3, atol=2e-6)
 
 
 def test_evaluation_on_mesh(mesh_run, model, ioi_csv):
