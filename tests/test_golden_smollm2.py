@@ -44,22 +44,18 @@ def _golden(case):
         return f["scores"].astype(np.float64), bytes(f["edges"]).decode().split("\n"), f["tokens"]
 
 
-# Known jaxinterp bug (2026-12-01, HEAD 1ca0984): with the scanned layer loop (>= 16 layers,
-# SmolLM2 has 30) EAP scores are wrong once a batch holds more than ~150 tokens: here batch 8
-# x 24 padded positions (max |diff| 0.34 of the largest |score|, Pearson 0.933) and batch 2 x
-# 192 (0.62). On the same pairs batch sizes 1, 2, 4 and 6 (<= 144 tokens), and the unrolled
-# forward (models.SCAN_MIN_LAYERS = 1000) at batch 8, agree with the reference within 2e-6.
-# The optimization_barrier in models._normed_probe_bwd does not cover the scanned path.
-# strict: the test fails as soon as the bug is fixed, so that this mark is removed.
-KNOWN_BUG = pytest.mark.xfail(strict=True, reason="scanned forward: EAP wrong from ~152 tokens per batch")
+# This test found a bug (2026-12-01, HEAD 1ca0984): with the scanned layer loop (>= 16
+# layers; SmolLM2 has 30) EAP scores were wrong once a batch held more than ~150 tokens:
+# batch 8 x 24 padded positions (max |diff| 0.34 of the largest |score|, Pearson 0.933) and
+# batch 2 x 192 (0.62), while batches of <= 144 tokens and the unrolled forward agreed with the
+# reference within 2e-6. On CPU the gradient modes now run unrolled (models.use_scan).
 
 
 # The long case costs about 90 s more on the shared 2-core CPU (CI's budget): opt-in.
 LONG = pytest.mark.skipif(not os.environ.get("JAXINTERP_GOLDEN_LONG"), reason="set JAXINTERP_GOLDEN_LONG=1 to run")
 
 
-@pytest.mark.parametrize("case", [pytest.param("short", marks=KNOWN_BUG),
-                                  pytest.param("long", marks=[KNOWN_BUG, LONG])])
+@pytest.mark.parametrize("case", ["short", pytest.param("long", marks=LONG)])
 def test_eap_scores_equal_the_reference(case):
     from jaxinterp.attribution import attribute, prepare_data
     from jaxinterp.data import bucket
