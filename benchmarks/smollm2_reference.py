@@ -113,7 +113,7 @@ def prepare(work):
 
     import jaxinterp
     from jaxinterp import tasks
-    from jaxinterp.attribution import prepare_data
+    from jaxinterp.interventions import prepare_data
 
     os.makedirs(work, exist_ok=True)
     model = jaxinterp.load_model(gguf_path())
@@ -313,7 +313,8 @@ def run_jaxinterp(work, set_name, method, batch_sizes):
     import jax
 
     import jaxinterp
-    from jaxinterp.attribution import attribute, prepare_data
+    from jaxinterp.attribution import attribute
+    from jaxinterp.interventions import prepare_data
 
     t_start = time.perf_counter()
     model = jaxinterp.load_model(gguf_path())

@@ -31,7 +31,7 @@ ours divided by ``batch_size``.
 from __future__ import annotations
 
 import functools
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +42,10 @@ from . import memory as memory_lib
 from .config import ModelConfig
 from .data import Pairs, bucket_length
 from .graph import Graph, GraphSpec
-from .interventions import (Run, TaskMetric, check_intervention, corrupted_outputs, mean_activations,  # noqa: F401
-                            metric_values, prepare_data, prepare_run, weighted_sum)
+from .interventions import (Run, TaskMetric, check_intervention, corrupted_outputs, metric_values, prepare_run,
+                            weighted_sum)
 from .models import EdgeIntervention
-from .names import IG_METHODS, INTERVENTIONS, METHODS, check_name  # noqa: F401 (INTERVENTIONS: public name)
+from .names import IG_METHODS, METHODS, check_name
 from .positional import PositionalGraph, check_one_length, position_labels
 from .sharding import replicate, to_host
 

@@ -57,7 +57,8 @@ LONG = pytest.mark.skipif(not os.environ.get("JAXINTERP_GOLDEN_LONG"), reason="s
 
 @pytest.mark.parametrize("case", ["short", pytest.param("long", marks=LONG)])
 def test_eap_scores_equal_the_reference(case):
-    from jaxinterp.attribution import attribute, prepare_data
+    from jaxinterp.attribution import attribute
+    from jaxinterp.interventions import prepare_data
     from jaxinterp.data import bucket
 
     entry = INFO["cases"][case]

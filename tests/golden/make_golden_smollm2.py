@@ -70,7 +70,7 @@ def prepare():
 
     import jaxinterp
     from jaxinterp import tasks
-    from jaxinterp.attribution import prepare_data
+    from jaxinterp.interventions import prepare_data
     from jaxinterp.data import bucket
     from smollm2_reference import PREFIX, gguf_path
 
