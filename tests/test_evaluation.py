@@ -165,8 +165,8 @@ def test_faithfulness_is_0_for_the_empty_circuit_and_1_for_all_edges(sharp, metr
     # and on the corrupted prompts
     clean = evaluate_baseline(model, pairs, metric, batch_size=8)
     np.testing.assert_allclose(curve.clean, clean, atol=1e-5 * scale)
-    assert curve.corrupted == pytest.approx(evaluate_baseline(model, pairs, metric, batch_size=8,
-                                                              run_corrupted=True), rel=1e-6, abs=1e-9)
+    corrupted = evaluate_baseline(model, pairs, metric, batch_size=8, run_corrupted=True)
+    np.testing.assert_allclose(curve.corrupted, corrupted, atol=1e-5 * scale)  # two programs: float rounding
     if metric == "kl_div":
         assert abs(clean) < 1e-6  # KL(clean || clean)
     if intervention == "patching":  # every edge patched is the corrupted run
