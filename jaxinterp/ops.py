@@ -102,8 +102,8 @@ def mlp(p: Params, x: Array, act_fn: str = "gelu_new") -> Array:
     ``mlp_out(p, mlp_hidden(p, x, act_fn))``.
 
     ``p``: ``w_in [d_model, d_mlp]``, optional ``b_in [d_mlp]``, ``w_out [d_mlp, d_model]``,
-    optional ``b_out [d_model]``; with ``w_gate [d_model, d_mlp]`` it is a gated MLP
-    (SwiGLU/GeGLU): ``act(x @ w_gate) * (x @ w_in)``.
+    optional ``b_out [d_model]``; with ``w_gate [d_model, d_mlp]`` (optional ``b_gate``) it is
+    a gated MLP (SwiGLU/GeGLU): ``act(x @ w_gate + b_gate) * (x @ w_in + b_in)``.
     """
     return mlp_out(p, mlp_hidden(p, x, act_fn))
 
@@ -115,7 +115,12 @@ def mlp_hidden(p: Params, x: Array, act_fn: str = "gelu_new") -> Array:
     h = jnp.einsum("...d,dm->...m", x, p["w_in"])
     if "b_in" in p:
         h = h + p["b_in"]
-    return act(jnp.einsum("...d,dm->...m", x, p["w_gate"])) * h if "w_gate" in p else act(h)
+    if "w_gate" not in p:
+        return act(h)
+    gate = jnp.einsum("...d,dm->...m", x, p["w_gate"])
+    if "b_gate" in p:  # Llama-style mlp_bias: gate_proj has a bias too
+        gate = gate + p["b_gate"]
+    return act(gate) * h
 
 
 def mlp_out(p: Params, h: Array) -> Array:

@@ -125,3 +125,25 @@ def test_rotary_preserves_norms_and_relative_positions():
     a, b = ops.apply_rotary(same_q, cos, sin), ops.apply_rotary(same_k, cos, sin)
     dots = jnp.einsum("bqhe,bkhe->qk", a, b)
     np.testing.assert_allclose(dots[3, 1], dots[4, 2], rtol=1e-4)
+
+
+def test_gated_mlp_with_biases_matches_torchs_llama_mlp():
+    """Llama's MLP with ``mlp_bias``: down(act(gate(x)) * up(x)), every projection with its
+    bias (nonzero here: random init leaves them zero, where a dropped bias goes unseen)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    hf = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=2,
+                                 mlp_bias=True, hidden_act="silu")).eval()
+    with torch.no_grad():
+        for b in (hf.gate_proj.bias, hf.up_proj.bias, hf.down_proj.bias):
+            b.normal_()
+    x = torch.randn(2, 3, 16)
+    t = lambda a: jnp.asarray(a.detach().numpy())  # noqa: E731
+    p = {"w_gate": t(hf.gate_proj.weight.T), "b_gate": t(hf.gate_proj.bias), "w_in": t(hf.up_proj.weight.T),
+         "b_in": t(hf.up_proj.bias), "w_out": t(hf.down_proj.weight.T), "b_out": t(hf.down_proj.bias)}
+    want = hf(x).detach().numpy()
+    got = np.asarray(ops.mlp(p, t(x), "silu"))
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
