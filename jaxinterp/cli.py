@@ -656,17 +656,6 @@ def _setup_compile_cache(args) -> None:
 
 # --- files: checked before any work ------------------------------------------------------
 
-def _check_input_file(path, option: str) -> None:
-    if path is None:
-        return
-    if not os.path.exists(path):
-        raise JaxinterpError(f"{option} {path} does not exist")
-    if os.path.isdir(path):
-        raise JaxinterpError(f"{option} {path} is a directory, not a file")
-    if not os.access(path, os.R_OK):
-        raise JaxinterpError(f"{option} {path} is not readable")
-
-
 def _packaged(name: str) -> bool:
     """``name`` is a model a package ships (GGUF, e.g. ``smollm2``)."""
     try:
@@ -689,7 +678,7 @@ def _check_model(path, option: str = "--model") -> None:
 
 def check_paths(args) -> None:
     """Inputs exist and are readable; outputs can be written and are no input."""
-    from .io import check_writable_dir, check_writable_file
+    from .io import check_input_file, check_writable_dir, check_writable_file
 
     cmd = args.command
     model = getattr(args, "model", None)
@@ -698,7 +687,7 @@ def check_paths(args) -> None:
     for option in ("data", "intervention_data", "graph", "init_graph"):
         path = getattr(args, option, None)
         flag = "--" + option.replace("_", "-")
-        _check_input_file(path, flag)
+        check_input_file(path, flag)
         inputs.append((flag, path))
     out = getattr(args, "out", None)
     if cmd == "convert":
@@ -706,7 +695,7 @@ def check_paths(args) -> None:
             raise JaxinterpError(f"{args.hf_dir} does not exist")
         check_writable_dir(args.out_dir, "the output directory", [("model", args.hf_dir)], replaces=True)
     elif cmd == "sweep":
-        _check_input_file(args.toml, "sweep file")
+        check_input_file(args.toml, "sweep file")
         if out is not None:
             check_writable_dir(out, "--out", [("sweep file", args.toml)])
     elif cmd == "demo":

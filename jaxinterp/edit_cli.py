@@ -89,12 +89,12 @@ def _parse_sources(items) -> dict[str, list[int]]:
 
 def _check_edit_args(args) -> list[dict]:
     """Everything about the command line that can be checked before the model loads."""
-    from .cli import _check_input_file
+    from .io import check_input_file
     from .editing import read_requests
     from .io import check_writable_dir
 
-    _check_input_file(args.requests, "--requests")
-    _check_input_file(args.text, "--text")
+    check_input_file(args.requests, "--requests")
+    check_input_file(args.text, "--text")
     inputs = [("--model", args.model), ("--requests", args.requests), ("--text", args.text)]
     check_writable_dir(args.edit_out, "--out", inputs, replaces=True)
     if os.path.isdir(args.edit_out) and os.listdir(args.edit_out):

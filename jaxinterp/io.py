@@ -295,6 +295,18 @@ def is_inside(path: str, directory: str) -> bool:
     return p == d or p.startswith(d.rstrip(os.sep) + os.sep)
 
 
+def check_input_file(path: Optional[str], option: str) -> None:
+    """``path`` (given as ``option``) exists, is a file and is readable; None passes."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise JaxinterpError(f"{option} {path} does not exist")
+    if os.path.isdir(path):
+        raise JaxinterpError(f"{option} {path} is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise JaxinterpError(f"{option} {path} is not readable")
+
+
 def check_writable_file(path: str, option: str, inputs: Iterable[tuple[str, Optional[str]]] = ()) -> None:
     """Refuse, before any work, an output file that cannot be written or would replace an
     input: its directory must exist and be writable, it must not be a directory, and it
