@@ -342,14 +342,10 @@ def load_task_data(model, data: Union[str, Pairs], task: Optional[str] = None, s
 def write_pairs_csv(examples: Sequence[dict], path: str) -> str:
     """Write examples (:func:`mib_examples`) as a pairs CSV (``clean, corrupted,
     correct_idx, incorrect_idx``), atomically."""
-    from .io import atomic_write_text
+    from .data import write_pairs_csv as write
 
-    buf = _io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["clean", "corrupted", "correct_idx", "incorrect_idx"])
-    for ex in examples:
-        w.writerow([ex["clean"], ex["corrupted"], int(ex["labels"][0]), int(ex["labels"][1])])
-    return atomic_write_text(path, buf.getvalue())
+    return write([{"clean": ex["clean"], "corrupted": ex["corrupted"], "correct_idx": int(ex["labels"][0]),
+                   "incorrect_idx": int(ex["labels"][1])} for ex in examples], path)
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -791,7 +787,8 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
     from .loading import load_model
     from .names import METHODS
     from .node_attribution import attribute_nodes
-    from .sweep import Lock, _log, environment, model_files, prepared_model_dir
+    from .loading import model_files
+    from .sweep import Lock, environment, log_event, prepared_model_dir
 
     for m in methods:
         if m not in METHODS:
@@ -811,7 +808,7 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
     with Lock(out_dir):
         for d in (os.path.join(out_dir, "results"), out_dir):
             if clean_tmp(d):
-                _log(out_dir, "clean")
+                log_event(out_dir, "clean")
         fp_models = {m: fingerprint(model_files(src), skip=("jaxinterp_source.json",))["digest"]
                      for m, src in models.items()}
         fp_tasks = {t: fingerprint(path)["digest"] for t, path in tasks.items()}
@@ -826,10 +823,10 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
             done = _grid_result(*grid_paths(out_dir, c, intervention), settings(c))
             if done is not None:
                 results[c.name] = done
-                _log(out_dir, "skip", cell=c.name)
+                log_event(out_dir, "skip", cell=c.name)
             else:
                 todo.append(c)
-        _log(out_dir, "run", cells=len(grid), todo=len(todo))
+        log_event(out_dir, "run", cells=len(grid), todo=len(todo))
         bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="mib run", disable=quiet)
         for m in models:
             mine = [c for c in todo if c.model == m]
@@ -841,7 +838,7 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
                 if c.task not in data:
                     data[c.task] = load_task_data(model, tasks[c.task], c.task, split, limit)
                 bar.set_postfix_str(c.name)
-                _log(out_dir, "start", cell=c.name)
+                log_event(out_dir, "start", cell=c.name)
                 t = time.perf_counter()
                 if c.level == "edge":
                     from .attribution import attribute
@@ -865,12 +862,12 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
                           "timing": {"attribute_s": attribute_s, "score_s": score_s}, **environment()}
                 atomic_write_text(path, dumps(result, indent=1))
                 results[c.name] = result
-                _log(out_dir, "done", cell=c.name, seconds=attribute_s + score_s)
+                log_event(out_dir, "done", cell=c.name, seconds=attribute_s + score_s)
                 bar.update()
         bar.close()
         ordered = [results[c.name] for c in grid]
         _write_grid_summary(ordered, os.path.join(out_dir, "summary.csv"))
-        _log(out_dir, "finished", cells=len(grid))
+        log_event(out_dir, "finished", cells=len(grid))
     if not quiet:
         print(f"mib run: {len(grid)} cells ({len(todo)} computed now, {len(grid) - len(todo)} done before) -> "
               f"{out_dir}: results/, circuits/, summary.csv")

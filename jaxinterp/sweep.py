@@ -263,7 +263,7 @@ class Lock:
         os.close(self.fd)
 
 
-def _log(out_dir: str, event: str, **fields) -> None:
+def log_event(out_dir: str, event: str, **fields) -> None:
     line = json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **fields})
     with open(os.path.join(out_dir, "runlog.jsonl"), "a") as f:
         f.write(line + "\n")
@@ -375,7 +375,7 @@ def prepared_model_dir(out_dir: str, name: str, source: str, digest: Optional[st
     t = time.perf_counter()
     convert_hf(source, target)  # built beside the old conversion and swapped in
     atomic_write_text(marker, json.dumps(stamp))
-    _log(out_dir, "convert", model=name, source=source, seconds=time.perf_counter() - t, fingerprint=digest)
+    log_event(out_dir, "convert", model=name, source=source, seconds=time.perf_counter() - t, fingerprint=digest)
     return target
 
 
@@ -494,8 +494,8 @@ def _run_cells(sweep: Sweep, out_dir: str, quiet: bool) -> list[dict]:
         for d in (os.path.join(out_dir, "cells"), os.path.join(out_dir, "data"), out_dir):
             removed = clean_tmp(d)
             if removed:
-                _log(out_dir, "clean", files=removed)
-        _log(out_dir, "run", cells=len(cells))
+                log_event(out_dir, "clean", files=removed)
+        log_event(out_dir, "run", cells=len(cells))
         fingerprints = input_fingerprints(sweep)  # inputs by content: replaced files are noticed
         todo = []
         for cell in cells:
@@ -503,11 +503,11 @@ def _run_cells(sweep: Sweep, out_dir: str, quiet: bool) -> list[dict]:
                 done = load_result(out_dir, cell)
             except SweepError as e:
                 done = None
-                _log(out_dir, "damaged", cell=cell.name, reason=str(e))
+                log_event(out_dir, "damaged", cell=cell.name, reason=str(e))
                 print(f"sweep: {cell.name}: {e}; computing it again", file=sys.stderr)
             if done is not None and done.get("settings") == cell_settings(sweep, cell, fingerprints):
                 results[cell.name] = done
-                _log(out_dir, "skip", cell=cell.name)
+                log_event(out_dir, "skip", cell=cell.name)
             else:
                 todo.append(cell)
         mesh = make_mesh(*parse_mesh(sweep.settings["mesh"])) if sweep.settings["mesh"] else None
@@ -527,16 +527,16 @@ def _run_cells(sweep: Sweep, out_dir: str, quiet: bool) -> list[dict]:
                     pairs_cache[key] = task_pairs(model, sweep.tasks[cell.task], s["metric"], s["limit"],
                                                   os.path.join(out_dir, "data", f"{name}__{cell.task}.csv"))
                 bar.set_postfix_str(cell.name)
-                _log(out_dir, "start", cell=cell.name)
+                log_event(out_dir, "start", cell=cell.name)
                 results[cell.name] = run_cell(sweep, cell, model, pairs_cache[key], mesh, out_dir, fingerprints)
-                _log(out_dir, "done", cell=cell.name, seconds=results[cell.name]["timing"])
+                log_event(out_dir, "done", cell=cell.name, seconds=results[cell.name]["timing"])
                 bar.update()
             del model, pairs_cache
         bar.close()
         ordered = [results[c.name] for c in cells]
         write_summary(ordered, os.path.join(out_dir, "summary.csv"), sweep.settings["sizes"])
         plot_sweep(ordered, os.path.join(out_dir, "curves.png"))
-        _log(out_dir, "finished", cells=len(cells))
+        log_event(out_dir, "finished", cells=len(cells))
     if not quiet:
         print(f"sweep: {len(cells)} cells ({len(todo)} computed now, {len(cells) - len(todo)} done before) -> "
               f"{out_dir}: cells/, summary.csv, curves.png")
