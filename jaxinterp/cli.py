@@ -1,4 +1,5 @@
-"""``jaxinterp`` command line: convert, attribute, evaluate, curve, acdc, prune, lens, sweep, plan, demo, mib.
+"""``jaxinterp`` command line: convert, attribute, evaluate, curve, acdc, prune, lens, trace, sweep, plan,
+generate, demo, mib, edit, knockout.
 
 Compiled programs are kept in a persistent compilation cache (:mod:`jaxinterp.cache`;
 ``--no-compile-cache`` or ``JAXINTERP_COMPILE_CACHE=0`` turns it off, ``--compile-cache
@@ -412,6 +413,45 @@ def cmd_lens(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .io import atomic_write_text, check_writable_file
+    from .loading import load_model
+    from .tracing import KINDS, causal_trace, plot_trace
+
+    if args.subject is None and args.corrupted_prompt is None:
+        raise JaxinterpError("give --subject (words of the prompt to corrupt) or --corrupted-prompt")
+    json_path = os.path.splitext(args.out)[0] + ".json"
+    check_writable_file(json_path, "--out's figures", [("--model", args.model)])
+    model = load_model(args.model)
+    _check_weights(model)
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    traces = []
+    for kind in tqdm(kinds, desc="causal trace", unit="kind", disable=args.quiet):
+        # ROME restores one layer of the residual stream but a window of attention / MLP layers
+        window = args.window if args.window is not None else (1 if kind == "resid" else min(10, model.cfg.n_layers))
+        traces.append(causal_trace(model, args.prompt, subject=args.subject, target=args.target, kind=kind,
+                                   window=window, samples=args.samples, noise_factor=args.noise_factor,
+                                   seed=args.seed, corrupted_prompt=args.corrupted_prompt))
+    from .errors import require_finite
+
+    require_finite({f"the {t.kind} trace": t.scores for t in traces}, "causal trace")
+    t0 = traces[0]
+    atomic_write_text(json_path, dumps({"prompt": args.prompt, "traces": [t.to_dict() for t in traces]}, indent=1))
+    plot_trace(traces, args.out, title=f"causal trace of {args.prompt!r}: p({t0.target_text.strip()}) clean "
+                                       f"{t0.p_clean:.3f}, corrupted {t0.p_corrupted:.3f}")
+    print(f"causal trace of {args.prompt!r} -> {t0.target_text.strip()!r}: p clean {t0.p_clean:.3f}, "
+          f"corrupted {t0.p_corrupted:.3f}")
+    for t in traces:
+        layer, pos = np.unravel_index(int(np.argmax(t.scores)), t.scores.shape)
+        print(f"  {t.kind:>5} (window {t.window}): best restoration layer {layer} at {t.tokens[pos]!r} "
+              f"(position {pos}): p {t.scores[layer, pos]:.3f}")
+    print(f"-> {args.out}, {json_path}")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
@@ -559,6 +599,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=_positive_int, default=None, help="draw only the last N positions")
     p.add_argument("--out", default="lens.png", help="PNG of the logit lens")
     p.set_defaults(func=cmd_lens)
+
+    p = sub.add_parser("trace", help="causal tracing (ROME): restore one hidden state of a corrupted run at a "
+                                      "time; picture and figures of p(target)")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory, `jaxinterp convert` output, "
+                                                  "GGUF file or `smollm2`")
+    p.add_argument("--prompt", required=True, help="text to trace (BOS is prepended)")
+    p.add_argument("--subject", default=None, help="words of the prompt whose token embeddings get noise")
+    p.add_argument("--corrupted-prompt", default=None, help="instead of noise, run this prompt (same token count)")
+    p.add_argument("--target", default=None, help="the answer word (one token; default: the model's top prediction)")
+    p.add_argument("--kind", choices=("all", "resid", "mlp", "attn"), default="all",
+                   help="hidden states to restore: the layer output, the MLP, the attention (default: all three)")
+    p.add_argument("--window", type=_positive_int, default=None,
+                   help="layers restored together (default: ROME's, 1 for resid and 10 for mlp/attn)")
+    p.add_argument("--samples", type=_positive_int, default=10, help="noise draws averaged (default: 10)")
+    p.add_argument("--noise-factor", type=_positive_float, default=3.0,
+                   help="noise std as a multiple of the token embeddings' std (default: 3, as ROME)")
+    p.add_argument("--seed", type=_int, default=0, help="seed of the noise")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", default="trace.png", help="PNG of the traces; the figures go to the same name .json")
+    p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("sweep", help="every model x task x method x ig_steps cell of a TOML file (restartable)")
     p.add_argument("toml", help="sweep file: [sweep] settings, [models] name = dir, [tasks.NAME] csv or generate")

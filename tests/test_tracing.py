@@ -206,3 +206,35 @@ def test_bad_input_is_refused(sharp_gpt2):
         causal_trace(model, prompt, corrupted_prompt="When Mary went to the store")
     with pytest.raises(ValueError, match="subject"):
         causal_trace(model, prompt)
+
+
+def test_trace_command_writes_the_picture_and_the_figures(sharp_gpt2, tmp_path, capsys):
+    """``jaxinterp trace``: the JSON holds the same trace as the API call, p_clean is the
+    plain forward's softmax at the last position, and the PNG is drawn; a missing
+    subject is refused before any work, with exit code 2 and nothing written."""
+    import json
+
+    from jaxinterp.cli import main
+
+    prompt = "When Mary and John went to the store , John gave a drink to"
+    out = str(tmp_path / "trace.png")
+    assert main(["trace", "--model", sharp_gpt2, "--prompt", prompt, "--subject", "John went", "--kind", "attn",
+                 "--samples", "1", "--window", "1", "--quiet", "--out", out]) == 0
+    assert os.path.getsize(out) > 1000
+    with open(str(tmp_path / "trace.json")) as f:
+        saved = json.load(f)
+    (t,) = saved["traces"]
+    model = load_model(sharp_gpt2)
+    api = causal_trace(model, prompt, subject="John went", kind="attn", samples=1, window=1)
+    np.testing.assert_allclose(np.array(t["scores"]), api.scores, rtol=1e-5, atol=1e-6)
+    ids = [1] + model.tokenizer(prompt)["input_ids"]
+    logits = np.asarray(model(np.array([ids]))[0, -1], np.float64)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    assert t["target"] == int(np.argmax(p)) and abs(t["p_clean"] - p.max()) <= 1e-5
+    assert t["subject"] == [4, 5] and t["kind"] == "attn" and t["window"] == 1
+    assert "best restoration" in capsys.readouterr().out
+
+    bad = str(tmp_path / "bad.png")
+    assert main(["trace", "--model", sharp_gpt2, "--prompt", prompt, "--out", bad]) == 2
+    assert "--subject" in capsys.readouterr().err and not os.path.exists(bad)
