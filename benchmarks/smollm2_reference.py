@@ -49,8 +49,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ("EAP", "EAP-IG-inputs")
 IG_STEPS = 5
-SETS = {"short": 8, "long": 2}  # pairs (the reference takes minutes per batch on the shared 2-core CPU)
-DEFAULT_BATCH_SIZES = "1,2,4,8"
+# pairs per prompt set (the reference takes minutes per batch on the shared 2-core CPU); "short" and
+# "long" are tests/golden/smollm2's cases, "ioi32" the same kind of pairs as "short", enough of
+# them for batch sizes up to 32
+SETS = {"short": 8, "long": 2, "ioi32": 32}
+LONG_SETS = ("long",)  # sets whose prompts start with PREFIX
+DEFAULT_BATCH_SIZES = "1,2,4,8,16,32"
 SEED = 0
 # a neutral paragraph (no names, no people) put before every long prompt
 PREFIX = (
@@ -118,13 +122,15 @@ def prepare(work):
     os.makedirs(work, exist_ok=True)
     model = jaxinterp.load_model(gguf_path())
     tok = model.tokenizer
-    rows = tasks.generate_real("ioi", max(SETS.values()), tok, seed=SEED)
-    for name, prefix in (("short", ""), ("long", PREFIX)):
+    for name, n in SETS.items():
+        # one generation per set, so that each set's pairs do not depend on the others' sizes
+        rows = tasks.generate_real("ioi", n, tok, seed=SEED)
+        prefix = PREFIX if name in LONG_SETS else ""
         path = os.path.join(work, f"{name}.csv")
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["clean", "corrupted", "correct_idx", "incorrect_idx"])
             w.writeheader()
-            for r in rows[:SETS[name]]:
+            for r in rows[:n]:
                 w.writerow({"clean": prefix + r["clean"], "corrupted": prefix + r["corrupted"],
                             "correct_idx": r["correct_idx"], "incorrect_idx": r["incorrect_idx"]})
         pairs, _ = prepare_data(model, path, "logit_diff")
