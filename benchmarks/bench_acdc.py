@@ -11,7 +11,7 @@ On the shipped demo model (3 layers x 4 heads, 262 edges) and IOI pairs generate
   with ACDC's edges (|A & B| / |ACDC|).
 * Time of the compiled ACDC (``jaxinterp.acdc.acdc``: one compiled call per downstream
   input, a ``lax.scan`` over its edges) and of the loop implementation
-  (``tests/acdc_loop.py``: one ``evaluate_masks`` call per edge), at the same threshold,
+  (``devtools/acdc_loop.py``: one ``evaluate_masks`` call per edge), at the same threshold,
   and whether their circuits agree.
 
 Writes ``OUT.json`` and ``OUT.md``.
@@ -27,11 +27,9 @@ import time
 
 import numpy as np
 
-from common import machine, peak_rss_mb, write_json
+from common import machine, peak_rss_mb, write_json  # puts the repository root on sys.path (devtools)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-
-from acdc_loop import loop_acdc  # noqa: E402
+from devtools.acdc_loop import loop_acdc  # noqa: E402
 
 from jaxinterp import load_model, tasks  # noqa: E402
 from jaxinterp.acdc import acdc  # noqa: E402

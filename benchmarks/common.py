@@ -10,9 +10,11 @@ import subprocess
 import sys
 
 
+# the repository root: the development package devtools (not installed) and jaxinterp itself
+# when it is not installed
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxinterp.testing import save_random_gpt2, write_ioi_csv  # noqa: E402
+from devtools.testing import save_random_gpt2, write_ioi_csv  # noqa: E402
 
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=64)
 

@@ -96,10 +96,10 @@ def main():
     seconds_load = time.perf_counter() - t
     compile_s = None
     kw = dict(method=args.method, metric=args.metric, ig_steps=args.ig_steps, batch_size=args.batch_size, quiet=True)
-    run_method = attribute
-    if args.method == "IG-edge-masks":  # the comparison-only method above
-        def run_method(model, pairs, **kw):
+    def run_method(model, pairs, **kw):
+        if args.method == "IG-edge-masks":  # the comparison-only method above
             return ig_edge_masks(model, pairs, task_metric, **kw)
+        return attribute(model, pairs, **kw)
     if args.method != "exact":
         # warm up through the same call that is timed: one batch twice, the difference is compilation
         head = pairs.head(args.batch_size)

@@ -50,9 +50,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from jaxinterp.config import ModelConfig
+from jaxinterp.config import ModelConfig, Origin
 
-from .hf import ConversionError, convert_tensors, family_for
+from .hf import ConversionError, convert_tensors, family_for, origin
 
 GGUF_MAGIC = b"GGUF"
 
@@ -439,15 +439,18 @@ def read_gguf(path: str) -> tuple[str, dict, dict[str, Callable[[], np.ndarray]]
     return arch, hf, loaders, names
 
 
-def load_gguf_checkpoint(path: str) -> tuple[ModelConfig, dict]:
-    """Convert the GGUF file ``path`` to ``(ModelConfig, params)`` with numpy float32 leaves."""
+def load_gguf_checkpoint(path: str) -> tuple[ModelConfig, dict, Origin]:
+    """Convert the GGUF file ``path`` to ``(ModelConfig, params, Origin)``, params with numpy
+    float32 leaves."""
     _, hf, loaders, names = read_gguf(path)
     family = family_for(hf)
     try:
         cfg = family.config(hf)
     except ConversionError as e:  # the family speaks of config.json fields; say where they came from
         raise ConversionError(f"{path}: {e} (from the GGUF metadata)") from None
-    return cfg, convert_tensors(family, cfg, loaders, path, config_name="the GGUF metadata", names=names)
+    facts = origin(family, hf)
+    params = convert_tensors(family, cfg, facts, loaders, path, config_name="the GGUF metadata", names=names)
+    return cfg, params, facts
 
 
 def load_gguf_tokenizer(path: str):
@@ -473,12 +476,12 @@ def convert_gguf(path: str, out_dir: str) -> str:
     """Convert a GGUF file and save it with orbax, with its tokenizer (see ``checkpoint.py``)."""
     from .checkpoint import save_converted
 
-    cfg, params = load_gguf_checkpoint(path)
+    cfg, params, facts = load_gguf_checkpoint(path)
     tokenizer = load_gguf_tokenizer(path)
     with tempfile.TemporaryDirectory() as tmp:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_converted(out_dir, cfg, params, tokenizer_dir=tmp if tokenizer is not None else None)
+        save_converted(out_dir, cfg, params, tokenizer_dir=tmp if tokenizer is not None else None, origin=facts)
     return out_dir
 
 

@@ -3,19 +3,21 @@
 A family (``families/*.py``) is data: ``config(hf_config) -> ModelConfig`` plus a list of
 :class:`Rule` saying which HF tensors fill which parameters through which named
 transform. This module only reads files, checks names and shapes, and stacks layers.
+What the checkpoint says beyond the architecture (``model_type``, tied embeddings, the
+BOS id) becomes an :class:`jaxinterp.config.Origin` (:func:`origin`), not config fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import importlib
 import os
 import re
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from jaxinterp.config import ModelConfig
+from jaxinterp.config import ModelConfig, Origin
 
 
 class ConversionError(ValueError):
@@ -43,7 +45,8 @@ class Family:
 
     model_types: tuple[str, ...]
     config: Callable[[dict], ModelConfig]
-    rules: Callable[[ModelConfig], Sequence[Rule]]
+    rules: Callable[[ModelConfig, bool], Sequence[Rule]]  # (config, tied embeddings) -> rules
+    tied_by_default: bool  # Hugging Face's tie_word_embeddings default for the family
     prefixes: tuple[str, ...] = ()  # optional key prefixes, e.g. "transformer."
     ignore: tuple[str, ...] = ()  # regexes of tensors that are not parameters (buffers)
     renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement): older names of a tensor
@@ -71,12 +74,19 @@ def read_hf_config(model_dir: str) -> dict:
 
 
 def family_for(hf_config: dict) -> Family:
-    from . import families  # noqa: F401  (registers the families)
+    importlib.import_module(f"{__package__}.families")  # registers the families
 
     model_type = hf_config.get("model_type")
     if model_type not in FAMILIES:
         raise ConversionError(f"unsupported model_type {model_type!r}; supported: {sorted(FAMILIES)}")
     return FAMILIES[model_type]
+
+
+def origin(family: Family, hf_config: dict) -> Origin:
+    """The conversion facts of ``hf_config`` (a config ``family`` accepted)."""
+    return Origin(model_type=hf_config["model_type"],
+                  tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", family.tied_by_default)),
+                  bos_token_id=hf_config.get("bos_token_id"))
 
 
 def _open_tensors(model_dir: str) -> dict[str, Callable[[], np.ndarray]]:
@@ -124,17 +134,18 @@ def _read_tensor(path: str, key: str) -> np.ndarray:
     return a.astype(np.float32) if a.dtype != np.float32 else a
 
 
-def load_hf_checkpoint(model_dir: str) -> tuple[ModelConfig, dict]:
-    """Convert ``model_dir`` to ``(ModelConfig, params)`` with numpy float32 leaves."""
+def load_hf_checkpoint(model_dir: str) -> tuple[ModelConfig, dict, Origin]:
+    """Convert ``model_dir`` to ``(ModelConfig, params, Origin)``, params with numpy float32 leaves."""
     hf_config = read_hf_config(model_dir)
     family = family_for(hf_config)
-    cfg = family.config(hf_config)
-    return cfg, convert_tensors(family, cfg, _open_tensors(model_dir), model_dir)
+    cfg, facts = family.config(hf_config), origin(family, hf_config)
+    return cfg, convert_tensors(family, cfg, facts, _open_tensors(model_dir), model_dir), facts
 
 
-def convert_tensors(family: Family, cfg: ModelConfig, loaders: dict[str, Callable[[], np.ndarray]], source: str,
-                    config_name: str = "config.json", names: Optional[dict[str, str]] = None) -> dict:
+def convert_tensors(family: Family, cfg: ModelConfig, facts: Origin, loaders: dict[str, Callable[[], np.ndarray]],
+                    source: str, config_name: str = "config.json", names: Optional[dict[str, str]] = None) -> dict:
     """Apply ``family``'s rules to HF-named tensors: the parameter pytree (numpy float32).
+    ``facts``: the checkpoint's :func:`origin` (its tied embeddings choose rules).
 
     ``loaders``: HF tensor name -> a function returning the array. ``source`` starts every
     error message; ``config_name`` names where the expected shapes came from; ``names``
@@ -163,7 +174,7 @@ def convert_tensors(family: Family, cfg: ModelConfig, loaders: dict[str, Callabl
 
     def fetch(key: str, shape: tuple[int, ...]) -> np.ndarray:
         if key not in available:
-            raise ConversionError(f"{model_dir}: missing tensor {names.get(key, key)!r} (model_type {cfg.model_type})")
+            raise ConversionError(f"{model_dir}: missing tensor {names.get(key, key)!r} (model_type {facts.model_type})")
         a = loaders[available[key]]()
         if tuple(a.shape) != tuple(shape):
             raise ConversionError(f"{model_dir}: tensor {names.get(available[key], key)!r} has shape "
@@ -172,7 +183,7 @@ def convert_tensors(family: Family, cfg: ModelConfig, loaders: dict[str, Callabl
         return a
 
     params: dict = {}
-    for rule in family.rules(cfg):
+    for rule in family.rules(cfg, facts.tie_word_embeddings):
         if "{layer}" in rule.key:
             per_layer = [rule.transform(fetch(rule.key.format(layer=i), rule.shape)) for i in range(cfg.n_layers)]
             values = tuple(np.stack(parts) for parts in zip(*per_layer))
@@ -186,9 +197,9 @@ def convert_tensors(family: Family, cfg: ModelConfig, loaders: dict[str, Callabl
 
     leftover = [k for k in available if k not in used and not any(re.fullmatch(p, k) for p in family.ignore)]
     if leftover:
-        raise ConversionError(f"{model_dir}: tensors not understood by the {cfg.model_type} converter: "
+        raise ConversionError(f"{model_dir}: tensors not understood by the {facts.model_type} converter: "
                               f"{sorted(names.get(available[k], k) for k in leftover)[:10]}")
-    check_layout(params, cfg, f"{model_dir}: the {cfg.model_type} converter's output")
+    check_layout(params, cfg, f"{model_dir}: the {facts.model_type} converter's output")
     return params
 
 
@@ -207,6 +218,6 @@ def convert_hf(model_dir: str, out_dir: str) -> str:
     """Convert an HF checkpoint directory and save it with orbax (see ``checkpoint.py``)."""
     from .checkpoint import save_converted
 
-    cfg, params = load_hf_checkpoint(model_dir)
-    save_converted(out_dir, cfg, params, tokenizer_dir=model_dir)
+    cfg, params, facts = load_hf_checkpoint(model_dir)
+    save_converted(out_dir, cfg, params, tokenizer_dir=model_dir, origin=facts)
     return out_dir

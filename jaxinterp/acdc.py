@@ -113,7 +113,7 @@ def pruned(in_graph: jax.Array, spec: GraphSpec) -> jax.Array:
 def _loss(params, cfg, metric: TaskMetric, stacked, clean_logits, corr_outs, in_graph) -> jax.Array:
     """``L(circuit)``: the mean over all examples of the signed metric of the circuit
     ``in_graph [src, dst]`` (bool), pruned."""
-    circuit = pruned(in_graph, GraphSpec.from_config(cfg))
+    circuit = pruned(in_graph, GraphSpec.for_coefficients(cfg, in_graph.shape[-1]))
 
     def one(xs):
         batch, clean, corr = xs

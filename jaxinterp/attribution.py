@@ -82,13 +82,15 @@ def _activation_groups(spec: GraphSpec) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "metric", "ig_steps", "intervention", "remat",
-                                             "positional"))
+                                             "positional", "grouped_kv"))
 def batch_scores(params, batch, means=None, *, cfg: ModelConfig, method: str, metric: TaskMetric,
-                 ig_steps: int = 5, intervention: str = "patching", remat: bool = False, positional: bool = False):
+                 ig_steps: int = 5, intervention: str = "patching", remat: bool = False, positional: bool = False,
+                 grouped_kv: bool = False):
     """Sum over the batch's examples of the per-example edge scores: ``[src, dst]``, or
-    ``[pos, src, dst]`` when ``positional`` (float32 also for bfloat16 parameters).
-    ``remat`` rematerialises each layer; ``means``: see :func:`jaxinterp.interventions.intervention_means`."""
-    spec = GraphSpec.from_config(cfg)
+    ``[pos, src, dst]`` when ``positional`` (float32 also for bfloat16 parameters), over
+    the graph in the view ``grouped_kv`` (``Model.grouped_kv``). ``remat``
+    rematerialises each layer; ``means``: see :func:`jaxinterp.interventions.intervention_means`."""
+    spec = GraphSpec.from_config(cfg, grouped_kv)
     clean_logits, clean_outs, corr_outs = corrupted_outputs(params, cfg, batch, intervention, means)
     delta = jax.lax.stop_gradient(corr_outs - clean_outs)
     f = _objective(params, cfg, metric, batch, clean_logits, delta, remat=remat)
@@ -128,12 +130,12 @@ def batch_scores(params, batch, means=None, *, cfg: ModelConfig, method: str, me
     return jnp.where(jnp.asarray(spec.real_edge_mask), scores, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention"))
+@functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention", "grouped_kv"))
 def batch_exact(params, batch, src, dst, means=None, *, cfg: ModelConfig, metric: TaskMetric,
-                intervention: str = "patching"):
-    """Exact patching of edges ``(src[i], dst[i])`` one at a time: ``[edges]`` sums over
-    the batch of ``sign * (metric(patched) - metric(clean))``."""
-    spec = GraphSpec.from_config(cfg)
+                intervention: str = "patching", grouped_kv: bool = False):
+    """Exact patching of edges ``(src[i], dst[i])`` (indices in the view ``grouped_kv``)
+    one at a time: ``[edges]`` sums over the batch of ``sign * (metric(patched) - metric(clean))``."""
+    spec = GraphSpec.from_config(cfg, grouped_kv)
     clean_logits, clean_outs, corr_outs = corrupted_outputs(params, cfg, batch, intervention, means)
     # A single patched edge cannot change its own source (it lies upstream), so
     # "carry the corrupted value" equals "add the fixed clean->corrupted difference".
@@ -227,7 +229,7 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
     else:
         steps = ig_steps if method in IG_METHODS else 1  # static in batch_scores: no recompilation over unused steps
         kw = dict(cfg=run.model.cfg, metric=run.metric, intervention=intervention, method=method, ig_steps=steps,
-                  remat=remat, positional=positional)
+                  remat=remat, positional=positional, grouped_kv=run.model.grouped_kv)
         scores = run.mean(lambda b: batch_scores(run.model.params, b, run.means, **kw), method, quiet)
     scores = scores.astype(np.float32)
     _check_finite(scores, method)
@@ -245,7 +247,7 @@ def exact_edge_scores(run: Run, exact_chunk: int = 64, quiet: bool = True) -> np
     src, dst = np.nonzero(spec.real_edge_mask)
     pad = (-len(src)) % exact_chunk
     src_p, dst_p = np.concatenate([src, np.zeros(pad, int)]), np.concatenate([dst, np.zeros(pad, int)])
-    kw = dict(cfg=run.model.cfg, metric=run.metric, intervention=run.intervention)
+    kw = dict(cfg=run.model.cfg, metric=run.metric, intervention=run.intervention, grouped_kv=run.model.grouped_kv)
     bar = tqdm(total=run.pairs.n_batches(run.batch_size) * len(src_p) // exact_chunk, desc="exact", disable=quiet)
 
     def one_batch(batch) -> np.ndarray:
@@ -272,7 +274,7 @@ def exact_node_scores(run: Run) -> np.ndarray:
 
 def compiled_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: str = "EAP-IG-inputs",
                         dtype=jnp.float32, ig_steps: int = 5, metric: str = "logit_diff",
-                        exact_chunk: int = 64) -> int:
+                        exact_chunk: int = 64, grouped_kv: bool = False) -> int:
     """XLA's own figure for one compiled batch of :func:`batch_scores` (:func:`batch_exact`
     for ``exact``) on the default backend: arguments + outputs + temporaries. Compiles the
     program from shapes alone (no weights needed); the check of
@@ -286,8 +288,9 @@ def compiled_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: s
     args = (memory_lib.abstract_params(cfg, dtype), batch)
     if method == "exact":
         edges = sds((exact_chunk,), i32)
-        lowered = batch_exact.lower(*args, edges, edges, cfg=cfg, metric=TaskMetric(metric))
+        lowered = batch_exact.lower(*args, edges, edges, cfg=cfg, metric=TaskMetric(metric), grouped_kv=grouped_kv)
     else:
-        lowered = batch_scores.lower(*args, cfg=cfg, method=method, metric=TaskMetric(metric), ig_steps=ig_steps)
+        lowered = batch_scores.lower(*args, cfg=cfg, method=method, metric=TaskMetric(metric), ig_steps=ig_steps,
+                                     grouped_kv=grouped_kv)
     m = lowered.compile().memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)

@@ -465,12 +465,12 @@ def cmd_plan(args) -> int:
     from .shapes import model_config
 
     data, model = parse_mesh(args.mesh)
-    cfg = model_config(args.shape, n_layers=args.layers, grouped_kv=args.grouped_kv)
+    cfg = model_config(args.shape, n_layers=args.layers)
     check_mesh(cfg, data, model)  # refusals before any device is asked for
     set_virtual_devices(data * model)  # before jax starts its backends
     result = plan(cfg, args.method, args.batch_size, args.pos, args.dtype, (data, model), ig_steps=args.ig_steps,
                   metric=args.metric, peak_tflops=args.peak_tflops, mfu=args.mfu, exact_chunk=args.exact_chunk,
-                  n_circuits=args.circuits, remat=args.remat)
+                  n_circuits=args.circuits, remat=args.remat, grouped_kv=args.grouped_kv)
     result["shape"] = args.shape
     print(f"{args.shape}: " + format_plan(result))
     if args.out:

@@ -91,7 +91,7 @@ def _train_step(state, params, batch, means, key, target, scale, *, cfg, metric:
     -> ``(new state, [loss, faithfulness loss, density, lambda_1, lambda_2])``. The
     parameters are an argument, not a closure: a closed-over model would be baked into the
     program as constants (and compiled again for every call)."""
-    real = jnp.asarray(GraphSpec.from_config(cfg).real_edge_mask, jnp.float32)
+    real = jnp.asarray(GraphSpec.for_coefficients(cfg, state[0].shape[-1]).real_edge_mask, jnp.float32)
     opt, lambda_opt = optax.adam(lr), optax.adam(lambda_lr)
 
     def loss_fn(log_alpha, lambdas):

@@ -15,9 +15,9 @@ exactly, so that graphs move between the two tools:
 Grouped-query attention has two views. The default is the reference's
 (``ungroup_grouped_query_attention=True``): every query head has its own ``<k>`` and
 ``<v>`` inputs, each a copy of the residual stream read by its key/value head's weights.
-The *grouped* view (``GraphSpec.n_kv_heads`` set; ``load_model(path, grouped_kv=True)``,
-CLI ``--grouped-kv``) gives the ``<k>``/``<v>`` inputs to the key/value heads, which
-is how the model computes:
+The *grouped* view (``GraphSpec.grouped_kv``; ``load_model(path, grouped_kv=True)``,
+CLI ``--grouped-kv``) gives the ``<k>``/``<v>`` inputs to the key/value heads
+(``n_kv_inputs`` is then the model's ``n_kv_heads``), which is how the model computes:
 
 * downstream inputs per layer: ``a{l}.h{h}<q>`` for the ``H`` query heads, then
   ``a{l}.kv{g}<k>`` for the ``K`` key/value heads, then ``a{l}.kv{g}<v>``, then
@@ -50,36 +50,33 @@ from .io import atomic_write_text, dumps, read_json  # noqa: F401  (atomic_write
 
 @dataclasses.dataclass(frozen=True)
 class GraphSpec:
-    """Index arithmetic of the circuit graph of one model shape.
+    """Index arithmetic of the circuit graph of one model shape and view.
 
-    ``n_kv_heads``: None for the default (ungrouped) view, one ``<k>``/``<v>`` input per
-    query head; the number of key/value heads for the grouped view (module docstring).
-    ``n_kv_heads == n_heads`` is the same graph as None and is stored as None.
+    ``n_kv_inputs``: ``<k>`` inputs (and ``<v>`` inputs) per layer. Left out (None) it
+    is ``n_heads``, one per query head: the default view, also the only view of
+    multi-head attention; the grouped view of a grouped-query model has one per
+    key/value head, its ``n_kv_heads`` (module docstring; :meth:`from_config`). Stored as
+    the number, so both spellings of one graph are equal.
     """
 
     n_layers: int
     n_heads: int
     parallel_attn_mlp: bool = False
     d_model: int = 0
-    n_kv_heads: Optional[int] = None
+    n_kv_inputs: Optional[int] = None
 
     def __post_init__(self):
-        if self.n_kv_heads is not None:
-            if not (1 <= self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0):
-                raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-            if self.n_kv_heads == self.n_heads:  # multi-head attention: the views coincide
-                object.__setattr__(self, "n_kv_heads", None)
+        if self.n_kv_inputs is None:
+            object.__setattr__(self, "n_kv_inputs", self.n_heads)
+        if not (1 <= self.n_kv_inputs <= self.n_heads and self.n_heads % self.n_kv_inputs == 0):
+            raise ValueError(f"n_kv_inputs={self.n_kv_inputs} must divide n_heads={self.n_heads}")
 
     # --- sizes and indices ------------------------------------------------------------
     @property
-    def grouped(self) -> bool:
-        """Whether ``<k>``/``<v>`` inputs belong to key/value heads (the grouped view)."""
-        return self.n_kv_heads is not None
-
-    @property
-    def n_kv_inputs(self) -> int:
-        """``<k>`` inputs (and ``<v>`` inputs) per layer: ``K`` grouped, else ``H``."""
-        return self.n_kv_heads or self.n_heads
+    def grouped_kv(self) -> bool:
+        """Whether ``<k>``/``<v>`` inputs belong to key/value heads (the grouped view of a
+        grouped-query model)."""
+        return self.n_kv_inputs != self.n_heads
 
     @property
     def n_attn_inputs(self) -> int:
@@ -143,7 +140,7 @@ class GraphSpec:
     def attn_input_name(self, layer: int, letter: str, head: int) -> str:
         """``a{layer}.h{head}<letter>``, or ``a{layer}.kv{head}<letter>`` for the grouped
         view's ``<k>``/``<v>`` inputs (``head`` as in :meth:`qkv_index`)."""
-        kind = "kv" if self.grouped and letter != "q" else "h"
+        kind = "kv" if self.grouped_kv and letter != "q" else "h"
         return f"a{layer}.{kind}{head}<{letter}>"
 
     @functools.cached_property
@@ -238,17 +235,18 @@ class GraphSpec:
         return _edge_columns(self)
 
     def to_cfg(self) -> dict:
-        """The ``cfg`` block of the reference's JSON graph files (plus ``n_kv_heads`` in
-        the grouped view, which the reference does not have)."""
+        """The ``cfg`` block of the reference's JSON graph files (plus, in the grouped view,
+        which the reference does not have, ``n_kv_heads``: the model's key/value heads,
+        which are that view's ``n_kv_inputs``)."""
         cfg = {"n_layers": self.n_layers, "n_heads": self.n_heads,
                "parallel_attn_mlp": self.parallel_attn_mlp, "d_model": self.d_model}
-        if self.grouped:
-            cfg["n_kv_heads"] = self.n_kv_heads
+        if self.grouped_kv:
+            cfg["n_kv_heads"] = self.n_kv_inputs
         return cfg
 
     def describe(self) -> str:
         """One line for error messages: shape, view and edge count."""
-        view = (f"grouped <k>/<v> view, {self.n_kv_heads} key/value heads" if self.grouped
+        view = (f"grouped <k>/<v> view, {self.n_kv_inputs} key/value heads" if self.grouped_kv
                 else "ungrouped view, <k>/<v> per query head")
         return (f"{self.n_layers} layers x {self.n_heads} heads ({view}"
                 f"{', parallel attention + MLP' if self.parallel_attn_mlp else ''}), {self.n_edges} edges")
@@ -256,17 +254,17 @@ class GraphSpec:
     def check_same(self, other: "GraphSpec", what: str = "graph") -> None:
         """Raise ValueError unless ``other`` (e.g. a graph file's) is this graph. A
         ``d_model`` of 0 (files that do not record it) matches any."""
-        same = ((self.n_layers, self.n_heads, self.parallel_attn_mlp, self.n_kv_heads)
-                == (other.n_layers, other.n_heads, other.parallel_attn_mlp, other.n_kv_heads)
+        same = ((self.n_layers, self.n_heads, self.parallel_attn_mlp, self.n_kv_inputs)
+                == (other.n_layers, other.n_heads, other.parallel_attn_mlp, other.n_kv_inputs)
                 and (0 in (self.d_model, other.d_model) or self.d_model == other.d_model))
         if same:
             return
         msg = f"{what} is a graph of {other.describe()}, but the model's graph has {self.describe()}"
         shape = (self.n_layers, self.n_heads, self.parallel_attn_mlp)
-        if shape == (other.n_layers, other.n_heads, other.parallel_attn_mlp) and self.grouped != other.grouped:
-            flag = "--grouped-kv" if other.grouped else "without --grouped-kv"
-            msg += (f"; the {what} was made in the {'grouped' if other.grouped else 'ungrouped'} view: load the "
-                    f"model with grouped_kv={other.grouped} (CLI: {flag})")
+        if shape == (other.n_layers, other.n_heads, other.parallel_attn_mlp) and self.grouped_kv != other.grouped_kv:
+            flag = "--grouped-kv" if other.grouped_kv else "without --grouped-kv"
+            msg += (f"; the {what} was made in the {'grouped' if other.grouped_kv else 'ungrouped'} view: load the "
+                    f"model with grouped_kv={other.grouped_kv} (CLI: {flag})")
         raise ValueError(msg)
 
     @classmethod
@@ -281,16 +279,25 @@ class GraphSpec:
         return spec
 
     @classmethod
-    def from_config(cls, cfg, check_supported: bool = True) -> "GraphSpec":
-        """From a :class:`jaxinterp.config.ModelConfig` (its ``group_kv_inputs`` picks the
-        view); raises NotImplementedError for a model without a faithful circuit graph
-        (``cfg.graph_unsupported_reason``) unless ``check_supported`` is False (the plain
-        forward still uses the index arithmetic)."""
-        reason = getattr(cfg, "graph_unsupported_reason", None)
-        if reason and check_supported:
-            raise NotImplementedError(f"no circuit graph (attribution, evaluation): {reason}")
-        n_kv = cfg.kv_heads if getattr(cfg, "group_kv_inputs", False) else None
-        return cls(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model, n_kv)
+    def from_config(cls, cfg, grouped_kv: bool = False) -> "GraphSpec":
+        """The graph of a :class:`jaxinterp.config.ModelConfig` in the default view, or
+        with ``grouped_kv`` in the grouped view (``<k>``/``<v>`` inputs per key/value head)."""
+        return cls(cfg.n_layers, cfg.n_heads, cfg.parallel_attn_mlp, cfg.d_model,
+                   cfg.n_kv_heads if grouped_kv else None)
+
+    @classmethod
+    def for_coefficients(cls, cfg, n_backward: int) -> "GraphSpec":
+        """The view of ``cfg``'s graph whose downstream axis has ``n_backward`` entries: an
+        array laid out over the graph (edge coefficients, masks ``[..., src, dst]``)
+        carries its view in its shape. ValueError when neither view has that many."""
+        spec = cls.from_config(cfg)
+        if n_backward == spec.n_backward:
+            return spec
+        grouped = cls.from_config(cfg, grouped_kv=True)
+        if n_backward != grouped.n_backward:
+            raise ValueError(f"{n_backward} downstream inputs: the model's graph has {spec.n_backward} (default "
+                             f"view) or {grouped.n_backward} (grouped <k>/<v> view)")
+        return grouped
 
 
 class Graph:
@@ -317,8 +324,8 @@ class Graph:
         self.neurons_in_graph: Optional[np.ndarray] = None
 
     @classmethod
-    def from_config(cls, cfg, scores=None) -> "Graph":
-        return cls(GraphSpec.from_config(cfg), scores)
+    def from_config(cls, cfg, scores=None, grouped_kv: bool = False) -> "Graph":
+        return cls(GraphSpec.from_config(cfg, grouped_kv), scores)
 
     # --- counting ---------------------------------------------------------------------
     def count_included_edges(self) -> int:
@@ -340,7 +347,9 @@ class Graph:
     def _ranked(self, absolute: bool) -> np.ndarray:
         return ranked_scores(self.scores, self.spec.real_edge_mask, absolute)
 
-    def _nodes_from_edges(self) -> None:
+    def nodes_from_edges(self) -> None:
+        """Add to the circuit's nodes every node with an edge out and an edge in (the input
+        node needs no edge in) among the circuit's edges."""
         self.nodes_in_graph |= _nodes_with_in_and_out(self.in_graph, self.spec.forward_to_backward)
 
     def apply_topn(self, n: int, absolute: bool = True, prune: bool = True) -> "Graph":
@@ -350,7 +359,7 @@ class Graph:
         self.reset()
         flat = self.in_graph.reshape(-1)
         flat[topn_order(self._ranked(absolute))[:n]] = True
-        self._nodes_from_edges()
+        self.nodes_from_edges()
         if prune:
             self.prune()
         return self
@@ -370,7 +379,7 @@ class Graph:
             raise ValueError(f"threshold {threshold} is not a finite number")
         self.reset()
         self.in_graph[:] = self._ranked(absolute) >= float(threshold)
-        self._nodes_from_edges()
+        self.nodes_from_edges()
         if prune:
             self.prune()
         return self
@@ -425,7 +434,7 @@ class Graph:
         Strict JSON (an undefined node score is ``null``, never a bare ``NaN``); a graph
         whose edge scores are not all finite is refused (ValueError naming the edges)."""
         spec = self.spec
-        _check_finite_scores(self.scores, spec, path)
+        check_finite_scores(self.scores, spec, path)
         nodes = {}
         for i, name in enumerate(spec.forward_names):
             nodes[name] = {"in_graph": bool(self.nodes_in_graph[i])}
@@ -463,7 +472,7 @@ class Graph:
             raise ValueError(f"{path}: not a circuit graph file, missing keys {sorted(missing)}")
         if not all(isinstance(d[k], dict) for k in ("cfg", "nodes", "edges")):
             raise ValueError(f"{path}: not a circuit graph file ('cfg', 'nodes' and 'edges' must be objects)")
-        spec = _spec_from_file(d["cfg"], path, spec)
+        spec = spec_from_file(d["cfg"], path, spec)
         g = cls(spec)
         if not _read_edges_fast(g, d["edges"]):  # irregular: the per-edge checks below say what is wrong
             _read_edges_checked(g, d, path)
@@ -667,7 +676,7 @@ def _some(names, k: int = 3) -> str:
     return ", ".join(map(repr, list(names)[:k])) + (", ..." if len(names) > k else "")
 
 
-def _spec_from_file(cfg: dict, path: str, expected: Optional[GraphSpec]) -> GraphSpec:
+def spec_from_file(cfg: dict, path: str, expected: Optional[GraphSpec]) -> GraphSpec:
     """:meth:`GraphSpec.from_file_cfg`, with a malformed ``cfg`` block named as such."""
     try:
         return GraphSpec.from_file_cfg(cfg, path, expected)
@@ -676,7 +685,7 @@ def _spec_from_file(cfg: dict, path: str, expected: Optional[GraphSpec]) -> Grap
                          f"n_layers and n_heads") from None
 
 
-def _check_finite_scores(scores: np.ndarray, spec: GraphSpec, path: str) -> None:
+def check_finite_scores(scores: np.ndarray, spec: GraphSpec, path: str) -> None:
     """ValueError naming the edges whose score is NaN or infinite (``scores [..., src, dst]``)."""
     bad = ~np.isfinite(scores) & spec.real_edge_mask
     if bad.any():

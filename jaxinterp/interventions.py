@@ -209,7 +209,7 @@ def circuit_values(params, cfg: ModelConfig, batch: dict, in_circuit, corr_outs,
     """``[batch]``: ``metric`` of the circuit ``in_circuit [(pos,) src, dst]`` (bool, or a
     soft mask in [0, 1]): every edge carries ``1 - in_circuit`` of ``corr_outs``
     (:func:`corrupted_outputs`) in place of its source's own output."""
-    real = jnp.asarray(GraphSpec.from_config(cfg).real_edge_mask, jnp.float32)
+    real = jnp.asarray(GraphSpec.for_coefficients(cfg, in_circuit.shape[-1]).real_edge_mask, jnp.float32)
     coef = (1.0 - in_circuit.astype(jnp.float32)) * real
     return metric_values(params, cfg, batch, metric, clean_logits, EdgeIntervention(coef, corr_outs))
 

@@ -6,7 +6,7 @@ make it present. Everything else that needs the layout derives it from here:
 
 * shapes without weights: :func:`abstract_params` (and :func:`jaxinterp.memory.abstract_params`);
 * sharding: :data:`jaxinterp.sharding.PARAM_AXES` and :func:`jaxinterp.sharding.logical_axes`;
-* initialisation of the demo model: :func:`jaxinterp.train_demo.init_params`;
+* initialisation of the demo model: :func:`devtools.train_demo.init_params` (development code, not installed);
 * the converters' output and restored checkpoints: :func:`check_params`;
 * the Flax NNX view's ``nnx.Param`` sharding metadata: :mod:`jaxinterp.nnx`.
 
@@ -95,7 +95,7 @@ LEAVES: dict[Path, Leaf] = {
 
 def axis_sizes(cfg) -> dict[str, int]:
     """Each logical axis's size for ``cfg`` (a :class:`jaxinterp.config.ModelConfig`)."""
-    return {"layer": cfg.n_layers, "head": cfg.n_heads, "kv_head": cfg.kv_heads, "d_model": cfg.d_model,
+    return {"layer": cfg.n_layers, "head": cfg.n_heads, "kv_head": cfg.n_kv_heads, "d_model": cfg.d_model,
             "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "vocab": cfg.vocab_size, "ctx": cfg.n_ctx}
 
 

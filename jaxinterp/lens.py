@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .graph import GraphSpec
 from .io import write_figure
 from .models import final_logits, forward, layer_params, norm, residual_stream
 
@@ -302,11 +301,11 @@ def lens_report(model, prompt: str, k: int = 5) -> dict:
         tok, val = top_k(jax.nn.log_softmax(jnp.asarray(row)), k)
         per_layer.append({"layer": name, "top": [(dec(t), float(np.exp(v))) for t, v in zip(tok, val)]})
     report = {"tokens": [dec(t) for t in ids[0]], "lens": lens, "per_layer": per_layer}
-    if not model.cfg.graph_unsupported_reason and model.cfg.final_logit_softcap is None:
+    if model.cfg.final_logit_softcap is None:
         dla = direct_logit_attribution(model.params, model.cfg, ids)
         predicted = int(np.argmax(dla.logits[0]))
         contrib = dla.nodes[:, 0, predicted]
-        names = GraphSpec.from_config(model.cfg).forward_names
+        names = model.graph_spec.forward_names
         order = np.argsort(-np.abs(contrib))[:k]
         report["direct"] = {"token": dec(predicted), "logit": float(dla.logits[0, predicted]),
                             "rest": float(dla.rest[0, predicted]),

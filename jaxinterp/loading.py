@@ -2,45 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
-from .graph import GraphSpec
-from . import models
-
-
-@dataclasses.dataclass
-class Model:
-    """A converted model: config, parameters (jax arrays) and, if present, its tokenizer.
-
-    ``model(tokens [batch, pos], attention_mask [batch, pos]) -> logits [batch, pos, vocab]``
-    (float32).
-    """
-
-    cfg: ModelConfig
-    params: Any
-    tokenizer: Any = None
-    path: Optional[str] = None
-
-    def __call__(self, tokens, attention_mask=None):
-        return _jit_forward(self.cfg)(self.params, jnp.asarray(tokens),
-                                      None if attention_mask is None else jnp.asarray(attention_mask))
-
-    @property
-    def graph_spec(self) -> GraphSpec:
-        return GraphSpec.from_config(self.cfg)
-
-
-@functools.lru_cache(maxsize=None)
-def _jit_forward(cfg: ModelConfig):
-    return jax.jit(lambda p, t, m: models.forward(p, cfg, t, m))
+from .model import Model  # its home; also importable from here (loading.Model)
 
 
 def load_tokenizer(path: str):
@@ -111,8 +79,8 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None
     a Hugging Face hub id such as ``gpt2`` (downloaded when the network allows).
 
     grouped_kv: the circuit graph's grouped-query view, ``<k>``/``<v>`` inputs per
-        key/value head (``ModelConfig.group_kv_inputs``, :mod:`jaxinterp.graph`); the
-        default is the reference's view, one per query head. Logits do not change.
+        key/value head (``Model.grouped_kv``, :mod:`jaxinterp.graph`); the default is the
+        reference's view, one per query head. Logits do not change.
     mesh: a ``("data", "model")`` mesh (:func:`jaxinterp.sharding.make_mesh`): each device
         receives only its shard of every parameter straight from host memory, so a model
         larger than one device loads (without it, parameters go to the default device).
@@ -133,16 +101,15 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None
     path = model_files(path)  # "smollm2" -> the package's .gguf file; a hub id -> its download
     tokenizer = None
     if os.path.isfile(path) or path.lower().endswith(".gguf"):
-        cfg, params = load_gguf_checkpoint(path)  # refuses a file that is not GGUF, naming it
+        cfg, params, origin = load_gguf_checkpoint(path)  # refuses a file that is not GGUF, naming it
         tokenizer = load_gguf_tokenizer(path)
     else:
-        cfg, params = load_converted(path) if is_converted(path) else load_hf_checkpoint(path)
+        cfg, params, origin = load_converted(path) if is_converted(path) else load_hf_checkpoint(path)
         tokenizer = load_tokenizer(path)
-    cfg = dataclasses.replace(cfg, group_kv_inputs=bool(grouped_kv))
     if mesh is None:
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     else:
         from .sharding import shard_params
 
         params = shard_params(jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)), params), mesh)
-    return Model(cfg, params, tokenizer, path)
+    return Model(cfg, params, tokenizer, path, grouped_kv=bool(grouped_kv), origin=origin)

@@ -99,9 +99,10 @@ def param_count(cfg: ModelConfig) -> int:
     return layout.param_count(cfg)
 
 
-def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_chunk: int) -> float:
+def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_chunk: int,
+                     grouped_kv: bool = False) -> float:
     """Activation bytes per example and position (module docstring)."""
-    spec = GraphSpec.from_config(cfg, check_supported=False)
+    spec = GraphSpec.from_config(cfg, grouped_kv)
     L, H, D = cfg.n_layers, cfg.n_heads, cfg.d_model
     nodes = NODE_COPIES * spec.n_forward * D * s
     if method == "exact":
@@ -117,18 +118,19 @@ def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_ch
 
 def estimate_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: str = "EAP-IG-inputs",
                         dtype=jnp.float32, exact_chunk: int = 64, data_devices: int = 1,
-                        model_devices: int = 1) -> int:
+                        model_devices: int = 1, grouped_kv: bool = False) -> int:
     """Upper-bound estimate of the peak device memory of one attribution batch of
     ``batch_size`` prompt pairs of ``n_pos`` tokens, per device of a ``data_devices x
-    model_devices`` mesh. Integrated-gradient steps run one after the other (a scan), so
-    ``ig_steps`` does not change the peak. Monotone in ``batch_size`` and ``n_pos``."""
+    model_devices`` mesh, over the graph in the view ``grouped_kv`` (``Model.grouped_kv``).
+    Integrated-gradient steps run one after the other (a scan), so ``ig_steps`` does not
+    change the peak. Monotone in ``batch_size`` and ``n_pos``."""
     if batch_size < 1 or n_pos < 1:
         raise ValueError(f"batch_size and n_pos must be >= 1, got {batch_size}, {n_pos}")
     s = jnp.dtype(dtype).itemsize
     params = param_count(cfg) * s / model_devices
     local = math.ceil(batch_size / data_devices)
-    spec = GraphSpec.from_config(cfg, check_supported=False)
-    acts = local * n_pos * _per_token_bytes(cfg, n_pos, s, method, exact_chunk)
+    spec = GraphSpec.from_config(cfg, grouped_kv)
+    acts = local * n_pos * _per_token_bytes(cfg, n_pos, s, method, exact_chunk, grouped_kv)
     logits = local * LOGIT_COPIES * cfg.vocab_size * 4
     scores = 3 * spec.n_forward * spec.n_backward * 4  # the float32 [src, dst] gradient and its sum
     return int(SAFETY * (params + acts + logits + scores))
@@ -136,12 +138,12 @@ def estimate_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: s
 
 def pick_micro_batch(cfg: ModelConfig, n_pos: int, method: str, max_memory_bytes: int, dtype=jnp.float32,
                      exact_chunk: int = 64, data_devices: int = 1, model_devices: int = 1,
-                     limit: int = 1 << 20) -> int:
+                     limit: int = 1 << 20, grouped_kv: bool = False) -> int:
     """The largest batch size (at most ``limit``, a multiple of ``data_devices``) whose
     :func:`estimate_peak_bytes` is within ``max_memory_bytes``; raises
     :class:`OutOfMemoryError` when not even one example per data device fits."""
     est = lambda b: estimate_peak_bytes(cfg, b, n_pos, method, dtype, exact_chunk,  # noqa: E731
-                                        data_devices, model_devices)
+                                        data_devices, model_devices, grouped_kv)
     step = data_devices  # a batch that does not divide the data axis is padded up anyway
     if est(step) > max_memory_bytes:
         raise OutOfMemoryError(
@@ -180,9 +182,10 @@ def batch_size_for(model, pairs, method: str, max_memory: Union[str, int], mesh=
     dtype = jax.tree.leaves(model.params)[0].dtype
     limit = math.ceil(len(pairs) / data) * data
     size = pick_micro_batch(model.cfg, pairs.n_pos, method, parse_bytes(max_memory), dtype, exact_chunk, data,
-                            model_ways, limit=limit)
+                            model_ways, limit=limit, grouped_kv=model.grouped_kv)
     if not quiet:
-        est = estimate_peak_bytes(model.cfg, size, pairs.n_pos, method, dtype, exact_chunk, data, model_ways)
+        est = estimate_peak_bytes(model.cfg, size, pairs.n_pos, method, dtype, exact_chunk, data, model_ways,
+                                  model.grouped_kv)
         print(f"max_memory {format_bytes(parse_bytes(max_memory))}: batch size {size} "
               f"(estimated peak {format_bytes(est)} per device)")
     return size

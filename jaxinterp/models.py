@@ -47,11 +47,12 @@ a norm's ``b``) by its presence; conversion checks presence against the config.
 One forward serves every family; :class:`jaxinterp.config.ModelConfig` fields switch
 RMSNorm (with Gemma's ``1 + w``), the embedding scale (part of the ``input`` node, so
 patching ``input`` patches the scaled embedding), rotary positions (partial, scaled),
-grouped-query attention (by default each query head has its own ``<k>``/``<v>`` inputs:
-the reference's ``ungroup_grouped_query_attention`` view; with ``cfg.group_kv_inputs``
-they are one per key/value head, :mod:`jaxinterp.graph`), sliding windows, gated MLPs,
-parallel attention + MLP, and Gemma 2's soft-capping and sandwich norms. Models whose
-``cfg.graph_unsupported_reason`` is set run the plain forward only.
+grouped-query attention, sliding windows, gated MLPs, parallel attention + MLP, and
+Gemma 2's soft-capping and sandwich norms. The graph's grouped-query view is not in the
+config: an intervention's coefficients carry it in their shape (their ``dst`` axis has
+the default view's ``n_backward``, each query head with its own ``<k>``/``<v>`` inputs as
+the reference's ``ungroup_grouped_query_attention``, or the grouped view's, one per
+key/value head; :meth:`jaxinterp.graph.GraphSpec.for_coefficients`).
 """
 
 from __future__ import annotations
@@ -171,10 +172,8 @@ def _rotary(cfg: ModelConfig, n_pos: int):
     Positions are ``0 .. n_pos - 1`` for every row, which is right for right padding."""
     if cfg.positional != "rotary":
         return None
-    cos, sin = ops.rotary_tables(
-        jnp.arange(n_pos), cfg.rotary_dim or cfg.d_head, cfg.rope_theta, rope_type=cfg.rope_type,
-        factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
-        high_freq_factor=cfg.rope_high_freq_factor, original_max_position=cfg.rope_original_max_position)
+    cos, sin = ops.rotary_tables(jnp.arange(n_pos), cfg.rotary_dim or cfg.d_head, cfg.rope.theta,
+                                 **cfg.rope.scaling())
     return lambda x: ops.apply_rotary(x, cos.astype(x.dtype), sin.astype(x.dtype))
 
 
@@ -505,7 +504,8 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
          iv: Optional[EdgeIntervention], input_embeddings: Optional[Array], logit_positions: Optional[Array] = None,
          remat: bool = False, scan: Optional[bool] = None, blocked: Optional[Array] = None,
          mlp_delta: Optional[tuple] = None) -> dict:
-    spec = GraphSpec.from_config(cfg)
+    # the graph view the coefficients are laid out in (their shape says it; no view without them)
+    spec = GraphSpec.from_config(cfg) if iv is None else GraphSpec.for_coefficients(cfg, iv.coef.shape[-1])
     n_batch, n_pos = tokens.shape
     scan = use_scan(cfg, iv) if scan is None else scan
     if attention_mask is None:

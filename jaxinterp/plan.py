@@ -148,7 +148,7 @@ def forward_flops(cfg, batch_size: int, n_pos: int, logit_positions: Optional[in
     intervention) on ``batch_size x n_pos`` tokens: q/k/v/o and MLP projections, attention
     scores and values over all ``n_pos`` keys (causality is a mask, not skipped work), and
     the unembedding at ``logit_positions`` positions per prompt (default: every position)."""
-    d, dh, h, k = cfg.d_model, cfg.d_head, cfg.n_heads, cfg.kv_heads
+    d, dh, h, k = cfg.d_model, cfg.d_head, cfg.n_heads, cfg.n_kv_heads
     per_token_layer = (2 * d * dh * (h + 2 * k) + 2 * h * dh * d + 2 * 2 * h * n_pos * dh
                        + 2 * d * cfg.d_mlp * (3 if cfg.gated_mlp else 2))
     tokens = batch_size * n_pos
@@ -200,10 +200,11 @@ def abstract_batch(batch_size: int, n_pos: int, sharding=None) -> dict:
 
 
 def program(cfg, method: str, params, batch, mesh=None, ig_steps: int = 5, metric: str = "logit_diff",
-            exact_chunk: int = 64, n_circuits: int = 1, remat: bool = False):
+            exact_chunk: int = 64, n_circuits: int = 1, remat: bool = False, grouped_kv: bool = False):
     """``(jitted function, positional arguments, static keyword arguments)`` of one batch of
-    ``method`` on ``params`` and ``batch`` (real or abstract arrays): the adapter between a
-    method's name and the library's per-batch program, whose signatures evolve."""
+    ``method`` on ``params`` and ``batch`` (real or abstract arrays) over the graph in the
+    view ``grouped_kv``: the adapter between a method's name and the library's per-batch
+    program, whose signatures evolve."""
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -214,7 +215,7 @@ def program(cfg, method: str, params, batch, mesh=None, ig_steps: int = 5, metri
         raise PlanError(f"unknown method {method!r}; choose from {PLAN_METHODS}")
     task = TaskMetric(metric)
     replicated = None if mesh is None else NamedSharding(mesh, P())
-    spec = GraphSpec.from_config(cfg)
+    spec = GraphSpec.from_config(cfg, grouped_kv)
     if method == "evaluate":
         from .interventions import batch_circuit_metrics as fn
 
@@ -227,11 +228,12 @@ def program(cfg, method: str, params, batch, mesh=None, ig_steps: int = 5, metri
         from .attribution import batch_exact as fn
 
         edges = _abstract((exact_chunk,), jnp.int32, replicated)
-        return fn, (params, batch, edges, edges), dict(cfg=cfg, metric=task)
+        return fn, (params, batch, edges, edges), dict(cfg=cfg, metric=task, grouped_kv=grouped_kv)
     from .attribution import batch_scores as fn
 
     steps = ig_steps if method in ("EAP-IG-inputs", "EAP-IG-activations") else 1
-    return fn, (params, batch), dict(cfg=cfg, method=method, metric=task, ig_steps=steps, remat=remat)
+    return fn, (params, batch), dict(cfg=cfg, method=method, metric=task, ig_steps=steps, remat=remat,
+                                     grouped_kv=grouped_kv)
 
 
 def memory_figures(compiled) -> dict:
@@ -268,12 +270,13 @@ def _mesh(data: int, model: int, cfg):
 def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: str = "float32",
          mesh_shape: tuple[int, int] = (1, 1), ig_steps: int = 5, metric: str = "logit_diff",
          peak_tflops: Optional[float] = None, mfu: float = DEFAULT_MFU, exact_chunk: int = 64,
-         n_circuits: int = 1, remat: bool = False) -> dict:
+         n_circuits: int = 1, remat: bool = False, grouped_kv: bool = False) -> dict:
     """Lower and compile one batch of ``method`` on a model of config ``cfg`` (no weights)
     for ``batch_size`` prompt pairs of ``n_pos`` tokens in ``dtype`` on a ``mesh_shape =
     (data, model)`` mesh of this process's devices; the module docstring lists the figures
     (memory and FLOPs per device). ``batch_size`` is padded up to a multiple of ``data``,
-    as a real run pads its batches."""
+    as a real run pads its batches. ``grouped_kv``: the circuit graph's grouped-query view
+    (``load_model(..., grouped_kv=True)``)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -292,7 +295,7 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
         raise PlanError(f"mfu must be in (0, 1], got {mfu}")
     data, model = mesh_shape
     mesh = _mesh(data, model, cfg)
-    spec = GraphSpec.from_config(cfg)
+    spec = GraphSpec.from_config(cfg, grouped_kv)
     batch_padded = math.ceil(batch_size / data) * data
     dt = jnp.dtype(dtype)
     params = memory.abstract_params(cfg, dt)
@@ -300,7 +303,8 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
         specs = param_specs(params, dict(mesh.shape))
         params = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, NamedSharding(mesh, s)), params, specs)
     batch = abstract_batch(batch_padded, n_pos, None if mesh is None else NamedSharding(mesh, P("data")))
-    fn, args, kw = program(cfg, method, params, batch, mesh, ig_steps, metric, exact_chunk, n_circuits, remat)
+    fn, args, kw = program(cfg, method, params, batch, mesh, ig_steps, metric, exact_chunk, n_circuits, remat,
+                           grouped_kv)
 
     t = time.perf_counter()
     lowered = fn.lower(*args, **kw)
@@ -316,7 +320,7 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
     n_devices = data * model
     est = None
     if method != "evaluate":  # memory.estimate_peak_bytes models the attribution methods
-        est = memory.estimate_peak_bytes(cfg, batch_padded, n_pos, method, dt, exact_chunk, data, model)
+        est = memory.estimate_peak_bytes(cfg, batch_padded, n_pos, method, dt, exact_chunk, data, model, grouped_kv)
     mf = model_flops(cfg, method, batch_padded, n_pos, ig_steps, n_circuits)
     result = {
         "method": method, "batch_size": batch_size, "batch_size_padded": batch_padded, "n_pos": n_pos,

@@ -87,7 +87,7 @@ class PositionalGraph:
         if it is at any position."""
         g = Graph(self.spec, self.scores.sum(0))
         g.in_graph[:] = self.in_graph.any(0) & self.spec.real_edge_mask
-        g._nodes_from_edges()
+        g.nodes_from_edges()
         return g
 
     def apply_topn(self, n: int, absolute: bool = True, prune: bool = True) -> "PositionalGraph":
@@ -103,9 +103,9 @@ class PositionalGraph:
     # --- files ----------------------------------------------------------------------------
     def to_json(self, path: str) -> None:
         """Write this graph atomically; non-finite scores are refused (ValueError naming them)."""
-        from .graph import _check_finite_scores
+        from .graph import check_finite_scores
 
-        _check_finite_scores(self.scores, self.spec, path)
+        check_finite_scores(self.scores, self.spec, path)
         edges = {name: {"scores": self.scores[:, s, d].tolist(), "in_graph": self.in_graph[:, s, d].tolist()}
                  for name, s, d in self.spec.edges}
         atomic_write_text(path, json.dumps({"cfg": self.spec.to_cfg(), "positions": self.positions,
@@ -114,7 +114,7 @@ class PositionalGraph:
     @classmethod
     def from_json(cls, path: str, spec: Optional[GraphSpec] = None) -> "PositionalGraph":
         """Read :meth:`to_json`'s file; ``spec``: the graph it must be (else ValueError)."""
-        from .graph import _spec_from_file
+        from .graph import spec_from_file
         from .io import read_json
 
         d = read_json(path)  # errors name the file
@@ -122,7 +122,7 @@ class PositionalGraph:
             raise ValueError(f"{path}: not a circuit graph file (needs 'cfg' and 'edges')")
         if "positions" not in d:
             raise ValueError(f"{path}: not a position-aware graph (no 'positions'); read it with Graph.from_json")
-        spec = _spec_from_file(d["cfg"], path, spec)
+        spec = spec_from_file(d["cfg"], path, spec)
         g = cls(spec, n_pos=len(d["positions"]), positions=d["positions"])
         missing = {name for name, _, _ in spec.edges} - set(d["edges"])
         if missing:

@@ -65,7 +65,7 @@ def hf_config(name_or_path: str) -> dict:
     return config
 
 
-def model_config(name_or_path: str, n_layers: Optional[int] = None, grouped_kv: bool = False) -> ModelConfig:
+def model_config(name_or_path: str, n_layers: Optional[int] = None) -> ModelConfig:
     """The :class:`ModelConfig` of a named shape or a ``config.json`` (read by the family
     converters, as a checkpoint would be); ``n_layers`` overrides the depth."""
     import dataclasses
@@ -79,7 +79,7 @@ def model_config(name_or_path: str, n_layers: Optional[int] = None, grouped_kv: 
             raise ShapeError(f"n_layers must be >= 1, got {n_layers}")
         layers = None if cfg.sliding_layers is None else tuple(i for i in cfg.sliding_layers if i < n_layers)
         cfg = dataclasses.replace(cfg, n_layers=n_layers, sliding_layers=layers)
-    return dataclasses.replace(cfg, group_kv_inputs=bool(grouped_kv))
+    return cfg
 
 
 __all__ = ["HF_SHAPES", "ShapeError", "hf_config", "model_config"]

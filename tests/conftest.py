@@ -17,7 +17,7 @@ if os.environ.get("JAXINTERP_TEST_XLA_OPT", "0") != "default":
 # gives its subprocesses a cache directory of their own)
 os.environ.setdefault("JAXINTERP_COMPILE_CACHE", "0")
 
-from jaxinterp.testing import save_random_gpt2, write_ioi_csv  # noqa: E402
+from devtools.testing import save_random_gpt2, write_ioi_csv  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

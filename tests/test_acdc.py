@@ -1,5 +1,5 @@
 """ACDC: the compiled, scan-per-input implementation against a Python loop with one
-circuit evaluation per edge (tests/acdc_loop.py)."""
+circuit evaluation per edge (devtools/acdc_loop.py)."""
 
 import json
 
@@ -12,10 +12,10 @@ from jaxinterp.interventions import prepare_data
 from jaxinterp.cli import main
 from jaxinterp.evaluation import evaluate_baseline, evaluate_graph, evaluate_masks
 from jaxinterp.graph import Graph
-from jaxinterp.testing import save_random_gpt2
+from devtools.testing import save_random_gpt2
 
-from acdc_loop import loop_acdc
-from jaxinterp.testing import write_ioi_csv
+from devtools.acdc_loop import loop_acdc
+from devtools.testing import write_ioi_csv
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +118,12 @@ def test_compiled_acdc_equals_the_loop_in_the_grouped_query_view(tmp_path):
     """A shared ``a{l}.kv{g}<k>`` input is tested once and dropped untested only when
     every query head reading it has lost its outputs."""
     from jaxinterp.data import load_pairs
-    from jaxinterp.testing import save_random_llama, small_vocab
+    from devtools.testing import save_random_llama, small_vocab
     from jaxinterp.tokenizer import build_word_tokenizer
 
     model = load_model(save_random_llama(str(tmp_path / "llama"), seed=1), grouped_kv=True)
     spec = model.graph_spec
-    assert spec.grouped and spec.n_edges == 82
+    assert spec.grouped_kv and spec.n_edges == 82
     tok = build_word_tokenizer(small_vocab())
     pairs = load_pairs(write_ioi_csv(tmp_path / "ioi.csv", tok, n=8, ragged=True), tok)
     threshold = 1e-3
@@ -146,7 +146,7 @@ def test_traced_pruning_equals_graph_prune(sharp):
     """``acdc.pruned`` (inside the compiled loop) prunes exactly as :meth:`Graph.prune`."""
     import jax.numpy as jnp
 
-    from acdc_loop import prune
+    from devtools.acdc_loop import prune
     from jaxinterp.acdc import pruned
 
     model, _ = sharp
@@ -169,7 +169,7 @@ def test_returned_circuit_is_the_accepted_one(sharp, intervention, threshold):
     KL 0.322 (it measured circuits unpruned and returned them pruned). Now ``L`` is
     measured on the pruned circuit, so the returned circuit, evaluated as evaluation does
     (pruned), has the metric ACDC accepted; decisions equal the loop's."""
-    from acdc_loop import prune
+    from devtools.acdc_loop import prune
 
     model, csv = sharp
     pairs, _ = prepare_data(model, csv, "kl_div")

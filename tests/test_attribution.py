@@ -58,8 +58,8 @@ def sharp(tmp_path_factory):
     """``(model, pairs)``: a random GPT-2 whose edges matter (``initializer_range=0.2``:
     sampled scores up to ~0.04, median edge ~4e-3; the default init's median is ~1e-5,
     where a fixed ``atol`` lets through errors of tens of percent) and 12 ragged IOI pairs."""
-    from jaxinterp.testing import write_ioi_csv
-    from jaxinterp.testing import save_random_gpt2
+    from devtools.testing import write_ioi_csv
+    from devtools.testing import save_random_gpt2
 
     path = save_random_gpt2(str(tmp_path_factory.mktemp("sharp_gpt2")), n_layer=2, n_head=4, n_embd=32, seed=0,
                             initializer_range=0.2)

@@ -15,7 +15,7 @@ import pytest
 from jaxinterp import load_model
 from jaxinterp.attribution import attribute
 from jaxinterp.data import Pairs
-from jaxinterp import testing
+from devtools import testing
 
 WIDE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
             max_position_embeddings=1024, initializer_range=0.05)

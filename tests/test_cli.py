@@ -42,7 +42,7 @@ def test_evaluate_with_mean_ablation_over_other_prompts(tmp_path, gpt2_dir, ioi_
     from jaxinterp.interventions import prepare_data
     from jaxinterp.evaluation import evaluate_empty, evaluate_graph
 
-    from jaxinterp.testing import write_ioi_csv
+    from devtools.testing import write_ioi_csv
 
     other = write_ioi_csv(tmp_path / "other.csv", model.tokenizer, n=6, seed=5)
     out = str(tmp_path / "graph.json")

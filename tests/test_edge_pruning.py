@@ -9,7 +9,7 @@ from jaxinterp import load_model
 from jaxinterp.data import Pairs
 from jaxinterp.edge_pruning import HardConcrete, learn_circuit
 from jaxinterp.evaluation import evaluate_masks
-from jaxinterp.testing import save_random_gpt2
+from devtools.testing import save_random_gpt2
 
 N_POS = 8
 

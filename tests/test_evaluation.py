@@ -135,9 +135,9 @@ def sharp(tmp_path_factory):
     """``(model, pairs, EAP graph)`` on a random GPT-2 whose edges matter (a large
     initializer_range: the default init's metric changes are at float noise)."""
     from jaxinterp import load_model
-    from jaxinterp.testing import save_random_gpt2
+    from devtools.testing import save_random_gpt2
 
-    from jaxinterp.testing import write_ioi_csv
+    from devtools.testing import write_ioi_csv
 
     path = save_random_gpt2(str(tmp_path_factory.mktemp("sharp_gpt2")), n_layer=2, n_head=4, n_embd=32, seed=0,
                             initializer_range=0.2)

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp import load_model, ops, testing
+from devtools import testing
+from jaxinterp import load_model, ops
 from jaxinterp.attribution import attribute
 from jaxinterp.data import load_pairs
 from jaxinterp.tokenizer import build_word_tokenizer
@@ -36,13 +37,13 @@ torch = pytest.importorskip("torch")
 
 import family_reference  # noqa: E402
 from conftest import padded_batch  # noqa: E402
-from jaxinterp.testing import write_ioi_csv  # noqa: E402
+from devtools.testing import write_ioi_csv  # noqa: E402
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
 # name -> (family, builder overrides); the builders' defaults are 2 layers, d_model 32,
-# 4 query heads over 2 key/value heads (see jaxinterp.testing).
+# 4 query heads over 2 key/value heads (see devtools.testing).
 SHAPES = {
     "llama": ("llama", {}),
     "llama-mha-tied-biases-headdim-linear": ("llama", dict(
@@ -117,7 +118,7 @@ def max_error(ours, ref, lengths):
 def test_logits_match_pytorch_on_padded_batch(name, family_dir, hf_model):
     path = family_dir(name)
     model = load_model(path)
-    assert model.cfg.model_type == SHAPES[name][0]
+    assert model.origin.model_type == SHAPES[name][0]
     ids, mask, lengths = padded_batch(model.cfg.vocab_size)  # 11 tokens: longer than every window
     ours = np.asarray(model(ids, mask))
     with torch.no_grad():
@@ -128,9 +129,9 @@ def test_logits_match_pytorch_on_padded_batch(name, family_dir, hf_model):
 
 def test_converted_configs_read_the_features(family_dir):
     cfg = load_hf_checkpoint(family_dir("llama-mqa-llama3"))[0]
-    assert (cfg.n_kv_heads, cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position) == (1, "llama3", 8.0, 16)
+    assert (cfg.n_kv_heads, cfg.rope.type, cfg.rope.factor, cfg.rope.original_max_position) == (1, "llama3", 8.0, 16)
     cfg = load_hf_checkpoint(family_dir("llama-mha-tied-biases-headdim-linear"))[0]
-    assert (cfg.d_head, cfg.rope_type, cfg.rope_theta, cfg.qkv_bias, cfg.mlp_bias) == (16, "linear", 500.0, True, True)
+    assert (cfg.d_head, cfg.rope.type, cfg.rope.theta, cfg.qkv_bias, cfg.mlp_bias) == (16, "linear", 500.0, True, True)
     cfg = load_hf_checkpoint(family_dir("mistral"))[0]
     assert (cfg.sliding_window, cfg.sliding_layers, cfg.window(0)) == (4, None, 4)
     cfg = load_hf_checkpoint(family_dir("qwen2"))[0]
@@ -176,14 +177,15 @@ def test_legacy_config_layouts_convert_the_same(tmp_path, family_dir):
                        ("gpt_neox", neox_legacy), ("gemma", gemma_legacy)]:
         src = family_dir(name)
         legacy = _rewrite_config(src, str(tmp_path / name), edit)
-        assert load_hf_checkpoint(legacy)[0] == load_hf_checkpoint(src)[0], name
+        (cfg, _, origin), (want_cfg, _, want_origin) = load_hf_checkpoint(legacy), load_hf_checkpoint(src)
+        assert (cfg, origin) == (want_cfg, want_origin), name
 
 
 def test_orbax_round_trip_keeps_tuple_fields_hashable(tmp_path, family_dir):
     src = family_dir("qwen2")
-    cfg0, p0 = load_hf_checkpoint(src)
-    cfg1, p1 = load_converted(convert_hf(src, str(tmp_path / "converted")))
-    assert cfg0 == cfg1 and cfg1.sliding_layers == (1,)
+    cfg0, p0, origin0 = load_hf_checkpoint(src)
+    cfg1, p1, origin1 = load_converted(convert_hf(src, str(tmp_path / "converted")))
+    assert cfg0 == cfg1 and origin0 == origin1 and cfg1.sliding_layers == (1,)
     hash(cfg1)  # a jit static argument
     jax.tree.map(np.testing.assert_array_equal, p0, p1)
 
@@ -311,7 +313,7 @@ def test_gemma2_head_nodes_sum_to_hugging_faces_post_attention_norm(family_dir, 
     involved), and the graph forward's logits are Hugging Face's."""
     path = family_dir("gemma2")  # no attention bias: the heads' shares are the whole output
     model, hf = load_model(path), hf_model(path)
-    assert model.cfg.sandwich_norms and model.cfg.graph_unsupported_reason is None
+    assert model.cfg.sandwich_norms
     ids, mask, lengths = padded_batch(model.cfg.vocab_size)
     captured = {}
     hooks = [layer.post_attention_layernorm.register_forward_hook(
@@ -377,11 +379,11 @@ def test_unsupported_config_features_are_refused(name, edit, match, family_dir, 
 
 
 def test_model_config_refuses_unknown_rope_types():
-    from jaxinterp.config import ModelConfig
+    from jaxinterp.config import ModelConfig, Rope
 
     with pytest.raises(ValueError, match=r"rope_type 'yarn' is not supported; supported"):
         ModelConfig(n_layers=1, n_heads=2, d_model=8, d_head=4, d_mlp=8, vocab_size=10, n_ctx=8,
-                    positional="rotary", rope_type="yarn")
+                    positional="rotary", rope=Rope(type="yarn"))
     with pytest.raises(ValueError, match="sliding_layers"):
         ModelConfig(n_layers=1, n_heads=2, d_model=8, d_head=4, d_mlp=8, vocab_size=10, n_ctx=8,
                     sliding_layers=(0,))
@@ -475,7 +477,7 @@ def test_grouped_view_eap_and_exact_equal_the_reference(name, family_dir, hf_mod
     metric change when that input alone carries it."""
     path = family_dir(name)
     model = load_model(path, grouped_kv=True)
-    assert model.graph_spec.grouped
+    assert model.graph_spec.grouped_kv
     tok = build_word_tokenizer(testing.small_vocab())
     pairs = load_pairs(write_ioi_csv(tmp_path / "ioi.csv", tok, n=5, seed=7, ragged=True), tok)
     eap = attribute(model, pairs, method="EAP", batch_size=4, quiet=True)
@@ -539,7 +541,7 @@ def test_grouped_view_on_the_command_line(family_dir, tmp_path, capsys):
     out = str(tmp_path / "g.json")
     assert main(["attribute", "--model", path, "--data", data, "--method", "EAP", "--grouped-kv",
                  "--batch-size", "4", "--out", out]) == 0
-    assert Graph.from_json(out).spec.n_kv_heads == 2
+    assert Graph.from_json(out).spec.n_kv_inputs == 2
     capsys.readouterr()
     assert main(["evaluate", "--model", path, "--data", data, "--graph", out, "--top-n", "10", "--grouped-kv",
                  "--batch-size", "4"]) == 0

@@ -18,7 +18,7 @@ import pytest
 from jaxinterp import load_model
 from jaxinterp.conversion import ConversionError, load_hf_checkpoint
 from jaxinterp.conversion.gguf import load_gguf_checkpoint
-from jaxinterp import testing
+from devtools import testing
 
 gguf = pytest.importorskip("gguf") if not os.environ.get("CI") else __import__("gguf")
 
@@ -170,9 +170,9 @@ def _tokens(vocab, seed=0):
 def test_gguf_round_trip_matches_hf_original(tmp_path, name):
     hf_dir = FAMILIES[name](str(tmp_path / "hf"))
     path = write_gguf_like_llama_cpp(hf_dir, str(tmp_path / "m.gguf"))
-    cfg_hf, p_hf = load_hf_checkpoint(hf_dir)
-    cfg_g, p_g = load_gguf_checkpoint(path)
-    assert cfg_g == cfg_hf  # everything the format carries, incl. float32 metadata read back as HF's decimals
+    cfg_hf, p_hf, origin_hf = load_hf_checkpoint(hf_dir)
+    cfg_g, p_g, origin_g = load_gguf_checkpoint(path)
+    assert (cfg_g, origin_g) == (cfg_hf, origin_hf)  # everything the format carries, incl. float32 metadata read back as HF's decimals
     # the parameters themselves: equal up to Gemma's float32 (1 + w) - 1
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), p_g, p_hf)
     ours, ref = load_model(path), load_model(hf_dir)
@@ -189,8 +189,8 @@ def test_f16_gguf_matches_hf_with_the_same_rounding(tmp_path):
     reader = gguf.GGUFReader(path)
     assert {t.tensor_type.name for t in reader.tensors} == {"F16", "F32"}
     _round_2d_to_f16(hf_dir)
-    _, p_hf = load_hf_checkpoint(hf_dir)
-    _, p_g = load_gguf_checkpoint(path)
+    p_hf = load_hf_checkpoint(hf_dir)[1]
+    p_g = load_gguf_checkpoint(path)[1]
     jax.tree.map(np.testing.assert_array_equal, p_g, p_hf)
 
 
@@ -207,7 +207,7 @@ def test_quantized_tensor_is_dequantized(tmp_path):
     stored = quants.dequantize(quants.quantize(_llama_cpp_permute(q, 4), gguf.GGMLQuantizationType.Q8_0),
                                gguf.GGMLQuantizationType.Q8_0)
     expect = _unpermute(stored, 4)  # [4 heads * 16, 64] in HF's layout
-    _, p = load_gguf_checkpoint(path)
+    p = load_gguf_checkpoint(path)[1]
     got = p["blocks"]["attn"]["w_q"][0]  # [head, d_model, d_head]
     np.testing.assert_array_equal(got, expect.reshape(4, 16, 64).transpose(0, 2, 1))
     assert 0 < np.abs(expect - q).max() < 0.02 * np.abs(q).max()  # quantised, and close to the original
@@ -302,8 +302,8 @@ def test_linear_rope_scaling_is_carried(tmp_path):
     hf_dir = testing.save_random_llama(str(tmp_path / "hf"), rope_scaling={"rope_type": "linear", "factor": 2.0})
     p = write_gguf_like_llama_cpp(hf_dir, str(tmp_path / "m.gguf"), extra_kv={
         "s": lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR), w.add_rope_scaling_factor(2.0))})
-    cfg, _ = load_gguf_checkpoint(p)
-    assert (cfg.rope_type, cfg.rope_factor) == ("linear", 2.0)
+    cfg = load_gguf_checkpoint(p)[0]
+    assert (cfg.rope.type, cfg.rope.factor) == ("linear", 2.0)
     assert cfg == load_hf_checkpoint(hf_dir)[0]
 
 
@@ -374,11 +374,12 @@ PROMPTS = [
 
 def test_smollm2_config_and_tokenizer(smollm2):
     cfg, tok = smollm2.cfg, smollm2.tokenizer
-    assert (cfg.model_type, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.d_model, cfg.d_head, cfg.vocab_size) == \
+    origin = smollm2.origin
+    assert (origin.model_type, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head, cfg.vocab_size) == \
         ("llama", 30, 9, 3, 576, 64, 49152)
-    assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0 and cfg.norm_eps == 1e-5
+    assert origin.tie_word_embeddings and cfg.rope.theta == 100000.0 and cfg.norm_eps == 1e-5
     assert smollm2.graph_spec.n_edges == 123211
-    assert tok is not None and tok.bos_token_id == cfg.bos_token_id == 1
+    assert tok is not None and tok.bos_token_id == origin.bos_token_id == 1
     assert len(tok(" Mary", add_special_tokens=False)["input_ids"]) == 1
     assert tok.decode(tok("Hello world", add_special_tokens=False)["input_ids"]) == "Hello world"
 
@@ -523,8 +524,8 @@ def test_convert_smollm2_keeps_weights_and_tokenizer(smollm2, tmp_path):
 
     out = str(tmp_path / "smol")
     assert main(["convert", "smollm2", out]) == 0
-    cfg, params = load_converted(out)
-    assert cfg == smollm2.cfg
+    cfg, params, origin = load_converted(out)
+    assert cfg == smollm2.cfg and origin == smollm2.origin
     for path in (("embed", "w_e"), ("blocks", "attn", "w_k"), ("blocks", "mlp", "w_out")):
         a, b = params, smollm2.params
         for k in path:

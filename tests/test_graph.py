@@ -119,8 +119,8 @@ def _count_edges(n_layers, n_heads, attn_inputs):
 
 
 def test_grouped_view_names_counts_and_owners():
-    s = GraphSpec(3, 4, d_model=16, n_kv_heads=2)
-    assert s.grouped and s.n_kv_inputs == 2 and s.n_attn_inputs == 4 + 2 * 2
+    s = GraphSpec(3, 4, d_model=16, n_kv_inputs=2)
+    assert s.grouped_kv and s.n_kv_inputs == 2 and s.n_attn_inputs == 4 + 2 * 2
     assert s.n_backward == 3 * (4 + 2 * 2 + 1) + 1 and s.n_forward == GraphSpec(3, 4).n_forward
     assert s.n_edges == len(s.edges) == len({e[0] for e in s.edges}) == _count_edges(3, 4, 8)
     assert GraphSpec(3, 4).n_edges == _count_edges(3, 4, 12)
@@ -139,12 +139,12 @@ def test_grouped_view_names_counts_and_owners():
     with pytest.raises(ValueError, match="outside 0..1"):
         s.qkv_index(0, "k", 2)
     with pytest.raises(ValueError, match="must divide"):
-        GraphSpec(2, 4, n_kv_heads=3)
-    assert GraphSpec(2, 4, n_kv_heads=4) == GraphSpec(2, 4)  # multi-head attention: one view
+        GraphSpec(2, 4, n_kv_inputs=3)
+    assert GraphSpec(2, 4, n_kv_inputs=4) == GraphSpec(2, 4)  # multi-head attention: one view
 
 
 def test_grouped_json_round_trip_and_view_mismatch(tmp_path):
-    s = GraphSpec(2, 4, d_model=16, n_kv_heads=1)
+    s = GraphSpec(2, 4, d_model=16, n_kv_inputs=1)
     g = Graph(s, np.random.default_rng(2).normal(size=(s.n_forward, s.n_backward)))
     g.apply_topn(15)
     g.to_json(tmp_path / "g.json")
@@ -158,19 +158,19 @@ def test_grouped_json_round_trip_and_view_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"grouped <k>/<v> view.*edges, but the model's graph has .*ungrouped view"):
         Graph.from_json(tmp_path / "g.json", spec=flat)
     with pytest.raises(ValueError, match="8 heads"):
-        Graph.from_json(tmp_path / "g.json", spec=GraphSpec(2, 8, n_kv_heads=1))
+        Graph.from_json(tmp_path / "g.json", spec=GraphSpec(2, 8, n_kv_inputs=1))
     # the reference's files (no n_kv_heads, no d_model) are the ungrouped view
     edges = {name: {"score": 2.0 if name == "input->a1.h3<k>" else 0.0, "in_graph": True} for name, _, _ in flat.edges}
     (tmp_path / "ref.json").write_text(json.dumps({"cfg": {"n_layers": 2, "n_heads": 4, "parallel_attn_mlp": False},
                                                    "nodes": {}, "edges": edges}))
     r = Graph.from_json(tmp_path / "ref.json", spec=flat)
-    assert not r.spec.grouped and r.scores[flat.edge_index("input->a1.h3<k>")] == 2.0
+    assert not r.spec.grouped_kv and r.scores[flat.edge_index("input->a1.h3<k>")] == 2.0
     with pytest.raises(ValueError, match="grouped_kv=False"):
         Graph.from_json(tmp_path / "ref.json", spec=s)
 
 
 def test_grouped_greedy_and_prune_count_shared_inputs_once():
-    s = GraphSpec(2, 4, n_kv_heads=2)
+    s = GraphSpec(2, 4, n_kv_inputs=2)
     g = Graph(s, np.random.default_rng(3).normal(size=(s.n_forward, s.n_backward)))
     for n in [1, 10, 40, s.n_edges]:
         g.apply_greedy(n, prune=False)

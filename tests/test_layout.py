@@ -16,7 +16,7 @@ AXES = {"layer", "head", "kv_head", "d_head", "d_model", "d_mlp", "vocab", "ctx"
 
 GQA = ModelConfig(n_layers=2, n_heads=8, n_kv_heads=2, d_model=64, d_head=8, d_mlp=96, vocab_size=50, n_ctx=16,
                   norm="rmsnorm", positional="rotary", act_fn="silu", gated_mlp=True, qkv_bias=True, out_bias=False,
-                  mlp_bias=True, tie_word_embeddings=False)
+                  mlp_bias=True)
 
 
 def test_table_uses_the_axis_vocabulary_and_known_switches():
@@ -44,7 +44,7 @@ def test_switches_decide_presence_and_sizes_come_from_the_config():
 
 def test_converted_models_match_the_table(model, tmp_path):
     from jaxinterp import load_model
-    from jaxinterp.testing import save_random_llama
+    from devtools.testing import save_random_llama
 
     check_params(model.params, model.cfg)
     llama = load_model(save_random_llama(str(tmp_path / "llama")))
@@ -81,7 +81,7 @@ def test_a_converter_whose_rules_disagree_with_the_table_is_refused(gpt2_dir, mo
     gpt2 = hf.family_for(hf.read_hf_config(gpt2_dir))
     # rules that forget the attention output bias (its tensor ignored, so only the layout check can see it)
     broken = dataclasses.replace(
-        gpt2, rules=lambda cfg: [r for r in gpt2.rules(cfg) if r.outputs != (("blocks", "attn", "b_o"),)],
+        gpt2, rules=lambda cfg, tied: [r for r in gpt2.rules(cfg, tied) if r.outputs != (("blocks", "attn", "b_o"),)],
         ignore=gpt2.ignore + (r"h\.\d+\.attn\.c_proj\.bias",))
     monkeypatch.setitem(hf.FAMILIES, "gpt2", broken)
     with pytest.raises(ConversionError, match=r"the gpt2 converter's output: missing parameter blocks/attn/b_o"):
@@ -105,7 +105,7 @@ def test_sharding_axes_are_the_table():
 
 
 def test_demo_initialisation_covers_the_table():
-    from jaxinterp import train_demo
+    from devtools import train_demo
 
     cfg = ModelConfig(n_layers=2, n_heads=2, d_model=16, d_head=8, d_mlp=32, vocab_size=20, n_ctx=8)
     params = train_demo.init_params(cfg, 0)

@@ -11,7 +11,7 @@ from jaxinterp import load_model
 from jaxinterp.cli import main
 from jaxinterp.lens import (direct_logit_attribution, logit_lens, mlp_value_top_tokens, ov_factors, ov_top_pairs,
                             qk_top_pairs, top_pairs)
-from jaxinterp.testing import save_random_llama
+from devtools.testing import save_random_llama
 
 import handbuilt
 

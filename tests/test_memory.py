@@ -14,7 +14,7 @@ from jaxinterp.memory import (OutOfMemoryError, abstract_params, estimate_peak_b
 GPT2 = ModelConfig(n_layers=2, n_heads=4, d_model=64, d_head=16, d_mlp=256, vocab_size=35, n_ctx=64)
 LLAMA = ModelConfig(n_layers=3, n_heads=8, n_kv_heads=2, d_model=128, d_head=16, d_mlp=344, vocab_size=512,
                     n_ctx=128, norm="rmsnorm", positional="rotary", act_fn="silu", gated_mlp=True, qkv_bias=False,
-                    out_bias=False, mlp_bias=False, tie_word_embeddings=False)
+                    out_bias=False, mlp_bias=False)
 METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")
 
 
@@ -38,7 +38,7 @@ def test_format_bytes():
 
 def test_abstract_params_match_loaded_models(model, tmp_path):
     from jaxinterp import load_model
-    from jaxinterp.testing import save_random_llama
+    from devtools.testing import save_random_llama
 
     llama = load_model(save_random_llama(str(tmp_path / "llama")))
     for m in (model, llama):

@@ -15,7 +15,7 @@ import pytest
 from jaxinterp import mib
 from jaxinterp.data import DataError
 from jaxinterp.graph import Graph, GraphSpec
-from jaxinterp.testing import NAMES, WORDS, save_random_gpt2
+from devtools.testing import NAMES, WORDS, save_random_gpt2
 
 EXTRA = ["A", "B", "C", "D", "Answer", "Question", "color", "red", "blue", "green", "brown", "is", "+", "=", ":",
          "12", "7", "5", "9", "3", "4", "Ann"]
@@ -233,7 +233,7 @@ def test_weighted_edge_count_of_neuron_circuits():
 # --- graph JSON: fast and the same format -------------------------------------------------------
 
 @pytest.mark.parametrize("spec", [GraphSpec(2, 3, d_model=8), GraphSpec(2, 4, True, 8),
-                                  GraphSpec(3, 4, d_model=8, n_kv_heads=2)])
+                                  GraphSpec(3, 4, d_model=8, n_kv_inputs=2)])
 def test_graph_json_is_byte_for_byte_json_dumps(spec, tmp_path):
     g = random_graph(spec)
     g.apply_topn(spec.n_edges // 3)

@@ -162,7 +162,7 @@ def qwen(tmp_path_factory):
     """3 layers, GQA 4/2, q/k/v biases, a sliding window in layers 1-2 (the scan carries
     per-layer windows as data)."""
     from jaxinterp import load_model
-    from jaxinterp.testing import save_random_qwen2
+    from devtools.testing import save_random_qwen2
 
     path = save_random_qwen2(str(tmp_path_factory.mktemp("qwen")), num_hidden_layers=3, max_window_layers=1)
     return load_model(path)

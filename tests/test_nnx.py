@@ -118,7 +118,7 @@ MESH_CHECK = textwrap.dedent("""
     mesh = make_mesh(data=2, model=4)
     gqa = ModelConfig(n_layers=2, n_heads=8, n_kv_heads=2, d_model=32, d_head=4, d_mlp=40, vocab_size=64,
                       n_ctx=16, norm="rmsnorm", positional="rotary", act_fn="silu", gated_mlp=True,
-                      qkv_bias=False, out_bias=False, mlp_bias=False, tie_word_embeddings=False)
+                      qkv_bias=False, out_bias=False, mlp_bias=False)
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 64))
     gqa_params = jax.tree.map(lambda a: 0.1 * jax.random.normal(next(keys), a.shape), layout.abstract_params(gqa))
     gpt2 = load_model(sys.argv[1])

@@ -26,7 +26,7 @@ from jaxinterp.shapes import ShapeError, model_config
 # Llama-shaped (RMSNorm, rotary, gated MLP, grouped-query attention), small enough to compile quickly
 TINY = ModelConfig(n_layers=2, n_heads=4, d_model=32, d_head=8, d_mlp=48, vocab_size=64, n_ctx=32, n_kv_heads=2,
                    norm="rmsnorm", positional="rotary", act_fn="silu", gated_mlp=True, qkv_bias=False,
-                   out_bias=False, mlp_bias=False, tie_word_embeddings=False, model_type="llama")
+                   out_bias=False, mlp_bias=False)
 
 
 @pytest.mark.parametrize("scan", [True, False])

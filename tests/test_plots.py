@@ -23,7 +23,7 @@ def test_circuit_picture_and_dot(tmp_path):
 
 
 def test_grouped_view_circuit_picture(tmp_path):
-    spec = GraphSpec(2, 4, n_kv_heads=2)
+    spec = GraphSpec(2, 4, n_kv_inputs=2)
     g = Graph(spec, np.random.default_rng(1).normal(size=(spec.n_forward, spec.n_backward)))
     g.apply_topn(30, prune=False)
     assert any(".kv" in name for name in g.edges_in_graph())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import handbuilt
-from jaxinterp.testing import write_ioi_csv
+from devtools.testing import write_ioi_csv
 from jaxinterp.attribution import attribute
 from jaxinterp.interventions import prepare_data
 from jaxinterp.evaluation import evaluate_masks, faithfulness_curve

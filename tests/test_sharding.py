@@ -199,7 +199,7 @@ def test_specs_fall_back_to_replication():
     # GQA with 2 kv heads and 342 MLP units on a 4-way model axis: neither divides
     cfg = ModelConfig(n_layers=2, n_heads=8, n_kv_heads=2, d_model=64, d_head=8, d_mlp=342, vocab_size=512,
                       n_ctx=64, norm="rmsnorm", positional="rotary", act_fn="silu", gated_mlp=True,
-                      qkv_bias=False, out_bias=False, mlp_bias=False, tie_word_embeddings=False)
+                      qkv_bias=False, out_bias=False, mlp_bias=False)
     specs = param_specs(abstract_params(cfg), {"data": 2, "model": 4})
     attn, mlp = specs["blocks"]["attn"], specs["blocks"]["mlp"]
     assert attn["w_q"] == P(None, "model", None, None) and attn["w_o"] == P(None, "model", None, None)

@@ -19,7 +19,7 @@ def sweep_dir(tmp_path_factory):
     the sweep and the same prompts as a CSV (same shapes: one compilation serves both)."""
     from jaxinterp.loading import load_tokenizer
     from jaxinterp.tasks import task_vocabulary, write_pairs_csv
-    from jaxinterp.testing import save_random_gpt2
+    from devtools.testing import save_random_gpt2
 
     d = tmp_path_factory.mktemp("sweep")
     hf = save_random_gpt2(str(d / "hf"), n_layer=1, n_head=2, n_embd=32, words=task_vocabulary(), seed=1)
@@ -200,7 +200,7 @@ def test_inputs_by_content_and_damaged_results(tmp_path, capsys):
     from jaxinterp.loading import load_tokenizer
     from jaxinterp.sweep import run_sweep
     from jaxinterp.tasks import task_vocabulary, write_pairs_csv
-    from jaxinterp.testing import save_random_gpt2
+    from devtools.testing import save_random_gpt2
 
     hf = save_random_gpt2(str(tmp_path / "hf"), n_layer=1, n_head=2, n_embd=32, words=task_vocabulary(), seed=1)
     write_pairs_csv("ioi", 8, str(tmp_path / "ioi.csv"), load_tokenizer(hf), seed=0)

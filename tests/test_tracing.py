@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jaxinterp import load_model
-from jaxinterp.testing import save_random_gpt2, save_random_gpt_neox
+from devtools.testing import save_random_gpt2, save_random_gpt_neox
 from jaxinterp.tracing import (causal_trace, embedding_std, find_subject, noisy_embeddings, plot_trace, token_embeddings,
                                trace_all, trace_one, window_layers)
 

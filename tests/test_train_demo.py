@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from jaxinterp import tasks, train_demo
+from devtools import train_demo
+from jaxinterp import tasks
 from jaxinterp.demo import demo_model_dir
 
 MODEL_DIR = demo_model_dir()

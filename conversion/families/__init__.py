@@ -1,3 +1,5 @@
 """One file per Hugging Face ``model_type`` family; importing registers them."""
 
-from . import gemma, gpt2, gpt_neox, llama  # noqa: F401
+from . import gemma, gpt2, gpt_neox, llama
+
+__all__ = ["gemma", "gpt2", "gpt_neox", "llama"]

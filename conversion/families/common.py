@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from jaxinterp.config import ModelConfig, ROPE_TYPES
+from jaxinterp.config import ModelConfig, Rope, ROPE_TYPES
 
 from ..hf import ConversionError, Rule
 
@@ -61,7 +61,8 @@ def activation(family: str, name: str) -> str:
 
 def rope(hf: dict, family: str, d_head: int, theta_key: str = "rope_theta",
          partial_key: Optional[str] = None, partial_default: float = 1.0) -> dict:
-    """RoPE settings from either config layout, as :class:`ModelConfig` fields.
+    """RoPE settings from either config layout, as :class:`ModelConfig` fields
+    (``positional``, ``rope``, ``rotary_dim``).
 
     Hugging Face 5 writes ``rope_parameters {rope_type, rope_theta, factor, ...}``; older
     files have ``rope_theta`` (``theta_key``) and ``rope_scaling {type|rope_type, ...}``
@@ -90,15 +91,14 @@ def rope(hf: dict, family: str, d_head: int, theta_key: str = "rope_theta",
     if rotary_dim % 2 or rotary_dim <= 0:
         raise ConversionError(f"{family}: rotary dimension {rotary_dim} (d_head {d_head} x {partial}) must be "
                               "even and positive")
-    out = dict(positional="rotary", rope_theta=float(theta), rope_type=rope_type,
-               rotary_dim=None if rotary_dim == d_head else rotary_dim)
+    schedule = dict(theta=float(theta), type=rope_type)
     if rope_type in ("linear", "llama3"):
-        out["rope_factor"] = float(d["factor"])
+        schedule["factor"] = float(d["factor"])
     if rope_type == "llama3":
-        out.update(rope_low_freq_factor=float(d["low_freq_factor"]), rope_high_freq_factor=float(d["high_freq_factor"]),
-                   rope_original_max_position=int(d.get("original_max_position_embeddings")
+        schedule.update(low_freq_factor=float(d["low_freq_factor"]), high_freq_factor=float(d["high_freq_factor"]),
+                        original_max_position=int(d.get("original_max_position_embeddings")
                                                   or need(hf, family, "max_position_embeddings")))
-    return out
+    return dict(positional="rotary", rope=Rope(**schedule), rotary_dim=None if rotary_dim == d_head else rotary_dim)
 
 
 # --- the Llama-style tensor map ----------------------------------------------------------
@@ -116,16 +116,16 @@ def _transpose(w: np.ndarray):
     return (w.T,)
 
 
-def llamalike_rules(cfg: ModelConfig, *, post_norms: bool = False) -> list[Rule]:
-    """Tensor map of ``LlamaForCausalLM`` and its relatives (keys after ``model.``).
+def llamalike_rules(cfg: ModelConfig, tied: bool, *, post_norms: bool = False) -> list[Rule]:
+    """Tensor map of ``LlamaForCausalLM`` and its relatives (keys after ``model.``);
+    ``tied``: the unembedding is the embedding matrix (no ``lm_head``).
 
     ``post_norms``: Gemma 2 naming, where ``post_attention_layernorm`` is the norm *on the
     attention output* and ``pre_feedforward_layernorm`` the MLP's input norm.
     """
-    D, H, K, E, M, V = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size
+    D, H, K, E, M, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size
     blk = "layers.{layer}."
     att, mlp = blk + "self_attn.", blk + "mlp."
-    tied = cfg.tie_word_embeddings
     out = [
         Rule((("embed", "w_e"),) + ((("unembed", "w_u"),) if tied else ()), "embed_tokens.weight", (V, D),
              lambda w: (w, w.T) if tied else (w,)),

@@ -30,13 +30,13 @@ _UNDERSTOOD = {
     "gemma2": _COMMON + ("query_pre_attn_scalar", "sliding_window", "sliding_window_size", "layer_types",
                          "final_logit_softcapping", "attn_logit_softcapping"),
 }
-# Hugging Face's defaults for keys a config.json may leave out
+# Hugging Face's defaults for keys a config.json may leave out (tie_word_embeddings: True,
+# the Family's tied_by_default)
 _DEFAULTS = {
-    "gemma": dict(num_key_value_heads=16, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6,
-                  tie_word_embeddings=True),
+    "gemma": dict(num_key_value_heads=16, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6),
     "gemma2": dict(num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6,
-                   tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
-                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+                   query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0),
 }
 
 
@@ -81,14 +81,13 @@ def config(hf: dict) -> ModelConfig:
         vocab_size=need(hf, family, "vocab_size"), n_ctx=hf["max_position_embeddings"],
         n_kv_heads=hf["num_key_value_heads"] or n_heads, norm="rmsnorm", norm_eps=hf["rms_norm_eps"],
         norm_offset=1.0, act_fn=_activation(family, hf), gated_mlp=True, qkv_bias=bias, out_bias=bias,
-        mlp_bias=False, tie_word_embeddings=bool(hf["tie_word_embeddings"]), embed_scale=math.sqrt(d_model),
-        model_type=family, bos_token_id=hf.get("bos_token_id"), **rope(hf, family, d_head), **extra,
+        mlp_bias=False, embed_scale=math.sqrt(d_model), **rope(hf, family, d_head), **extra,
     )
 
 
-def rules(cfg: ModelConfig):
-    return llamalike_rules(cfg, post_norms=cfg.sandwich_norms)
+def rules(cfg: ModelConfig, tied: bool):
+    return llamalike_rules(cfg, tied, post_norms=cfg.sandwich_norms)
 
 
-register(Family(model_types=("gemma", "gemma2"), config=config, rules=rules, prefixes=("model.",),
-                ignore=LLAMALIKE_IGNORE))
+register(Family(model_types=("gemma", "gemma2"), config=config, rules=rules, tied_by_default=True,
+                prefixes=("model.",), ignore=LLAMALIKE_IGNORE))

@@ -21,8 +21,8 @@ _UNDERSTOOD = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "hidden_act", "max_position_embeddings", "layer_norm_eps", "tie_word_embeddings",
                "use_parallel_residual", "rope_parameters", "rope_scaling", "rotary_pct", "rotary_emb_base",
                "attention_bias", "is_decoder")
-_DEFAULTS = dict(hidden_act="gelu", max_position_embeddings=2048, layer_norm_eps=1e-5, tie_word_embeddings=False,
-                 use_parallel_residual=True, attention_bias=True)
+_DEFAULTS = dict(hidden_act="gelu", max_position_embeddings=2048, layer_norm_eps=1e-5, use_parallel_residual=True,
+                 attention_bias=True)  # tie_word_embeddings: False, the Family's tied_by_default
 
 
 def config(hf: dict) -> ModelConfig:
@@ -40,16 +40,14 @@ def config(hf: dict) -> ModelConfig:
         d_mlp=need(hf, family, "intermediate_size"), vocab_size=need(hf, family, "vocab_size"),
         n_ctx=hf["max_position_embeddings"], norm="layernorm", norm_eps=hf["layer_norm_eps"],
         act_fn=activation(family, hf["hidden_act"]), parallel_attn_mlp=bool(hf["use_parallel_residual"]),
-        qkv_bias=bias, out_bias=bias, mlp_bias=True, tie_word_embeddings=bool(hf["tie_word_embeddings"]),
-        model_type=family, bos_token_id=hf.get("bos_token_id"),
+        qkv_bias=bias, out_bias=bias, mlp_bias=True,
         # Hugging Face's GPTNeoXConfig defaults rotary_pct to 0.25 when the file omits it
         **rope(hf, family, d_head, theta_key="rotary_emb_base", partial_key="rotary_pct", partial_default=0.25),
     )
 
 
-def rules(cfg: ModelConfig) -> list[Rule]:
+def rules(cfg: ModelConfig, tied: bool) -> list[Rule]:
     D, H, E, M, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size
-    tied = cfg.tie_word_embeddings
 
     def split_qkv_weight(w):  # [head * (q, k, v) * d_head, d_model] -> 3 x [head, d_model, d_head]
         w = w.reshape(H, 3, E, D)
@@ -88,7 +86,7 @@ def rules(cfg: ModelConfig) -> list[Rule]:
 
 
 register(Family(
-    model_types=("gpt_neox",), config=config, rules=rules, prefixes=("gpt_neox.",),
+    model_types=("gpt_neox",), config=config, rules=rules, tied_by_default=False, prefixes=("gpt_neox.",),
     # older checkpoints call the unembedding embed_out (transformers 5 renames it on load)
     renames=((r"embed_out\.weight", "lm_head.weight"),),
     # attention-mask and rotary-frequency buffers of older checkpoints; lm_head when tied

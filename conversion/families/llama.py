@@ -23,13 +23,13 @@ _UNDERSTOOD = {
     "mistral": _COMMON + ("sliding_window",),
     "qwen2": _COMMON + ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
 }
-# Hugging Face's defaults for keys a config.json may leave out
+# Hugging Face's defaults for keys a config.json may leave out (tie_word_embeddings: False,
+# the Family's tied_by_default)
 _DEFAULTS = {
-    "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False),
-    "mistral": dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                    num_key_value_heads=8, sliding_window=4096),
-    "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  num_key_value_heads=32, sliding_window=4096, max_window_layers=28),
+    "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "mistral": dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, num_key_value_heads=8, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, num_key_value_heads=32, sliding_window=4096,
+                  max_window_layers=28),
 }
 
 
@@ -59,11 +59,10 @@ def config(hf: dict) -> ModelConfig:
         vocab_size=need(hf, family, "vocab_size"), n_ctx=hf["max_position_embeddings"],
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, norm="rmsnorm", norm_eps=hf["rms_norm_eps"],
         act_fn=activation(family, hf.get("hidden_act", "silu")), gated_mlp=True, qkv_bias=qkv_bias,
-        out_bias=out_bias, mlp_bias=mlp_bias, tie_word_embeddings=bool(hf["tie_word_embeddings"]),
-        sliding_window=window, sliding_layers=windowed, model_type=family, bos_token_id=hf.get("bos_token_id"),
+        out_bias=out_bias, mlp_bias=mlp_bias, sliding_window=window, sliding_layers=windowed,
         **rope(hf, family, d_head),
     )
 
 
 register(Family(model_types=("llama", "mistral", "qwen2"), config=config, rules=llamalike_rules,
-                prefixes=("model.",), ignore=LLAMALIKE_IGNORE))
+                tied_by_default=False, prefixes=("model.",), ignore=LLAMALIKE_IGNORE))

@@ -72,7 +72,7 @@ def prepare():
     """jaxinterp's venv: the NeoX checkpoint (once) and the IOI CSV."""
     sys.path.insert(0, ROOT)
     from jaxinterp import tasks
-    from jaxinterp.testing import save_random_gpt_neox
+    from devtools.testing import save_random_gpt_neox
     from jaxinterp.tokenizer import build_word_tokenizer
 
     neox = os.path.join(ROOT, CHECKPOINTS["neox"][0])

@@ -1,4 +1,5 @@
-"""Random-init Hugging Face checkpoints for tests and benchmarks (needs torch).
+"""Random-init Hugging Face checkpoints for tests and benchmarks (needs torch, a test
+extra: this is development code, not part of the installed package).
 
 Nothing is downloaded: the model is ``transformers`` code with random weights and the
 tokenizer a word-level one over a small vocabulary.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .tokenizer import build_word_tokenizer, save_tokenizer
+from jaxinterp.tokenizer import build_word_tokenizer, save_tokenizer
 
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "Kate", "Anna", "Paul", "Lucy", "Mark", "Emma", "Jack"]
 WORDS = ["When", "and", "went", "to", "the", "store", ",", "gave", "a", "drink", "book", "ball",
@@ -21,7 +22,7 @@ def write_ioi_csv(path: str, tokenizer, n: int = 12, seed: int = 0, ragged: bool
     :func:`small_vocab`): 15 tokens each with BOS; ``ragged`` alternates two lengths."""
     import numpy as np
 
-    from .data import write_pairs_csv
+    from jaxinterp.data import write_pairs_csv
 
     rng = np.random.default_rng(seed)
     rows = []

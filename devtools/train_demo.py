@@ -2,7 +2,11 @@
 
 Command (seed 0 is the default; this is how ``jaxinterp/demo/model`` was made)::
 
-    python -m jaxinterp.train_demo --out jaxinterp/demo/model --seed 0
+    python -m devtools.train_demo --out jaxinterp/demo/model --seed 0
+
+(from the repository root; ``devtools`` is development code, not installed with jaxinterp;
+the shipped model's ``training.json`` records the command under its former name,
+``jaxinterp.train_demo``).
 
 Model: GPT-2 architecture (learned positions, LayerNorm, GELU-new MLP, tied embeddings),
 3 layers, 4 heads, d_model 64, d_mlp 256, n_ctx 32, vocabulary = the word-level tokenizer
@@ -43,8 +47,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import layout, tasks
-from .config import ModelConfig
+from jaxinterp import layout, tasks
+from jaxinterp.config import ModelConfig
 
 N_TRAIN = 20000  # examples per task in the training pool
 N_EVAL = 512  # held-out examples per task
@@ -52,23 +56,23 @@ DEFAULTS = dict(n_layers=3, n_heads=4, d_model=64, d_mlp=256, n_ctx=32)
 
 
 def demo_tokenizer():
-    from .tokenizer import build_word_tokenizer
+    from jaxinterp.tokenizer import build_word_tokenizer
 
     return build_word_tokenizer(tasks.task_vocabulary())
 
 
 def demo_config(tokenizer, n_layers=3, n_heads=4, d_model=64, d_mlp=256, n_ctx=32) -> ModelConfig:
+    """The demo model's architecture (its embeddings are tied: :func:`init_params`, :func:`export_gpt2`)."""
     return ModelConfig(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_model // n_heads,
                        d_mlp=d_mlp, vocab_size=len(tokenizer), n_ctx=n_ctx, norm="layernorm", norm_eps=1e-5,
-                       positional="learned", act_fn="gelu_new", tie_word_embeddings=True, model_type="gpt2",
-                       bos_token_id=tokenizer.bos_token_id)
+                       positional="learned", act_fn="gelu_new")
 
 
-def init_params(cfg: ModelConfig, seed: int):
+def init_params(cfg: ModelConfig, seed: int, tied: bool = True):
     """GPT-2 initialisation of every leaf of ``cfg``'s layout (:data:`jaxinterp.layout.LEAVES`):
     N(0, 0.02) weights, learned positions N(0, 0.01), residual output projections
     (``w_o``, ``w_out``) scaled by 1/sqrt(2 n_layers), zero biases, unit norm gains.
-    ``unembed.w_u`` is absent when tied (it is ``embed.w_e.T``, see :func:`full_params`)."""
+    ``unembed.w_u`` is absent when ``tied`` (it is ``embed.w_e.T``, see :func:`full_params`)."""
     import jax
     import jax.numpy as jnp
 
@@ -87,7 +91,7 @@ def init_params(cfg: ModelConfig, seed: int):
         return scale * jax.random.normal(next(keys), shape, jnp.float32)
 
     return layout.unflatten({path: init(path, shape) for path, shape in layout.shapes(cfg).items()
-                             if not (path == ("unembed", "w_u") and cfg.tie_word_embeddings)})
+                             if not (path == ("unembed", "w_u") and tied)})
 
 
 def full_params(params):
@@ -144,12 +148,12 @@ def evaluate(params, cfg: ModelConfig, tokenizer, seed: int, n: int = N_EVAL, ba
     generated with ``seed``. ``params`` may be with or without ``unembed``."""
     import jax.numpy as jnp
 
-    from .data import year_token_ids
-    from .loading import _jit_forward
+    from jaxinterp.data import year_token_ids
+    from jaxinterp.model import jit_forward
 
     if "unembed" not in params:
         params = full_params(params)
-    fwd = _jit_forward(cfg)
+    fwd = jit_forward(cfg)
     year_ids = year_token_ids(tokenizer)
     out = {}
     for task in tasks.TASKS:
@@ -189,10 +193,9 @@ def train(seed: int = 0, steps: int = 2000, batch_size: int = 128, lr: float = 3
     """Train the demo model. Returns ``(params, cfg, tokenizer, metrics)``; ``params``
     include the tied ``unembed``, ``metrics`` the held-out accuracies and timings."""
     import jax
-    import jax.numpy as jnp
     import optax
 
-    from . import models
+    from jaxinterp import models
 
     t0 = time.perf_counter()
     tokenizer = demo_tokenizer()
@@ -255,10 +258,8 @@ def gpt2_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
     D, H, E = cfg.d_model, cfg.n_heads, cfg.d_head
-    if cfg.n_kv_heads not in (None, cfg.n_heads) or cfg.norm != "layernorm" or cfg.positional != "learned":
+    if cfg.n_kv_heads != cfg.n_heads or cfg.norm != "layernorm" or cfg.positional != "learned":
         raise ValueError("export_gpt2 needs a GPT-2-shaped config")
-    if not cfg.tie_word_embeddings:
-        raise ValueError("export_gpt2 writes tied embeddings only")
     sd = {"transformer.wte.weight": p["embed"]["w_e"], "transformer.wpe.weight": p["embed"]["w_pos"],
           "transformer.ln_f.weight": p["ln_f"]["w"], "transformer.ln_f.bias": p["ln_f"]["b"]}
     b = p["blocks"]
@@ -282,9 +283,11 @@ def gpt2_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
 
 
-def export_gpt2(params, cfg: ModelConfig, path: str, tokenizer=None) -> str:
+def export_gpt2(params, cfg: ModelConfig, path: str, tokenizer=None, bos_token_id=None) -> str:
     """Write ``path/config.json`` (``GPT2Config``), ``model.safetensors`` (GPT-2 key layout,
-    tied embeddings) and, if given, the tokenizer files."""
+    tied embeddings: an unembedding that is not the embedding is refused) and, if given,
+    the tokenizer files (its special token ids go into the config; without a tokenizer,
+    ``bos_token_id``)."""
     from safetensors.numpy import save_file
     from transformers import GPT2Config
 
@@ -298,8 +301,8 @@ def export_gpt2(params, cfg: ModelConfig, path: str, tokenizer=None) -> str:
     if tokenizer is not None:
         special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
-    elif cfg.bos_token_id is not None:
-        special = dict(bos_token_id=cfg.bos_token_id)
+    elif bos_token_id is not None:
+        special = dict(bos_token_id=bos_token_id)
     config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layers,
                         n_head=cfg.n_heads, n_inner=cfg.d_mlp, activation_function=cfg.act_fn,
                         layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True, resid_pdrop=0.0,
@@ -307,7 +310,7 @@ def export_gpt2(params, cfg: ModelConfig, path: str, tokenizer=None) -> str:
     config.save_pretrained(path)
     save_file(gpt2_state_dict(params, cfg), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
-        from .tokenizer import save_tokenizer
+        from jaxinterp.tokenizer import save_tokenizer
 
         save_tokenizer(tokenizer, path)
     return path
@@ -317,7 +320,7 @@ def export_gpt2(params, cfg: ModelConfig, path: str, tokenizer=None) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxinterp.train_demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m devtools.train_demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2000)
@@ -330,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     export_gpt2(params, cfg, a.out, tok)
     summary = {k: v for k, v in metrics.items() if k != "history"}
     with open(os.path.join(a.out, "training.json"), "w") as f:
-        json.dump({"command": "python -m jaxinterp.train_demo " + " ".join(sys.argv[1:] if argv is None else argv),
+        json.dump({"command": "python -m devtools.train_demo " + " ".join(sys.argv[1:] if argv is None else argv),
                    **summary, "history": metrics["history"]}, f, indent=1)
     size = sum(os.path.getsize(os.path.join(a.out, f)) for f in os.listdir(a.out))
     print(json.dumps(summary, indent=1))
