@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .compiler import jit
 from .data import Pairs
 from .graph import Graph, GraphSpec
 from .interventions import TaskMetric, circuit_values, corrupted_outputs, prepare_run, weighted_sum
@@ -82,7 +83,7 @@ def stack_batches(pairs: Pairs, batch_size: int, mesh=None) -> dict:
     return shard_stacked(batches, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "intervention"))
+@functools.partial(jit, static_argnames=("cfg", "intervention"))
 def _prepare(params, stacked, means=None, *, cfg, intervention):
     """Per batch, the clean logits at the read positions ``[n_batches, batch, 1, vocab]``
     and the corrupted node outputs ``[n_batches, src, batch, pos, d_model]``."""
@@ -123,7 +124,7 @@ def _loss(params, cfg, metric: TaskMetric, stacked, clean_logits, corr_outs, in_
     return metric.sign * total / stacked["weight"].sum()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric", "absolute"))
+@functools.partial(jit, static_argnames=("cfg", "metric", "absolute"))
 def _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst, parents, threshold, *,
                    cfg, metric: TaskMetric, absolute):
     """ACDC's step for one downstream input ``dst``: the edges ``parents[i] -> dst``

@@ -39,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import memory as memory_lib
+from .compiler import jit
 from .config import ModelConfig
 from .data import Pairs, bucket_length
 from .graph import Graph, GraphSpec
@@ -81,7 +82,7 @@ def _activation_groups(spec: GraphSpec) -> np.ndarray:
     return np.stack(groups).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "metric", "ig_steps", "intervention", "remat",
+@functools.partial(jit, static_argnames=("cfg", "method", "metric", "ig_steps", "intervention", "remat",
                                              "positional", "grouped_kv"))
 def batch_scores(params, batch, means=None, *, cfg: ModelConfig, method: str, metric: TaskMetric,
                  ig_steps: int = 5, intervention: str = "patching", remat: bool = False, positional: bool = False,
@@ -130,7 +131,7 @@ def batch_scores(params, batch, means=None, *, cfg: ModelConfig, method: str, me
     return jnp.where(jnp.asarray(spec.real_edge_mask), scores, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention", "grouped_kv"))
+@functools.partial(jit, static_argnames=("cfg", "metric", "intervention", "grouped_kv"))
 def batch_exact(params, batch, src, dst, means=None, *, cfg: ModelConfig, metric: TaskMetric,
                 intervention: str = "patching", grouped_kv: bool = False):
     """Exact patching of edges ``(src[i], dst[i])`` (indices in the view ``grouped_kv``)
@@ -151,7 +152,7 @@ def batch_exact(params, batch, src, dst, means=None, *, cfg: ModelConfig, metric
     return jax.vmap(one)(src, dst)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention"))
+@functools.partial(jit, static_argnames=("cfg", "metric", "intervention"))
 def batch_exact_nodes(params, batch, means=None, *, cfg: ModelConfig, metric: TaskMetric, intervention: str):
     """``[src]`` sums over the batch of ``sign * (metric(patched) - metric(clean))`` with
     each node's output patched on all its outgoing edges at once."""

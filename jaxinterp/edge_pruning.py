@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from .compiler import jit
 from .data import Pairs
 from .graph import Graph, GraphSpec
 from .interventions import Run, TaskMetric, circuit_values, corrupted_outputs, prepare_run
@@ -83,7 +84,7 @@ def _faithfulness_loss(metric: TaskMetric, values, clean_logits, batch) -> jax.A
     return (per * batch["weight"]).sum() / jnp.maximum(batch["weight"].sum(), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention", "hc", "lr", "lambda_lr",
+@functools.partial(jit, static_argnames=("cfg", "metric", "intervention", "hc", "lr", "lambda_lr",
                                              "total_edges"))
 def _train_step(state, params, batch, means, key, target, scale, *, cfg, metric: TaskMetric,
                 intervention: str, hc: HardConcrete, lr: float, lambda_lr: float, total_edges: int):

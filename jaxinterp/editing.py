@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .compiler import jit
 from .config import ModelConfig
 from .errors import JaxinterpError
 from .models import activations, forward
@@ -139,7 +140,7 @@ def _pad_id(tokenizer) -> int:
 
 # --- generation (ROME's context prefixes; generated text for statistics) ----------------
 
-@functools.partial(jax.jit, static_argnames=("cfg", "length", "top_k"))
+@functools.partial(jit, static_argnames=("cfg", "length", "top_k"))
 def _sample(params, cfg: ModelConfig, start: Array, banned: Array, key, *, length: int, top_k: int) -> Array:
     """``start [n, p0]`` continued by ``length`` tokens sampled from the top ``top_k``
     (``banned [vocab]`` 0/1 never drawn): ``[n, p0 + length]``. One forward of the whole
@@ -209,7 +210,7 @@ def context_templates(model, lengths: Sequence[tuple[int, int]] = ((5, 10), (10,
 
 # --- second-moment statistics ----------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
+@functools.partial(jit, static_argnames=("cfg", "layer"))
 def _moment_sum(params, cfg: ModelConfig, tokens, mask, layer: int):
     """``(sum over real tokens of h h^T [d_mlp, d_mlp], count)`` of layer ``layer``'s hidden."""
     h = activations(params, cfg, tokens, mask)["mlp_hidden"][layer].astype(jnp.float32)
@@ -489,7 +490,7 @@ def _v_batch(tokenizer, reqs: Sequence[Request], contexts: Sequence[str], essenc
                 owner=np.asarray(owner, np.int32), n_ctx=len(contexts), n_req=len(reqs))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
+@functools.partial(jit, static_argnames=("cfg", "layer"))
 def _capture(params, cfg: ModelConfig, tokens, mask, positions, layer: int) -> dict:
     """Layer ``layer``'s MLP hidden ``[batch, d_mlp]``, MLP output and residual after its
     block ``[batch, d_model]`` at ``positions [batch]``."""
@@ -552,7 +553,7 @@ def _v_losses(deltas, params, cfg, batch, kl_init, target_norm, *, layer, n_ctx,
     return nll_each.mean(1) + kl_factor * kl + wd, (nll_each, kl, kl_logp)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer", "n_ctx", "kl_factor", "weight_decay", "lr"))
+@functools.partial(jit, static_argnames=("cfg", "layer", "n_ctx", "kl_factor", "weight_decay", "lr"))
 def _v_step(deltas, state, active, params, cfg, batch, kl_init, target_norm, max_norm, *, layer, n_ctx, kl_factor,
             weight_decay, lr):
     """One Adam step of every active request's delta (Adam is elementwise, so one optimiser

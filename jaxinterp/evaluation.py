@@ -27,10 +27,10 @@ import dataclasses
 import functools
 from typing import Optional, Sequence, Union
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .compiler import jit
 from .data import Pairs, bucket_length
 from .graph import Graph
 from .interventions import Run, TaskMetric, metric_values, prepare_run, weighted_sum
@@ -54,7 +54,7 @@ def _circuit_metrics(run: Run, masks: np.ndarray, chunk: int = 8, quiet: bool = 
     return run.circuit_metrics(masks, chunk, quiet)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric"))
+@functools.partial(jit, static_argnames=("cfg", "metric"))
 def _batch_baseline(params, batch, *, cfg, metric: TaskMetric):
     """Weighted metric sums ``[2]`` of the unmodified model on the clean and on the
     corrupted prompts, both read against the clean run's logits."""

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_lib
+from .compiler import jit
 from .config import ModelConfig
 from .data import Pairs, load_pairs, year_token_ids
 from .graph import GraphSpec
@@ -132,7 +133,7 @@ def corrupted_outputs(params, cfg: ModelConfig, batch: dict, intervention: str, 
     return clean_logits, clean_outs, corr_outs
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jit, static_argnames=("cfg",))
 def _batch_node_sums(params, batch, *, cfg: ModelConfig):
     """``(sums [src, pos, d_model], counts [pos])`` of the node outputs on the batch's clean
     prompts over its real (weighted) examples and tokens."""
@@ -214,7 +215,7 @@ def circuit_values(params, cfg: ModelConfig, batch: dict, in_circuit, corr_outs,
     return metric_values(params, cfg, batch, metric, clean_logits, EdgeIntervention(coef, corr_outs))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention", "chunk"))
+@functools.partial(jit, static_argnames=("cfg", "metric", "intervention", "chunk"))
 def batch_circuit_metrics(params, batch, in_circuit, means=None, *, cfg: ModelConfig, metric: TaskMetric,
                           intervention: str, chunk: int = 8) -> jax.Array:
     """Weighted metric sums ``[circuit]`` over the batch for each circuit of ``in_circuit

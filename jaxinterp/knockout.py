@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .compiler import jit
 from .config import ModelConfig
 from .models import forward
 
@@ -46,7 +47,7 @@ def blocked_mask(n_layers: int, n_pos: int, last: Array, sources: Array, start, 
     return in_window[:, None, None, None] & is_last[None, :, :, None] & src[None, :, None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "window"))
+@functools.partial(jit, static_argnames=("cfg", "window"))
 def _knockout_probs(params, cfg: ModelConfig, tokens, attention_mask, last, targets, sources, starts, *, window):
     """``[start, set, batch]`` p(target) at ``last`` with the edges cut (see :func:`knockout_probs`)."""
     n_pos = tokens.shape[1]

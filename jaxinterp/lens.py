@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .compiler import jit
 from .config import ModelConfig
 from .io import write_figure
 from .models import final_logits, forward, layer_params, norm, residual_stream
@@ -83,7 +84,7 @@ def readout(params, cfg: ModelConfig, v: Array, scale=1.0) -> Array:
 
 # --- activations -------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jit, static_argnames=("cfg",))
 def logit_lens(params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array] = None) -> Array:
     """``[layer + 1, batch, pos, vocab]`` float32 logits of the residual stream entering
     each layer (``0``: the embeddings with positions) and, last, the stream entering the
@@ -107,7 +108,7 @@ class DirectLogits:
     logits: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jit, static_argnames=("cfg",))
 def _direct_logits(params, cfg: ModelConfig, tokens, attention_mask, positions):
     logits, outs = forward(params, cfg, tokens, attention_mask, return_node_outputs=True,
                            logit_positions=positions)

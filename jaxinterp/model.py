@@ -12,10 +12,10 @@ import dataclasses
 import functools
 from typing import Any, Optional
 
-import jax
 import jax.numpy as jnp
 
 from . import models
+from .compiler import jit
 from .config import ModelConfig, Origin
 from .graph import GraphSpec
 
@@ -54,7 +54,7 @@ class Model:
 def jit_forward(cfg: ModelConfig):
     """``fn(params, tokens, attention_mask or None) -> logits``: the plain forward of
     ``cfg``, jitted once per config."""
-    return jax.jit(lambda p, t, m: models.forward(p, cfg, t, m))
+    return jit(lambda p, t, m: models.forward(p, cfg, t, m))
 
 
 __all__ = ["Model", "jit_forward"]

@@ -119,15 +119,10 @@ def _normed_probe_fwd(norm, n_dst, resid, norm_params, coef, source):
 
 def _normed_probe_bwd(norm, n_dst, res, g):
     resid, norm_params, coef, source = res
-    # The vjp of the norm at n_dst copies of resid (transient, backward only). Not
-    # vmap(jax.vjp(norm, ...)[1]) over g: under jit on CPU (jax 0.10.2) that gives wrong
-    # gradients for batch * pos >= a few hundred (tests/test_models.py checks this path).
+    # The vjp of the norm at n_dst copies of resid (transient, backward only). On CPU its
+    # reduction is only right with XLA's YNNPACK reduce fusion off (jaxinterp.compiler:
+    # wrong from 1 MiB of output, i.e. ~152 tokens at SmolLM2's width).
     x = jnp.broadcast_to(resid[None], g.shape)
-    # The barrier keeps XLA from fusing the broadcast and the norm's vjp into the edge
-    # contraction below: on CPU (jax 0.10.2) that fusion is miscompiled for RMSNorm once
-    # batch * pos >= 152 tokens (scores off by up to 2x their scale; eager is right).
-    # Minimal reproduction: docs/upstream/jax_cpu_rmsnorm_vjp.py.
-    x, g = jax.lax.optimization_barrier((x, g))
     g_params, g_x = jax.vjp(norm, norm_params, x)[1](g)  # g_x per downstream input: [n_dst, batch, pos, d_model]
     # position-aware coefficients [pos, src, dst] keep the position axis of the contraction
     coef_bar = [jnp.einsum("fbpd,vbpd->pfv" if c.ndim == 3 else "fbpd,vbpd->fv", s, g_x.astype(s.dtype),
@@ -484,20 +479,12 @@ def activations(params: Params, cfg: ModelConfig, tokens: Array, attention_mask:
     return {k: run[k] for k in ("logits", "resid", "mlp_hidden", "mlp_out", "outs")}
 
 
-GRAD_MODES = ("grad", "grad-replace")
-
-
-def use_scan(cfg: ModelConfig, iv: Optional[EdgeIntervention] = None) -> bool:
-    """``forward(scan=None)``'s choice: scan from :data:`SCAN_MIN_LAYERS` layers on, except
-    the gradient modes on CPU. There (jax 0.10.2) the edge probe's backward inside the
-    scanned loop is miscompiled once a batch holds >= 152 tokens, with or without the
-    barrier in :func:`_normed_probe_bwd` (SmolLM2-135M: EAP scores off by up to 0.62 of
-    their scale against hannamw/EAP-IG; tests/test_golden_smollm2.py), so its layers are
-    unrolled: slower to compile, right (tests/test_batch_invariance.py keeps the scanned
-    case as a strict xfail, to notice when jax fixes it)."""
-    if cfg.n_layers < SCAN_MIN_LAYERS:
-        return False
-    return not (iv is not None and iv.mode in GRAD_MODES and jax.default_backend() == "cpu")
+def use_scan(cfg: ModelConfig) -> bool:
+    """``forward(scan=None)``'s choice: scan from :data:`SCAN_MIN_LAYERS` layers on, every
+    mode and backend alike. (On CPU the gradient modes once ran unrolled because the
+    scanned probe's backward gave wrong scores from 152 tokens per batch; the cause was
+    XLA:CPU's YNNPACK reduce fusion, which :mod:`jaxinterp.compiler` turns off.)"""
+    return cfg.n_layers >= SCAN_MIN_LAYERS
 
 
 def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array],
@@ -507,7 +494,7 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     # the graph view the coefficients are laid out in (their shape says it; no view without them)
     spec = GraphSpec.from_config(cfg) if iv is None else GraphSpec.for_coefficients(cfg, iv.coef.shape[-1])
     n_batch, n_pos = tokens.shape
-    scan = use_scan(cfg, iv) if scan is None else scan
+    scan = use_scan(cfg) if scan is None else scan
     if attention_mask is None:
         attention_mask = jnp.ones((n_batch, n_pos), jnp.int32)
     if iv is not None and iv.mode not in MODES:

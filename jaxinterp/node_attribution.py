@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .compiler import jit
 from .config import ModelConfig
 from .data import Pairs, bucket_length
 from .graph import Graph, GraphSpec
@@ -128,7 +129,7 @@ def _products(delta, g, g_mlp_in, mlp_rows) -> jax.Array:
     return jnp.concatenate([p, jnp.einsum("lbpd,lbpd->ld", delta[mlp_rows], g_mlp_in.astype(jnp.float32))])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "metric", "ig_steps", "intervention", "mlp_gradient"))
+@functools.partial(jit, static_argnames=("cfg", "method", "metric", "ig_steps", "intervention", "mlp_gradient"))
 def batch_neuron_scores(params, batch, means=None, *, cfg: ModelConfig, method: str, metric, ig_steps: int = 5,
                         intervention: str = "patching", mlp_gradient: str = "input"):
     """Sums over the batch's examples of the per-example neuron scores, ``[src + layer,
@@ -290,7 +291,7 @@ def _kept_params(params, spec: GraphSpec, keep: jax.Array):
     return dict(params, blocks=blocks)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric", "intervention", "chunk"))
+@functools.partial(jit, static_argnames=("cfg", "metric", "intervention", "chunk"))
 def batch_neuron_circuit_metrics(params, batch, neurons, means=None, *, cfg: ModelConfig, metric, intervention: str,
                                  chunk: int = 8) -> jax.Array:
     """Weighted metric sums ``[circuit]`` over the batch for neuron circuits ``neurons

@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .compiler import jit
 from .config import ModelConfig
 from .graph import GraphSpec
 from .io import write_figure
@@ -175,7 +176,7 @@ def trace_all(params, cfg: ModelConfig, tokens, corrupted_embeddings, target: in
                       window=window, chunk=chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kind", "window", "chunk"))
+@functools.partial(jit, static_argnames=("cfg", "kind", "window", "chunk"))
 def _trace_all(params, cfg: ModelConfig, tokens, corrupted_embeddings, target, *, kind, window, chunk):
     spec = GraphSpec.from_config(cfg)
     batch, (clean_probs, clean_state), (corr_probs, corr_state) = _runs(params, cfg, tokens,
@@ -198,7 +199,7 @@ def _trace_all(params, cfg: ModelConfig, tokens, corrupted_embeddings, target, *
     return scores, clean_probs[0, target], corr_probs[:, target].mean()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kind", "window"))
+@functools.partial(jit, static_argnames=("cfg", "kind", "window"))
 def _trace_one(params, cfg, tokens, corrupted_embeddings, target, layer, position, *, kind, window):
     spec = GraphSpec.from_config(cfg)
     batch, (_, clean_state), (_, corr_state) = _runs(params, cfg, tokens, corrupted_embeddings, kind)

@@ -1,12 +1,13 @@
 """Scores do not depend on how examples are batched, nor on jit, at realistic widths.
 
-A jit-only miscompilation on CPU (jax 0.10.2) once made EAP scores of RMSNorm models
-change with the batch size once a batch held >= 152 tokens, while small test models
-(LayerNorm, short prompts) never showed it (docs/upstream/jax_cpu_rmsnorm_vjp.py). These
-tests run every family's norm (LayerNorm, RMSNorm, Gemma's 1 + w RMSNorm with sandwich
-norms, parallel LayerNorm) at SmolLM2's width (d_model 576, 9 query / 3 key-value heads)
-with batches of > 152 and > 1,000 tokens and a long single prompt, and compare scores
-relative to their scale.
+A jit-only miscompilation on CPU (jax 0.10.2: XLA's YNNPACK reduce fusion, now off, see
+jaxinterp.compiler) once made EAP scores of RMSNorm models change with the batch size once
+a batch held >= 152 tokens, while small test models (LayerNorm, short prompts) never
+showed it (docs/upstream/jax_cpu_rmsnorm_vjp.py). These tests run every family's norm
+(LayerNorm, RMSNorm, Gemma's 1 + w RMSNorm with sandwich norms, parallel LayerNorm) at
+SmolLM2's width (d_model 576, 9 query / 3 key-value heads) with batches of > 152 and
+> 1,000 tokens and a long single prompt, unrolled and scanned, and compare scores relative
+to their scale.
 """
 
 import numpy as np
@@ -102,35 +103,33 @@ def test_a_long_single_prompt_is_scored_as_without_jit(wide_models):
     assert_same_scores(jitted, eager, f"{family} EAP: jit vs eager on 160 tokens")
 
 
-def test_gradient_modes_run_unrolled_on_cpu_from_the_scan_depth_on(wide_models):
-    """The default layer loop: scanned from SCAN_MIN_LAYERS layers on for forward-only runs,
-    unrolled for the gradient modes on CPU (the scanned probe is miscompiled there, below)."""
+def test_every_mode_scans_from_the_scan_depth_on(wide_models):
+    """The default layer loop: scanned from SCAN_MIN_LAYERS layers on, the gradient modes
+    on CPU too (they ran unrolled while XLA:CPU's YNN reduce fusion was on; compiler.py)."""
     import dataclasses
-
-    import jax
 
     from jaxinterp import models
 
     deep = dataclasses.replace(wide_models("llama").cfg, n_layers=models.SCAN_MIN_LAYERS)
-    grad, replace = (models.EdgeIntervention(coef=None, source=None, mode=m) for m in ("grad", "replace"))
-    assert jax.default_backend() == "cpu"
-    assert not models.use_scan(deep, grad) and models.use_scan(deep, replace) and models.use_scan(deep)
-    assert not models.use_scan(dataclasses.replace(deep, n_layers=models.SCAN_MIN_LAYERS - 1), replace)
+    assert models.use_scan(deep)
+    assert not models.use_scan(dataclasses.replace(deep, n_layers=models.SCAN_MIN_LAYERS - 1))
 
 
-@pytest.mark.xfail(strict=True, reason="jax 0.10.2 CPU: the edge probe's backward inside lax.scan is miscompiled "
-                                       "from 152 tokens per batch (models.use_scan unrolls instead)")
-def test_the_scanned_gradient_probe_on_cpu(wide_models, monkeypatch):
-    """Forced into the scanned loop, batch 8 (160 tokens) still differs from batch 1. Strict:
-    when a jax release fixes it this fails, and use_scan can scan the gradient modes again."""
-    from jaxinterp import models
-
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
+def test_the_scanned_gradient_probe(wide_models, monkeypatch, method):
+    """Forced into the scanned loop (the default from 16 layers on), one batch of 8 (160
+    tokens) equals 8 batches of one, and the unrolled loop's scores."""
     import jax
 
-    monkeypatch.setattr(models, "use_scan", lambda cfg, iv=None: True)
-    jax.clear_caches()  # the other tests' unrolled programs of these shapes
+    from jaxinterp import models
+
     model = wide_models("llama")
     pairs = random_pairs(model.cfg.vocab_size, 8, 20)
-    one = attribute(model, pairs, method="EAP", batch_size=1, quiet=True).scores
-    eight = attribute(model, pairs, method="EAP", batch_size=8, quiet=True).scores
-    assert_same_scores(eight, one, "llama EAP, scanned: batch 8 vs batch 1")
+    kw = dict(method=method, ig_steps=2, quiet=True)
+    unrolled = attribute(model, pairs, batch_size=8, **kw).scores
+    monkeypatch.setattr(models, "use_scan", lambda cfg: True)
+    jax.clear_caches()  # the unrolled programs of these shapes
+    one = attribute(model, pairs, batch_size=1, **kw).scores
+    eight = attribute(model, pairs, batch_size=8, **kw).scores
+    assert_same_scores(eight, one, f"llama {method}, scanned: batch 8 vs batch 1")
+    assert_same_scores(eight, unrolled, f"llama {method}: scanned vs unrolled")

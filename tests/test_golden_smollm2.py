@@ -48,7 +48,8 @@ def _golden(case):
 # layers; SmolLM2 has 30) EAP scores were wrong once a batch held more than ~150 tokens:
 # batch 8 x 24 padded positions (max |diff| 0.34 of the largest |score|, Pearson 0.933) and
 # batch 2 x 192 (0.62), while batches of <= 144 tokens and the unrolled forward agreed with the
-# reference within 2e-6. On CPU the gradient modes now run unrolled (models.use_scan).
+# reference within 2e-6. The cause was XLA:CPU's YNNPACK reduce fusion, which every jaxinterp
+# program now compiles without (jaxinterp.compiler); SmolLM2 runs scanned again.
 
 
 # The long case costs about 90 s more on the shared 2-core CPU (CI's budget): opt-in.
