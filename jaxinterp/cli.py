@@ -266,7 +266,7 @@ def cmd_evaluate(args) -> int:
         graph.apply_threshold(args.threshold, absolute=not args.signed)
     # the circuit (pruned), the full model, the empty circuit and the corrupted run: one pass
     values = evaluate(model, graph, pairs, args.metric, args.intervention, args.batch_size, mesh=mesh,
-                      intervention_data=args.intervention_data)
+                      intervention_data=args.intervention_data, max_memory=args.max_memory)
     import jax
 
     if jax.process_index() != 0:  # every process holds the same values; one prints them
@@ -311,7 +311,8 @@ def cmd_curve(args) -> int:
               f"{', '.join(map(str, skipped))}", file=sys.stderr)
     curve = faithfulness_curve(model, graph, pairs, sizes, metric=args.metric, intervention=args.intervention,
                                intervention_data=args.intervention_data, batch_size=args.batch_size,
-                               absolute=not args.signed, label=args.graph, quiet=False, mesh=mesh)
+                               absolute=not args.signed, label=args.graph, quiet=False, mesh=mesh,
+                               max_memory=args.max_memory)
     # before anything is drawn: NaN metric values mean a broken model, never a curve
     from .errors import require_finite
 
@@ -547,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--top-n", type=_nonneg_int, default=None, help="circuit = top-N edges by |score|")
     which.add_argument("--threshold", type=_finite_float, default=None, help="circuit = edges with |score| >= T")
+    p.add_argument("--max-memory", default=None, metavar="SIZE", type=_memory_size,
+                   help="device memory to fit in, e.g. 8GB: as many circuits per compiled call as fit "
+                        "(default: 8 at a time)")
     p.add_argument("--signed", action="store_true", help="rank by signed score")
     p.set_defaults(func=cmd_evaluate)
 
@@ -555,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", required=True, help="graph JSON with scores")
     p.add_argument("--sizes", type=_sizes, default=_sizes("10,20,50,100,200,500,1000,2000,5000,10000"),
                    help="comma-separated circuit sizes (edges); sizes above the model's edge count are left out")
+    p.add_argument("--max-memory", default=None, metavar="SIZE", type=_memory_size,
+                   help="device memory to fit in, e.g. 8GB: as many circuits per compiled call as fit "
+                        "(default: 8 at a time)")
     p.add_argument("--signed", action="store_true", help="rank by signed score")
     p.add_argument("--out", default="curve.png", help="PNG of the curve")
     p.set_defaults(func=cmd_curve)

@@ -39,9 +39,11 @@ from .positional import PositionalGraph, check_one_length
 
 
 # --- one pass over the data -----------------------------------------------------------------
-def _circuit_metrics(run: Run, masks: np.ndarray, chunk: int = 8, quiet: bool = True) -> np.ndarray:
+def _circuit_metrics(run: Run, masks: np.ndarray, chunk: int = 8, quiet: bool = True,
+                     max_memory: Union[str, int, None] = None) -> np.ndarray:
     """``[circuit]`` mean metrics of ``masks [circuit, (pos,) src, dst]``, checked against
-    the run's graph and prompts first."""
+    the run's graph and prompts first; ``chunk`` circuits per call, or as many as fit in
+    ``max_memory`` (:func:`jaxinterp.memory.circuits_per_call`)."""
     spec, pairs = run.model.graph_spec, run.pairs
     if np.ndim(masks) not in (3, 4) or np.shape(masks)[-2:] != (spec.n_forward, spec.n_backward):
         raise ValueError(f"masks have shape {np.shape(masks)}, the model's graph ({spec.describe()}) needs "
@@ -51,7 +53,26 @@ def _circuit_metrics(run: Run, masks: np.ndarray, chunk: int = 8, quiet: bool = 
         if np.shape(masks)[1] != pairs.n_pos:
             raise ValueError(f"position-aware circuits of {np.shape(masks)[1]} positions for prompts of "
                              f"{pairs.n_pos} tokens")
+    if max_memory is not None:
+        chunk = _chunk_for(run, len(masks), max_memory, quiet)
     return run.circuit_metrics(masks, chunk, quiet)
+
+
+def _chunk_for(run: Run, n_circuits: int, max_memory: Union[str, int], quiet: bool) -> int:
+    import jax
+
+    from .memory import circuits_per_call, evaluation_peak_bytes, format_bytes, parse_bytes
+
+    mesh, model = run.mesh, run.model
+    data, ways = (mesh.shape["data"], mesh.shape["model"]) if mesh is not None else (1, 1)
+    shape = (model.cfg, run.batch_size, run.pairs.n_pos)
+    dtype = jax.tree.leaves(model.params)[0].dtype
+    chunk = circuits_per_call(*shape, n_circuits, parse_bytes(max_memory), dtype, data, ways, model.grouped_kv)
+    if not quiet:
+        est = evaluation_peak_bytes(*shape, chunk, n_circuits, dtype, data, ways, model.grouped_kv)
+        print(f"max_memory {format_bytes(parse_bytes(max_memory))}: {chunk} of {n_circuits} circuits per call "
+              f"(estimated peak {format_bytes(est)} per device)")
+    return chunk
 
 
 @functools.partial(jit, static_argnames=("cfg", "metric"))
@@ -78,11 +99,12 @@ class _Ends:
     corrupted: float
 
 
-def _with_ends(run: Run, masks: np.ndarray, chunk: int, quiet: bool) -> tuple[np.ndarray, "_Ends"]:
+def _with_ends(run: Run, masks: np.ndarray, chunk: int, quiet: bool,
+               max_memory: Union[str, int, None] = None) -> tuple[np.ndarray, "_Ends"]:
     """``masks``' mean metrics and the ends, the full and the empty circuit
     evaluated as two more masks of the same pass."""
     full = np.broadcast_to(run.model.graph_spec.real_edge_mask, np.shape(masks)[1:])
-    values = _circuit_metrics(run, np.concatenate([masks, [full, np.zeros_like(full)]]), chunk, quiet)
+    values = _circuit_metrics(run, np.concatenate([masks, [full, np.zeros_like(full)]]), chunk, quiet, max_memory)
     ends = _Ends(float(values[-2]), float(values[-1]), float(_baselines(run)[1]))
     return values[:-2], ends
 
@@ -91,15 +113,16 @@ def _with_ends(run: Run, masks: np.ndarray, chunk: int, quiet: bool) -> tuple[np
 def evaluate_masks(model, masks: np.ndarray, data: Union[str, Pairs], metric: str = "logit_diff",
                    intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
                    quiet: bool = True, mesh=None, intervention_data: Union[str, Pairs, None] = None,
-                   means: Optional[np.ndarray] = None) -> np.ndarray:
+                   means: Optional[np.ndarray] = None, max_memory: Union[str, int, None] = None) -> np.ndarray:
     """Mean metric over ``data`` of each circuit ``masks [circuit, src, dst]`` (bool), or
     ``[circuit, pos, src, dst]`` for position-aware circuits (prompts of one length).
     ``mesh``: shard over a ``("data", "model")`` mesh (:mod:`jaxinterp.sharding`).
     ``intervention_data``: the prompts the ``mean`` interventions average over (default
     ``data``); ``means``: node means already computed for ``data``
-    (:func:`jaxinterp.interventions.intervention_means`), to reuse."""
+    (:func:`jaxinterp.interventions.intervention_means`), to reuse. ``max_memory`` (e.g.
+    "2GB"): as many circuits per call as fit, instead of ``chunk``."""
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh, means)
-    return _circuit_metrics(run, masks, chunk, quiet)
+    return _circuit_metrics(run, masks, chunk, quiet, max_memory)
 
 
 def _checked_circuit(model, graph: Graph, prune: bool) -> np.ndarray:
@@ -155,14 +178,15 @@ class CircuitEvaluation:
 
 def evaluate(model, graph: Graph, data: Union[str, Pairs], metric: str = "logit_diff",
              intervention: str = "patching", batch_size: int = 16, prune: bool = True, mesh=None,
-             intervention_data: Union[str, Pairs, None] = None, chunk: int = 8) -> CircuitEvaluation:
+             intervention_data: Union[str, Pairs, None] = None, chunk: int = 8,
+             max_memory: Union[str, int, None] = None) -> CircuitEvaluation:
     """The circuit ``graph.in_graph`` (pruned first, as :func:`evaluate_graph`), the full
     model and the empty circuit evaluated in one pass, and the faithfulness between them."""
     masks = _checked_circuit(model, graph, prune)
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
     if intervention != "mean-positional":  # position-free: reuse compiled programs
         run.pairs = bucket_length(run.pairs, run.model.cfg.n_ctx)
-    values, ends = _with_ends(run, masks, chunk, quiet=True)
+    values, ends = _with_ends(run, masks, chunk, True, max_memory)
     value = float(values[0])
     return CircuitEvaluation(value, ends.model, ends.empty, ends.corrupted,
                              float(normalized_faithfulness(value, ends.model, ends.empty)))
@@ -204,15 +228,17 @@ def topn_masks(graph: Union[Graph, PositionalGraph], sizes: Sequence[int], absol
 def faithfulness_curve(model, graph: Union[Graph, PositionalGraph], data: Union[str, Pairs], sizes: Sequence[int],
                        metric: str = "logit_diff", intervention: str = "patching", batch_size: int = 16,
                        absolute: bool = True, chunk: int = 8, label: str = "", quiet: bool = True,
-                       mesh=None, intervention_data: Union[str, Pairs, None] = None) -> Curve:
+                       mesh=None, intervention_data: Union[str, Pairs, None] = None,
+                       max_memory: Union[str, int, None] = None) -> Curve:
     """Faithfulness of the top-``n`` circuits of ``graph``'s scores, for every ``n`` in
-    ``sizes``; the full model and the empty circuit are two more masks of the same pass."""
+    ``sizes``; the full model and the empty circuit are two more masks of the same pass.
+    ``chunk`` circuits run at once, or with ``max_memory`` (e.g. "8GB") as many as fit."""
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
     run.model.graph_spec.check_same(graph.spec, "the scored graph")
     masks, kept = topn_masks(graph, sizes, absolute)
     if masks.ndim == 3 and intervention != "mean-positional":  # position-free: reuse compiled programs
         run.pairs = bucket_length(run.pairs, run.model.cfg.n_ctx)
-    values, ends = _with_ends(run, masks, chunk, quiet)
+    values, ends = _with_ends(run, masks, chunk, quiet, max_memory)
     return Curve(np.asarray(sizes), kept, values, normalized_faithfulness(values, ends.model, ends.empty),
                  ends.model, ends.corrupted, label, ends.empty)
 

@@ -1,4 +1,5 @@
-"""How much device memory attribution needs, and the largest batch that fits.
+"""How much device memory attribution and circuit evaluation need, and the largest batch
+(or number of circuits per call) that fits.
 
 :func:`estimate_peak_bytes` is an analytical *upper-bound* estimate of one compiled
 batch of :func:`jaxinterp.attribution.batch_scores` (or ``batch_exact``) per device,
@@ -155,6 +156,57 @@ def pick_micro_batch(cfg: ModelConfig, n_pos: int, method: str, max_memory_bytes
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if est(mid * step) <= max_memory_bytes else (lo, mid - 1)
     return lo * step
+
+
+# Circuit evaluation (``interventions.batch_circuit_metrics``, scanned layers): the
+# corrupted run's node outputs and the scan's stacked copy once, then per circuit evaluated
+# at once this run's outputs, their difference from the corrupted ones and a layer's edge
+# inputs, in units of one ``[src, batch, pos, d_model]`` array (tests/test_memory.py keeps
+# the estimate above XLA's figure; measured 4.4 of them at chunk 1 and 11.2 at chunk 4).
+EVAL_BASE_COPIES = 3
+EVAL_CIRCUIT_COPIES = 3
+
+
+def evaluation_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, chunk: int, n_circuits: int = 1,
+                          dtype=jnp.float32, data_devices: int = 1, model_devices: int = 1,
+                          grouped_kv: bool = False) -> int:
+    """Upper-bound estimate of the peak device memory of one batch of circuit evaluation:
+    ``n_circuits`` masks, ``chunk`` of them run at once (``jax.lax.map(batch_size=chunk)``),
+    on ``batch_size`` prompt pairs of ``n_pos`` tokens. Monotone in ``chunk``."""
+    if min(batch_size, n_pos, chunk, n_circuits) < 1:
+        raise ValueError(f"batch_size, n_pos, chunk and n_circuits must be >= 1, got {batch_size}, {n_pos}, "
+                         f"{chunk}, {n_circuits}")
+    s = jnp.dtype(dtype).itemsize
+    spec = GraphSpec.from_config(cfg, grouped_kv)
+    local = math.ceil(batch_size / data_devices)
+    params = param_count(cfg) * s / model_devices
+    node_outputs = local * n_pos * spec.n_forward * cfg.d_model * s
+    # one layer at a time (scanned) per circuit: attention probabilities and MLP hidden units
+    layer = local * n_pos * (ATTN_COPIES * cfg.n_heads * n_pos * 4 + MLP_COPIES * cfg.d_mlp * s)
+    logits = local * LOGIT_COPIES * cfg.vocab_size * 4
+    masks = n_circuits * spec.n_forward * spec.n_backward  # bool, all circuits are one argument
+    per_circuit = EVAL_CIRCUIT_COPIES * node_outputs + layer + logits
+    return int(SAFETY * (params + masks + EVAL_BASE_COPIES * node_outputs + logits + chunk * per_circuit))
+
+
+def circuits_per_call(cfg: ModelConfig, batch_size: int, n_pos: int, n_circuits: int, max_memory_bytes: int,
+                      dtype=jnp.float32, data_devices: int = 1, model_devices: int = 1,
+                      grouped_kv: bool = False) -> int:
+    """The most circuits (at most ``n_circuits``) one evaluation call may run at once within
+    ``max_memory_bytes`` (:func:`evaluation_peak_bytes`); :class:`OutOfMemoryError` when
+    not even one fits."""
+    est = lambda c: evaluation_peak_bytes(cfg, batch_size, n_pos, c, n_circuits, dtype,  # noqa: E731
+                                          data_devices, model_devices, grouped_kv)
+    if est(1) > max_memory_bytes:
+        raise OutOfMemoryError(
+            f"evaluating one circuit on a batch of {batch_size} prompts of {n_pos} tokens needs about "
+            f"{format_bytes(est(1))} per device, more than the {format_bytes(max_memory_bytes)} allowed: use a "
+            f"smaller --batch-size, shard over more devices (--mesh DxM) or bfloat16 (--dtype bfloat16)")
+    lo, hi = 1, n_circuits  # est is monotone in the chunk: binary search
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if est(mid) <= max_memory_bytes else (lo, mid - 1)
+    return lo
 
 
 def is_resource_exhausted(error: BaseException) -> bool:

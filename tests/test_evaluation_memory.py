@@ -7,6 +7,8 @@ memory analysis, by a small multiple of what a circuit run must hold: the node o
 this run and of the corrupted run, ``[src, batch, pos, d_model]`` each, per circuit.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -46,3 +48,69 @@ def test_circuit_evaluation_memory_is_a_few_node_output_arrays_per_circuit(chunk
     # per circuit evaluated at once. Measured at 10 layers: 4.4 (chunk 1) and 11.2 (chunk
     # 4); the unrolled forward needed 8.6 and 38.3 (and ~22 per circuit at SmolLM2's size).
     assert temp <= (3 + 3 * chunk) * node_outputs, (temp / node_outputs, chunk)
+
+
+def compiled_total_bytes(cfg: ModelConfig, batch: int, pos: int, circuits: int, chunk: int) -> int:
+    """XLA's arguments + outputs + temporaries of one evaluation batch (compiled, abstract inputs)."""
+    spec = GraphSpec.from_config(cfg)
+    S = jax.ShapeDtypeStruct
+    tokens = S((batch, pos), jnp.int32)
+    data = {"clean": tokens, "corrupted": tokens, "attention_mask": tokens, "lengths": S((batch,), jnp.int32),
+            "labels": S((batch, 2), jnp.int32), "weight": S((batch,), jnp.float32)}
+    masks = S((circuits, spec.n_forward, spec.n_backward), jnp.bool_)
+    m = batch_circuit_metrics.lower(abstract_params(cfg), data, masks, cfg=cfg, metric=TaskMetric("logit_diff"),
+                                    intervention="patching", chunk=chunk).compile().memory_analysis()
+    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_the_evaluation_estimate_bounds_xla_s_figure(chunk):
+    """memory.evaluation_peak_bytes (what --max-memory sizes the circuits per call by) is
+    an upper bound of XLA's own figure, and not a useless one (within 4x)."""
+    from jaxinterp.memory import evaluation_peak_bytes
+
+    actual = compiled_total_bytes(CFG, 8, 24, circuits=8, chunk=chunk)
+    estimate = evaluation_peak_bytes(CFG, 8, 24, chunk, n_circuits=8)
+    assert actual <= estimate <= 4 * actual, (estimate / actual, chunk)
+
+
+def test_circuits_per_call_is_the_most_that_fit():
+    from jaxinterp.memory import OutOfMemoryError, circuits_per_call, evaluation_peak_bytes
+
+    est = lambda c: evaluation_peak_bytes(CFG, 8, 24, c, n_circuits=12)  # noqa: E731
+    assert est(1) < est(2) < est(12)
+    assert circuits_per_call(CFG, 8, 24, 12, est(3)) == 3
+    assert circuits_per_call(CFG, 8, 24, 12, est(3) - 1) == 2
+    assert circuits_per_call(CFG, 8, 24, 12, 10 * est(12)) == 12  # never more than there are
+    with pytest.raises(OutOfMemoryError, match="evaluating one circuit on a batch of 8 prompts"):
+        circuits_per_call(CFG, 8, 24, 12, est(1) - 1)
+
+
+def test_curve_and_evaluate_take_max_memory(model, ioi_csv, gpt2_dir, tmp_path, capsys):
+    """The same faithfulness whatever the number of circuits per call; the chosen number is
+    printed; a budget that fits no circuit is refused with exit code 2."""
+    import numpy as np
+
+    from jaxinterp.attribution import attribute
+    from jaxinterp.cli import main
+    from jaxinterp.evaluation import evaluate, faithfulness_curve
+    from jaxinterp.memory import evaluation_peak_bytes
+
+    graph = attribute(model, ioi_csv, method="EAP", quiet=True)
+    sizes = [5, 10, 20, 50, 100]
+    fixed = faithfulness_curve(model, graph, ioi_csv, sizes, chunk=8)
+    # room for 3 of the 7 circuits (5 sizes, the full model, the empty circuit) at once
+    budget = evaluation_peak_bytes(model.cfg, 12, 16, 3, n_circuits=7)
+    sized = faithfulness_curve(model, graph, ioi_csv, sizes, batch_size=12, max_memory=budget, quiet=False)
+    assert "3 of 7 circuits per call" in capsys.readouterr().out
+    np.testing.assert_allclose(sized.faithfulness, fixed.faithfulness, rtol=1e-5, atol=1e-5)
+    graph.apply_topn(20)
+    one = evaluate(model, graph, ioi_csv, max_memory="1GB")
+    assert abs(one.faithfulness - fixed.faithfulness[2]) <= 1e-5
+
+    path = str(tmp_path / "g.json")
+    graph.to_json(path)
+    out = str(tmp_path / "curve.png")
+    assert main(["curve", "--model", gpt2_dir, "--data", ioi_csv, "--graph", path, "--max-memory", "1kB",
+                 "--out", out]) == 2
+    assert "evaluating one circuit" in capsys.readouterr().err and not os.path.exists(out)
