@@ -647,13 +647,29 @@ def compute_key(model, request: Request, layer: int, contexts: Sequence[str]) ->
     return keys[:-1].mean(0), keys[-1], got["mlp_out"][-1]
 
 
+def subject_positions(tokenizer, template: str, subject: str) -> tuple[list[int], list[int]]:
+    """``(ids of template.format(subject) with BOS, positions of the subject's tokens)``:
+    the occurrence the template places (not the first one in the text: a prompt such as
+    ``"When Mary and John went to the store , {} gave a drink to"`` has the subject twice).
+    When the text before the subject does not tokenise the same on its own, only the
+    subject's last token is returned."""
+    ids, last = subject_last_index(tokenizer, template, subject)
+    head = template[:template.index("{}")].rstrip()
+    start = len(_ids(tokenizer, head, "prompt")) if head else 1
+    if not head or ids[:start] == _ids(tokenizer, head, "prompt"):
+        return ids, list(range(min(start, last), last + 1))
+    return ids, [last]
+
+
 def default_layer(model, request: Request) -> int:
     """The layer whose MLP output, restored at the subject's last token in a causal trace
-    (ROME's noise on the subject), recovers most of the model's own prediction."""
+    (ROME's noise on the subject's tokens, the occurrence the template places),
+    recovers most of the model's own prediction."""
     from .tracing import causal_trace
 
-    trace = causal_trace(model, request.prompt, subject=request.subject, kind="mlp", window=1)
-    return int(np.argmax(trace.scores[:, max(trace.subject)]))
+    ids, subject = subject_positions(model.tokenizer, request.template, request.subject)
+    trace = causal_trace(model, request.prompt, subject=subject, kind="mlp", window=1)
+    return int(np.argmax(trace.scores[:, subject[-1]]))
 
 
 def rome(model, prompt: str, subject: str, target: str, layer: Optional[int] = None,

@@ -272,3 +272,297 @@ def test_fact_rows_label_each_models_own_answer(demo):
     assert all((r["correct_idx"], r["incorrect_idx"]) == (ids[TARGET], ids["Mary"]) for r in after)
     with pytest.raises(editing.EditError, match="another record"):
         fact_rows(demo.tokenizer, recs[:1], edited=False)
+
+
+# --- the default layer, the averaged key, MEMIT over layers, other families: against PyTorch ------------
+
+def _torch_ids(tokenizer, text):
+    """``[bos] + ids`` of ``text``, straight from the Hugging Face tokenizer."""
+    return [tokenizer.bos_token_id] + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _hf_parts(hf):
+    """(blocks, the MLP output matrix of block l, how its update adds to the torch weight)."""
+    kind = hf.config.model_type
+    if kind == "gpt2":  # Conv1D: weight [d_mlp, d_model], as w_out
+        return hf.transformer.h, lambda l: hf.transformer.h[l].mlp.c_proj, lambda w, u: w + u
+    if kind == "gpt_neox":
+        return hf.gpt_neox.layers, lambda l: hf.gpt_neox.layers[l].mlp.dense_4h_to_h, lambda w, u: w + u.T
+    return hf.model.layers, lambda l: hf.model.layers[l].mlp.down_proj, lambda w, u: w + u.T  # Linear [out, in]
+
+
+def _torch_capture(hf, seqs, positions, layer):
+    """Per sequence, run alone (no padding): the input of block ``layer``'s MLP output matrix
+    (the key) ``[n, d_mlp]`` and the block's output (the residual after it) ``[n, d_model]``
+    at ``positions``, float64."""
+    blocks, out_matrix, _ = _hf_parts(hf)
+    keys, resid = [], []
+    h1 = out_matrix(layer).register_forward_pre_hook(lambda m, i: keys.append(i[0][0].detach()))
+    h2 = blocks[layer].register_forward_hook(
+        lambda m, i, o: resid.append((o[0] if isinstance(o, tuple) else o)[0].detach()))
+    try:
+        with torch.no_grad():
+            for ids in seqs:
+                hf(torch.tensor([ids], dtype=torch.long))
+    finally:
+        h1.remove()
+        h2.remove()
+    return (np.stack([k[p].double().numpy() for k, p in zip(keys, positions)]),
+            np.stack([r[p].double().numpy() for r, p in zip(resid, positions)]))
+
+
+def _subject_rows(tokenizer, template, subject, contexts):
+    """Per context: token ids of the prefixed prompt and the position of the subject's last
+    token (the templated occurrence), counted by tokenising the text up to it."""
+    at = template.index("{}")
+    seqs, pos = [], []
+    for c in contexts:
+        prefix = c[:-2]  # every context ends with "{}"
+        seqs.append(_torch_ids(tokenizer, prefix + template.format(subject)))
+        pos.append(len(_torch_ids(tokenizer, prefix + template[:at] + subject)) - 1)
+    return seqs, pos
+
+
+def test_default_layer_is_the_argmax_of_an_independent_causal_trace(tmp_path):
+    """ROME's trace of the subject done with torch hooks on the Hugging Face model: noise on
+    the subject's token embeddings, the clean MLP output of one layer put back at the
+    subject's last token, p(top-1) at the end averaged over the noise samples."""
+    from transformers import GPT2LMHeadModel
+
+    from devtools.testing import save_random_gpt2
+    from jaxinterp.tracing import noisy_embeddings
+
+    # a 6-layer random model whose trace at the templated "John" peaks at layer 1 (and at the first "John",
+    # which a trace of the first occurrence of the word would corrupt, at layer 0)
+    path = save_random_gpt2(str(tmp_path / "g6"), n_layer=6, n_head=4, n_embd=64, seed=11, initializer_range=0.2)
+    model = load_model(path)
+    hf = GPT2LMHeadModel.from_pretrained(path).eval()
+    ids = _torch_ids(model.tokenizer, PROMPT.format(SUBJECT))
+    mentions = [i for i, t in enumerate(ids) if t == model.tokenizer.convert_tokens_to_ids(SUBJECT)]
+    assert len(mentions) == 2
+    wte = hf.transformer.wte.weight.detach()
+    std = 3 * float(wte.double().std(unbiased=False))
+    tokens = torch.tensor([ids], dtype=torch.long)
+
+    def trace(at):
+        clean_mlp = {}
+        hooks = [hf.transformer.h[l].mlp.register_forward_hook(
+            lambda m, i, o, l=l: clean_mlp.__setitem__(l, o.detach())) for l in range(6)]
+        with torch.no_grad():
+            clean = torch.softmax(hf(tokens).logits[0, -1], -1)
+        for h in hooks:
+            h.remove()
+        target = int(clean.argmax())
+        # the corrupted inputs: Gaussian noise (the draw is an input, not what is tested) on the subject's embedding
+        noisy = torch.tensor(np.asarray(noisy_embeddings(wte[tokens[0]].numpy(), [at], std, 10, 0)))
+        scores = []
+        for l in range(6):
+            def restore(m, i, o, l=l):
+                o = o.clone()
+                o[:, at] = clean_mlp[l][0, at]
+                return o
+            h = hf.transformer.h[l].mlp.register_forward_hook(restore)
+            with torch.no_grad():
+                scores.append(float(torch.softmax(hf(inputs_embeds=noisy).logits[:, -1], -1)[:, target].mean()))
+            h.remove()
+        return np.array(scores)
+
+    want, first = trace(mentions[1]), trace(mentions[0])
+    best, second = np.sort(want)[::-1][:2]
+    assert best - second > 1e-3 * best  # far above float32 disagreement between the two forwards
+    assert np.argmax(first) != np.argmax(want)  # so tracing the wrong "John" would be caught
+    request = editing.Request.make(PROMPT, SUBJECT, TARGET)
+    assert editing.default_layer(model, request) == int(np.argmax(want))
+    assert editing.subject_positions(model.tokenizer, request.template, SUBJECT)[1] == [mentions[1]]
+
+
+def test_rome_key_is_the_mean_over_prefixed_contexts_of_torch_mlp_inputs(demo):
+    """k*: the mean over the context prefixes (generated by the model, of different lengths)
+    of the input of c_proj at the subject's last token, each prefixed prompt run alone."""
+    from transformers import GPT2LMHeadModel
+
+    contexts = editing.context_templates(demo, ((3, 2), (6, 2)), seed=0)
+    assert len(contexts) == 5 and len({len(c) for c in contexts}) > 2
+    layer = 1  # past an attention layer: the key depends on the prefix
+    _, info = editing.rome(demo, PROMPT, SUBJECT, TARGET, layer=layer, hparams=editing.RomeHParams(v_steps=1),
+                           mom2=np.eye(demo.cfg.d_mlp), contexts=contexts, return_info=True, progress=False)
+    hf = GPT2LMHeadModel.from_pretrained(demo_model_dir()).eval()
+    seqs, pos = _subject_rows(demo.tokenizer, PROMPT, SUBJECT, contexts)
+    keys, _ = _torch_capture(hf, seqs, pos, layer)  # [context, d_mlp]
+    scale = np.abs(keys).max()
+    assert np.abs(keys - keys.mean(0)).max() > 1e-2 * scale  # the prefixes move the key: the mean is not any one
+    np.testing.assert_allclose(info["k_star"], keys.mean(0), rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(info["k_cur"], keys[0], rtol=0, atol=1e-5 * scale)  # contexts[0] is "{}"
+
+
+MEMIT_REQUESTS = [(PROMPT, "John", "Kate"), ("When Alice and Tom went to the park , {} gave a book to", "Tom", "Emma"),
+                  ("Then {} had fun at the", "Bob", "school")]
+MEMIT_CONTEXTS = ["{}", "Then Mark had fun . {}", "Anna went to school and had a ball . {}"]
+
+
+def _memit_by_torch(hf, tokenizer, requests, layers, contexts, zs, mom2s, weight):
+    """MEMIT's layer loop, independently: keys and residuals from torch hooks (each prompt run
+    alone) on a copy of the Hugging Face model that takes each layer's update in turn;
+    ``(the updates {layer: [d_mlp, d_model]}, the edited torch model)``."""
+    import copy
+
+    hf = copy.deepcopy(hf)
+    _, out_matrix, add = _hf_parts(hf)
+    rows = [_subject_rows(tokenizer, t, s, contexts) for t, s, _ in requests]
+    plain = ([r[0][0] for r in rows], [r[1][0] for r in rows])
+    updates = {}
+    for i, layer in enumerate(layers):
+        keys = np.stack([_torch_capture(hf, seqs, pos, layer)[0] for seqs, pos in rows])  # [request, context, d_mlp]
+        # MEMIT's mean over context types: the plain prompt, the prefixed ones
+        k = keys[:, 0] if len(contexts) == 1 else (keys[:, 0] + keys[:, 1:].mean(1)) / 2
+        cur_z = _torch_capture(hf, plain[0], plain[1], layers[-1])[1]
+        share = (zs - cur_z) / (len(layers) - i)  # [request, d_model]: this layer's share of what is left
+        a = np.linalg.solve(weight * mom2s[layer] + k.T @ k, k.T)  # [d_mlp, request]
+        updates[layer] = a @ share
+        w = out_matrix(layer).weight
+        with torch.no_grad():
+            w.copy_(add(w.double(), torch.tensor(updates[layer])).to(w.dtype))
+    return updates, hf
+
+
+def _check_memit(model, hf, layers, weight, v_steps=30, contexts=MEMIT_CONTEXTS, clamp=0.75):
+    tokens = editing.sample_tokens(model, n_samples=24, length=15, seed=3)
+    mom2s = {l: editing.second_moment(model, l, tokens, cache=False, progress=False) for l in layers}
+    edited, info = editing.memit(model, MEMIT_REQUESTS, layers=layers, mom2s=mom2s, contexts=contexts,
+                                 hparams=editing.MemitHParams(v_steps=v_steps, mom2_update_weight=weight,
+                                                              clamp_norm_factor=clamp),
+                                 return_info=True, progress=False)
+    want, hf_edited = _memit_by_torch(hf, model.tokenizer, MEMIT_REQUESTS, layers, contexts, info["zs"], mom2s, weight)
+    for l in layers:  # each layer's update: its own least squares for its share of the residual
+        scale = np.abs(want[l]).max()
+        np.testing.assert_allclose(info["updates"][l], want[l], rtol=0, atol=2e-4 * scale, err_msg=f"layer {l}")
+    w0, w1 = np.asarray(model.params["blocks"]["mlp"]["w_out"]), np.asarray(edited.params["blocks"]["mlp"]["w_out"])
+    untouched = [l for l in range(model.cfg.n_layers) if l not in layers]
+    assert (w0[untouched] == w1[untouched]).all()
+    # the edited matrices are the family's MLP output matrices: torch with the updates added gives the logits
+    ids = [_torch_ids(model.tokenizer, t.format(s)) for t, s, _ in MEMIT_REQUESTS]
+    for row in ids:
+        with torch.no_grad():
+            ref = hf_edited(torch.tensor([row], dtype=torch.long)).logits[0].numpy()
+        ours = np.asarray(edited(np.asarray([row], np.int32)))[0]
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    return edited, info
+
+
+@pytest.fixture(scope="module")
+def gpt2_4(tmp_path_factory):
+    from transformers import GPT2LMHeadModel
+
+    from devtools.testing import save_random_gpt2
+
+    path = save_random_gpt2(str(tmp_path_factory.mktemp("g4")), n_layer=4, n_head=4, n_embd=64, seed=2,
+                            initializer_range=0.1)
+    return load_model(path), GPT2LMHeadModel.from_pretrained(path).eval()
+
+
+def test_memit_spreads_the_residual_over_three_layers_as_memit_does(gpt2_4):
+    """Layers 0-2, three requests, lambda where both the prior and the new keys count."""
+    model, hf = gpt2_4
+    _check_memit(model, hf, [0, 1, 2], weight=2.0)
+
+
+def test_memit_over_three_layers_reaches_its_targets(gpt2_4):
+    """As lambda -> 0 the last layer takes whatever the first two left: each subject's
+    residual after layer 2 becomes its z, and its target gains. (With
+    keys averaged over prefixed contexts the plain prompt's own key is not the one solved
+    for, so the plain prompt alone is used here.)"""
+    model, hf = gpt2_4
+    edited, info = _check_memit(model, hf, [0, 1, 2], weight=1e-6, v_steps=60, contexts=["{}"],
+                                clamp=4.0)  # ROME's norm ball: a larger z for this random model
+    plain = [editing.subject_last_index(model.tokenizer, t, s) for t, s, _ in MEMIT_REQUESTS]
+    z = editing.capture_at(edited, [p[0] for p in plain], [p[1] for p in plain], 2)["resid"]
+    np.testing.assert_allclose(z, info["zs"], rtol=0, atol=1e-3 * np.abs(info["zs"]).max())
+    # the first layers did move the residual (their shares), so the last one did not do it all
+    z0 = editing.capture_at(model, [p[0] for p in plain], [p[1] for p in plain], 2)["resid"]
+    assert np.abs(info["updates"][0]).max() > 0 and np.abs(z - z0).max() > 1e-2 * np.abs(z0).max()
+    # a random model's residual after layer 2 only nudges its answer (the optimisation reaches p ~ 0.03), but
+    # every request's target gained
+    prompts, targets = [t.format(s) for t, s, _ in MEMIT_REQUESTS], [t for _, _, t in MEMIT_REQUESTS]
+    assert (editing.target_logprobs(edited, prompts, targets) > editing.target_logprobs(model, prompts, targets)).all()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt_neox"])
+def family(request, tmp_path_factory):
+    """Random-init Llama (gated MLP, down_proj, RMSNorm, rotary, 4 query heads over 2 key/value
+    heads) and GPT-NeoX (parallel residual, partial rotary, dense_4h_to_h with a bias), 3 layers."""
+    from transformers import AutoModelForCausalLM
+
+    from devtools import testing
+
+    path = getattr(testing, f"save_random_{request.param}")(str(tmp_path_factory.mktemp(request.param)), seed=1,
+                                                             num_hidden_layers=3)
+    return path, load_model(path), AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def test_rome_on_other_families_is_the_closed_form_on_their_mlp_output_matrix(family):
+    path, model, hf = family
+    layer, contexts = 1, MEMIT_CONTEXTS[:2]
+    c = editing.second_moment(model, layer, editing.sample_tokens(model, n_samples=24, length=15, seed=3),
+                              cache=False, progress=False)
+    edited, info = editing.rome(model, PROMPT, SUBJECT, TARGET, layer=layer, hparams=editing.RomeHParams(v_steps=10),
+                                mom2=c, contexts=contexts, return_info=True, progress=False)
+    # k* and the prompt's key are what torch feeds down_proj / dense_4h_to_h at the subject's last token
+    seqs, pos = _subject_rows(model.tokenizer, PROMPT, SUBJECT, contexts)
+    keys, _ = _torch_capture(hf, seqs, pos, layer)
+    kscale = np.abs(keys).max()
+    np.testing.assert_allclose(info["k_star"], keys.mean(0), rtol=0, atol=1e-5 * kscale)
+    np.testing.assert_allclose(info["k_cur"], keys[0], rtol=0, atol=1e-5 * kscale)
+    # the update is ROME's closed form from the same k*, v*, C (float32 weights: rounded at w_out's scale)
+    w0, w1 = np.asarray(model.params["blocks"]["mlp"]["w_out"]), np.asarray(edited.params["blocks"]["mlp"]["w_out"])
+    want = _rome_numpy(c, info["k_star"], info["v_star"], info["k_cur"], info["cur_out"])
+    np.testing.assert_allclose(w1[layer] - w0[layer], want, rtol=0,
+                               atol=4e-7 * np.abs(w0[layer]).max() + 1e-6 * np.abs(want).max())
+    assert (w1[[0, 2]] == w0[[0, 2]]).all()
+    # and it is the family's MLP output matrix: torch with the update added there gives the edited logits
+    _, out_matrix, add = _hf_parts(hf)
+    import copy
+
+    hf_edited = copy.deepcopy(hf)
+    w = hf_edited.get_submodule([n for n, m in hf.named_modules() if m is out_matrix(layer)][0]).weight
+    with torch.no_grad():
+        w.copy_(add(w.double(), torch.tensor(want)).to(w.dtype))
+        for row in seqs:
+            ref = hf_edited(torch.tensor([row], dtype=torch.long)).logits[0].numpy()
+            ours = np.asarray(edited(np.asarray([row], np.int32)))[0]
+            np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    out = editing.capture_at(edited, [seqs[0]], [pos[0]], layer)["mlp_out"][0]  # the prompt's MLP output is v*
+    np.testing.assert_allclose(out, info["v_star"], rtol=0, atol=1e-4 * np.abs(info["v_star"]).max())
+
+
+def test_memit_on_other_families_spreads_over_their_layers(family):
+    """Layers 1-2: NeoX's layer-0 MLP reads the token embedding only (parallel attention), so
+    with this 35-word vocabulary its C has rank <= 35 < d_mlp = 48, and the solve's answer in
+    the directions no key takes is float rounding, different in any two implementations."""
+    path, model, hf = family
+    _check_memit(model, hf, [1, 2], weight=2.0, v_steps=10)
+
+
+def test_edit_command_on_other_families_writes_a_checkpoint_other_commands_load(family, stats_env, tmp_path):
+    from jaxinterp.cli import main
+
+    path, model, hf = family
+    req = tmp_path / "requests.json"
+    req.write_text(json.dumps([{"prompt": PROMPT, "subject": SUBJECT, "target_new": TARGET}]))
+    out = tmp_path / "edited"
+    assert main(["edit", "--model", path, "--requests", str(req), "--method", "rome", "--layers", "1", "--steps", "5",
+                 "--no-contexts", "--quiet", "--no-compile-cache", "--out", str(out)]) == 0
+    assert json.loads((out / "edit.json").read_text())["layers"] == [1]
+    # the same edit through the API (the command's statistics: generated text, cached)
+    mom2 = editing.second_moment(model, 1, editing.sample_tokens(model), progress=False)
+    want = editing.rome(model, PROMPT, SUBJECT, TARGET, layer=1, hparams=editing.RomeHParams(v_steps=5), mom2=mom2,
+                        contexts=["{}"], progress=False)
+    loaded = load_model(str(out))
+    assert loaded.cfg == model.cfg
+    tokens = np.asarray(tokenize(model.tokenizer, [PROMPT.format(SUBJECT)]), np.int32)
+    ref = np.asarray(want(tokens))
+    np.testing.assert_allclose(np.asarray(loaded(tokens)), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert np.abs(np.asarray(model(tokens)) - ref).max() > 1e-3 * np.abs(ref).max()  # the edit did change them
+    png = tmp_path / "knockout.png"  # another command on the edited checkpoint
+    assert main(["knockout", "--model", str(out), "--prompt", PROMPT.format(SUBJECT), "--subject", "Mary",
+                 "--out", str(png), "--no-compile-cache"]) == 0
+    assert os.path.getsize(png) > 1000
