@@ -1,7 +1,10 @@
-"""Attention knockout against a hand-built masked forward: the plain GPT-2 of
-``handbuilt.py`` on the shipped demo model, with the blocked attention scores masked out
-by hand, layer by layer. The cut is a mask on the attention pattern in ``ops``, the same
-for every family, so one family checks it; both layer loops (unrolled, scanned) are run."""
+"""Attention knockout against hand-built masked forwards: the plain GPT-2 of
+``handbuilt.py`` on the shipped demo model (both layer loops, unrolled and scanned), and
+the independent PyTorch forward of ``family_reference.py`` on random-init Llama (rotary,
+grouped-query attention) and Gemma 2 (sliding window, attention and final soft-caps)
+checkpoints, where the cut has to meet the rotary scores, the key/value groups, the
+window mask and the soft-cap in the right order; the blocked attention scores are masked
+out by hand, layer by layer."""
 
 import json
 import os
@@ -114,3 +117,48 @@ def test_bad_knockouts_are_refused(demo):
     with pytest.raises(ValueError, match="subject"):
         knockout(demo, "Then Mary had a long day", subject="Bob")
     assert set(source_sets(5, [4])) == {"non-subject"}  # a subject at the last position is no source
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(num_hidden_layers=3)),  # rotary, 4 query heads over 2 key/value heads
+    ("gemma2", dict(num_hidden_layers=3)),  # + sliding window 3 (layers 0, 2), soft-caps 2 and 3, GQA
+])
+def test_rotary_family_knockout_equals_the_independent_torch_forward(family, overrides, tmp_path):
+    torch = pytest.importorskip("torch")
+    import family_reference
+    from transformers import AutoModelForCausalLM
+
+    from devtools import testing
+
+    path = getattr(testing, f"save_random_{family}")(str(tmp_path / family), seed=3, **overrides)
+    model = load_model(path)
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokens, mask = _prompts(model, ["When Mary and John went to the store , John gave a drink to",
+                                    "Then Tom had fun at the park"])
+    B, P = tokens.shape
+    last = mask.sum(1) - 1
+    with torch.no_grad():
+        clean = torch.softmax(family_reference.forward(hf, torch.tensor(tokens, dtype=torch.long),
+                                                       torch.tensor(mask))[0], -1).numpy()[np.arange(B), last]
+    targets = clean.argmax(-1)  # each prompt's own top-1
+    sets = np.zeros((3, B, P), np.float32)
+    sets[0, 0, [2, 4]], sets[0, 1, [2]] = 1, 1  # the names
+    sets[1, 0, [last[0] - 1]], sets[1, 1, [last[1] - 1]] = 1, 1  # the previous token (inside every window)
+    for i in range(B):
+        sets[2, i, 1:last[i]] = 1  # every word before the last (BOS kept)
+    starts, window = [0, 1, 2], 2
+    got = knockout_probs(model.params, model.cfg, tokens, targets, sets, starts, window, attention_mask=mask)
+    assert got.shape == (3, 3, B)
+    want = np.zeros_like(got)
+    with torch.no_grad():
+        for i, s in enumerate(starts):
+            for j in range(3):
+                blocked = {l: torch.tensor(b) for l, b in _hand_blocked(model.cfg.n_layers, last, sets[j], s, window,
+                                                                         P).items()}
+                logits = family_reference.forward(hf, torch.tensor(tokens, dtype=torch.long), torch.tensor(mask),
+                                                  blocked=blocked)[0]
+                want[i, j] = torch.softmax(logits, -1).numpy()[np.arange(B), last, targets]
+    # float32 in both: agreement to ~1e-6 of the probabilities' scale, far below the changes the cuts make
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.max()))
+    change = np.abs(want - clean[np.arange(B), targets][None, None])
+    assert change.max() > 0.05 * float(clean.max()), "the cuts should move p(target): otherwise this compares clean runs"
