@@ -27,29 +27,45 @@ from typing import Sequence
 import numpy as np
 
 
-def fact_rows(tokenizer, records: Sequence[dict], edited: bool, seed: int = 0) -> list[dict]:
-    """Pairs-CSV rows for the factual task (see the module docstring)."""
+def fact_rows(tokenizer, records: Sequence[dict], edited: bool, seed: int = 0, distractors: Sequence[str] = (),
+              per_record: int = 1) -> list[dict]:
+    """Pairs-CSV rows for the factual task (see the module docstring): per record,
+    ``per_record`` rows (fewer when fewer subjects fit), each corrupted with a different
+    subject drawn from the other records' subjects and ``distractors`` (extra subjects,
+    e.g. for a single edit; their own answers should be neither target) of the same
+    token length in the record's template."""
     from .editing import EditError, subject_last_index, target_token_ids
 
+    if per_record < 1:
+        raise EditError(f"per_record must be >= 1, got {per_record}")
     rng = np.random.default_rng(seed)
+    pool = list(dict.fromkeys([o["subject"] for o in records] + list(distractors)))
     rows = []
     for i, r in enumerate(records):
         ids, _ = subject_last_index(tokenizer, r["template"], r["subject"])
-        others = [o["subject"] for o in records if o["subject"] != r["subject"]
-                  and len(subject_last_index(tokenizer, r["template"], o["subject"])[0]) == len(ids)]
+        others = [s for s in pool if s != r["subject"]
+                  and len(subject_last_index(tokenizer, r["template"], s)[0]) == len(ids)]
         if not others or not r.get("target_true"):
-            raise EditError(f"record {i}: the factual task needs target_true and another record's subject of the "
-                            f"same token length to corrupt with")
+            raise EditError(f"record {i}: the factual task needs target_true and another record's subject (or a "
+                            f"distractor) of the same token length to corrupt with")
         new, true = target_token_ids(tokenizer, r["target_new"])[0], target_token_ids(tokenizer, r["target_true"])[0]
-        rows.append({"clean": r["template"].format(r["subject"]),
-                     "corrupted": r["template"].format(others[rng.integers(len(others))]),
-                     "correct_idx": new if edited else true, "incorrect_idx": true if edited else new})
+        picks = [others[rng.integers(len(others))]] if per_record == 1 else \
+            [others[j] for j in rng.choice(len(others), min(per_record, len(others)), replace=False)]
+        rows += [{"clean": r["template"].format(r["subject"]), "corrupted": r["template"].format(s),
+                  "correct_idx": new if edited else true, "incorrect_idx": true if edited else new} for s in picks]
     return rows
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks of ``x`` from 0, ties sharing their average rank (as Spearman's correlation
+    needs: EAP-IG gives many edges exactly equal scores, e.g. 0, whose order is arbitrary)."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts
+    return (first + (counts - 1) / 2)[inverse.reshape(-1)]
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
 
 
 def compare_circuits(original, edited, data_original: str, data_edited: str, n: int, ig_steps: int = 5,
@@ -79,8 +95,9 @@ def compare_circuits(original, edited, data_original: str, data_edited: str, n: 
 
 
 def circuit_report(original, edited, records, unrelated_csv: str, out_dir: str, n: int = 50, ig_steps: int = 5,
-                   seed: int = 0) -> dict:
-    """The factual task of ``records`` and the unrelated pairs CSV, each compared with
+                   seed: int = 0, distractors: Sequence[str] = (), per_record: int = 1, batch_size: int = 16) -> dict:
+    """The factual task of ``records`` (:func:`fact_rows`, with ``distractors`` and
+    ``per_record``) and the unrelated pairs CSV, each compared with
     :func:`compare_circuits`; writes ``fact_original.csv``, ``fact_edited.csv``,
     ``report.md``, ``report.json`` and ``circuits.png`` to ``out_dir``. Returns the figures."""
     from .editing import read_requests
@@ -92,10 +109,10 @@ def circuit_report(original, edited, records, unrelated_csv: str, out_dir: str, 
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for which, model in (("original", original), ("edited", edited)):
-        paths[which] = write_rows_csv(fact_rows(model.tokenizer, recs, which == "edited", seed),
+        paths[which] = write_rows_csv(fact_rows(model.tokenizer, recs, which == "edited", seed, distractors, per_record),
                                       os.path.join(out_dir, f"fact_{which}.csv"))
-    fact = compare_circuits(original, edited, paths["original"], paths["edited"], n, ig_steps)
-    other = compare_circuits(original, edited, unrelated_csv, unrelated_csv, n, ig_steps)
+    fact = compare_circuits(original, edited, paths["original"], paths["edited"], n, ig_steps, batch_size)
+    other = compare_circuits(original, edited, unrelated_csv, unrelated_csv, n, ig_steps, batch_size)
     result = {"fact": fact, "unrelated": other}
     plot_circuit_change(result, os.path.join(out_dir, "circuits.png"))
     public = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("scores_")} for k, v in result.items()}
