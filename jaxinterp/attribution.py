@@ -45,7 +45,7 @@ from .data import Pairs, bucket_length
 from .graph import Graph, GraphSpec
 from .interventions import (Run, TaskMetric, check_intervention, corrupted_outputs, metric_values, prepare_run,
                             weighted_sum)
-from .models import EdgeIntervention
+from .models import EdgeIntervention, residual_stream
 from .names import IG_METHODS, METHODS, check_name
 from .positional import PositionalGraph, check_one_length, position_labels
 from .sharding import replicate, to_host
@@ -132,12 +132,18 @@ def batch_scores(params, batch, means=None, *, cfg: ModelConfig, method: str, me
 
 
 @functools.partial(jit, static_argnames=("cfg", "metric", "intervention", "grouped_kv"))
-def batch_exact(params, batch, src, dst, means=None, *, cfg: ModelConfig, metric: TaskMetric,
+def batch_exact(params, batch, layer, src, dst, means=None, *, cfg: ModelConfig, metric: TaskMetric,
                 intervention: str = "patching", grouped_kv: bool = False):
-    """Exact patching of edges ``(src[i], dst[i])`` (indices in the view ``grouped_kv``)
-    one at a time: ``[edges]`` sums over the batch of ``sign * (metric(patched) - metric(clean))``."""
+    """Exact patching of edges ``(src[i], dst[i])`` (indices in the view ``grouped_kv``),
+    every ``dst`` an input of layer ``layer`` (``n_layers``: the logits; :func:`dst_layers`),
+    one at a time: ``[edges]`` sums over the batch of ``sign * (metric(patched) - metric(clean))``.
+
+    A patched run equals the clean run up to its destination's layer, so each starts there
+    from the clean residual stream (``forward(resume=...)``): edges into late layers cost a
+    fraction of a forward pass. ``layer`` is traced: one compiled program for every layer."""
     spec = GraphSpec.from_config(cfg, grouped_kv)
     clean_logits, clean_outs, corr_outs = corrupted_outputs(params, cfg, batch, intervention, means)
+    resid = residual_stream(params, cfg, batch["clean"], batch["attention_mask"])[1][layer]
     # A single patched edge cannot change its own source (it lies upstream), so
     # "carry the corrupted value" equals "add the fixed clean->corrupted difference".
     delta = corr_outs - clean_outs
@@ -145,11 +151,17 @@ def batch_exact(params, batch, src, dst, means=None, *, cfg: ModelConfig, metric
 
     def one(s, d):
         coef = jax.nn.one_hot(d, spec.n_backward)[None]
-        values = metric_values(params, cfg, batch, metric, clean_logits, EdgeIntervention(coef, delta[s][None],
-                                                                                      mode="add-one"))
+        values = metric_values(params, cfg, batch, metric, clean_logits,
+                               EdgeIntervention(coef, delta[s][None], mode="add-one"), resume=(layer, resid))
         return weighted_sum(metric.sign * (values - base), batch)
 
     return jax.vmap(one)(src, dst)
+
+
+def dst_layers(spec: GraphSpec) -> np.ndarray:
+    """``[dst]``: the layer each downstream input belongs to (``n_layers`` for the logits)."""
+    per_layer = spec.n_attn_inputs + 1  # a layer's q/k/v inputs and its MLP input, in dst order
+    return np.minimum(np.arange(spec.n_backward) // per_layer, spec.n_layers)
 
 
 @functools.partial(jit, static_argnames=("cfg", "metric", "intervention"))
@@ -241,24 +253,39 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
     return graph
 
 
+def _exact_chunks(spec: GraphSpec, exact_chunk: int) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
+    """``(layer, src, dst, n real)`` chunks of ``exact_chunk`` edges (at most the most edges
+    into one layer; padded with copies of an edge whose effect is dropped) that share their
+    destination's layer. One chunk size: one compiled program."""
+    src, dst = np.nonzero(spec.real_edge_mask)
+    layer_of = dst_layers(spec)[dst]
+    exact_chunk = min(exact_chunk, int(np.bincount(layer_of).max()))
+    chunks = []
+    for layer in np.unique(layer_of):
+        s, d = src[layer_of == layer], dst[layer_of == layer]
+        for i in range(0, len(s), exact_chunk):
+            n = len(s[i:i + exact_chunk])
+            pad = exact_chunk - n
+            chunks.append((int(layer), np.concatenate([s[i:i + n], np.repeat(s[i:i + 1], pad)]),
+                           np.concatenate([d[i:i + n], np.repeat(d[i:i + 1], pad)]), n))
+    return chunks
+
+
 def exact_edge_scores(run: Run, exact_chunk: int = 64, quiet: bool = True) -> np.ndarray:
     """``[src, dst]`` float64: the mean over ``run``'s examples of each edge's exact
-    patching effect, ``exact_chunk`` patched forward passes at a time."""
+    patching effect, ``exact_chunk`` patched forward passes at a time, each chunk's edges
+    into one layer (the runs start there)."""
     spec, mesh = run.model.graph_spec, run.mesh
-    src, dst = np.nonzero(spec.real_edge_mask)
-    pad = (-len(src)) % exact_chunk
-    src_p, dst_p = np.concatenate([src, np.zeros(pad, int)]), np.concatenate([dst, np.zeros(pad, int)])
+    chunks = _exact_chunks(spec, exact_chunk)
     kw = dict(cfg=run.model.cfg, metric=run.metric, intervention=run.intervention, grouped_kv=run.model.grouped_kv)
-    bar = tqdm(total=run.pairs.n_batches(run.batch_size) * len(src_p) // exact_chunk, desc="exact", disable=quiet)
+    bar = tqdm(total=run.pairs.n_batches(run.batch_size) * len(chunks), desc="exact", disable=quiet)
 
     def one_batch(batch) -> np.ndarray:
         total = np.zeros((spec.n_forward, spec.n_backward))
-        for i in range(0, len(src_p), exact_chunk):
-            edges = slice(i, i + exact_chunk)
-            vals = batch_exact(run.model.params, batch, replicate(src_p[edges], mesh), replicate(dst_p[edges], mesh),
-                               run.means, **kw)
-            np.add.at(total, (src_p[edges], dst_p[edges]),
-                      np.where(np.arange(i, i + exact_chunk) < len(src), to_host(vals), 0.0))
+        for layer, src, dst, n in chunks:
+            vals = batch_exact(run.model.params, batch, replicate(np.int32(layer), mesh), replicate(src, mesh),
+                               replicate(dst, mesh), run.means, **kw)
+            np.add.at(total, (src[:n], dst[:n]), to_host(vals)[:n])
             bar.update()
         return total
 
@@ -289,7 +316,8 @@ def compiled_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: s
     args = (memory_lib.abstract_params(cfg, dtype), batch)
     if method == "exact":
         edges = sds((exact_chunk,), i32)
-        lowered = batch_exact.lower(*args, edges, edges, cfg=cfg, metric=TaskMetric(metric), grouped_kv=grouped_kv)
+        lowered = batch_exact.lower(*args, sds((), i32), edges, edges, cfg=cfg, metric=TaskMetric(metric),
+                                    grouped_kv=grouped_kv)
     else:
         lowered = batch_scores.lower(*args, cfg=cfg, method=method, metric=TaskMetric(metric), ig_steps=ig_steps,
                                      grouped_kv=grouped_kv)

@@ -191,12 +191,13 @@ def intervention_means(model, pairs: Pairs, intervention: str, intervention_data
 
 # --- the circuit-metric kernel --------------------------------------------------------------
 def metric_values(params, cfg: ModelConfig, batch: dict, metric: TaskMetric, clean_logits, iv=None, tokens=None,
-                  input_embeddings=None, remat: bool = False) -> jax.Array:
+                  input_embeddings=None, remat: bool = False, resume=None) -> jax.Array:
     """``[batch]``: ``metric`` of the graph forward under the edge intervention ``iv`` on
-    ``tokens`` (default: the clean prompts), read at :func:`logit_positions`."""
+    ``tokens`` (default: the clean prompts), read at :func:`logit_positions`; ``resume``
+    as :func:`jaxinterp.models.forward`'s."""
     tokens = batch["clean"] if tokens is None else tokens
     logits = forward(params, cfg, tokens, batch["attention_mask"], iv, input_embeddings,
-                     logit_positions=logit_positions(batch), remat=remat)
+                     logit_positions=logit_positions(batch), remat=remat, resume=resume)
     return metric(logits, clean_logits, batch)
 
 

@@ -353,10 +353,12 @@ def _layer_nodes(iv: Optional[EdgeIntervention], cfg: ModelConfig) -> tuple[Opti
 
 def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: Array, edges: Optional[_Edges],
             nodes: Optional[tuple], remat: bool, scan: bool, blocked: Optional[Array] = None,
-            mlp_delta: Optional[tuple] = None):
+            mlp_delta: Optional[tuple] = None, first: Optional[Array] = None):
     """Every layer. ``edges``: the intervention with the input node's output, coefficients
     ``[..., src, dst]``; ``blocked``: None or ``[layer, batch or 1, pos_q, pos_k]`` knocked-out
-    attention edges; ``mlp_delta``: None or ``(layer, delta [batch, pos, d_model])``.
+    attention edges; ``mlp_delta``: None or ``(layer, delta [batch, pos, d_model])``;
+    ``first``: None, or the (traced) first layer to run, ``resid`` entering it (scanned only:
+    the layers before pass the stream through and give zero outputs).
     Returns ``(resid, edges for the logits, resid entering each layer
     [layer, ...], heads [layer, head, ...], MLP outputs [layer, ...], MLP hidden
     activations [layer, batch, pos, d_mlp])``."""
@@ -405,14 +407,26 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
         # source is closed over, not carried: a loop invariant, never stacked per layer
         if mode is not None and mode != "add-one":  # rows not upstream of this layer are no edges
             coef = coef * _upstream(spec, start).astype(coef.dtype)
-        e = None if mode is None else _Edges(coef, source, (buf,), mode, ((0, n_src),), scanned=True)
-        out, heads, m_out, hidden, e = step(window, start, p, resid, e, layer_nodes, layer_blocked,
-                                            None if index is None else layer_delta(index))
-        return (out, None if e is None else e.outs[0]), (resid, heads, m_out, hidden)
+
+        def run(resid):
+            e = None if mode is None else _Edges(coef, source, (buf,), mode, ((0, n_src),), scanned=True)
+            out, heads, m_out, hidden, e = step(window, start, p, resid, e, layer_nodes, layer_blocked,
+                                                None if mlp_delta is None else layer_delta(index))
+            return out, heads, m_out, hidden, None if e is None else e.outs[0]
+
+        if first is None:
+            out, heads, m_out, hidden, buf = run(resid)
+        else:  # a real branch (the predicate is not batched under vmap): skipped layers cost nothing
+            def skip(resid):
+                zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(run, resid))
+                return (resid,) + zeros[1:4] + (buf,)
+
+            out, heads, m_out, hidden, buf = jax.lax.cond(index >= first, run, skip, resid)
+        return (out, buf), (resid, heads, m_out, hidden)
 
     # the delta itself is closed over (a loop invariant); only the layer index is scanned
     xs = (params["blocks"], blocks, windows, jnp.asarray(starts, jnp.int32), nodes, blocked,
-          None if mlp_delta is None else jnp.arange(cfg.n_layers))
+          None if mlp_delta is None and first is None else jnp.arange(cfg.n_layers))
     (resid, buf), (rs, hs, ms, ks) = jax.lax.scan(body, (resid, buf), xs)
     edges = None if mode is None else _Edges(logits_coef, source, (buf,), mode, ((0, n_src),), scanned=True)
     return resid, edges, rs, hs, ms, ks
@@ -422,7 +436,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
             intervention: Optional[EdgeIntervention] = None, input_embeddings: Optional[Array] = None,
             return_node_outputs: bool = False, logit_positions: Optional[Array] = None, remat: bool = False,
             scan: Optional[bool] = None, attention_block: Optional[Array] = None,
-            mlp_delta: Optional[tuple] = None):
+            mlp_delta: Optional[tuple] = None, resume: Optional[tuple] = None):
     """Run the model on ``tokens [batch, pos]``.
 
     attention_mask: ``[batch, pos]``, 1 for real tokens (right padding); default all ones.
@@ -445,11 +459,19 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Opt
         MLP node output (the ``m{layer}`` node, so the residual stream and every edge out of
         it see it; ``layer`` may be traced). The value a ROME/MEMIT edit asks for
         (:mod:`jaxinterp.editing`); a node shift without a ``[src, ...]``-sized source.
+    resume: ``(layer, resid [batch, pos, d_model])``: start at ``layer`` (may be traced;
+        ``n_layers``: only the final norm and unembedding) from ``resid``, the residual
+        stream entering it (e.g. :func:`residual_stream`'s of a run whose earlier layers
+        are the same). The layers before are skipped (a ``lax.cond`` in the scanned loop,
+        so one compiled program serves every ``layer``); their node outputs are zeros, so
+        only the plain model or an ``add-one`` intervention into ``layer`` and later may
+        be given: exact patching of an edge from its destination's layer
+        (:func:`jaxinterp.attribution.batch_exact`).
 
     Returns float32 logits ``[batch, pos, vocab]`` (and the node outputs).
     """
     run = _run(params, cfg, tokens, attention_mask, intervention, input_embeddings, logit_positions, remat, scan,
-               attention_block, mlp_delta)
+               attention_block, mlp_delta, resume)
     return (run["logits"], run["outs"]) if return_node_outputs else run["logits"]
 
 
@@ -490,10 +512,18 @@ def use_scan(cfg: ModelConfig) -> bool:
 def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array],
          iv: Optional[EdgeIntervention], input_embeddings: Optional[Array], logit_positions: Optional[Array] = None,
          remat: bool = False, scan: Optional[bool] = None, blocked: Optional[Array] = None,
-         mlp_delta: Optional[tuple] = None) -> dict:
+         mlp_delta: Optional[tuple] = None, resume: Optional[tuple] = None) -> dict:
     # the graph view the coefficients are laid out in (their shape says it; no view without them)
     spec = GraphSpec.from_config(cfg) if iv is None else GraphSpec.for_coefficients(cfg, iv.coef.shape[-1])
     n_batch, n_pos = tokens.shape
+    if resume is not None:
+        if scan is False or (iv is not None and iv.mode != "add-one") or input_embeddings is not None:
+            raise ValueError("resume runs the scanned layers, with no intervention or an add-one one (the skipped "
+                             "layers' node outputs are not computed) and no input_embeddings")
+        if tuple(resume[1].shape) != (n_batch, n_pos, cfg.d_model):
+            raise ValueError(f"resume's residual {tuple(resume[1].shape)} must be [batch={n_batch}, pos={n_pos}, "
+                             f"d_model={cfg.d_model}]")
+        scan = True
     scan = use_scan(cfg) if scan is None else scan
     if attention_mask is None:
         attention_mask = jnp.ones((n_batch, n_pos), jnp.int32)
@@ -526,9 +556,12 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     resid = emb
     if cfg.positional == "learned":
         resid = resid + ops.pos_embed(params["embed"]["w_pos"], n_pos)[None]
+    first = None
+    if resume is not None:
+        first, resid = jnp.asarray(resume[0], jnp.int32), resume[1].astype(resid.dtype)
     edges = None if iv is None else _Edges(iv.coef, iv.source, (emb[None],), iv.mode, ((0, 1),))
     resid, edges, resids, heads, mlps, hidden = _layers(params, cfg, spec, resid, attention_mask, edges, nodes, remat,
-                                                        scan, blocked, mlp_delta)
+                                                        scan, blocked, mlp_delta, first)
 
     n_f = _normed(cfg, edges, resid, slice(0, 1), params["ln_f"])
     n_f = n_f if edges is None else n_f[0]

@@ -228,7 +228,8 @@ def program(cfg, method: str, params, batch, mesh=None, ig_steps: int = 5, metri
         from .attribution import batch_exact as fn
 
         edges = _abstract((exact_chunk,), jnp.int32, replicated)
-        return fn, (params, batch, edges, edges), dict(cfg=cfg, metric=task, grouped_kv=grouped_kv)
+        layer = _abstract((), jnp.int32, replicated)
+        return fn, (params, batch, layer, edges, edges), dict(cfg=cfg, metric=task, grouped_kv=grouped_kv)
     from .attribution import batch_scores as fn
 
     steps = ig_steps if method in ("EAP-IG-inputs", "EAP-IG-activations") else 1

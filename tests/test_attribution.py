@@ -240,3 +240,42 @@ def test_mean_positional_needs_intervention_data_that_reaches_every_position(mod
         attribute(model, pairs, method="EAP", intervention="mean-positional", intervention_data=shorter, quiet=True)
     with pytest.raises(ValueError, match="intervention_data is used by the mean interventions only"):
         attribute(model, pairs, method="EAP", intervention="zero", intervention_data=shorter, quiet=True)
+
+
+def test_exact_from_the_destination_layer_equals_a_whole_patched_forward(tmp_path):
+    """Exact patching resumes each patched run at its destination's layer from the clean
+    residual stream (forward(resume=...), scanned). At scan depth, on an RMSNorm model with
+    grouped-query attention, it equals the whole patched forward pass (add-one, unrolled,
+    from the first layer) for edges into every layer and into the logits."""
+    from devtools.testing import save_random_llama
+    from jaxinterp.attribution import dst_layers
+    from jaxinterp.data import Pairs
+    from jaxinterp.interventions import corrupted_outputs
+    from jaxinterp.models import SCAN_MIN_LAYERS, EdgeIntervention, forward
+
+    model = load_model(save_random_llama(str(tmp_path / "deep"), num_hidden_layers=SCAN_MIN_LAYERS,
+                                         initializer_range=0.2))
+    rng = np.random.default_rng(0)
+    n, n_pos, vocab = 4, 9, model.cfg.vocab_size
+    clean = rng.integers(1, vocab, size=(n, n_pos)).astype(np.int32)
+    corrupted = np.where(rng.random((n, n_pos)) < 0.5, rng.integers(1, vocab, size=(n, n_pos)), clean).astype(np.int32)
+    pairs = Pairs(clean, corrupted, np.ones((n, n_pos), np.int32), np.full(n, n_pos, np.int32),
+                  rng.integers(1, vocab, size=(n, 2)).astype(np.int32))
+    graph = attribute(model, pairs, method="exact", batch_size=n, exact_chunk=32, quiet=True)
+
+    spec = model.graph_spec
+    batch = next(pairs.batches(n))
+    _, clean_outs, corr_outs = corrupted_outputs(model.params, model.cfg, batch, "patching")
+    base = _metric_mean(forward(model.params, model.cfg, clean, scan=False), pairs)
+    src, dst = np.nonzero(spec.real_edge_mask)
+    layer_of = dst_layers(spec)[dst]
+    picks = [rng.choice(np.flatnonzero(layer_of == layer)) for layer in range(spec.n_layers + 1)]
+    wants, got = [], []
+    for i in picks:
+        s, d = src[i], dst[i]
+        iv = EdgeIntervention(jax.nn.one_hot(d, spec.n_backward)[None], (corr_outs - clean_outs)[s][None],
+                              mode="add-one")
+        logits = forward(model.params, model.cfg, clean, intervention=iv, scan=False)
+        wants.append(-(_metric_mean(logits, pairs) - base))
+        got.append(graph.scores[s, d])
+    _assert_scores(got, wants, [f"src {src[i]} -> dst {dst[i]} (layer {layer_of[i]})" for i in picks])
