@@ -410,6 +410,43 @@ def test_full_disk_keeps_earlier_outputs(world, tmp_path):
         assert _snapshot(str(tmp_path)) == before
 
 
+def _without_root_file_access(argv):
+    """``python -m jaxinterp argv`` that cannot write where the permission bits say no, also
+    as root: as root the child drops CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER
+    from its bounding set before it execs (what ``setpriv --bounding-set`` does), so the
+    command runs without them."""
+    code = ("import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True)\n"
+            "if os.geteuid() == 0:\n"
+            "    for cap in (1, 2, 3):\n"  # PR_CAPBSET_DROP = 24
+            "        assert libc.prctl(24, cap, 0, 0, 0) == 0, ctypes.get_errno()\n"
+            f"os.execv(sys.executable, [sys.executable, '-m', 'jaxinterp'] + {list(argv)!r})")
+    return [sys.executable, "-c", code]
+
+
+def test_read_only_out_is_refused(world, tmp_path):
+    """An --out that exists read-only, or in a read-only directory: refused before any work
+    (exit 2, one line naming it), the earlier file unchanged."""
+    out = tmp_path / "graph.json"
+    out.write_text("earlier graph")
+    out.chmod(0o444)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        before = _snapshot(str(tmp_path))
+        for target, message in [(out, r"--out .*graph.json exists and is read-only"),
+                                (locked / "g.json", r"--out .*g.json: directory .*locked is not writable")]:
+            argv = ["attribute", "--model", world["model"], "--data", world["data"], "--method", "EAP",
+                    "--out", str(target)]
+            p = subprocess.run(_without_root_file_access(argv), env=_env(), capture_output=True, text=True,
+                               timeout=300)
+            assert p.returncode == 2 and re.search(message, p.stderr), p.stderr[-3000:]
+            assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
+            assert _snapshot(str(tmp_path)) == before
+    finally:
+        locked.chmod(0o755)
+
+
 def test_corrupt_converted_model_one_line(world):
     """Orbax failures: one line naming the directory; no worker-thread tracebacks and no
     'Event loop is closed' noise at exit."""
