@@ -186,7 +186,7 @@ def cmd_edit(args) -> int:
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), edited.params)
     with tempfile.TemporaryDirectory() as tok_dir:  # the tokenizer as the model has it (also from a GGUF file)
         model.tokenizer.save_pretrained(tok_dir)
-        save_converted(args.edit_out, edited.cfg, params, tokenizer_dir=tok_dir,
+        save_converted(args.edit_out, edited.cfg, params, tokenizer_dir=tok_dir, origin=edited.origin,
                        extra_files={"edit.json": dumps(record, indent=1)})
     print(f"{args.method}: {len(records)} edit{'s' if len(records) != 1 else ''} at layer"
           f"{'s' if len(set(layers)) > 1 else ''} {sorted(set(layers))} in {seconds:.1f}s; target top-1 for "

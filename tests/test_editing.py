@@ -558,6 +558,7 @@ def test_edit_command_on_other_families_writes_a_checkpoint_other_commands_load(
                         contexts=["{}"], progress=False)
     loaded = load_model(str(out))
     assert loaded.cfg == model.cfg
+    assert loaded.origin == model.origin and loaded.origin is not None  # the conversion facts travel along
     tokens = np.asarray(tokenize(model.tokenizer, [PROMPT.format(SUBJECT)]), np.int32)
     ref = np.asarray(want(tokens))
     np.testing.assert_allclose(np.asarray(loaded(tokens)), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
