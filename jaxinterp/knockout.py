@@ -156,7 +156,7 @@ def knockout(model, prompt: str, subject: Optional[str] = None,
         windows' first layers, default every layer.
     """
     from .data import tokenize
-    from .tracing import _target_id, find_subject
+    from .tracing import target_id, find_subject
 
     if model.tokenizer is None:
         raise ValueError(f"{model.path}: the model directory has no tokenizer to read the prompt with")
@@ -176,7 +176,7 @@ def knockout(model, prompt: str, subject: Optional[str] = None,
         raise ValueError("give a subject (words in the prompt) or source sets of token positions")
     starts = list(range(model.cfg.n_layers)) if starts is None else [int(s) for s in starts]
     clean = jax.nn.softmax(model(ids[None])[0, -1])
-    tid = _target_id(model, target, clean)
+    tid = target_id(model, target, clean)
     probs = knockout_probs(model.params, model.cfg, ids[None], [tid], np.stack(list(sets.values())), starts,
                            window)[:, :, 0]
     return Knockout(probs, float(clean[tid]), starts, list(sets), [np.flatnonzero(v).tolist() for v in sets.values()],

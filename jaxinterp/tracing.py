@@ -310,7 +310,9 @@ class Trace:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def _target_id(model, target, clean_probs) -> int:
+def target_id(model, target, clean_probs) -> int:
+    """The token a trace follows: ``target`` (an id, or a word of one token), or the model's
+    top prediction on the clean prompt (``clean_probs [vocab]``), as ROME traces."""
     if target is None:
         return int(np.argmax(clean_probs))  # ROME traces the model's own prediction
     if isinstance(target, (int, np.integer)):
@@ -356,7 +358,7 @@ def causal_trace(model, prompt: str, subject: Union[str, Sequence[int], None] = 
         std = float(noise) if noise is not None else noise_factor * embedding_std(model.params, model.cfg)
         corrupted = noisy_embeddings(clean_emb, positions, std, samples, seed)
     clean_probs = jax.nn.softmax(model(tokens[None])[0, -1])
-    tid = _target_id(model, target, clean_probs)
+    tid = target_id(model, target, clean_probs)
     scores, p_clean, p_corr = trace_all(model.params, model.cfg, tokens, corrupted, tid, kind=kind, window=window,
                                         chunk=chunk)
     return Trace(np.asarray(scores), float(p_clean), float(p_corr),
