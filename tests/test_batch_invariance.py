@@ -63,10 +63,11 @@ def assert_same_scores(got, want, what):
     np.testing.assert_allclose(got, want, atol=1e-4 * scale, rtol=0, err_msg=what)
 
 
-# EAP (the edge probe every gradient method shares) on every norm, and EAP-IG-inputs
-# (the probe at interpolated inputs) on the RMSNorm model the bug was found on; the other
-# methods' values are checked against independent computations in test_method_values.py
-CASES = [("llama", "EAP"), ("llama", "EAP-IG-inputs")] + [(f, "EAP") for f in ("gemma2", "gpt2", "gpt_neox")]
+# EAP (the edge probe every gradient method shares) on every norm, and every other method on
+# the RMSNorm model the bug was found on; their values are checked against independent
+# computations in test_method_values.py and test_attribution.py
+CASES = ([("llama", m) for m in ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")]
+         + [(f, "EAP") for f in ("gemma2", "gpt2", "gpt_neox")])
 
 
 @pytest.mark.parametrize("family,method", CASES)
@@ -89,12 +90,13 @@ def test_scores_over_a_thousand_tokens_per_batch(wide_models):
     assert_same_scores(big, small, "llama EAP: 1,040 vs 260 tokens per batch")
 
 
-def test_a_long_single_prompt_is_scored_as_without_jit(wide_models):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_long_single_prompt_is_scored_as_without_jit(wide_models, family):
     """One prompt of 160 tokens (past the 152 where the miscompilation began): the compiled
-    scores equal eager execution's."""
+    scores equal eager execution's, on both RMSNorm variants (Gemma 2's 1 + w with sandwich
+    norms)."""
     import jax
 
-    family = "llama"
     model = wide_models(family)
     pairs = random_pairs(model.cfg.vocab_size, 1, 160, seed=2, ragged=False)
     jitted = attribute(model, pairs, method="EAP", batch_size=1, quiet=True).scores

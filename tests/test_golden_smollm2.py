@@ -88,4 +88,4 @@ def test_eap_scores_equal_the_reference(case):
     assert err.max() <= SCORE_TOL * scale, (
         f"{case}: {names[worst]}: ours {ours[worst]:.6g}, reference {ref[worst]:.6g} "
         f"(max |diff| / max |score| = {err.max() / scale:.2e}; {(err > SCORE_TOL * scale).sum()} edges over)")
-    assert np.corrcoef(ours, ref)[0, 1] > 0.9999
+    assert np.corrcoef(ours, ref)[0, 1] >= 0.99999  # the trust issue's bar
