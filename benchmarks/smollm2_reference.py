@@ -207,12 +207,10 @@ def check_tl(model, hf, prompts, tokens_npz=None):
     assert not bool((tokens[:, 1] == model.tokenizer.bos_token_id).any()), "BOS twice"
     if tokens_npz is not None:
         ours = np.load(tokens_npz)
-        n = min(tokens.shape[1], ours["clean"].shape[1])
         lj = ours["lengths"][:len(prompts)]
         assert (lengths.numpy() == lj).all(), (lengths, lj)
         for i, L in enumerate(lj):
             assert (tokens[i, :L].numpy() == ours["clean"][i, :L]).all(), f"prompt {i}: tokens differ"
-        del n
     with torch.inference_mode():
         tl = model(tokens, attention_mask=mask)
         ref = hf(tokens, attention_mask=mask).logits
@@ -422,13 +420,13 @@ def compare(work, out_prefix):
                                "seconds": jr["seconds_first"], "seconds_second": jr["seconds_second"],
                                "seconds_load": jinfo["seconds_load"], "uptime": jr["uptime_after"],
                                "peak_rss_mb": jinfo.get("peak_rss_mb"), "note": None})
-    with open(os.path.join(work, "short_tokens.npz"), "rb") as f:
-        short_len = np.load(f)["lengths"]
-    with open(os.path.join(work, "long_tokens.npz"), "rb") as f:
-        long_len = np.load(f)["lengths"]
+    token_lengths = {}
+    for set_name in SETS:
+        with open(os.path.join(work, f"{set_name}_tokens.npz"), "rb") as f:
+            lengths = np.load(f)["lengths"]
+        token_lengths[set_name] = [int(lengths.min()), int(lengths.max())]
     result = {"command": " ".join(sys.argv), "machine": machine(), "uptime": uptime(), "agreement": rows,
-              "timing": timing, "token_lengths": {"short": [int(short_len.min()), int(short_len.max())],
-                                                  "long": [int(long_len.min()), int(long_len.max())]}}
+              "timing": timing, "token_lengths": token_lengths}
     for tool, prefix in (("reference", "ref"), ("jaxinterp", "jax")):
         for set_name in SETS:
             for method in METHODS:
@@ -441,10 +439,10 @@ def compare(work, out_prefix):
     md = ["# SmolLM2-135M-Instruct: jaxinterp against the reference (hannamw/EAP-IG on TransformerLens)", "",
           f"`{result['command']}`; {result['machine']['cpu']}, {result['machine']['n_cpus']} CPUs "
           f"(shared with other jobs), {result['machine']['mem_gb']} GB.", "",
-          f"Real IOI pairs (the first of `jaxinterp.tasks.generate_real('ioi', n, seed={SEED})`): {SETS['short']} "
-          f"short ones, {result['token_lengths']['short'][0]}-{result['token_lengths']['short'][1]} tokens, and "
-          f"{SETS['long']} long ones (a neutral paragraph first), {result['token_lengths']['long'][0]}-"
-          f"{result['token_lengths']['long'][1]} tokens (BOS included). EAP-IG-inputs with {IG_STEPS} steps, "
+          f"Real IOI pairs (`jaxinterp.tasks.generate_real('ioi', n, seed={SEED})`), per prompt set: "
+          + "; ".join(f"{name}: {n} pairs of {token_lengths[name][0]}-{token_lengths[name][1]} tokens"
+                      + (" (a neutral paragraph first)" if name in LONG_SETS else "") for name, n in SETS.items())
+          + f" (BOS included). EAP-IG-inputs with {IG_STEPS} steps, "
           "`patching`, `logit_diff`. The reference's scores x its batch size (equal batches: the mean over "
           "examples) against jaxinterp's at each batch size, over all 123,211 edges; tokens per batch = jaxinterp's "
           "padded batch (it pads to a length bucket):", "",
