@@ -17,6 +17,7 @@ from jaxinterp.config import ModelConfig
 from jaxinterp.graph import GraphSpec
 from jaxinterp.interventions import TaskMetric, batch_circuit_metrics
 from jaxinterp.memory import abstract_params
+from jaxinterp.plan import abstract_batch
 
 # SmolLM2's architecture (GQA, RMSNorm, gated MLP, rotary), narrower and shallower but deep
 # enough for the layers to be scanned (models.SCAN_MIN_LAYERS)
@@ -25,16 +26,13 @@ CFG = ModelConfig(n_layers=16, n_heads=6, n_kv_heads=2, d_model=96, d_head=16, d
                   out_bias=False, mlp_bias=False)
 
 
-def compiled_temp_bytes(cfg: ModelConfig, batch: int, pos: int, circuits: int, chunk: int) -> int:
+def compiled_memory(cfg: ModelConfig, batch: int, pos: int, circuits: int, chunk: int):
+    """XLA's memory analysis of one compiled evaluation batch (abstract inputs, no weights)."""
     spec = GraphSpec.from_config(cfg)
-    S = jax.ShapeDtypeStruct
-    tokens = S((batch, pos), jnp.int32)
-    data = {"clean": tokens, "corrupted": tokens, "attention_mask": tokens, "lengths": S((batch,), jnp.int32),
-            "labels": S((batch, 2), jnp.int32), "weight": S((batch,), jnp.float32)}
-    masks = S((circuits, spec.n_forward, spec.n_backward), jnp.bool_)
-    lowered = batch_circuit_metrics.lower(abstract_params(cfg), data, masks, cfg=cfg, metric=TaskMetric("logit_diff"),
-                                          intervention="patching", chunk=chunk)
-    return lowered.compile().memory_analysis().temp_size_in_bytes
+    masks = jax.ShapeDtypeStruct((circuits, spec.n_forward, spec.n_backward), jnp.bool_)
+    lowered = batch_circuit_metrics.lower(abstract_params(cfg), abstract_batch(batch, pos), masks, cfg=cfg,
+                                          metric=TaskMetric("logit_diff"), intervention="patching", chunk=chunk)
+    return lowered.compile().memory_analysis()
 
 
 @pytest.mark.parametrize("chunk", [1, 4])
@@ -42,25 +40,12 @@ def test_circuit_evaluation_memory_is_a_few_node_output_arrays_per_circuit(chunk
     batch, pos = 8, 24
     spec = GraphSpec.from_config(CFG)
     node_outputs = spec.n_forward * batch * pos * CFG.d_model * 4  # one [src, batch, pos, d_model] float32 array
-    temp = compiled_temp_bytes(CFG, batch, pos, circuits=8, chunk=chunk)
+    temp = compiled_memory(CFG, batch, pos, circuits=8, chunk=chunk).temp_size_in_bytes
     # The corrupted run's outputs (and the scan's stacked copy of them) once, then this
     # run's outputs, their difference from the corrupted ones and the layer's edge inputs
     # per circuit evaluated at once. Measured at 10 layers: 4.4 (chunk 1) and 11.2 (chunk
     # 4); the unrolled forward needed 8.6 and 38.3 (and ~22 per circuit at SmolLM2's size).
     assert temp <= (3 + 3 * chunk) * node_outputs, (temp / node_outputs, chunk)
-
-
-def compiled_total_bytes(cfg: ModelConfig, batch: int, pos: int, circuits: int, chunk: int) -> int:
-    """XLA's arguments + outputs + temporaries of one evaluation batch (compiled, abstract inputs)."""
-    spec = GraphSpec.from_config(cfg)
-    S = jax.ShapeDtypeStruct
-    tokens = S((batch, pos), jnp.int32)
-    data = {"clean": tokens, "corrupted": tokens, "attention_mask": tokens, "lengths": S((batch,), jnp.int32),
-            "labels": S((batch, 2), jnp.int32), "weight": S((batch,), jnp.float32)}
-    masks = S((circuits, spec.n_forward, spec.n_backward), jnp.bool_)
-    m = batch_circuit_metrics.lower(abstract_params(cfg), data, masks, cfg=cfg, metric=TaskMetric("logit_diff"),
-                                    intervention="patching", chunk=chunk).compile().memory_analysis()
-    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
 
 
 @pytest.mark.parametrize("chunk", [1, 4])
@@ -69,7 +54,8 @@ def test_the_evaluation_estimate_bounds_xla_s_figure(chunk):
     an upper bound of XLA's own figure, and not a useless one (within 4x)."""
     from jaxinterp.memory import evaluation_peak_bytes
 
-    actual = compiled_total_bytes(CFG, 8, 24, circuits=8, chunk=chunk)
+    m = compiled_memory(CFG, 8, 24, circuits=8, chunk=chunk)
+    actual = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
     estimate = evaluation_peak_bytes(CFG, 8, 24, chunk, n_circuits=8)
     assert actual <= estimate <= 4 * actual, (estimate / actual, chunk)
 
