@@ -21,6 +21,10 @@ gradient is taken:
 * ``clean-corrupted``: the average of the clean and the corrupted run.
 * ``exact``: the true metric change when one edge alone carries its corrupted value.
 
+``information-flow-routes`` (Ferrando & Voita) is no gradient method and reads no metric:
+each edge's share of its destination's residual stream on the clean prompts
+(:mod:`jaxinterp.routes`).
+
 Scores are the mean over examples of the per-example attribution of
 ``ATTRIBUTION_SIGN * metric``. What the corrupted activations are (``intervention=``),
 the data, the metric and the batch loop come from :mod:`jaxinterp.interventions`. The reference divides the same sum by the number of
@@ -46,8 +50,9 @@ from .graph import Graph, GraphSpec
 from .interventions import (Run, TaskMetric, check_intervention, corrupted_outputs, metric_values, prepare_run,
                             weighted_sum)
 from .models import EdgeIntervention, residual_stream
-from .names import IG_METHODS, METHODS, check_name
+from .names import EDGE_METHODS, IG_METHODS, check_name
 from .positional import PositionalGraph, check_one_length, position_labels
+from .routes import METHOD as ROUTES, batch_routes
 from .sharding import replicate, to_host
 
 # ``prepare_data`` and ``mean_activations`` stay importable from here: they were public here
@@ -212,6 +217,10 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
     output's attribution), or, for ``exact``, each node's own exact patching effect.
     remat: recompute each layer in the backward pass instead of storing its activations
         (gradient methods; about one more forward pass, much less memory).
+    ``information-flow-routes`` reads the clean prompts only (no metric, labels or
+    corrupted prompts; ``intervention`` must be the default) and is selected as MIB does
+    with :meth:`Graph.apply_greedy`; ``positional``, ``remat`` and ``max_memory`` are not
+    offered with it.
     Models loaded in bfloat16 (``load_model(path, dtype=jnp.bfloat16)``) compute in
     bfloat16; edge scores are accumulated in float32.
     mesh: a ``("data", "model")`` :class:`jax.sharding.Mesh` (:func:`jaxinterp.sharding.make_mesh`):
@@ -221,8 +230,13 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
         of examples), *instead of* ``batch_size``. Running out of device memory raises
         :class:`jaxinterp.memory.OutOfMemoryError` with what to change.
     """
-    check_name("method", method, METHODS)
+    check_name("method", method, EDGE_METHODS)
     check_intervention(intervention, intervention_data)
+    if method == ROUTES:
+        given = [name for name, on in (("intervention", intervention != "patching"), ("positional", positional),
+                                       ("remat", remat), ("max_memory", max_memory is not None)) if on]
+        if given:
+            raise ValueError(f"{ROUTES} reads one clean forward pass: {given[0]} is not offered with it")
     if method in ("EAP-IG-inputs", "clean-corrupted") and intervention != "patching":
         raise ValueError(f"{method} is defined for intervention='patching' only")
     if ig_steps < 1:
@@ -239,6 +253,9 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
         run.batch_size = memory_lib.batch_size_for(run.model, pairs, method, max_memory, mesh, exact_chunk, quiet)
     if method == "exact":
         scores = exact_edge_scores(run, exact_chunk, quiet)
+    elif method == ROUTES:
+        kw = dict(cfg=run.model.cfg, grouped_kv=run.model.grouped_kv)
+        scores = run.mean(lambda b: batch_routes(run.model.params, b, **kw), method, quiet)
     else:
         steps = ig_steps if method in IG_METHODS else 1  # static in batch_scores: no recompilation over unused steps
         kw = dict(cfg=run.model.cfg, metric=run.metric, intervention=intervention, method=method, ig_steps=steps,

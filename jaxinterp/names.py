@@ -12,6 +12,11 @@ from typing import Sequence
 
 #: attribution methods, with the reference's (hannamw/EAP-IG) ``method=`` names
 METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")
+#: edge scores without a metric: Ferrando & Voita's information-flow routes (one clean
+#: forward pass; :mod:`jaxinterp.routes`), offered by ``attribute`` beside :data:`METHODS`
+ROUTE_METHODS = ("information-flow-routes",)
+#: every ``attribute(method=...)``
+EDGE_METHODS = METHODS + ROUTE_METHODS
 #: the methods that average over integrated-gradient steps (``ig_steps``)
 IG_METHODS = ("EAP-IG-inputs", "EAP-IG-activations")
 #: task metrics (:mod:`jaxinterp.metrics`), read at each prompt's last real token
