@@ -39,11 +39,12 @@ from .positional import PositionalGraph, check_one_length
 
 
 # --- one pass over the data -----------------------------------------------------------------
-def _circuit_metrics(run: Run, masks: np.ndarray, chunk: int = 8, quiet: bool = True,
+def _circuit_metrics(run: Run, masks: np.ndarray, chunk: Optional[int] = None, quiet: bool = True,
                      max_memory: Union[str, int, None] = None) -> np.ndarray:
     """``[circuit]`` mean metrics of ``masks [circuit, (pos,) src, dst]``, checked against
     the run's graph and prompts first; ``chunk`` circuits per call, or as many as fit in
-    ``max_memory`` (:func:`jaxinterp.memory.circuits_per_call`)."""
+    ``max_memory`` (:func:`jaxinterp.memory.circuits_per_call`), or by default as many
+    as fit in what attribution (EAP) needs for the same batch (:func:`default_chunk`)."""
     spec, pairs = run.model.graph_spec, run.pairs
     if np.ndim(masks) not in (3, 4) or np.shape(masks)[-2:] != (spec.n_forward, spec.n_backward):
         raise ValueError(f"masks have shape {np.shape(masks)}, the model's graph ({spec.describe()}) needs "
@@ -55,21 +56,37 @@ def _circuit_metrics(run: Run, masks: np.ndarray, chunk: int = 8, quiet: bool = 
                              f"{pairs.n_pos} tokens")
     if max_memory is not None:
         chunk = _chunk_for(run, len(masks), max_memory, quiet)
+    elif chunk is None:
+        chunk = default_chunk(run, len(masks))
     return run.circuit_metrics(masks, chunk, quiet)
 
 
-def _chunk_for(run: Run, n_circuits: int, max_memory: Union[str, int], quiet: bool) -> int:
+def _shape(run: Run) -> tuple:
+    """``(cfg, batch, n_pos, dtype, data devices, model devices, grouped_kv)`` of a run."""
     import jax
-
-    from .memory import circuits_per_call, evaluation_peak_bytes, format_bytes, parse_bytes
 
     mesh, model = run.mesh, run.model
     data, ways = (mesh.shape["data"], mesh.shape["model"]) if mesh is not None else (1, 1)
-    shape = (model.cfg, run.batch_size, run.pairs.n_pos)
-    dtype = jax.tree.leaves(model.params)[0].dtype
-    chunk = circuits_per_call(*shape, n_circuits, parse_bytes(max_memory), dtype, data, ways, model.grouped_kv)
+    return (model.cfg, run.batch_size, run.pairs.n_pos, jax.tree.leaves(model.params)[0].dtype, data, ways,
+            model.grouped_kv)
+
+
+def default_chunk(run: Run, n_circuits: int) -> int:
+    """Circuits per call without ``max_memory``: :func:`jaxinterp.memory.default_circuits_per_call`
+    (as many as fit in what EAP needs on the same batch, at most 8)."""
+    from .memory import default_circuits_per_call
+
+    cfg, batch, n_pos, dtype, data, ways, grouped = _shape(run)
+    return default_circuits_per_call(cfg, batch, n_pos, n_circuits, dtype, data, ways, grouped)
+
+
+def _chunk_for(run: Run, n_circuits: int, max_memory: Union[str, int], quiet: bool) -> int:
+    from .memory import circuits_per_call, evaluation_peak_bytes, format_bytes, parse_bytes
+
+    cfg, batch, n_pos, dtype, data, ways, grouped = _shape(run)
+    chunk = circuits_per_call(cfg, batch, n_pos, n_circuits, parse_bytes(max_memory), dtype, data, ways, grouped)
     if not quiet:
-        est = evaluation_peak_bytes(*shape, chunk, n_circuits, dtype, data, ways, model.grouped_kv)
+        est = evaluation_peak_bytes(cfg, batch, n_pos, chunk, n_circuits, dtype, data, ways, grouped)
         print(f"max_memory {format_bytes(parse_bytes(max_memory))}: {chunk} of {n_circuits} circuits per call "
               f"(estimated peak {format_bytes(est)} per device)")
     return chunk
@@ -99,7 +116,7 @@ class _Ends:
     corrupted: float
 
 
-def _with_ends(run: Run, masks: np.ndarray, chunk: int, quiet: bool,
+def _with_ends(run: Run, masks: np.ndarray, chunk: Optional[int], quiet: bool,
                max_memory: Union[str, int, None] = None) -> tuple[np.ndarray, "_Ends"]:
     """``masks``' mean metrics and the ends, the full and the empty circuit
     evaluated as two more masks of the same pass."""
@@ -111,7 +128,7 @@ def _with_ends(run: Run, masks: np.ndarray, chunk: int, quiet: bool,
 
 # --- public ---------------------------------------------------------------------------------
 def evaluate_masks(model, masks: np.ndarray, data: Union[str, Pairs], metric: str = "logit_diff",
-                   intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
+                   intervention: str = "patching", batch_size: int = 16, chunk: Optional[int] = None,
                    quiet: bool = True, mesh=None, intervention_data: Union[str, Pairs, None] = None,
                    means: Optional[np.ndarray] = None, max_memory: Union[str, int, None] = None) -> np.ndarray:
     """Mean metric over ``data`` of each circuit ``masks [circuit, src, dst]`` (bool), or
@@ -120,7 +137,8 @@ def evaluate_masks(model, masks: np.ndarray, data: Union[str, Pairs], metric: st
     ``intervention_data``: the prompts the ``mean`` interventions average over (default
     ``data``); ``means``: node means already computed for ``data``
     (:func:`jaxinterp.interventions.intervention_means`), to reuse. ``max_memory`` (e.g.
-    "2GB"): as many circuits per call as fit, instead of ``chunk``."""
+    "2GB"): as many circuits per call as fit, instead of ``chunk`` (default: as many as fit
+    in attribution's memory, :func:`default_chunk`)."""
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh, means)
     return _circuit_metrics(run, masks, chunk, quiet, max_memory)
 
@@ -178,7 +196,7 @@ class CircuitEvaluation:
 
 def evaluate(model, graph: Graph, data: Union[str, Pairs], metric: str = "logit_diff",
              intervention: str = "patching", batch_size: int = 16, prune: bool = True, mesh=None,
-             intervention_data: Union[str, Pairs, None] = None, chunk: int = 8,
+             intervention_data: Union[str, Pairs, None] = None, chunk: Optional[int] = None,
              max_memory: Union[str, int, None] = None) -> CircuitEvaluation:
     """The circuit ``graph.in_graph`` (pruned first, as :func:`evaluate_graph`), the full
     model and the empty circuit evaluated in one pass, and the faithfulness between them."""
@@ -227,12 +245,13 @@ def topn_masks(graph: Union[Graph, PositionalGraph], sizes: Sequence[int], absol
 
 def faithfulness_curve(model, graph: Union[Graph, PositionalGraph], data: Union[str, Pairs], sizes: Sequence[int],
                        metric: str = "logit_diff", intervention: str = "patching", batch_size: int = 16,
-                       absolute: bool = True, chunk: int = 8, label: str = "", quiet: bool = True,
+                       absolute: bool = True, chunk: Optional[int] = None, label: str = "", quiet: bool = True,
                        mesh=None, intervention_data: Union[str, Pairs, None] = None,
                        max_memory: Union[str, int, None] = None) -> Curve:
     """Faithfulness of the top-``n`` circuits of ``graph``'s scores, for every ``n`` in
     ``sizes``; the full model and the empty circuit are two more masks of the same pass.
-    ``chunk`` circuits run at once, or with ``max_memory`` (e.g. "8GB") as many as fit."""
+    ``chunk`` circuits run at once, or with ``max_memory`` (e.g. "8GB") as many as fit;
+    by default as many as fit in what EAP needs on the same batch (:func:`default_chunk`)."""
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
     run.model.graph_spec.check_same(graph.spec, "the scored graph")
     masks, kept = topn_masks(graph, sizes, absolute)

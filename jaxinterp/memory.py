@@ -211,6 +211,24 @@ def circuits_per_call(cfg: ModelConfig, batch_size: int, n_pos: int, n_circuits:
     return lo
 
 
+MAX_DEFAULT_CIRCUITS = 8  # more circuits per call save little time on a CPU and cost memory on every device
+
+
+def default_circuits_per_call(cfg: ModelConfig, batch_size: int, n_pos: int, n_circuits: int, dtype=jnp.float32,
+                              data_devices: int = 1, model_devices: int = 1, grouped_kv: bool = False) -> int:
+    """Circuits per evaluation call when no memory budget is given: as many as fit (at most
+    :data:`MAX_DEFAULT_CIRCUITS`) in :func:`estimate_peak_bytes` of EAP on the same batch,
+    so that a faithfulness curve never asks for more memory than attributing the edges
+    did; one where not even that fits."""
+    budget = estimate_peak_bytes(cfg, batch_size, n_pos, "EAP", dtype, data_devices=data_devices,
+                                 model_devices=model_devices, grouped_kv=grouped_kv)
+    try:
+        return circuits_per_call(cfg, batch_size, n_pos, min(n_circuits, MAX_DEFAULT_CIRCUITS), budget, dtype,
+                                 data_devices, model_devices, grouped_kv)
+    except OutOfMemoryError:
+        return 1
+
+
 def is_resource_exhausted(error: BaseException) -> bool:
     """Whether ``error`` is XLA's out-of-memory error (``RESOURCE_EXHAUSTED``)."""
     return isinstance(error, getattr(jax.errors, "JaxRuntimeError", RuntimeError)) and \

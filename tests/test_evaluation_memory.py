@@ -72,6 +72,22 @@ def test_circuits_per_call_is_the_most_that_fit():
         circuits_per_call(CFG, 8, 24, 12, est(1) - 1)
 
 
+def test_by_default_a_curve_needs_no_more_memory_than_attribution():
+    """Without --max-memory the circuits per call are as many as fit in EAP's estimate for
+    the same batch (at most 8): XLA's peak for the evaluation call is then below 2x its peak
+    for EAP on that batch (the old fixed 8 per call needed 4.0x at this shape)."""
+    from jaxinterp.attribution import compiled_peak_bytes
+    from jaxinterp.memory import default_circuits_per_call
+
+    batch, pos, circuits = 32, 24, 12
+    chunk = default_circuits_per_call(CFG, batch, pos, circuits)
+    assert 1 <= chunk < 8
+    eap = compiled_peak_bytes(CFG, batch, pos, "EAP")
+    m = compiled_memory(CFG, batch, pos, circuits, chunk)
+    evaluation = m.argument_size_in_bytes + m.temp_size_in_bytes
+    assert evaluation < 2 * eap, (evaluation / eap, chunk)
+
+
 def test_curve_and_evaluate_take_max_memory(model, ioi_csv, gpt2_dir, tmp_path, capsys):
     """The same faithfulness whatever the number of circuits per call; the chosen number is
     printed; a budget that fits no circuit is refused with exit code 2."""
