@@ -41,12 +41,18 @@ kept are ``in_graph``, the accepted circuit pruned (so its evaluated metric is t
 ACDC accepted, for every intervention), and each tested edge's ``score`` is its
 ``result`` when it was tested (edges removed untested score 0), so evaluation, curves and
 pictures apply.
+
+**Candidates.** Every test is a forward pass over the data, so plain ACDC on a graph of
+10^5 edges costs 10^5 passes. ``candidates`` restricts it: ``H`` starts as the candidate
+edges (e.g. the top-K of EAP-IG, :func:`candidate_edges`), the others are removed
+untested, and the loop above runs over the candidates only: "ACDC over the top-K
+candidates", a different algorithm from ACDC on the whole graph.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Union
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -125,12 +131,14 @@ def _loss(params, cfg, metric: TaskMetric, stacked, clean_logits, corr_outs, in_
 
 
 @functools.partial(jit, static_argnames=("cfg", "metric", "absolute"))
-def _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst, parents, threshold, *,
+def _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst, parents, threshold, start, *,
                    cfg, metric: TaskMetric, absolute):
     """ACDC's step for one downstream input ``dst``: the edges ``parents[i] -> dst``
     (``parents [k]``, -1 = padding) tested in order, each removal committed before the
-    next test. Returns ``(in_graph, results [k], L of the final circuit)``; a result is
-    NaN where nothing was tested."""
+    next test. ``start``: ``L(in_graph)`` if known (the previous step's final ``L``: the
+    circuits between steps differ only by edges that pruning removes), else NaN.
+    Returns ``(in_graph, results [k], L of the final circuit)``; a result is NaN where
+    nothing was tested."""
     loss = functools.partial(_loss, params, cfg, metric, stacked, clean_logits, corr_outs)
 
     def step(carry, u):
@@ -149,13 +157,22 @@ def _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst, pare
         graph, current, result = jax.lax.cond((u >= 0) & graph[jnp.maximum(u, 0), dst], test, skip, None)
         return (graph, current), result
 
-    (in_graph, current), results = jax.lax.scan(step, (in_graph, loss(in_graph)), parents)
+    first = jax.lax.cond(jnp.isnan(start), lambda: loss(in_graph), lambda: start)
+    (in_graph, current), results = jax.lax.scan(step, (in_graph, first), parents)
     return in_graph, results, current
+
+
+def candidate_edges(graph: Graph, k: int) -> np.ndarray:
+    """``[src, dst]`` bool: the top-``k`` edges of ``graph``'s scores by ``|score|``, grown
+    until ``k`` remain after pruning (:meth:`Graph.apply_topn_at_least`), so that none of
+    ACDC's tests is spent on an edge that cannot reach the logits."""
+    return Graph(graph.spec, graph.scores).apply_topn_at_least(k).in_graph.copy()
 
 
 def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div", batch_size: int = 32,
          absolute: bool = False, intervention: str = "patching", quiet: bool = False,
-         intervention_data: Union[str, Pairs, None] = None, mesh=None) -> Graph:
+         intervention_data: Union[str, Pairs, None] = None, mesh=None,
+         candidates: Optional[np.ndarray] = None) -> Graph:
     """Run ACDC on ``data`` (a pairs CSV path or :class:`Pairs`) and return the circuit.
 
     threshold: an edge is removed when its removal raises ``L`` by less than this.
@@ -169,29 +186,44 @@ def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div
         (the ``mean`` interventions average over ``intervention_data``, default ``data``).
     mesh: shard over a ``("data", "model")`` mesh (:mod:`jaxinterp.sharding`): each batch's
         examples over ``data``, the model over ``model``; the circuit is the same.
+    candidates: ``[src, dst]`` bool, the edges ACDC may keep (e.g. the top-K of an
+        attribution method, :func:`candidate_edges`): ``H`` starts as these edges alone,
+        the others are removed untested (score 0) and only these are tested, in the same
+        order and against the same ``L``. Each test costs one forward pass over the data,
+        so this makes ACDC affordable on large graphs; with every edge a candidate the
+        result is plain ACDC's.
     """
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold}")
+    spec = model.graph_spec
+    if candidates is not None and np.shape(candidates) != spec.real_edge_mask.shape:
+        raise ValueError(f"candidates have shape {np.shape(candidates)}, the model's graph needs "
+                         f"{spec.real_edge_mask.shape} [src, dst]")
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
-    spec, cfg, params = model.graph_spec, model.cfg, run.model.params
+    cfg, params = model.cfg, run.model.params
     stacked = stack_batches(run.pairs, batch_size, mesh)
     clean_logits, corr_outs = _prepare(params, stacked, run.means, cfg=cfg, intervention=intervention)
-    real = spec.real_edge_mask
+    real = spec.real_edge_mask if candidates is None else spec.real_edge_mask & np.asarray(candidates, bool)
     in_graph = jnp.asarray(real)
     scores = np.zeros(real.shape, np.float32)
     # the nodes each input feeds: several query heads for a grouped <k>/<v> input
     owners = {int(d): np.nonzero(spec.forward_to_backward[:, d])[0] for d in range(spec.n_backward - 1)}
     kw = dict(cfg=cfg, metric=run.metric, absolute=bool(absolute))
+    # L of the current circuit, carried from one input to the next: inputs skipped or
+    # emptied untested in between change only edges that pruning removes, so L is unchanged
+    current = jnp.float32(jnp.nan)
     for dst in tqdm(processing_order(spec), desc="ACDC", disable=quiet):
         nodes = owners.get(dst)
         if nodes is not None and not bool(in_graph[nodes].any()):
             in_graph = in_graph.at[:, dst].set(False)  # cannot reach the logits: removed untested
             continue
         parents = np.nonzero(real[:, dst])[0][::-1]
+        if len(parents) == 0:  # no candidate into dst: nothing to test (never so without candidates)
+            continue
         padded = np.full(spec.n_forward, -1, np.int32)
         padded[:len(parents)] = parents
-        in_graph, results, _ = _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst, padded,
-                                              jnp.float32(threshold), **kw)
+        in_graph, results, current = _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst, padded,
+                                                    jnp.float32(threshold), current, **kw)
         results = np.asarray(results)[:len(parents)]
         if not np.isfinite(results).all():  # every edge into dst is present, so every one was tested
             raise ValueError(f"ACDC: non-finite metric values at {spec.backward_names[dst]}; check the data "

@@ -91,14 +91,21 @@ def test_processing_order_is_reverse_topological(model):
         assert all(place[f] < place[dst] for f in fed), spec.backward_names[dst]
 
 
-def test_cli_writes_a_graph(sharp, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def plain_circuit(sharp):
+    """ACDC on every edge of ``sharp`` (KL, threshold 3e-4, batch 8): one run, two tests."""
+    model, csv = sharp
+    pairs, _ = prepare_data(model, csv, "kl_div")
+    return acdc(model, pairs, 3e-4, batch_size=8, quiet=True)
+
+
+def test_cli_writes_a_graph(sharp, plain_circuit, tmp_path, capsys):
     model, csv = sharp
     out = tmp_path / "acdc.json"
     assert main(["acdc", "--model", model.path, "--data", csv, "--threshold", "3e-4", "--batch-size", "8",
                  "--out", str(out)]) == 0
     g = Graph.from_json(str(out))
-    pairs, _ = prepare_data(model, csv, "kl_div")
-    ref = acdc(model, pairs, 3e-4, batch_size=8, quiet=True)
+    ref = plain_circuit
     np.testing.assert_array_equal(g.in_graph, ref.in_graph)
     assert json.load(open(out))["cfg"]["n_layers"] == 2
     assert f"{ref.count_included_edges()} edges" in capsys.readouterr().out
@@ -187,3 +194,66 @@ def test_returned_circuit_is_the_accepted_one(sharp, intervention, threshold):
     if intervention != "patching":  # the case of the issue: the unpruned circuit's metric differs
         unpruned = evaluate_masks(model, ref_graph[None], pairs, "kl_div", intervention, batch_size=8)[0]
         assert abs(unpruned - value) > 1e-3 * abs(value), (unpruned, value)
+
+
+def _loop_over_candidates(model, pairs, candidates, threshold, batch_size=8):
+    """ACDC over ``candidates`` the straightforward way: devtools' loop (one evaluation per
+    test, the same order) with ``H`` starting as the candidates and only they tested."""
+    from devtools.acdc_loop import loop_order, prune
+
+    spec = model.graph_spec
+    in_graph = spec.real_edge_mask & candidates
+    scores = np.zeros(in_graph.shape)
+
+    def loss(mask):
+        return evaluate_masks(model, prune(spec, mask)[None], pairs, "kl_div", batch_size=batch_size)[0]
+
+    for dst in loop_order(spec):
+        owners = np.nonzero(spec.forward_to_backward[:, dst])[0]
+        if len(owners) and not in_graph[owners].any():
+            in_graph[:, dst] = False
+            continue
+        parents = [s for s in range(spec.n_forward - 1, -1, -1) if in_graph[s, dst]]
+        current = loss(in_graph) if parents else None
+        for src in parents:
+            trial = in_graph.copy()
+            trial[src, dst] = False
+            value = loss(trial)
+            scores[src, dst] = value - current
+            if value - current < threshold:
+                in_graph, current = trial, value
+    return prune(spec, in_graph), scores
+
+
+def test_candidates_restrict_acdc_to_them(sharp):
+    """``candidates``: edges outside are removed untested (score 0, never kept); inside,
+    each edge is tested as the loop tests it, against the circuit the candidates leave."""
+    from jaxinterp.acdc import candidate_edges
+
+    model, csv = sharp
+    pairs, _ = prepare_data(model, csv, "kl_div")
+    spec = model.graph_spec
+    ranking = Graph(spec, np.random.default_rng(2).random(spec.real_edge_mask.shape) * spec.real_edge_mask)
+    cand = candidate_edges(ranking, 16)
+    assert 16 <= cand.sum() < spec.n_edges // 4 and not (cand & ~spec.real_edge_mask).any()
+    threshold = 3e-4
+    ref_graph, ref_scores = _loop_over_candidates(model, pairs, cand, threshold)
+    tested = ref_scores[cand]
+    assert np.abs(tested - threshold).min() > 2e-6, "a decision this close would hinge on float rounding"
+    assert 3 < ref_graph.sum() < cand.sum() - 3, ref_graph.sum()  # real decisions among the candidates
+    graph = acdc(model, pairs, threshold, batch_size=8, candidates=cand, quiet=True)
+    assert not graph.scores[~cand].any() and not graph.in_graph[~cand].any()  # outside: untested, removed
+    np.testing.assert_allclose(graph.scores, ref_scores, atol=2e-6, rtol=1e-4)
+    np.testing.assert_array_equal(graph.in_graph, ref_graph)
+
+
+def test_every_edge_a_candidate_is_plain_acdc(sharp, plain_circuit):
+    model, csv = sharp
+    pairs, _ = prepare_data(model, csv, "kl_div")
+    plain = plain_circuit
+    assert 5 < plain.count_included_edges() < model.graph_spec.n_edges - 5  # real decisions
+    with_all = acdc(model, pairs, 3e-4, batch_size=8, candidates=model.graph_spec.real_edge_mask.copy(), quiet=True)
+    np.testing.assert_array_equal(with_all.in_graph, plain.in_graph)
+    np.testing.assert_array_equal(with_all.scores, plain.scores)
+    with pytest.raises(ValueError, match="candidates have shape"):
+        acdc(model, pairs, 3e-4, candidates=np.ones((2, 2), bool), quiet=True)
