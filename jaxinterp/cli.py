@@ -1,5 +1,5 @@
 """``jaxinterp`` command line: convert, attribute, evaluate, curve, acdc, prune, lens, trace, sweep, plan,
-generate, demo, mib, edit, knockout.
+generate, demo, mib, edit, knockout, ensemble, optimal-ablation.
 
 Compiled programs are kept in a persistent compilation cache (:mod:`jaxinterp.cache`;
 ``--no-compile-cache`` or ``JAXINTERP_COMPILE_CACHE=0`` turns it off, ``--compile-cache
@@ -100,10 +100,12 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
         p.add_argument("--batch-size", type=_positive_int, default=16,
                        help="examples per compiled batch (default: 16)")
         p.add_argument("--intervention", default="patching", choices=INTERVENTIONS,
-                       help="what an edge outside the circuit carries: the corrupted activation, zero, or the "
-                            "node's mean output over --intervention-data (over all tokens, or per position)")
-        p.add_argument("--intervention-data", default=None, metavar="CSV",
-                       help="pairs CSV whose clean prompts the mean interventions average over (default: --data)")
+                       help="what an edge outside the circuit carries: the corrupted activation, zero, the "
+                            "node's mean output over --intervention-data (over all tokens, or per position), or "
+                            "its optimal-ablation constant (--intervention-data FILE.npz)")
+        p.add_argument("--intervention-data", default=None, metavar="FILE",
+                       help="mean interventions: pairs CSV whose clean prompts they average over (default: --data); "
+                            "optimal: the .npz of learned constants (`jaxinterp optimal-ablation`)")
         p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N examples")
         p.add_argument("--grouped-kv", action="store_true",
                        help="grouped-query attention: one <k>/<v> input per key/value head (a{l}.kv{g}<k>, fewer "
@@ -363,7 +365,7 @@ def cmd_prune(args) -> int:
     result = learn_circuit(model, pairs, args.edges, objective=args.metric, intervention=args.intervention,
                            intervention_data=args.intervention_data, steps=args.steps, lr=args.lr,
                            batch_size=args.batch_size, init_scores=init, positional=args.positional,
-                           seed=args.seed, mesh=mesh)
+                           seed=args.seed, mesh=mesh, init_absolute=not args.init_signed)
     seconds = time.perf_counter() - t
     import jax
 
@@ -591,7 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimisation steps, one batch each (default: 500)")
     p.add_argument("--lr", type=_positive_float, default=0.1,
                    help="Adam learning rate of the mask logits (default: 0.1)")
-    p.add_argument("--init-graph", default=None, help="graph JSON with attribution scores to start from")
+    p.add_argument("--init-graph", default=None, help="graph JSON with attribution (or `jaxinterp ensemble`) scores "
+                   "to start from: the initial mask logits follow the edges' rank by |score|")
+    p.add_argument("--init-signed", action="store_true", help="with --init-graph: rank by signed score")
     p.add_argument("--positional", action="store_true",
                    help="one mask per (position, edge); all prompts must have one token length")
     p.add_argument("--seed", type=_int, default=0, help="seed of the mask noise")
@@ -691,6 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .edit_cli import add_parsers as add_edit_parsers  # edit, knockout: bodies in jaxinterp.edit_cli
 
     add_edit_parsers(sub, _positive_int)
+    from .ensemble import add_parser as add_ensemble_parser  # bodies in their modules
+    from .optimal_ablation import add_parser as add_oa_parser
+
+    add_ensemble_parser(sub, _positive_float)
+    add_oa_parser(sub, _positive_int, _nonneg_int, _positive_float)
     for p in sub.choices.values():  # --debug also after the command (SUPPRESS: keeps one given before it)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         _add_cache_options(p, argparse.SUPPRESS)
@@ -756,6 +765,10 @@ def check_paths(args) -> None:
         flag = "--" + option.replace("_", "-")
         check_input_file(path, flag)
         inputs.append((flag, path))
+    if getattr(args, "intervention", None) == "optimal":
+        _check_optimal(args.intervention_data)
+    if getattr(args, "init_signed", False) and not args.init_graph:
+        raise JaxinterpError("--init-signed goes with --init-graph")
     out = getattr(args, "out", None)
     if cmd == "convert":
         if not os.path.exists(args.hf_dir) and not _packaged(args.hf_dir):
@@ -771,6 +784,20 @@ def check_paths(args) -> None:
         check_writable_file(out, "--out", inputs)
         if cmd == "prune":
             check_writable_file(_training_png(out), "--out's training picture", inputs)
+
+
+def _check_optimal(path) -> None:
+    """``--intervention optimal`` has its constants: an optimal-ablation file (whether it
+    fits the model is checked once the model is loaded)."""
+    if path is None:
+        raise JaxinterpError("--intervention optimal needs --intervention-data FILE.npz: the constants that "
+                             "`jaxinterp optimal-ablation` learns")
+    from .optimal_ablation import load
+
+    try:
+        load(path)
+    except ValueError as e:
+        raise JaxinterpError(f"--intervention-data {e}") from None
 
 
 EXPECTED_ERRORS = (JaxinterpError, ValueError, OSError, NotImplementedError, MemoryError)

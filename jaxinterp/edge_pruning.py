@@ -128,15 +128,16 @@ def _empty_loss(run: Run) -> float:
 
 
 def _init_log_alpha(shape, real: np.ndarray, n_edges: int, init_logit: float,
-                    init_scores: Optional[np.ndarray]) -> np.ndarray:
+                    init_scores: Optional[np.ndarray], absolute: bool = True) -> np.ndarray:
     """Every edge at ``init_logit`` (all kept: training starts from the full model), or,
     from attribution scores, logits spread over ``[-2, 2] * init_logit`` by the rank of
-    ``|score|`` with the top ``n_edges`` positive."""
+    ``|score|`` (``absolute=False``: of the signed score) with the top ``n_edges``
+    positive; ties rank in the order of the flat ``[(pos,) src, dst]`` index."""
     real_b = np.broadcast_to(real, shape)
     if init_scores is None:
         return np.where(real_b, init_logit, 0.0).astype(np.float32)
     scores = np.broadcast_to(np.asarray(init_scores, np.float32), shape)
-    flat = np.abs(scores[real_b])
+    flat = np.abs(scores[real_b]) if absolute else scores[real_b]
     rank = np.empty(len(flat))
     rank[np.argsort(flat, kind="stable")] = np.arange(len(flat)) / max(len(flat) - 1, 1)
     threshold = 1.0 - n_edges / len(flat)
@@ -150,7 +151,8 @@ def learn_circuit(model, data: Union[str, Pairs], n_edges: int, *, objective: st
                   steps: int = 500, lr: float = 0.1, lambda_lr: float = 0.1, warmup: float = 0.5,
                   batch_size: int = 16, init_scores: Optional[Union[Graph, PositionalGraph, np.ndarray]] = None,
                   init_logit: float = 3.0, positional: bool = False, seed: int = 0, mesh=None,
-                  quiet: bool = False, hard_concrete: HardConcrete = HardConcrete()) -> LearnedCircuit:
+                  quiet: bool = False, hard_concrete: HardConcrete = HardConcrete(),
+                  init_absolute: bool = True) -> LearnedCircuit:
     """Learn a circuit of ``n_edges`` edges on ``data`` (a pairs CSV path or :class:`Pairs`).
 
     objective: ``kl_div`` (KL from the full model at each prompt's last token) or a task
@@ -160,8 +162,10 @@ def learn_circuit(model, data: Union[str, Pairs], n_edges: int, *, objective: st
     steps, lr, lambda_lr, warmup: optimisation (Adam on the mask logits, Adam ascent on
         the two Lagrange multipliers; the target density reaches ``n_edges / total``
         after ``warmup * steps`` steps). Each step uses the next batch, cycling.
-    init_scores: attribution scores (e.g. an EAP-IG graph) to start from instead of the
-        full model.
+    init_scores: attribution scores (e.g. an EAP-IG graph, or a score ensemble,
+        :mod:`jaxinterp.ensemble`) to start from instead of the full model: the initial
+        logits follow the edges' rank by ``|score|`` (``init_absolute=False``: by signed
+        score), from ``-2 * init_logit`` to ``2 * init_logit``, the top ``n_edges`` positive.
     positional: one mask per (position, edge); all prompts must have one token length,
         and ``n_edges`` counts (position, edge) entries.
     mesh: a ``("data", "model")`` mesh (:mod:`jaxinterp.sharding`): batches over ``data``,
@@ -187,8 +191,8 @@ def learn_circuit(model, data: Union[str, Pairs], n_edges: int, *, objective: st
     kw = dict(cfg=cfg, metric=run.metric, intervention=intervention, hc=hard_concrete, lr=lr, lambda_lr=lambda_lr,
               total_edges=total_edges)
 
-    log_alpha = replicate(jnp.asarray(_init_log_alpha(shape, spec.real_edge_mask, n_edges, init_logit, init_scores)),
-                          mesh)
+    log_alpha = replicate(jnp.asarray(_init_log_alpha(shape, spec.real_edge_mask, n_edges, init_logit, init_scores,
+                                                      init_absolute)), mesh)
     lambdas = replicate(jnp.zeros(2, jnp.float32), mesh)
     state = (log_alpha, lambdas, opt.init(log_alpha), lambda_opt.init(lambdas))
     batches = list(shard_batches(pairs, batch_size, mesh))

@@ -10,7 +10,11 @@ the circuit carries in place of ``u``'s own output,
 * ``zero``: zero;
 * ``mean`` / ``mean-positional``: ``u``'s mean output over the clean prompts of
   ``intervention_data`` (default: the data itself), over all real tokens or per position
-  (:func:`mean_activations`).
+  (:func:`mean_activations`);
+* ``optimal``: ``u``'s optimal-ablation constant, learned by
+  :func:`jaxinterp.optimal_ablation.learn_optimal_ablation` and given as
+  ``intervention_data`` (its ``.npz`` file, or the values): the ``mean`` data path with
+  learned values in place of the means.
 
 Attribution, evaluation, ACDC and edge pruning are peers on top of this module; each
 public function of theirs normalises its arguments once with :func:`prepare_run` and
@@ -44,6 +48,8 @@ from .names import INTERVENTIONS, METRICS, check_name
 from .sharding import batches as shard_batches, replicate, shard_model, to_host
 
 MEAN_INTERVENTIONS = ("mean", "mean-positional")
+#: the interventions that patch in per-node values (``means``, :func:`intervention_means`)
+CONSTANT_INTERVENTIONS = MEAN_INTERVENTIONS + ("optimal",)
 
 
 # --- the metric, bound to its data ---------------------------------------------------------
@@ -106,21 +112,28 @@ def prepare_data(model, data: Union[str, Pairs], metric: str) -> tuple[Pairs, Ta
 
 
 # --- ablation values ------------------------------------------------------------------------
-def check_intervention(intervention: str, intervention_data=None) -> None:
-    """Refuse an unknown ``intervention``, and intervention data it would not read."""
+def check_intervention(intervention: str, intervention_data=None, have_means: bool = False) -> None:
+    """Refuse an unknown ``intervention``, intervention data it would not read, and
+    ``optimal`` without its constants (``intervention_data``, or node values already
+    given: ``have_means``)."""
     check_name("intervention", intervention, INTERVENTIONS)
-    if intervention_data is not None and intervention not in MEAN_INTERVENTIONS:
-        raise ValueError(f"intervention_data is used by the mean interventions only, not {intervention!r}")
+    if intervention_data is not None and intervention not in CONSTANT_INTERVENTIONS:
+        raise ValueError(f"intervention_data is used by the mean interventions only (and by optimal, as its "
+                         f"constants), not {intervention!r}")
+    if intervention == "optimal" and intervention_data is None and not have_means:
+        from .optimal_ablation import ablation_values
+
+        ablation_values(None, None)  # raises the error that says what to give
 
 
 def corrupted_outputs(params, cfg: ModelConfig, batch: dict, intervention: str, means=None):
     """``(clean_logits [batch, 1, vocab], clean_outs, corrupted_outs)``; outputs
     ``[src, batch, pos, d_model]``, the corrupted ones what ``intervention`` patches in.
-    ``means``: ``[src, pos or 1, d_model]`` node means (:func:`intervention_means`) for the
-    ``mean`` interventions. Under ``jit`` whatever a caller ignores is not computed."""
+    ``means``: ``[src, pos or 1, d_model]`` node values (:func:`intervention_means`) for the
+    ``mean`` and ``optimal`` interventions. Under ``jit`` whatever a caller ignores is not computed."""
     mask, at = batch["attention_mask"], logit_positions(batch)
     clean_logits, clean_outs = forward(params, cfg, batch["clean"], mask, return_node_outputs=True, logit_positions=at)
-    check_intervention(intervention)
+    check_intervention(intervention, have_means=means is not None)
     if intervention == "patching":
         # the reference runs the corrupted prompt with the clean prompt's attention mask
         _, corr_outs = forward(params, cfg, batch["corrupted"], mask, return_node_outputs=True, logit_positions=at)
@@ -128,7 +141,7 @@ def corrupted_outputs(params, cfg: ModelConfig, batch: dict, intervention: str, 
         corr_outs = jnp.zeros_like(clean_outs)
     else:
         if means is None:
-            raise ValueError(f"intervention {intervention!r} needs node means (see intervention_means)")
+            raise ValueError(f"intervention {intervention!r} needs node values (see intervention_means)")
         corr_outs = jnp.broadcast_to(means[:, None].astype(clean_outs.dtype), clean_outs.shape)
     return clean_logits, clean_outs, corr_outs
 
@@ -168,10 +181,16 @@ def mean_activations(model, data: Union[str, Pairs], per_position: bool = False,
 
 def intervention_means(model, pairs: Pairs, intervention: str, intervention_data: Union[str, Pairs, None] = None,
                        batch_size: int = 16, mesh=None) -> Optional[np.ndarray]:
-    """What the ``mean`` interventions patch in for ``pairs``: ``[src, 1, d_model]``
-    (``mean``) or ``[src, pairs.n_pos, d_model]`` (``mean-positional``), from the clean
-    prompts of ``intervention_data`` (default: ``pairs`` itself); None for the others."""
+    """What the ``mean`` and ``optimal`` interventions patch in for ``pairs``: ``[src, 1,
+    d_model]`` (``mean``) or ``[src, pairs.n_pos, d_model]`` (``mean-positional``), from
+    the clean prompts of ``intervention_data`` (default: ``pairs`` itself); for
+    ``optimal`` the learned constants ``[src, 1, d_model]`` that ``intervention_data``
+    holds (:func:`jaxinterp.optimal_ablation.ablation_values`); None for the others."""
     check_intervention(intervention, intervention_data)
+    if intervention == "optimal":
+        from .optimal_ablation import ablation_values
+
+        return ablation_values(model, intervention_data)
     if intervention not in MEAN_INTERVENTIONS:
         return None
     source = pairs if intervention_data is None else intervention_data
@@ -262,8 +281,8 @@ class Run:
 
     @functools.cached_property
     def means(self):
-        """The node means of the ``mean`` interventions (:func:`intervention_means`),
-        replicated over the mesh; None for the others."""
+        """The node values of the ``mean`` and ``optimal`` interventions
+        (:func:`intervention_means`), replicated over the mesh; None for the others."""
         means = self.given_means
         if means is None:
             means = intervention_means(self.model, self.pairs, self.intervention, self.intervention_data,
@@ -291,11 +310,11 @@ def prepare_run(model, data: Union[str, Pairs], metric: str, intervention: str =
                 intervention_data: Union[str, Pairs, None] = None, batch_size: int = 16, mesh=None,
                 means: Optional[np.ndarray] = None) -> Run:
     """The preamble of every public method: refuse an unknown ``intervention``, read
-    ``data`` and bind ``metric`` to it, place the model on ``mesh``. ``means``: node means
+    ``data`` and bind ``metric`` to it, place the model on ``mesh``. ``means``: node values
     already computed for these pairs (:func:`intervention_means`), to reuse."""
-    check_intervention(intervention, intervention_data)
-    if means is not None and intervention not in MEAN_INTERVENTIONS:
-        raise ValueError(f"node means are used by the mean interventions only, not {intervention!r}")
+    check_intervention(intervention, intervention_data, have_means=means is not None)
+    if means is not None and intervention not in CONSTANT_INTERVENTIONS:
+        raise ValueError(f"node means are used by the mean and optimal interventions only, not {intervention!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pairs, task = prepare_data(model, data, metric)

@@ -503,7 +503,8 @@ def _level_scores(graph, level: str) -> np.ndarray:
 def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, metric: str = "logit_diff",
                 intervention: str = "patching", percentages: Sequence[float] = PERCENTAGES, chunk: int = 8,
                 mesh=None, task: Optional[str] = None, split: str = "validation",
-                limit: Optional[int] = None, level: str = "edge") -> MIBScore:
+                limit: Optional[int] = None, level: str = "edge",
+                intervention_data: Union[str, Pairs, None] = None) -> MIBScore:
     """CPR and CMD of ``graph``'s scores on ``data`` (:func:`load_task_data`) at ``level``:
     ``edge`` (edge scores), ``node`` (``graph.nodes_scores``) or ``neuron``
     (``graph.neurons_scores [src, d_model]``), as ``evaluate_area_under_curve(level=)``:
@@ -515,7 +516,9 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
     plus the full and the empty circuit are one compiled evaluation (``chunk`` circuits
     per vectorised forward). m(N) is the full circuit through the graph forward, as
     m(empty) is (MIB's ``evaluate_baseline`` runs the plain model: equal up to float
-    rounding).
+    rounding). ``intervention``: what ablated edges carry, as in evaluation
+    (``intervention_data``: the prompts the ``mean`` interventions average over, or the
+    ``optimal`` intervention's constants, :mod:`jaxinterp.optimal_ablation`).
 
     Raises ValueError when faithfulness is undefined (m(N) = m(empty)) or not finite."""
     from .data import bucket_length
@@ -540,7 +543,7 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
         weighted = [[weighted_edge_count(c, real) for c in m] for m in edge_masks]
         masks = np.concatenate(edge_masks + [real[None], np.zeros_like(real)[None]])
         values = evaluate_masks(model, _padded(masks, chunk), pairs, metric, intervention, batch_size, chunk=chunk,
-                                mesh=mesh)[:len(masks)]
+                                mesh=mesh, intervention_data=intervention_data)[:len(masks)]
     else:
         scores = _level_scores(graph, level)
         if level == "neuron" and scores.shape != (spec.n_forward, model.cfg.d_model):
@@ -557,14 +560,14 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
         if level == "node":
             masks = np.concatenate(edge_masks + [real[None], np.zeros_like(real)[None]])
             values = evaluate_masks(model, _padded(masks, chunk), pairs, metric, intervention, batch_size,
-                                    chunk=chunk, mesh=mesh)[:len(masks)]
+                                    chunk=chunk, mesh=mesh, intervention_data=intervention_data)[:len(masks)]
         else:
             from .node_attribution import evaluate_neuron_masks
 
             full = np.ones((1,) + scores.shape, bool)
             masks = np.concatenate(items + [full, ~full])
             values = evaluate_neuron_masks(model, _padded(masks, chunk), pairs, metric, intervention, batch_size,
-                                           chunk, mesh)[:len(masks)]
+                                           chunk, mesh, intervention_data=intervention_data)[:len(masks)]
     m_full, m_empty = float(values[-2]), float(values[-1])
     if not np.isfinite(values).all():
         raise ValueError(f"the circuits' {metric} is not finite (NaN or infinite): a broken model or data")
@@ -987,7 +990,8 @@ def cmd_score(args) -> int:
         except ValueError as e:
             raise JaxinterpError(f"--level {args.level}: --graph {args.graph}: {e}") from None
     result = score_graph(model, graph, args.mib_data, batch_size=args.batch_size, task=task, split=args.split,
-                         limit=args.limit, level=args.level)
+                         limit=args.limit, level=args.level, intervention=args.intervention,
+                         intervention_data=args.intervention_data)
     for curve in (result.signed, result.absolute):
         kind = "|score|" if curve.absolute else "signed score"
         print(f"ranked by {kind} ({args.level} level, {result.n_items} scored {args.level}s):")
@@ -1031,6 +1035,8 @@ def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
     ``cache_options(parser)`` adds the compilation-cache options to each subcommand)."""
     import argparse
 
+    from .names import INTERVENTIONS
+
     p = sub.add_parser("mib", help="the MIB circuit track: its data, its CPR/CMD scores, its submission files")
     p.description = __doc__.split("\n\n")[0]
     mib = p.add_subparsers(dest="mib_command", required=True)
@@ -1061,6 +1067,12 @@ def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
     q.add_argument("--level", default="edge", choices=LEVELS,
                    help="rank edges (default), nodes or neurons, as evaluate_area_under_curve(level=)")
     q.add_argument("--batch-size", type=positive_int, default=16, help="examples per compiled batch (default: 16)")
+    q.add_argument("--intervention", default="patching", choices=INTERVENTIONS,
+                   help="what an edge outside the circuit carries (default: patching, the leaderboard's); optimal: "
+                        "learned constants (`jaxinterp optimal-ablation`) given as --intervention-data")
+    q.add_argument("--intervention-data", default=None, metavar="FILE",
+                   help="mean interventions: pairs CSV whose clean prompts they average over (default: --data); "
+                        "optimal: the .npz of learned constants")
     q.add_argument("--out", dest="mib_out", default=None, metavar="JSON",
                    help="write cpr, cmd and both curves (faithfulness and edge_counts per pct) as JSON")
     q.set_defaults(func=cmd_score)

@@ -21,8 +21,9 @@ EDGE_METHODS = METHODS + ROUTE_METHODS
 IG_METHODS = ("EAP-IG-inputs", "EAP-IG-activations")
 #: task metrics (:mod:`jaxinterp.metrics`), read at each prompt's last real token
 METRICS = ("logit_diff", "prob_diff", "kl_div")
-#: what an edge outside a circuit carries (:mod:`jaxinterp.interventions`)
-INTERVENTIONS = ("patching", "zero", "mean", "mean-positional")
+#: what an edge outside a circuit carries (:mod:`jaxinterp.interventions`; ``optimal``:
+#: learned constants, :mod:`jaxinterp.optimal_ablation`)
+INTERVENTIONS = ("patching", "zero", "mean", "mean-positional", "optimal")
 #: faithfulness losses of learned circuits (:mod:`jaxinterp.edge_pruning`): every task
 #: metric (KL from the full model, or a metric's squared difference from it)
 OBJECTIVES = METRICS

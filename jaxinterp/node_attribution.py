@@ -321,17 +321,19 @@ def batch_neuron_circuit_metrics(params, batch, neurons, means=None, *, cfg: Mod
 
 def evaluate_neuron_masks(model, neurons: np.ndarray, data: Union[str, Pairs], metric: str = "logit_diff",
                           intervention: str = "patching", batch_size: int = 16, chunk: int = 8, mesh=None,
-                          quiet: bool = True) -> np.ndarray:
+                          quiet: bool = True, intervention_data: Union[str, Pairs, None] = None) -> np.ndarray:
     """``[circuit]``: the mean metric over ``data``'s examples of each neuron circuit
     ``neurons [circuit, src, d_model]`` (see :func:`batch_neuron_circuit_metrics`). Models
     with sandwich norms (Gemma 2) are refused: their node outputs are normalised after the
-    output weights, so masking those weights is not masking the outputs."""
+    output weights, so masking those weights is not masking the outputs.
+    ``intervention_data``: what the ``mean`` interventions average over, or the ``optimal``
+    intervention's constants (:func:`jaxinterp.interventions.intervention_means`)."""
     from .sharding import replicate
 
     cfg = model.cfg
     if cfg.sandwich_norms:
         raise ValueError("neuron-level circuits are not offered for models with sandwich norms (Gemma 2)")
-    run = prepare_run(model, data, metric, intervention, None, batch_size, mesh)
+    run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
     if intervention != "mean-positional":
         run.pairs = bucket_length(run.pairs, cfg.n_ctx)
     spec = run.model.graph_spec

@@ -175,6 +175,9 @@ def parse_sweep(text: str, base_dir: str = ".") -> Sweep:
         _check_positive(settings[key], f"[sweep].{key}")
     if settings["intervention"] not in INTERVENTIONS:
         raise SweepError(f"[sweep].intervention {settings['intervention']!r}: choose from {INTERVENTIONS}")
+    if settings["intervention"] == "optimal":  # its constants are per model; a sweep file has no place for them
+        raise SweepError("[sweep].intervention 'optimal' is not offered in sweeps (its learned constants are per "
+                         "model): run attribute / curve with --intervention optimal --intervention-data FILE.npz")
     if settings["dtype"] not in ("float32", "bfloat16"):
         raise SweepError(f"[sweep].dtype {settings['dtype']!r}: choose float32 or bfloat16")
     from .memory import parse_bytes
