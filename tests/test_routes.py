@@ -1,7 +1,8 @@
 """Information-flow routes (``attribute(method="information-flow-routes")``) against the
-reference's own scores and greedy circuits (tests/golden/ifr/, made by
-tests/golden/make_golden_ifr.py in the reference's venv) and against the formula computed
-by hand, position by position, on the hand-built GPT-2 forward (tests/handbuilt.py)."""
+reference's own scores and greedy circuit on the demo model (tests/golden/ifr/, made by
+tests/golden/make_golden_ifr.py in the reference's venv; a grouped-query RMSNorm model's
+are in tests/test_gemma2_heads.py) and against the formula computed by hand, token by
+token, on the hand-built GPT-2 forward (tests/handbuilt.py)."""
 
 import json
 import os
@@ -12,8 +13,10 @@ import pytest
 
 from jaxinterp import load_model
 from jaxinterp.attribution import attribute
+from jaxinterp.config import ModelConfig
 from jaxinterp.graph import Graph
 from jaxinterp.interventions import prepare_data
+from jaxinterp.routes import downstream_streams, input_groups
 
 import handbuilt
 
@@ -124,6 +127,23 @@ def test_two_layers_equal_the_formula_by_hand(model, pairs):
     # several routes into the logits and into layer 1 matter
     assert (want[:, spec.logits_index] > 0.02).sum() >= 4 and (want[:, spec.mlp_in_index(1)] > 0.02).sum() >= 4
     np.testing.assert_allclose(got, want, rtol=0, atol=SCORE_TOL * np.abs(want).max())
+
+
+def test_which_stream_each_input_reads():
+    """Layer l's q/k/v inputs read the stream entering it; its MLP that stream plus the
+    layer's attention output (resid[l + 1] - mlp_out[l]), or, with attention and MLP in
+    parallel, the stream entering it; the logits the stream entering the final norm."""
+    resid = np.arange(3 * 2 * 1 * 1, dtype=np.float32).reshape(3, 2, 1, 1) ** 2  # [layer + 1, batch, pos, d]
+    mlp_out = np.full((2, 2, 1, 1), 0.5, np.float32)
+    seq = np.asarray(downstream_streams(jnp.asarray(resid), jnp.asarray(mlp_out), False))
+    par = np.asarray(downstream_streams(jnp.asarray(resid), jnp.asarray(mlp_out), True))
+    np.testing.assert_array_equal(seq, [resid[0], resid[1] - 0.5, resid[1], resid[2] - 0.5, resid[2]])
+    np.testing.assert_array_equal(par, [resid[0], resid[0], resid[1], resid[1], resid[2]])
+    spec = Graph.from_config(ModelConfig(n_layers=2, n_heads=2, d_model=4, d_head=2, d_mlp=4, vocab_size=5, n_ctx=4,
+                                         parallel_attn_mlp=True)).spec
+    group, prev = input_groups(spec)
+    assert group[spec.qkv_index(1, "v", 1)] == 2 and group[spec.mlp_in_index(1)] == 3 and group[-1] == 4
+    assert prev.tolist() == [1, 1, 4, 4, 7]  # parallel: an MLP does not read its own layer's heads
 
 
 @pytest.mark.parametrize("option", [dict(intervention="zero"), dict(positional=True), dict(remat=True),

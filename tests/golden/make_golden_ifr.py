@@ -6,21 +6,17 @@ outputs are committed.
 
 Reference and venv as in tests/golden/make_golden.py (hannamw/EAP-IG at 795f560, its only
 change ``device='cuda'`` replaced by the model's device; TransformerLens 2.18, torch 2.13).
-From the repository root, in two steps (the first in jaxinterp's venv: it builds the random
-Llama checkpoint, only if ``tests/golden/llama`` is missing; the second in the reference's)::
+From the repository root, in the reference's venv::
 
-    JAX_PLATFORMS=cpu python tests/golden/make_golden_ifr.py prepare
     /tmp/refvenv/bin/python tests/golden/make_golden_ifr.py reference
 
-Checkpoints: ``demo`` (the shipped GPT-2-like model, LayerNorm, learned positions,
-sequential), ``neox`` (tests/golden/make_golden.py's random 3-layer GPT-NeoX: parallel
-attention + MLP, partial rotary) and ``llama``, a random 2-layer Llama (RMSNorm, rotary,
-gated MLP, 4 query heads over 2 key/value heads, ungrouped as the reference requires;
-weights committed so that the test does not depend on torch's RNG). Data: the 12 IOI pairs
-of tests/golden/ioi.csv (clean prompts only: the method reads nothing else), batch sizes 5
-(batches 5, 5, 2), 4 and 5.
+Checkpoint: ``demo``, the shipped GPT-2-like model (LayerNorm, learned positions,
+sequential). A grouped-query RMSNorm model's routes are in tests/golden/make_golden_gemma2.py
+(Gemma 2, rotary; jaxinterp's ``gemma2_heads="per-input"``). Data: the 12 IOI pairs of
+tests/golden/ioi.csv (clean prompts only: the method reads nothing else), batch size 5
+(batches 5, 5, 2).
 
-The reference's scores are NaN on the edges ``input -> a0.*`` of ``demo`` and ``llama``:
+The reference's scores are NaN on the edges ``input -> a0.*`` of ``demo``:
 it divides 0 by 0 at tokens where no upstream node is close to the stream (zero pad
 embeddings at padding tokens; a position embedding that outweighs the token's), and a NaN
 times its padding mask stays NaN. Its greedy selection then compares NaNs. So the greedy
@@ -44,51 +40,8 @@ OUT = os.path.join(HERE, "ifr")
 CSV = os.path.join(HERE, "ioi.csv")
 CHECKPOINTS = {  # name: (model directory relative to the repository root, family, batch size, greedy n)
     "demo": ("jaxinterp/demo/model", "gpt2", 5, 30),
-    "neox": ("tests/golden/neox", "gpt_neox", 4, 20),
-    "llama": ("tests/golden/llama", "llama", 5, 20),
 }
 METHOD = "information-flow-routes"
-
-
-def prepare():
-    """jaxinterp's venv: the random Llama checkpoint (once)."""
-    sys.path.insert(0, ROOT)
-    from devtools.testing import save_random_llama
-    from jaxinterp import tasks
-
-    path = os.path.join(ROOT, CHECKPOINTS["llama"][0])
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
-        save_random_llama(path, seed=0, words=tasks.task_vocabulary(), initializer_range=0.3)
-
-
-def load_llama(model_dir, device="cpu"):
-    """A local HF Llama checkpoint in TransformerLens (TransformerLens' own
-    ``convert_llama_weights``, weights unprocessed), as the reference needs it."""
-    import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hc = hf.config
-    assert hc.model_type == "llama" and not hc.attention_bias and not hc.mlp_bias and hc.rope_scaling is None
-    cfg = HookedTransformerConfig(
-        d_model=hc.hidden_size, d_head=hc.head_dim, n_heads=hc.num_attention_heads,
-        d_mlp=hc.intermediate_size, n_layers=hc.num_hidden_layers, n_ctx=hc.max_position_embeddings,
-        eps=hc.rms_norm_eps, d_vocab=hc.vocab_size, act_fn=hc.hidden_act, n_key_value_heads=hc.num_key_value_heads,
-        ungroup_grouped_query_attention=True, normalization_type="RMS", positional_embedding_type="rotary",
-        rotary_adjacent_pairs=False, rotary_dim=hc.head_dim, rotary_base=hc.rope_theta, final_rms=True,
-        gated_mlp=True, original_architecture="LlamaForCausalLM", default_prepend_bos=True,
-        tokenizer_prepends_bos=False, dtype=torch.float32, device=device)
-    model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(model_dir))
-    model.load_and_process_state_dict(
-        convert_llama_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
-        center_unembed=False, fold_value_biases=False, refactor_factored_attn_matrices=False)
-    model.set_use_split_qkv_input(True)
-    model.set_use_attn_result(True)
-    model.set_use_hook_mlp_in(True)
-    model.eval()
-    return model, hf
 
 
 def input_share(model, ds):
@@ -109,17 +62,15 @@ def reference(eap_ig_path):
     if eap_ig_path:
         sys.path.insert(0, os.path.join(eap_ig_path, "src"))
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    sys.path.insert(0, HERE)
     from importlib.metadata import version
 
     import eap
     import torch
     from eap.attribute import attribute
     from eap.graph import Graph
-    from make_golden import load_neox
     from reference_eapig import EAPDataset, check_against_hf, eap_ig_commit, load_model
 
-    loaders = {"gpt2": load_model, "gpt_neox": load_neox, "llama": load_llama}
+    loaders = {"gpt2": load_model}
     out = {"reference": {"repository": "hannamw/EAP-IG", "commit": eap_ig_commit(eap),
                          "change": "device='cuda' replaced by device=model.cfg.device",
                          "torch": version("torch"), "transformer_lens": version("transformer-lens"),
@@ -157,8 +108,8 @@ def reference(eap_ig_path):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("step", choices=["prepare", "reference"])
+    ap.add_argument("step", choices=["reference"])
     ap.add_argument("--eap-ig-path", default=os.environ.get("EAP_IG_PATH", "/tmp/eapig"),
                     help="EAP-IG checkout if not pip-installed (PATH/src goes on sys.path)")
     args = ap.parse_args()
-    prepare() if args.step == "prepare" else reference(args.eap_ig_path)
+    reference(args.eap_ig_path)
