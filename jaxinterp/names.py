@@ -17,6 +17,9 @@ METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exa
 ROUTE_METHODS = ("information-flow-routes",)
 #: every ``attribute(method=...)``
 EDGE_METHODS = METHODS + ROUTE_METHODS
+#: what a Gemma 2 attention-head node is (``ModelConfig.gemma2_heads``): its share of the
+#: layer's normalised output, or (MIB's) its raw output renormalised per receiving input
+GEMMA2_HEADS = ("shared", "per-input")
 #: the methods that average over integrated-gradient steps (``ig_steps``)
 IG_METHODS = ("EAP-IG-inputs", "EAP-IG-activations")
 #: task metrics (:mod:`jaxinterp.metrics`), read at each prompt's last real token
