@@ -23,7 +23,7 @@ import time
 
 from .errors import JaxinterpError
 from .io import dumps
-from .names import INTERVENTIONS, METHODS, METRICS
+from .names import EDGE_METHODS, GEMMA2_HEADS, INTERVENTIONS, METHODS, METRICS, ROUTE_METHODS
 
 
 # --- option types: a bad value is an argparse error naming the option, before any work ----
@@ -111,6 +111,11 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
                        help="grouped-query attention: one <k>/<v> input per key/value head (a{l}.kv{g}<k>, fewer "
                             "edges) instead of one per query head (the reference's view, the default); a graph "
                             "file must be used with the view it was made in")
+        p.add_argument("--gemma2-heads", default=None, choices=GEMMA2_HEADS,
+                       help="Gemma 2: a head node is its share of the layer's normalised attention output (shared, "
+                            "the default) or its raw output, renormalised by each receiving input (per-input: MIB's, "
+                            "through the reference on TransformerLens); a graph file's scores hold for the one it "
+                            "was made with")
         p.add_argument("--mesh", default=None, metavar="DxM", type=_mesh_shape,
                        help="shard over a DATAxMODEL device mesh, e.g. 2x4: examples over 2, heads/MLP units over 4")
         p.add_argument("--distributed", action="store_true",
@@ -127,7 +132,8 @@ def _load(args, mesh=None):
 
     import jax.numpy as jnp
 
-    model = load_model(args.model, dtype=jnp.dtype(args.dtype), grouped_kv=args.grouped_kv, mesh=mesh)
+    model = load_model(args.model, dtype=jnp.dtype(args.dtype), grouped_kv=args.grouped_kv, mesh=mesh,
+                       gemma2_heads=getattr(args, "gemma2_heads", None))
     _check_weights(model)
     if getattr(args, "top_n", None) is not None:  # before the data, long before any computation
         _check_top_n(args.top_n, model.graph_spec, getattr(args, "level", "edge"), model.cfg.d_model)
@@ -205,6 +211,13 @@ def _check_level_options(args) -> None:
     """``--level node|neuron``: refuse the options it does not take, before any work."""
     from .errors import JaxinterpError
 
+    if args.method in ROUTE_METHODS:
+        for flag, given in (("--level", args.level != "edge"), ("--intervention", args.intervention != "patching"),
+                            ("--intervention-data", args.intervention_data is not None), ("--remat", args.remat),
+                            ("--max-memory", args.max_memory is not None)):
+            if given:
+                raise JaxinterpError(f"{flag} is not offered with --method {args.method} (it scores edges from one "
+                                     f"clean forward pass)")
     if args.level == "edge":
         if args.mlp_gradient is not None:
             raise JaxinterpError("--mlp-gradient is for --level node or neuron (edge scores have no such choice)")
@@ -238,7 +251,9 @@ def cmd_attribute(args) -> int:
                                 mesh=mesh, quiet=False)
     seconds = time.perf_counter() - t
     if args.top_n is not None:
-        if args.level == "edge":
+        if args.method in ROUTE_METHODS:  # MIB selects these routes greedily (its run_evaluation.py)
+            graph.apply_greedy(args.top_n, absolute=not args.signed)
+        elif args.level == "edge":
             graph.apply_topn(args.top_n, absolute=not args.signed)
         else:
             from .mib import apply_topn
@@ -522,8 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attribute", help="score every edge of the circuit graph")
     _add_common(p)
-    p.add_argument("--method", default="EAP-IG-inputs",
-                   choices=METHODS)
+    p.add_argument("--method", default="EAP-IG-inputs", choices=EDGE_METHODS,
+                   help="attribution method, with the reference's names (default: EAP-IG-inputs); "
+                        "information-flow-routes reads only the clean prompts, and --top-n then selects greedily "
+                        "from the logits up, as MIB does")
     p.add_argument("--ig-steps", type=_positive_int, default=5,
                    help="integration steps for the EAP-IG methods (default: 5)")
     p.add_argument("--remat", action="store_true",
