@@ -65,8 +65,11 @@ def assert_same_scores(got, want, what):
 
 # EAP (the edge probe every gradient method shares) on every norm, and every other method on
 # the RMSNorm model the bug was found on; their values are checked against independent
-# computations in test_method_values.py and test_attribution.py
-CASES = ([("llama", m) for m in ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")]
+# computations in test_method_values.py and test_attribution.py. EAP-IG-activations and exact
+# patching cost minutes here and share EAP's forward and probe: opt-in (JAXINTERP_SLOW=1).
+SLOW = testing.slow("the EAP and EAP-IG-inputs cases guard the same forward and probe")
+CASES = ([("llama", m) for m in ("EAP", "EAP-IG-inputs", "clean-corrupted")]
+         + [pytest.param("llama", m, marks=SLOW) for m in ("EAP-IG-activations", "exact")]
          + [(f, "EAP") for f in ("gemma2", "gpt2", "gpt_neox")])
 
 
