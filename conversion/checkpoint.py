@@ -45,8 +45,10 @@ def is_converted(path: str) -> bool:
 
 def config_json(cfg: ModelConfig, origin: Origin | None = None) -> str:
     """The text of ``jaxinterp_config.json`` (module docstring)."""
-    return json.dumps({"format": FORMAT, "model": cfg.to_dict(), "origin": None if origin is None else origin.to_dict()},
-                 indent=2, sort_keys=True)
+    model = cfg.to_dict()
+    del model["gemma2_heads"]  # the graph's head definition: chosen at load time, as the grouped-query view
+    return json.dumps({"format": FORMAT, "model": model, "origin": None if origin is None else origin.to_dict()},
+                      indent=2, sort_keys=True)
 
 
 def read_config(d: dict) -> tuple[ModelConfig, Origin | None]:

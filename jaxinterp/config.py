@@ -131,7 +131,8 @@ class ModelConfig:
       TransformerLens: a head's output is its raw ``z_h @ w_o[h]``, and each downstream
       input renormalises the layer's sum of heads as its own edges mix them. Not an
       architecture fact but the circuit graph's definition, kept here because every
-      program reads it; :func:`jaxinterp.loading.load_model` sets it.
+      program reads it; :func:`jaxinterp.loading.load_model` sets it, and a converted
+      checkpoint does not keep it (chosen at load time, as the grouped-query view).
     """
 
     n_layers: int
