@@ -14,6 +14,7 @@ prints one line naming the file or option and the cause, exit status 2, no trace
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import signal
@@ -406,7 +407,7 @@ def _training_png(out: str) -> str:
 
 
 def cmd_lens(args) -> int:
-    from .lens import lens_report, plot_logit_lens
+    from .lens import lens_report, plot_logit_lens, token_text
     from .loading import load_model
 
     model = load_model(args.model)
@@ -417,10 +418,10 @@ def cmd_lens(args) -> int:
     require_finite({"the logit lens": report["lens"]}, "logit lens")
     plot_logit_lens(report["lens"][:, -args.last:] if args.last else report["lens"],
                     report["tokens"][-args.last:] if args.last else report["tokens"],
-                    lambda t: model.tokenizer.decode([t]), args.out, title=f"logit lens: {args.prompt}")
+                    functools.partial(token_text, model.tokenizer), args.out, title=f"logit lens: {args.prompt}")
     print(f"logit lens at the last token {report['tokens'][-1]!r} (top {args.top_k}, probability):")
     for row in report["per_layer"]:
-        print(f"  {row['layer']:>15}: " + "  ".join(f"{t.strip()!r} {p:.3f}" for t, p in row["top"]))
+        print(f"  {row['layer']:>15}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in row["top"]))
     if "direct" in report:
         d = report["direct"]
         print(f"direct logit attribution to {d['token'].strip()!r} (logit {d['logit']:.3f}; "

@@ -287,6 +287,16 @@ def plot_logit_lens(lens_logits: np.ndarray, tokens: Sequence[str], decode_token
     return write_figure(fig, path)  # atomic: a failed write leaves an old picture whole
 
 
+def token_text(tokenizer, token: int) -> str:
+    """How a report shows one token: its decoded text, or, where that is empty or not
+    whole characters (a byte-level BPE token holding part of a UTF-8 character decodes to
+    '' or U+FFFD on its own), the tokenizer's own name for it (e.g. ``'Ã¥'``, ``'<0xE2>'``)."""
+    text = tokenizer.decode([int(token)])
+    if text and "\ufffd" not in text:
+        return text
+    return str(tokenizer.convert_ids_to_tokens(int(token)))
+
+
 def lens_report(model, prompt: str, k: int = 5) -> dict:
     """Logit lens, top tokens per layer at the last position, and the nodes that most
     directly raise the model's top prediction there, for one prompt."""
@@ -296,7 +306,7 @@ def lens_report(model, prompt: str, k: int = 5) -> dict:
         raise ValueError(f"{model.path}: the model directory has no tokenizer to read the prompt with")
     ids = np.asarray(tokenize(model.tokenizer, [prompt]), np.int32)
     lens = np.asarray(logit_lens(model.params, model.cfg, jnp.asarray(ids)))[:, 0]    # [layer + 1, pos, vocab]
-    dec = lambda t: model.tokenizer.decode([int(t)])  # noqa: E731
+    dec = functools.partial(token_text, model.tokenizer)
     per_layer = []
     for row, name in zip(lens[:, -1], ["embed"] + [f"after layer {l}" for l in range(model.cfg.n_layers)]):
         tok, val = top_k(jax.nn.log_softmax(jnp.asarray(row)), k)

@@ -384,6 +384,20 @@ def test_smollm2_config_and_tokenizer(smollm2):
     assert tok.decode(tok("Hello world", add_special_tokens=False)["input_ids"]) == "Hello world"
 
 
+def test_reports_show_every_smollm2_token_as_text(smollm2):
+    """lens.token_text: whole characters decode as themselves; a byte-level token holding
+    part of a UTF-8 character (alone it decodes to U+FFFD) shows as the tokenizer's name."""
+    from jaxinterp.lens import token_text
+
+    tok = smollm2.tokenizer
+    paris = tok(" Paris", add_special_tokens=False)["input_ids"]
+    assert [token_text(tok, t) for t in paris] == [" Paris"]
+    byte = tok.convert_tokens_to_ids("\u00c3")  # byte-level BPE's name for the byte 0xC3, a UTF-8 lead byte
+    assert "\ufffd" in tok.decode([byte])  # alone it is no character
+    assert token_text(tok, byte) == "\u00c3"
+    assert [token_text(tok, t) for t in tok("\u00e9t\u00e9", add_special_tokens=False)["input_ids"]] == ["\u00e9t", "\u00e9"]
+
+
 def test_smollm2_logits_match_transformers_loading_the_same_gguf(smollm2):
     """jaxinterp's dequantised Q4_1 model against transformers' (which dequantises with the
     same gguf functions and undoes the permutation itself), on 24 real prompts."""
