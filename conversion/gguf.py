@@ -36,7 +36,7 @@ What the format does not carry (refused or documented, never guessed silently):
 * qwen2: the optional sliding window (llama.cpp's qwen2 has none).
 
 The tokenizer comes from the ``tokenizer.ggml.*`` metadata through ``transformers``'
-GGUF tokenizer converter (``AutoTokenizer.from_pretrained(dir, gguf_file=name)``).
+GGUF tokenizer converter (``convert_gguf_tokenizer``, on the metadata read here: no torch).
 """
 
 from __future__ import annotations
@@ -453,19 +453,41 @@ def load_gguf_checkpoint(path: str) -> tuple[ModelConfig, dict, Origin]:
     return cfg, params, facts
 
 
+_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+            "pad_token": "padding_token_id"}
+
+
 def load_gguf_tokenizer(path: str):
     """The tokenizer the file's ``tokenizer.ggml.*`` metadata describes (a ``transformers``
-    fast tokenizer), or None when the file has no tokenizer."""
+    fast tokenizer), or None when the file has no tokenizer.
+
+    Built by ``transformers``' own GGUF tokenizer converter from the metadata this module
+    read with the ``gguf`` package, not through ``AutoTokenizer.from_pretrained(gguf_file=)``:
+    that reads the metadata with a reader that imports torch, which jaxinterp must not
+    need (``tests/test_gguf.py`` checks both give the same tokens)."""
     meta = _LAST_META.get(_stat_key(path)) if os.path.isfile(path) else None
     if meta is None:
         meta = _metadata(_open(path), path)
     if "tokenizer.ggml.model" not in meta:
         return None
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                             gguf_file=os.path.basename(path))
+        try:  # transformers 5
+            from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+        except ImportError:  # transformers 4
+            from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+                   for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+        tokenizer, config = grouped["tokenizer"], grouped.get("tokenizer_config", {})
+        if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to a sentencepiece vocabulary by default
+            config.setdefault("add_bos_token", True)
+        for name, key in _SPECIAL.items():
+            token_id = meta.get(f"tokenizer.ggml.{key}")
+            if token_id is not None:
+                config[name] = tokenizer["tokens"][token_id]
+        backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **extra})
     except Exception as e:
         raise ConversionError(f"{path}: transformers cannot build the tokenizer from the GGUF metadata "
                               f"(tokenizer.ggml.model={meta['tokenizer.ggml.model']!r}): "

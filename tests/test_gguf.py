@@ -384,6 +384,36 @@ def test_smollm2_config_and_tokenizer(smollm2):
     assert tok.decode(tok("Hello world", add_special_tokens=False)["input_ids"]) == "Hello world"
 
 
+def test_smollm2_tokenizer_is_built_without_torch_and_equals_transformers(smollm2):
+    """load_gguf_tokenizer builds the tokenizer from the metadata jaxinterp read itself
+    (transformers' own GGUF reader imports torch): the same tokens, with and without special
+    tokens, the same special ids and decoding as AutoTokenizer.from_pretrained(gguf_file=)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    path = _smollm2_path()
+    ours = smollm2.tokenizer
+    theirs = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    texts = ["The capital of France is", " Paris", "def f(x):\n    return x  # done", "\u00e9t\u00e9 \u4e2d\u6587 \u20ac5",
+             "<|im_start|>user\nHi<|im_end|>", "  two  spaces", "1752 to 1799", ""]
+    for special in (False, True):
+        assert [ours(t, add_special_tokens=special)["input_ids"] for t in texts] == \
+            [theirs(t, add_special_tokens=special)["input_ids"] for t in texts], special
+    ids = theirs(texts[2], add_special_tokens=False)["input_ids"]
+    assert ours.decode(ids) == theirs.decode(ids) == texts[2]
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.unk_token_id, len(ours)) == \
+        (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id, theirs.unk_token_id, len(theirs))
+    # and without torch: a child process where importing torch fails
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from jaxinterp.conversion.gguf import load_gguf_tokenizer\n"
+            f"print(load_gguf_tokenizer({path!r})(' Paris', add_special_tokens=False)['input_ids'])")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split()[-1] == str(theirs(" Paris", add_special_tokens=False)["input_ids"]).replace(" ", "")
+
+
 def test_reports_show_every_smollm2_token_as_text(smollm2):
     """lens.token_text: whole characters decode as themselves; a byte-level token holding
     part of a UTF-8 character (alone it decodes to U+FFFD) shows as the tokenizer's name."""
