@@ -37,7 +37,7 @@ def test_demo_model_option_rejects_unreachable_hub_id(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
     env.pop("JAXINTERP_DEBUG", None)
     proc = subprocess.run([sys.executable, "-m", "jaxinterp", "demo", "--model", "no-such-org/no-such-model",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     assert "no-such-org/no-such-model" in proc.stderr and "local checkpoint directory" in proc.stderr
     assert "Traceback" not in proc.stderr
