@@ -197,7 +197,7 @@ def test_evaluate_masks_reuses_given_means(model, pairs):
                                                  means=means), own)
     other = evaluate_masks(model, empty, pairs, intervention="mean", batch_size=8, means=2 * means)
     assert abs(other[0] - own[0]) > 1e-4
-    with pytest.raises(ValueError, match="mean interventions only"):
+    with pytest.raises(ValueError, match="mean and optimal interventions only"):
         evaluate_masks(model, empty, pairs, intervention="zero", batch_size=8, means=means)
 
 

@@ -336,6 +336,8 @@ def test_gemma2_head_nodes_sum_to_hugging_faces_post_attention_norm(family_dir, 
         assert max_error(np.asarray(outs[h0]), captured[layer], lengths) > 1e-2
 
 
+@testing.slow("Gemma 2's methods are checked by value against the reference in test_gemma2_heads.py and "
+              "test_grouped_view_eap_and_exact_equal_the_reference[gemma2]; this is a smoke run of four more")
 def test_gemma2_attribution_runs_end_to_end(family_dir, tmp_path):
     from jaxinterp.evaluation import faithfulness_curve
 
