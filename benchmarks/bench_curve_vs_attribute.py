@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_whole_process import measured  # noqa: E402
-from common import machine, write_json  # noqa: E402
+from common import machine, write_json, write_report  # noqa: E402
 
 MIB_PCT = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -68,9 +68,7 @@ def main() -> None:
         lines.append(f"| {name} | {r['seconds']:.0f} s | {r['peak_rss_gb']:.2f} GB | "
                      f"{r['loadavg_1min'][0]:.1f} / {r['loadavg_1min'][1]:.1f} |")
     lines += ["", f"curve / attribute: peak RSS {result['rss_ratio']:.2f}x, time {result['time_ratio']:.2f}x."]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out + ".md", lines)
 
 
 if __name__ == "__main__":

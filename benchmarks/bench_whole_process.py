@@ -37,7 +37,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import GPT2_SMALL, ensure_checkpoint, machine, write_ioi_pairs, write_json  # noqa: E402
+from common import GPT2_SMALL, ensure_checkpoint, machine, write_ioi_pairs, write_json, write_report  # noqa: E402
 
 from jaxinterp.compare import score_agreement  # noqa: E402
 from jaxinterp.graph import Graph, GraphSpec  # noqa: E402
@@ -122,9 +122,7 @@ def main() -> None:
                      f"{r['loadavg_1min'][0]:.1f} / {r['loadavg_1min'][1]:.1f} | {r['ratio']:.1f}x |")
     lines += ["", f"Scores: Pearson {agreement['pearson']:.7f}, top-100 overlap {agreement['top100_overlap']:.2f}. "
               f"jaxinterp's interpreter: jax {jax_version[0]}, torch installed: {jax_version[1]}."]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out + ".md", lines)
 
 
 if __name__ == "__main__":

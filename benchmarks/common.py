@@ -70,3 +70,11 @@ def write_json(path: str, data: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
+
+
+def write_report(path: str, lines: list) -> None:
+    """Write a benchmark's markdown report (one line per item) and print it."""
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    print(text, end="")
