@@ -770,6 +770,20 @@ def _check_model(path, option: str = "--model") -> None:
         raise JaxinterpError(f"{option} {path} does not exist")
 
 
+def _check_pt_graphs(args) -> None:
+    """Before any work: torch (an optional extra) is there when a graph file to read or
+    write is a ``.pt`` file (the reference's ``to_pt`` form; jaxinterp.graph)."""
+    from .graph import is_pt, require_torch
+
+    graphs = [("--graph", p) for p in (getattr(args, "graphs", None) or [])]  # ensemble's
+    graphs += [("--graph", getattr(args, "graph", None)), ("--init-graph", getattr(args, "init_graph", None))]
+    if args.command in ("attribute", "acdc", "prune", "ensemble"):  # their --out is a graph file
+        graphs.append(("--out", getattr(args, "out", None)))
+    for flag, path in graphs:
+        if is_pt(path):
+            require_torch(f"{flag} {path}")
+
+
 def check_paths(args) -> None:
     """Inputs exist and are readable; outputs can be written and are no input."""
     from .io import check_input_file, check_writable_dir, check_writable_file
@@ -783,6 +797,7 @@ def check_paths(args) -> None:
         flag = "--" + option.replace("_", "-")
         check_input_file(path, flag)
         inputs.append((flag, path))
+    _check_pt_graphs(args)
     if getattr(args, "intervention", None) == "optimal":
         _check_optimal(args.intervention_data)
     if getattr(args, "init_signed", False) and not args.init_graph:

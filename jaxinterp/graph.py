@@ -1,4 +1,4 @@
-"""The circuit graph: nodes, edges, dense score/mask arrays, pruning and JSON files.
+"""The circuit graph: nodes, edges, dense score/mask arrays, pruning and graph files.
 
 Layout and names follow the reference implementation (hannamw/EAP-IG ``eap/graph.py``)
 exactly, so that graphs move between the two tools:
@@ -31,6 +31,12 @@ CLI ``--grouped-kv``) gives the ``<k>``/``<v>`` inputs to the key/value heads
   of group ``g``: the shared input's gradient is the sum of its copies' gradients.
   For multi-head attention (``K = H``) both views are the same graph, the reference's.
 
+Files: the reference's JSON (``Graph.to_json``), or its ``.pt`` form (``Graph.to_pt``:
+torch tensors in a ``torch.save`` dict, what MIB's run_evaluation.py also reads) through
+the optional extra ``pip install jaxinterp[torch]``; torch is imported only to read or
+write a ``.pt`` file, and :meth:`Graph.from_json` / :meth:`Graph.to_json` choose the
+form by the file name, so every command that reads or writes graphs takes both.
+
 Everything is numpy: the graph is host-side bookkeeping; the compiled forward in
 :mod:`jaxinterp.models` only ever sees the dense arrays.
 """
@@ -40,12 +46,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import io as _io
 import json
 from typing import Iterator, Optional
 
 import numpy as np
 
-from .io import atomic_write_text, dumps, read_json  # noqa: F401  (atomic_write_text: re-exported)
+from .io import atomic_write_bytes, atomic_write_text, dumps, read_json  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,7 +439,10 @@ class Graph:
     def to_json(self, path: str) -> None:
         """Write the reference's JSON format (``cfg``, ``nodes``, ``edges``), atomically.
         Strict JSON (an undefined node score is ``null``, never a bare ``NaN``); a graph
-        whose edge scores are not all finite is refused (ValueError naming the edges)."""
+        whose edge scores are not all finite is refused (ValueError naming the edges).
+        A ``path`` ending in ``.pt`` is written as :meth:`to_pt` writes it."""
+        if is_pt(path):
+            return self.to_pt(path)
         spec = self.spec
         check_finite_scores(self.scores, spec, path)
         nodes = {}
@@ -463,7 +473,10 @@ class Graph:
         ``spec``: the graph the file must be (e.g. ``model.graph_spec``); a file of another
         shape or view raises ValueError saying which. Every edge must be present with a
         finite score (ValueError with counts and names otherwise): a missing or NaN score
-        would silently count as 0 or never be selected."""
+        would silently count as 0 or never be selected. A ``path`` ending in ``.pt`` is read
+        as :meth:`from_pt` reads it."""
+        if is_pt(path):
+            return cls.from_pt(path, spec)
         d = read_json(path)
         if not isinstance(d, dict):
             raise ValueError(f"{path}: not a circuit graph file (a JSON {type(d).__name__}, not an object)")
@@ -478,6 +491,118 @@ class Graph:
             _read_edges_checked(g, d, path)
         _read_nodes(g, d, path)
         return g
+
+
+    def to_pt(self, path: str) -> None:
+        """Write the reference's ``.pt`` form (its ``Graph.to_pt``), atomically: a
+        ``torch.save`` dict of ``cfg``, ``src_nodes`` / ``dst_nodes`` (the names of the rows
+        and columns), ``edges_scores [src, dst]`` float32, ``edges_in_graph [src, dst]`` and
+        ``nodes_in_graph [src]`` bool, and when present ``nodes_scores [src]`` and
+        ``neurons_in_graph`` / ``neurons_scores [src, d_model]`` (NaN: unscored). Needs
+        torch (:class:`~jaxinterp.errors.JaxinterpError` naming the file and the extra to
+        install otherwise); edge scores must be finite, as for :meth:`to_json`."""
+        torch = require_torch(path)
+        spec = self.spec
+        check_finite_scores(self.scores, spec, path)
+        tensor = lambda a, dtype: torch.from_numpy(np.array(a, dtype))  # noqa: E731  (a copy, owned)
+        d = {"cfg": spec.to_cfg(), "src_nodes": list(spec.forward_names), "dst_nodes": list(spec.backward_names),
+             "edges_scores": tensor(self.scores, np.float32),
+             "edges_in_graph": tensor(self.in_graph & spec.real_edge_mask, bool),
+             "nodes_in_graph": tensor(self.nodes_in_graph, bool)}
+        if self.nodes_scores is not None:
+            d["nodes_scores"] = tensor(self.nodes_scores, np.float32)
+        if self.neurons_in_graph is not None or self.neurons_scores is not None:
+            shape = (self.neurons_in_graph if self.neurons_in_graph is not None else self.neurons_scores).shape
+            d["neurons_in_graph"] = tensor(np.zeros(shape, bool) if self.neurons_in_graph is None
+                                           else self.neurons_in_graph, bool)
+            if self.neurons_scores is not None:
+                d["neurons_scores"] = tensor(self.neurons_scores, np.float32)
+        buf = _io.BytesIO()
+        torch.save(d, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def from_pt(cls, path: str, spec: Optional[GraphSpec] = None) -> "Graph":
+        """Read the reference's ``.pt`` form (its ``Graph.to_pt``; see :meth:`to_pt`).
+        Its reader assigns the tensors by position, so ``src_nodes`` and ``dst_nodes`` must
+        be the graph's names in the graph's order; ``spec`` and the checks on edge scores
+        are :meth:`from_json`'s. Needs torch; loads tensors only (``weights_only``: no code
+        in the file runs)."""
+        torch = require_torch(path)
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # a zip or pickle error: not a torch.save file of tensors
+            raise ValueError(f"{path}: not a readable .pt graph file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: not a .pt circuit graph (a {type(d).__name__}, not a dict)")
+        missing = [k for k in _PT_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"{path}: not a .pt circuit graph, missing keys {missing}")
+        if not isinstance(d["cfg"], dict):
+            raise ValueError(f"{path}: the graph's 'cfg' is a {type(d['cfg']).__name__}, not a dict")
+        spec = spec_from_file(d["cfg"], path, spec)
+        for key, names in (("src_nodes", spec.forward_names), ("dst_nodes", spec.backward_names)):
+            if list(d[key]) != names:
+                raise ValueError(f"{path}: its {key} are not the graph's names in the graph's order "
+                                 f"({len(d[key])} names, expected {len(names)} from {names[0]!r})")
+
+        def array(key: str, shape: tuple, dtype) -> np.ndarray:
+            t = d[key]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{path}: {key} is a {type(t).__name__}, not a tensor")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the graph needs {shape}")
+            t = t.detach().cpu()
+            return (t.numpy() if t.dtype == torch.bool else t.double().numpy()).astype(dtype)
+
+        shape = (spec.n_forward, spec.n_backward)
+        scores = array("edges_scores", shape, np.float64)
+        real = spec.real_edge_mask
+        bad = real & ~np.isfinite(scores)
+        if bad.any():
+            names = [n for n, s, t in spec.edges if bad[s, t]]
+            raise ValueError(f"{path}: {int(bad.sum())} of {spec.n_edges} edges have a score that is NaN or infinite, "
+                             f"e.g. {_some(names)}")
+        g = cls(spec, scores)
+        g.in_graph = array("edges_in_graph", shape, bool) & real
+        g.nodes_in_graph = array("nodes_in_graph", (spec.n_forward,), bool)
+        if d.get("nodes_scores") is not None:
+            g.nodes_scores = array("nodes_scores", (spec.n_forward,), np.float32)
+        for key, attr, dtype in (("neurons_in_graph", "neurons_in_graph", bool),
+                                 ("neurons_scores", "neurons_scores", np.float32)):
+            if d.get(key) is not None:
+                width = int(d[key].shape[-1]) if isinstance(d[key], torch.Tensor) and d[key].ndim == 2 else -1
+                if spec.d_model and width != spec.d_model:
+                    raise ValueError(f"{path}: {key} needs shape {(spec.n_forward, spec.d_model)}")
+                setattr(g, attr, array(key, (spec.n_forward, width), dtype))
+        return g
+
+
+#: what the reference's ``Graph.from_pt`` requires
+_PT_KEYS = ("cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph")
+#: how to get torch for ``.pt`` files
+TORCH_EXTRA = "pip install jaxinterp[torch]"
+
+
+def is_pt(path) -> bool:
+    """Whether ``path`` names a ``.pt`` graph file (the reference's ``to_pt`` form)."""
+    return isinstance(path, str) and path.lower().endswith(".pt")
+
+
+def require_torch(path: str):
+    """The ``torch`` module, imported now (it is an optional extra); JaxinterpError naming
+    ``path`` and the extra to install when it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        from .errors import JaxinterpError
+
+        raise JaxinterpError(f"{path}: .pt graph files need torch, an optional extra: {TORCH_EXTRA} "
+                             f"(or use the JSON form)") from None
+    return torch
 
 
 @functools.lru_cache(maxsize=4)

@@ -26,12 +26,17 @@ circuit the top-n edges with dangling nodes pruned; faithfulness ``f = (m(C) - m
 edges ranked by signed score, **CMD** the area under ``|1 - f|`` with edges ranked by
 ``|score|``. Both rankings (20 circuits) and the two ends (the full model and the empty
 circuit) are evaluated as 22 masks of one :func:`jaxinterp.evaluation.evaluate_masks`
-call: one compiled program, one pass over the data.
+call: one compiled program, one pass over the data. ``greedy``: each circuit grown from
+the logits up instead (:meth:`jaxinterp.graph.Graph.apply_greedy`), as MIB evaluates
+``information-flow-routes``.
+
+**InterpBench** (:func:`circuit_roc`): greedy circuits of a graph's scores against a known
+circuit, TPR / FPR per size and the AUROC MIB's print_results.py reports.
 
 **Submissions** (:func:`write_submission`, :func:`read_submission`): one folder per
 leaderboard cell ``{task}_{model}`` (hyphens in the task: ``ioi_gpt2``,
-``arc-easy_llama3``) holding one importance file (the reference's graph JSON) or nine
-binary circuits at the size caps 0.1% .. 50% of the edges.
+``arc-easy_llama3``) holding one importance file (the reference's graph JSON, or its
+``.pt`` form with torch) or nine binary circuits at the size caps 0.1% .. 50% of the edges.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import numpy as np
 
 from .data import DataError, Pairs, text_errors
 from .errors import JaxinterpError
+from .graph import is_pt
 
 # --- the benchmark's constants --------------------------------------------------------------
 
@@ -463,7 +469,8 @@ class MIBScore:
     """``cpr`` (signed ranking's area under f) and ``cmd`` (absolute ranking's area under
     |1 - f|), both curves, and the ends: ``model`` = m(N), ``empty`` = m(empty) (graph
     forward, same pass), over ``n_examples`` examples of a graph of ``n_edges`` edges;
-    ``level`` the items ranked (``n_items`` of them scored)."""
+    ``level`` the items ranked (``n_items`` of them scored); ``selection`` how each
+    circuit was chosen: ``top-n`` or ``greedy`` (:func:`greedy_masks`)."""
 
     cpr: float
     cmd: float
@@ -475,6 +482,7 @@ class MIBScore:
     n_examples: int
     level: str = "edge"
     n_items: int = 0
+    selection: str = "top-n"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -500,11 +508,22 @@ def _level_scores(graph, level: str) -> np.ndarray:
     return np.asarray(scores, np.float64)
 
 
+def greedy_masks(graph, sizes: Sequence[int], absolute: bool) -> tuple[np.ndarray, list[int]]:
+    """``(in_graph [size, src, dst], edges kept)``: for each size ``n`` the circuit
+    :meth:`jaxinterp.graph.Graph.apply_greedy` grows from the logits up (``n`` edges, then
+    pruned), as ``evaluate_area_under_curve(apply_greedy=True)`` selects circuits."""
+    from .graph import Graph
+
+    g = Graph(graph.spec, graph.scores)
+    masks = [g.apply_greedy(n, absolute=absolute, prune=True).in_graph.copy() for n in sizes]
+    return np.stack(masks), [int((m & graph.spec.real_edge_mask).sum()) for m in masks]
+
+
 def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, metric: str = "logit_diff",
                 intervention: str = "patching", percentages: Sequence[float] = PERCENTAGES, chunk: int = 8,
                 mesh=None, task: Optional[str] = None, split: str = "validation",
                 limit: Optional[int] = None, level: str = "edge",
-                intervention_data: Union[str, Pairs, None] = None) -> MIBScore:
+                intervention_data: Union[str, Pairs, None] = None, greedy: bool = False) -> MIBScore:
     """CPR and CMD of ``graph``'s scores on ``data`` (:func:`load_task_data`) at ``level``:
     ``edge`` (edge scores), ``node`` (``graph.nodes_scores``) or ``neuron``
     (``graph.neurons_scores [src, d_model]``), as ``evaluate_area_under_curve(level=)``:
@@ -519,6 +538,9 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
     rounding). ``intervention``: what ablated edges carry, as in evaluation
     (``intervention_data``: the prompts the ``mean`` interventions average over, or the
     ``optimal`` intervention's constants, :mod:`jaxinterp.optimal_ablation`).
+    ``greedy``: each circuit grown greedily from the logits up (:func:`greedy_masks`)
+    instead of the top-n edges, as MIB's run_evaluation.py evaluates
+    ``information-flow-routes`` (edge level only, as there).
 
     Raises ValueError when faithfulness is undefined (m(N) = m(empty)) or not finite."""
     from .data import bucket_length
@@ -526,6 +548,8 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
 
     if level not in LEVELS:
         raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+    if greedy and level != "edge":
+        raise ValueError(f"greedy selection is defined over edges only (MIB's evaluation), not at the {level} level")
     spec = model.graph_spec
     spec.check_same(graph.spec, "the scored graph")
     pairs = load_task_data(model, data, task, split, limit)
@@ -537,7 +561,8 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
     if level == "edge":
         n_items = n_edges
         sizes = mib_sizes(n_items, percentages)
-        picked = [topn_masks(graph, sizes, absolute=a) for a in rankings]
+        select = greedy_masks if greedy else topn_masks
+        picked = [select(graph, sizes, absolute=a) for a in rankings]
         edge_masks = [m for m, _ in picked]
         kept = [list(k) for _, k in picked]
         weighted = [[weighted_edge_count(c, real) for c in m] for m in edge_masks]
@@ -586,7 +611,7 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
             average=sum(f) / len(f)))
     return MIBScore(cpr=curves[0].area_under, cmd=curves[1].area_from_1, signed=curves[0], absolute=curves[1],
                     model=m_full, empty=m_empty, n_edges=n_edges, n_examples=len(pairs), level=level,
-                    n_items=n_items)
+                    n_items=n_items, selection="greedy" if greedy else "top-n")
 
 
 # --- submission files ---------------------------------------------------------------------
@@ -597,29 +622,34 @@ IMPORTANCES = "importances.json"
 RANKING_DIRS = {True: "abs-True", False: "abs-False"}
 
 
-def circuit_file(pct: float) -> str:
-    return f"circuit_{pct:g}.json"
+#: the forms of a graph file: the reference's JSON, or its ``.pt`` (needs torch)
+FORMATS = ("json", "pt")
 
 
-def _write_cell(folder: str, graph, circuits: bool, absolute: bool) -> list[str]:
+def circuit_file(pct: float, fmt: str = "json") -> str:
+    return f"circuit_{pct:g}.{fmt}"
+
+
+def _write_cell(folder: str, graph, circuits: bool, absolute: bool, fmt: str = "json") -> list[str]:
     from .graph import Graph
 
     os.makedirs(folder, exist_ok=True)
     if not circuits:
-        path = os.path.join(folder, IMPORTANCES)
-        graph.to_json(path)
+        path = os.path.join(folder, f"{os.path.splitext(IMPORTANCES)[0]}.{fmt}")
+        graph.to_json(path)  # .pt by the name
         return [path]
     paths = []
     g = Graph(graph.spec, graph.scores)
     for pct, n in zip(CIRCUIT_PERCENTAGES, mib_sizes(graph.spec.n_edges, CIRCUIT_PERCENTAGES)):
         g.apply_topn(n, absolute=absolute, prune=True)  # pruning only removes: at most n edges, under the cap
-        path = os.path.join(folder, circuit_file(pct))
+        path = os.path.join(folder, circuit_file(pct, fmt))
         g.to_json(path)  # scores kept: MIB's loader reads in_graph (and a score when present)
         paths.append(path)
     return paths
 
 
-def write_submission(out_dir: str, graphs: dict, circuits: bool = False, ranking: str = "both") -> list[str]:
+def write_submission(out_dir: str, graphs: dict, circuits: bool = False, ranking: str = "both",
+                     fmt: str = "json") -> list[str]:
     """Write a submission directory: ``graphs`` maps cells (``ioi_gpt2``, see :data:`CELLS`)
     to scored :class:`~jaxinterp.graph.Graph` objects. ``circuits=False``: one
     ``importances.json`` per cell (the leaderboard ranks it both ways itself).
@@ -628,6 +658,8 @@ def write_submission(out_dir: str, graphs: dict, circuits: bool = False, ranking
     "absolute"``), by signed score (``"signed"``), or both (``"both"``: under ``abs-True/``
     and ``abs-False/``, the folders the leaderboard's back end reads as "evaluate with
     this ranking only"; it takes CPR from ``abs-False`` and CMD from ``abs-True``).
+    ``fmt``: ``json`` (the reference's graph JSON) or ``pt`` (its ``Graph.to_pt`` form,
+    ``importances.pt`` / ``circuit_<pct>.pt``; needs torch, ``pip install jaxinterp[torch]``).
 
     The directory is built beside ``out_dir`` and swapped in whole (an existing one is
     replaced only when the new one is complete). Returns the files written (final paths)."""
@@ -638,17 +670,24 @@ def write_submission(out_dir: str, graphs: dict, circuits: bool = False, ranking
     if ranking not in ("both", "absolute", "signed"):
         raise ValueError(f"ranking must be both, absolute or signed, not {ranking!r}")
     rankings = {"both": (True, False), "absolute": (True,), "signed": (False,)}[ranking]
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt == "pt":
+        from .graph import require_torch
+
+        require_torch(os.path.join(out_dir, "*.pt"))  # before anything is written
     tmp = temp_dir_beside(out_dir)
     written = []
     try:
         for cell, graph in graphs.items():
             if not circuits:
-                written += _write_cell(os.path.join(tmp, cell), graph, False, True)
+                written += _write_cell(os.path.join(tmp, cell), graph, False, True, fmt)
             elif ranking == "both":
                 for absolute in rankings:
-                    written += _write_cell(os.path.join(tmp, RANKING_DIRS[absolute], cell), graph, True, absolute)
+                    written += _write_cell(os.path.join(tmp, RANKING_DIRS[absolute], cell), graph, True, absolute,
+                                           fmt)
             else:
-                written += _write_cell(os.path.join(tmp, cell), graph, True, rankings[0])
+                written += _write_cell(os.path.join(tmp, cell), graph, True, rankings[0], fmt)
         replace_dir(tmp, out_dir)
     except BaseException:
         import shutil
@@ -683,7 +722,7 @@ def read_submission(path: str, specs: Optional[dict] = None) -> list[SubmittedCe
     """Read a submission directory back and check it: each cell folder (directly, or under
     ``abs-True``/``abs-False``) holds one importance JSON or nine circuit JSONs whose sorted
     edge counts respect the caps int(pct * n_edges). ``specs``: model name -> GraphSpec to
-    check files against. ``.pt`` files are refused (they need torch)."""
+    check files against. ``.pt`` files (the reference's ``to_pt`` form) need torch."""
     from .graph import Graph
 
     if not os.path.isdir(path):
@@ -700,8 +739,6 @@ def read_submission(path: str, specs: Optional[dict] = None) -> list[SubmittedCe
                 continue
             _, model = parse_cell(name)
             files = sorted(f for f in os.listdir(folder) if f.endswith((".json", ".pt")))
-            if any(f.endswith(".pt") for f in files):
-                raise JaxinterpError(f"{folder}: .pt circuit files need torch; jaxinterp reads the JSON form")
             spec = (specs or {}).get(model)
             graphs = [Graph.from_json(os.path.join(folder, f), spec=spec) for f in files]
             for f, g in zip(files, graphs):
@@ -724,6 +761,79 @@ def read_submission(path: str, specs: Optional[dict] = None) -> list[SubmittedCe
     if not found:
         raise ValueError(f"{path}: no cell folders ({', '.join(CELLS[:3])}, ...) in it")
     return found
+
+
+# --- InterpBench: circuits against a known circuit (`jaxinterp mib auroc`) -----------------
+
+@dataclasses.dataclass
+class CircuitROC:
+    """MIB's InterpBench evaluation of a graph's scores against a known circuit: per
+    ``percentages``, ``sizes`` the edges the greedy circuit is grown to (before pruning),
+    ``tpr``, ``fpr``, ``precision``, ``recall`` of its edges; ``auroc`` the area under
+    TPR over FPR (:func:`circuit_roc`); ``n_true`` of the ``n_edges`` edges are the known
+    circuit's."""
+
+    percentages: list
+    sizes: list
+    tpr: list
+    fpr: list
+    precision: list
+    recall: list
+    auroc: float
+    n_edges: int
+    n_true: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def roc_area(fpr: Sequence[float], tpr: Sequence[float]) -> float:
+    """The AUROC MIB reports (print_results.py's ``area_under_curve(FPR, TPR)``): the
+    trapezoid area over the points as given, with FPR divided by its last value (the full
+    graph's, 1) and no point added at (0, 0)."""
+    if len(fpr) != len(tpr) or len(fpr) < 2:
+        raise ValueError(f"{len(fpr)} FPR and {len(tpr)} TPR values; the area needs two points or more")
+    if fpr[-1] == 0:
+        raise ValueError("the last false-positive rate is 0: the area is undefined")
+    x = [v / fpr[-1] for v in fpr]
+    return float(sum((x[i + 1] - x[i]) * (tpr[i + 1] + tpr[i]) / 2 for i in range(len(x) - 1)))
+
+
+def circuit_roc(reference, hypothesis, percentages: Sequence[float] = PERCENTAGES) -> CircuitROC:
+    """InterpBench's score as MIB computes it (run_evaluation.py for ``interpbench``:
+    ``evaluate_area_under_roc``, then print_results.py's AUROC, :func:`roc_area`): for
+    each ``pct``, the circuit :meth:`~jaxinterp.graph.Graph.apply_greedy` grows from
+    ``hypothesis``'s scores (by ``|score|``, pruned) to ``pct * n_edges`` edges (MIB passes
+    that product unrounded; its greedy loop then takes ``ceil`` of it), compared edge by
+    edge with ``reference``'s circuit (``in_graph``): TPR = recall = TP / (TP + FN), FPR =
+    FP / (FP + TN), precision = TP / (TP + FP) (0 without predicted edges).
+
+    Where scores tie, the reference's greedy order depends on Python's string hashing
+    (``PYTHONHASHSEED``); jaxinterp's is the graph's edge order. ValueError when the
+    reference circuit has no edge or every edge (recall or FPR undefined)."""
+    from .graph import Graph
+
+    spec = hypothesis.spec
+    spec.check_same(reference.spec, "the reference circuit")
+    real = spec.real_edge_mask
+    truth = reference.in_graph & real
+    n_true = int(truth.sum())
+    if n_true == 0 or n_true == spec.n_edges:
+        raise ValueError(f"the reference circuit has {n_true} of {spec.n_edges} edges: "
+                         f"{'recall' if n_true == 0 else 'the false-positive rate'} is undefined")
+    g = Graph(spec, hypothesis.scores)
+    sizes, tpr, fpr, precision = [], [], [], []
+    for pct in percentages:
+        n = math.ceil(pct * spec.n_edges)
+        predicted = g.apply_greedy(n, absolute=True, prune=True).in_graph & real
+        tp, fp = int((truth & predicted).sum()), int((~truth & predicted & real).sum())
+        fn, tn = n_true - tp, spec.n_edges - n_true - fp
+        sizes.append(n)
+        tpr.append(tp / (tp + fn))
+        fpr.append(fp / (fp + tn))
+        precision.append(tp / (tp + fp) if tp + fp else 0.0)
+    return CircuitROC(percentages=list(percentages), sizes=sizes, tpr=tpr, fpr=fpr, precision=precision,
+                      recall=list(tpr), auroc=roc_area(fpr, tpr), n_edges=spec.n_edges, n_true=n_true)
 
 
 # --- a model x task grid, restartable (`jaxinterp mib run`) ------------------------------
@@ -766,14 +876,20 @@ def _grid_result(path: str, graph_path: str, settings: dict) -> Optional[dict]:
             result = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(result, dict) or result.get("settings") != settings:
+    if not isinstance(result, dict) or not isinstance(result.get("settings"), dict):
+        return None
+    stored = result["settings"]
+    if "gemma2_heads" in settings and "gemma2_heads" not in stored:  # written before the option: shared heads
+        stored = {**stored, "gemma2_heads": "shared"}
+    if stored != settings:
         return None
     return result if result.get("graph_sha256") == file_hash(graph_path) else None
 
 
 def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = ("EAP-IG-inputs",),
              levels: Sequence[str] = ("edge",), ig_steps: int = 5, batch_size: int = 16, split: str = "validation",
-             limit: Optional[int] = None, intervention: str = "patching", quiet: bool = False) -> list[dict]:
+             limit: Optional[int] = None, intervention: str = "patching", quiet: bool = False,
+             gemma2_heads: Optional[str] = None) -> list[dict]:
     """Attribute and score every (model, task, method, level) leaderboard cell of the grid
     ``models`` (MIB model name -> checkpoint) x ``tasks`` (MIB task -> local data), writing
     per cell the importance file (where MIB's run_evaluation.py reads it) and a result JSON
@@ -783,22 +899,38 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
     skipped; temporary files a kill left are removed; a lock keeps two runs out of one
     directory; ``runlog.jsonl`` records each event. Pairs (task, model) that are not
     leaderboard cells are skipped, as MIB's run_evaluation.py does. Writes
-    ``summary.csv`` at the end; returns the results in grid order."""
+    ``summary.csv`` at the end; returns the results in grid order.
+
+    ``information-flow-routes`` (edge level only) is scored with greedily selected
+    circuits (:func:`score_graph`'s ``greedy``), as MIB's run_evaluation.py does for it.
+    ``gemma2_heads``: the head definition the ``gemma2`` model is loaded with (``shared``
+    by default, or MIB's ``per-input``; :func:`jaxinterp.load_model`), recorded in the
+    settings of its cells, so that changing it computes them again."""
     from tqdm.auto import tqdm
 
     from .io import atomic_write_text, clean_tmp, dumps, file_hash, fingerprint
     from .loading import load_model
-    from .names import METHODS
+    from .names import EDGE_METHODS, GEMMA2_HEADS, ROUTE_METHODS
     from .node_attribution import attribute_nodes
     from .loading import model_files
     from .sweep import Lock, environment, log_event, prepared_model_dir
 
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in EDGE_METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(EDGE_METHODS)}")
     for level in levels:
         if level not in LEVELS:
             raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
+    routes = [m for m in methods if m in ROUTE_METHODS]
+    if routes and set(levels) - {"edge"}:
+        raise ValueError(f"{routes[0]} scores edges only, not the {sorted(set(levels) - {'edge'})[0]} level")
+    if gemma2_heads is not None:
+        if gemma2_heads not in GEMMA2_HEADS:
+            raise ValueError(f"gemma2_heads must be one of {', '.join(GEMMA2_HEADS)}, not {gemma2_heads!r}")
+        if "gemma2" not in models:
+            raise ValueError("gemma2_heads is given but the grid has no gemma2 model")
+        if gemma2_heads == "per-input" and "exact" in methods:
+            raise ValueError("exact is not offered with gemma2_heads='per-input'")
     tasks = {canonical_task(t): path for t, path in tasks.items()}
     grid = [GridCell(m, t, method, level) for m in models for t in tasks for method in methods for level in levels
             if f"{t.replace('_', '-')}_{m}" in CELLS]
@@ -817,9 +949,12 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
         fp_tasks = {t: fingerprint(path)["digest"] for t, path in tasks.items()}
 
         def settings(c: GridCell) -> dict:
-            return {"model_fingerprint": fp_models[c.model], "data_fingerprint": fp_tasks[c.task], "split": split,
-                    "limit": limit, "method": c.method, "level": c.level, "intervention": intervention,
-                    "ig_steps": ig_steps, "batch_size": batch_size, "metric": "logit_diff"}
+            out = {"model_fingerprint": fp_models[c.model], "data_fingerprint": fp_tasks[c.task], "split": split,
+                   "limit": limit, "method": c.method, "level": c.level, "intervention": intervention,
+                   "ig_steps": ig_steps, "batch_size": batch_size, "metric": "logit_diff"}
+            if c.model == "gemma2":  # what a head node is: the circuits differ (README, Gemma 2)
+                out["gemma2_heads"] = gemma2_heads or "shared"
+            return out
 
         todo = []
         for c in grid:
@@ -835,7 +970,8 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
             mine = [c for c in todo if c.model == m]
             if not mine:
                 continue
-            model = load_model(prepared_model_dir(out_dir, m, models[m], fp_models[m]))
+            model = load_model(prepared_model_dir(out_dir, m, models[m], fp_models[m]),
+                               gemma2_heads=(gemma2_heads or "shared") if m == "gemma2" else None)
             data = {}
             for c in mine:
                 if c.task not in data:
@@ -854,7 +990,7 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
                 attribute_s = time.perf_counter() - t
                 t = time.perf_counter()
                 score = score_graph(model, graph, data[c.task], batch_size=batch_size, intervention=intervention,
-                                    level=c.level)
+                                    level=c.level, greedy=c.method in ROUTE_METHODS)
                 score_s = time.perf_counter() - t
                 path, graph_path = grid_paths(out_dir, c, intervention)
                 os.makedirs(os.path.dirname(graph_path), exist_ok=True)
@@ -907,7 +1043,7 @@ def _name_paths(items: Sequence[str], option: str) -> dict:
 def cmd_run(args) -> int:
     """``jaxinterp mib run``: the model x task grid, restartable."""
     from .io import check_writable_dir
-    from .names import METHODS
+    from .names import EDGE_METHODS, ROUTE_METHODS
 
     args.method = args.method or ["EAP-IG-inputs"]
     args.level = args.level or ["edge"]
@@ -921,15 +1057,24 @@ def cmd_run(args) -> int:
         tasks = {canonical_task(t): p for t, p in tasks.items()}
     except ValueError as e:
         raise JaxinterpError(f"--task: {e}") from None
-    bad = [m for m in args.method if m not in METHODS]
+    bad = [m for m in args.method if m not in EDGE_METHODS]
     if bad:
-        raise JaxinterpError(f"--method {bad[0]}: choose from {', '.join(METHODS)}")
+        raise JaxinterpError(f"--method {bad[0]}: choose from {', '.join(EDGE_METHODS)}")
+    routes = [m for m in args.method if m in ROUTE_METHODS]
+    if routes and set(args.level) - {"edge"}:
+        raise JaxinterpError(f"--level {sorted(set(args.level) - {'edge'})[0]}: --method {routes[0]} scores edges "
+                             f"only")
+    if args.gemma2_heads is not None:
+        if "gemma2" not in models:
+            raise JaxinterpError("--gemma2-heads: the grid has no gemma2 model (--model gemma2=DIR)")
+        if args.gemma2_heads == "per-input" and "exact" in args.method:
+            raise JaxinterpError("--gemma2-heads per-input: --method exact is not offered with it")
     if not any(f"{t.replace('_', '-')}_{m}" in CELLS for m in models for t in tasks):
         raise JaxinterpError(f"--model x --task holds no leaderboard cell; the cells are {', '.join(CELLS)}")
     check_writable_dir(args.mib_out, "--out", [(f"--model {m}", p) for m, p in models.items()]
                        + [(f"--task {t}", p) for t, p in tasks.items()])
     run_grid(models, tasks, args.mib_out, methods=args.method, levels=args.level, ig_steps=args.ig_steps,
-             batch_size=args.batch_size, split=args.split, limit=args.limit)
+             batch_size=args.batch_size, split=args.split, limit=args.limit, gemma2_heads=args.gemma2_heads)
     return 0
 
 
@@ -982,8 +1127,16 @@ def cmd_score(args) -> int:
     if args.mib_out is not None:
         check_writable_file(args.mib_out, "--out", [("--data", args.mib_data), ("--graph", args.graph),
                                                     ("--model", args.model)])
-    model = load_model(args.model, dtype=jnp.dtype(args.dtype))
+    _require_torch_for([f"--graph {args.graph}"] if is_pt(args.graph) else [])
+    try:
+        model = load_model(args.model, dtype=jnp.dtype(args.dtype), gemma2_heads=args.gemma2_heads)
+    except ValueError as e:
+        if args.gemma2_heads is None:
+            raise
+        raise JaxinterpError(f"--gemma2-heads {args.gemma2_heads}: {e}") from None
     graph = Graph.from_json(args.graph, spec=model.graph_spec)
+    if args.greedy and args.level != "edge":
+        raise JaxinterpError(f"--greedy: greedy selection is defined over edges only, not with --level {args.level}")
     if args.level != "edge":  # the graph has what the level ranks, before any computation
         try:
             _level_scores(graph, args.level)
@@ -991,10 +1144,11 @@ def cmd_score(args) -> int:
             raise JaxinterpError(f"--level {args.level}: --graph {args.graph}: {e}") from None
     result = score_graph(model, graph, args.mib_data, batch_size=args.batch_size, task=task, split=args.split,
                          limit=args.limit, level=args.level, intervention=args.intervention,
-                         intervention_data=args.intervention_data)
+                         intervention_data=args.intervention_data, greedy=args.greedy)
     for curve in (result.signed, result.absolute):
         kind = "|score|" if curve.absolute else "signed score"
-        print(f"ranked by {kind} ({args.level} level, {result.n_items} scored {args.level}s):")
+        how = ", greedy from the logits" if args.greedy else ""
+        print(f"ranked by {kind} ({args.level} level{how}, {result.n_items} scored {args.level}s):")
         for pct, size, n, f in zip(curve.percentages, curve.sizes, curve.edge_counts, curve.faithfulness):
             items = "" if args.level == "edge" else f"{size:>8} {args.level}s "
             print(f"  {pct * 100:>5g}%  {items}{n:>8} edges  faithfulness {f:.4f}")
@@ -1002,6 +1156,41 @@ def cmd_score(args) -> int:
           f"m(empty) {result.empty:.4f})")
     if args.mib_out is not None:
         atomic_write_text(args.mib_out, dumps(result.to_dict(), indent=2))
+        print(f"-> {args.mib_out}")
+    return 0
+
+
+def _require_torch_for(uses: Sequence[str]) -> None:
+    """Before any work: torch is importable when some option needs a ``.pt`` file
+    (``uses``: what needs it, named for the message)."""
+    if uses:
+        from .graph import require_torch
+
+        require_torch(uses[0])
+
+
+def cmd_auroc(args) -> int:
+    """``jaxinterp mib auroc``: InterpBench's AUROC of a graph's scores against a known circuit."""
+    from .graph import Graph
+    from .io import atomic_write_text, check_writable_file, dumps
+
+    for option, path in (("--graph", args.graph), ("--reference", args.reference)):
+        _check_data_path(path, option)
+    if args.mib_out is not None:
+        check_writable_file(args.mib_out, "--out", [("--graph", args.graph), ("--reference", args.reference)])
+    _require_torch_for([f"{o} {p}" for o, p in (("--graph", args.graph), ("--reference", args.reference)) if is_pt(p)])
+    hypothesis = Graph.from_json(args.graph)
+    reference = Graph.from_json(args.reference, spec=hypothesis.spec)
+    try:
+        roc = circuit_roc(reference, hypothesis)
+    except ValueError as e:
+        raise JaxinterpError(f"--reference {args.reference}: {e}") from None
+    print(f"greedy circuits of {args.graph} against {args.reference} ({roc.n_true} of {roc.n_edges} edges):")
+    for pct, n, tpr, fpr, prec in zip(roc.percentages, roc.sizes, roc.tpr, roc.fpr, roc.precision):
+        print(f"  {pct * 100:>5g}%  {n:>8} edges  TPR {tpr:.4f}  FPR {fpr:.4f}  precision {prec:.4f}")
+    print(f"AUROC {roc.auroc:.4f}")
+    if args.mib_out is not None:
+        atomic_write_text(args.mib_out, dumps(roc.to_dict(), indent=2))
         print(f"-> {args.mib_out}")
     return 0
 
@@ -1023,8 +1212,10 @@ def cmd_submit(args) -> int:
             raise JaxinterpError(f"--cell {cell}: {path} is not a file")
         cells[cell] = path
     check_writable_dir(args.mib_out, "--out", [(f"--cell {c}", p) for c, p in cells.items()], replaces=True)
+    _require_torch_for([f"--cell {c}: {p}" for c, p in cells.items() if is_pt(p)]
+                       + ([f"--format pt: {args.mib_out}"] if args.format == "pt" else []))
     graphs = {cell: Graph.from_json(path) for cell, path in cells.items()}
-    written = write_submission(args.mib_out, graphs, circuits=args.circuits, ranking=args.ranking)
+    written = write_submission(args.mib_out, graphs, circuits=args.circuits, ranking=args.ranking, fmt=args.format)
     read_submission(args.mib_out)  # what was written reads back and respects the caps
     print(f"{len(cells)} cells, {len(written)} files -> {args.mib_out}")
     return 0
@@ -1035,7 +1226,7 @@ def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
     ``cache_options(parser)`` adds the compilation-cache options to each subcommand)."""
     import argparse
 
-    from .names import INTERVENTIONS
+    from .names import GEMMA2_HEADS, INTERVENTIONS
 
     p = sub.add_parser("mib", help="the MIB circuit track: its data, its CPR/CMD scores, its submission files")
     p.description = __doc__.split("\n\n")[0]
@@ -1063,7 +1254,8 @@ def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
     common(q, "MIB data (with --task) or a pairs CSV")
     q.add_argument("--model", required=True, help="model directory or a `jaxinterp convert` output")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    q.add_argument("--graph", required=True, help="graph JSON with edge scores (node / neuron scores for --level)")
+    q.add_argument("--graph", required=True, help="graph file with edge scores (node / neuron scores for --level): "
+                                                  "the reference's JSON, or its .pt with torch")
     q.add_argument("--level", default="edge", choices=LEVELS,
                    help="rank edges (default), nodes or neurons, as evaluate_area_under_curve(level=)")
     q.add_argument("--batch-size", type=positive_int, default=16, help="examples per compiled batch (default: 16)")
@@ -1073,6 +1265,12 @@ def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
     q.add_argument("--intervention-data", default=None, metavar="FILE",
                    help="mean interventions: pairs CSV whose clean prompts they average over (default: --data); "
                         "optimal: the .npz of learned constants")
+    q.add_argument("--gemma2-heads", default=None, choices=GEMMA2_HEADS,
+                   help="what a Gemma 2 head node is: shared (default) or MIB's per-input (score a per-input "
+                        "graph with it); refused for other models")
+    q.add_argument("--greedy", action="store_true",
+                   help="grow each circuit greedily from the logits up instead of taking the top-n edges, as MIB's "
+                        "run_evaluation.py does for information-flow-routes (edge level)")
     q.add_argument("--out", dest="mib_out", default=None, metavar="JSON",
                    help="write cpr, cmd and both curves (faithfulness and edge_counts per pct) as JSON")
     q.set_defaults(func=cmd_score)
@@ -1084,26 +1282,42 @@ def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
     q.add_argument("--task", dest="run_task", action="append", required=True, metavar="TASK=DATA",
                    help=f"an MIB task and its local data, repeatable; tasks: {', '.join(TASKS)}")
     q.add_argument("--method", action="append", default=None, help="attribution method, repeatable "
-                   "(default: EAP-IG-inputs)")
+                   "(default: EAP-IG-inputs); information-flow-routes is scored with greedy circuits, as MIB does")
     q.add_argument("--level", action="append", default=None, choices=LEVELS,
                    help="edge, node or neuron, repeatable (default: edge)")
     q.add_argument("--ig-steps", type=positive_int, default=5, help="steps of the EAP-IG methods (default: 5)")
     q.add_argument("--batch-size", type=positive_int, default=16, help="examples per compiled batch (default: 16)")
     q.add_argument("--split", default="validation", help="split of a multi-split copy (default: validation)")
     q.add_argument("--limit", type=positive_int, default=None, help="the first N pairs MIB's filter keeps")
+    q.add_argument("--gemma2-heads", default=None, choices=GEMMA2_HEADS,
+                   help="what a head node of the gemma2 model is: shared (default) or MIB's per-input; recorded "
+                        "per cell (changing it computes the gemma2 cells again)")
     q.add_argument("--out", dest="mib_out", required=True, metavar="DIR",
                    help="output directory: results/, circuits/ (MIB's layout), summary.csv, runlog.jsonl")
     finish(q)
     q.set_defaults(func=cmd_run, method=None, level=None)
 
     q = mib.add_parser("submit", help="write a submission directory (one folder per task_model cell)")
-    q.add_argument("--cell", action="append", required=True, metavar="CELL=GRAPH.json",
+    q.add_argument("--cell", action="append", required=True, metavar="CELL=GRAPH",
                    help=f"a cell and its scored graph, repeatable; cells: {', '.join(CELLS)}")
     q.add_argument("--circuits", action="store_true",
                    help="nine binary circuits per cell at the caps 0.1%%..50%% of the edges instead of one "
                         "importance file")
     q.add_argument("--ranking", default="both", choices=["both", "absolute", "signed"],
                    help="with --circuits: rank by |score|, by signed score, or both (abs-True/ and abs-False/)")
+    q.add_argument("--format", default="json", choices=FORMATS,
+                   help="json (default): the reference's graph JSON; pt: its Graph.to_pt form (needs torch: "
+                        "pip install jaxinterp[torch])")
     q.add_argument("--out", dest="mib_out", required=True, metavar="DIR", help="submission directory to write")
     finish(q)
     q.set_defaults(func=cmd_submit)
+
+    q = mib.add_parser("auroc", help="InterpBench's AUROC: greedy circuits of a graph's scores against a known "
+                                     "circuit, as MIB computes it")
+    q.add_argument("--graph", required=True, help="graph file (.json, or .pt with torch) with edge scores")
+    q.add_argument("--reference", required=True, help="graph file whose in_graph edges are the known circuit "
+                                                      "(InterpBench's interpbench_graph.json)")
+    q.add_argument("--out", dest="mib_out", default=None, metavar="JSON",
+                   help="write TPR, FPR, precision, recall per size and the AUROC as JSON")
+    finish(q)
+    q.set_defaults(func=cmd_auroc)
