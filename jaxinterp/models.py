@@ -99,12 +99,17 @@ class EdgeIntervention:
     detach: optional ``[src]`` in [0, 1]: scales the gradient that flows back *through* a
             node's output into its inputs (1 cuts it, as a hook that overwrites the
             output does); values are unchanged.
+    restore: optional ``[src, pos]`` in [0, 1]: node ``u``'s output at ``pos`` becomes
+            ``out_u + restore_u (source_u - out_u)`` (1: ``source_u``'s value) on all its
+            outgoing edges, in one pass: causal tracing's restoration of a hidden state
+            (:mod:`jaxinterp.tracing`), whose later nodes then compute from it.
     """
 
     coef: Array
     source: Array
     shift: Optional[Array] = None
     detach: Optional[Array] = None
+    restore: Optional[Array] = None
     mode: Literal["replace", "add", "grad", "grad-replace", "add-one"] = dataclasses.field(
         default="replace", metadata=dict(static=True))
 
@@ -265,17 +270,23 @@ def _normed(cfg: ModelConfig, edges: Optional[_Edges], resid: Array, dst: slice,
 
 def _node_out(x: Array, nodes: Optional[tuple]) -> Array:
     """Node outputs ``x`` (``[batch, pos, d_model]`` or ``[n, batch, pos, d_model]``) as seen
-    downstream: shifted by ``shift * source`` and with the gradient into their inputs scaled
-    by ``1 - detach``. ``nodes``: ``(shift [n] or None, detach [n] or None, source [n, ...])``."""
+    downstream: with the gradient into their inputs scaled by ``1 - detach``, moved toward
+    ``source`` by ``restore`` and shifted by ``shift * source``. ``nodes``: ``(shift [n] or
+    None, detach [n] or None, source [n, ...] or None, restore [n, pos] or None)``."""
     if nodes is None:
         return x
-    shift, detach, source = nodes
+    shift, detach, source, restore = nodes
     expand = (lambda a: a[:, None, None, None]) if x.ndim == 4 else (lambda a: a[0])
+    if source is not None:
+        source = (source if x.ndim == 4 else source[0]).astype(x.dtype)
     if detach is not None:
         sg = jax.lax.stop_gradient(x)
         x = sg + (1 - expand(detach)) * (x - sg)
+    if restore is not None:
+        r = (restore[:, None, :, None] if x.ndim == 4 else restore[0][None, :, None]).astype(x.dtype)
+        x = x + r * (source - x)
     if shift is not None:
-        x = x + expand(shift) * (source if x.ndim == 4 else source[0]).astype(x.dtype)
+        x = x + expand(shift) * source
     return x
 
 
@@ -366,9 +377,9 @@ def _upstream(spec: GraphSpec, start) -> Array:
 def _layer_nodes(iv: Optional[EdgeIntervention], cfg: ModelConfig) -> tuple[Optional[tuple], Optional[tuple]]:
     """:func:`_node_out`'s arrays for the input node and for every layer's nodes
     (``[layer, head + 1, ...]``); None where no node is shifted or detached."""
-    if iv is None or (iv.shift is None and iv.detach is None):
+    if iv is None or (iv.shift is None and iv.detach is None and iv.restore is None):
         return None, None
-    arrays = (iv.shift, iv.detach, iv.source if iv.shift is not None else None)
+    arrays = (iv.shift, iv.detach, None if iv.shift is None and iv.restore is None else iv.source, iv.restore)
     L, n = cfg.n_layers, cfg.n_heads + 1
     return (tuple(None if a is None else a[:1] for a in arrays),
             tuple(None if a is None else a[1:].reshape((L, n) + a.shape[1:]) for a in arrays))

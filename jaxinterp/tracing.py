@@ -24,30 +24,34 @@ With ``window > 1`` the states of layers ``max(0, l - window // 2)`` up to
 
 How a restoration runs on the circuit-graph engine
 --------------------------------------------------
-Restoring is an additive shift of node outputs: ``EdgeIntervention(shift=1, source=delta,
-mode="add")`` with zero edge coefficients adds ``delta_u`` to node ``u``'s output on all
-its outgoing edges and on the residual stream. ``delta`` is zero except at the restored
-position, where it is ``clean - (this run's value)``:
+Every run has zero edge coefficients and mode ``"grad"``, whose forward skips (*)'s
+contraction over upstream nodes (the coefficients are zero, so (*) adds nothing): a
+restoration costs a plain forward pass plus node-wise updates, not a circuit evaluation.
 
-* attn: ``delta`` on the layer's head nodes (each head's own difference, so their sum
-  is the attention output's);
-* mlp: ``delta`` on the node ``m{l}``;
-* resid: ``delta = clean_resid[l+1] - resid[l+1]`` on ``m{l}``. The residual after block
-  ``l`` is ``resid[l] + attn_l + m_l`` and nothing inside block ``l`` reads ``m_l``, so the
-  shift moves exactly that residual (positions, attention biases and other constants
-  that are not graph nodes are included, because the difference of whole residuals is
-  used). In parallel-attention models (GPT-NeoX) ``attn_l`` and ``m_l`` both read
-  ``resid[l]`` and are added together at the end of the block; nothing inside the block
-  reads either, so shifting ``m{l}`` is still exactly "the block's output becomes
-  clean", and restoring ``attn`` there leaves the same layer's MLP untouched, as in the
-  Hugging Face model.
+* attn and mlp: ``EdgeIntervention(restore=..., source=clean)`` sets the chosen nodes'
+  outputs at the restored position to their clean values, on all their outgoing edges
+  and on the residual stream, and the layers after compute from them, as ROME's hooks
+  overwrite the same outputs: one pass, however wide the window. attn restores the
+  layer's head nodes (each head its own clean output, so their sum is the attention
+  output's), mlp the node ``m{l}``.
+* resid: an additive shift, ``EdgeIntervention(shift=1, source=delta)`` adds ``delta_u``
+  to node ``u``'s output, ``delta`` zero except at the restored position of ``m{l}``,
+  where it is ``clean_resid[l+1] - resid[l+1]``. The residual after block ``l`` is
+  ``resid[l] + attn_l + m_l`` and nothing inside block ``l`` reads ``m_l``, so the shift
+  moves exactly that residual (positions, attention biases and other constants that are
+  not graph nodes are included, because the difference of whole residuals is used). In
+  parallel-attention models (GPT-NeoX) ``attn_l`` and ``m_l`` both read ``resid[l]`` and
+  are added together at the end of the block; nothing inside the block reads either, so
+  shifting ``m{l}`` is still exactly "the block's output becomes clean", and restoring
+  ``attn`` there leaves the same layer's MLP untouched, as in the Hugging Face model.
+  ``resid[l+1]`` of the first restored layer is the corrupted run's; with a window,
+  restoring layer ``a`` changes the later layers' values, so ``delta`` is found by the
+  fixed-point iteration ``delta <- clean - value(delta)`` (each value computed with its
+  own node unshifted): the value of a node depends only on the deltas of nodes upstream
+  of it, so ``n`` restored layers are exact after ``n - 1`` iterations, i.e. ``n`` forward
+  passes per restoration (ROME's default window for resid is 1: one pass).
 
-"This run's value" for the first restored layer is the corrupted run's; with a window,
-restoring layer ``a`` changes the later layers' values, so ``delta`` is found by the
-fixed-point iteration ``delta <- clean - value(delta)`` (each value computed with its
-own node unshifted): the value of a node depends only on the deltas of nodes upstream
-of it, so ``n`` restored layers are exact after ``n - 1`` iterations, i.e. ``n`` forward
-passes per restoration. Every (layer, position) restoration runs in one compiled call
+Every (layer, position) restoration runs in one compiled call
 (``lax.map`` over them, ``vmap`` within chunks).
 """
 
@@ -128,14 +132,20 @@ def _run_state(params, cfg: ModelConfig, tokens, embeddings, iv: Optional[EdgeIn
 def _restored_prob(params, cfg: ModelConfig, tokens, embeddings, clean_state, corrupted_state, target,
                    nodes, position, kind: str, n_iterations: int):
     """Mean probability of ``target`` with the state of ``nodes [src]`` restored at
-    ``position`` (a scalar index) - see the module docstring for the iteration."""
+    ``position`` (a scalar index) - see the module docstring for how."""
     n_pos = tokens.shape[1]
-    select = nodes[:, None, None, None] * jax.nn.one_hot(position, n_pos)[None, None, :, None]
+    at = jax.nn.one_hot(position, n_pos)
     coef = jnp.zeros((nodes.shape[0], GraphSpec.from_config(cfg).n_backward), jnp.float32)
+    if kind != "resid":  # the nodes' outputs take their clean values: one pass, however wide the window
+        source = jnp.broadcast_to(clean_state, corrupted_state.shape)
+        iv = EdgeIntervention(coef, source, restore=nodes[:, None] * at[None], mode="grad")
+        return _run_state(params, cfg, tokens, embeddings, iv, kind)[0][:, target].mean()
+
+    select = nodes[:, None, None, None] * at[None, None, :, None]
     shift = jnp.ones_like(nodes)
 
     def run(delta):
-        return _run_state(params, cfg, tokens, embeddings, EdgeIntervention(coef, delta, shift, mode="add"), kind)
+        return _run_state(params, cfg, tokens, embeddings, EdgeIntervention(coef, delta, shift, mode="grad"), kind)
 
     def step(delta, _):
         _, state = run(delta)

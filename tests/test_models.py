@@ -169,7 +169,7 @@ def qwen(tmp_path_factory):
 
 
 def _intervention(spec, cfg, mode, n_pos, seed=0, positional=False, shifted=False):
-    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    k = jax.random.split(jax.random.PRNGKey(seed), 5)
     source = jax.random.normal(k[0], (spec.n_forward, 3, n_pos, cfg.d_model))
     shape = ((n_pos,) if positional else ()) + (spec.n_forward, spec.n_backward)
     coef = jax.random.uniform(k[1], shape) if mode in ("replace", "add") else jnp.zeros(shape)
@@ -177,7 +177,9 @@ def _intervention(spec, cfg, mode, n_pos, seed=0, positional=False, shifted=Fals
         return EdgeIntervention(coef, source, mode=mode)
     shift = jax.random.uniform(k[2], (spec.n_forward,))
     detach = (jax.random.uniform(k[3], (spec.n_forward,)) > 0.5).astype(jnp.float32)
-    return EdgeIntervention(coef, source, shift, detach, mode=mode)
+    # restored outputs (causal tracing): some nodes at some positions, partly or wholly
+    restore = jax.random.uniform(k[4], (spec.n_forward, n_pos)) * (jax.random.uniform(k[4], (spec.n_forward, 1)) > 0.5)
+    return EdgeIntervention(coef, source, shift, detach, restore, mode=mode)
 
 
 @pytest.mark.parametrize("mode,positional,shifted", [
