@@ -87,7 +87,7 @@ def _activation_groups(spec: GraphSpec) -> np.ndarray:
     return np.stack(groups).astype(np.float32)
 
 
-@functools.partial(jit, static_argnames=("cfg", "method", "metric", "ig_steps", "intervention", "remat",
+@functools.partial(jit, persist=True, static_argnames=("cfg", "method", "metric", "ig_steps", "intervention", "remat",
                                              "positional", "grouped_kv"))
 def batch_scores(params, batch, means=None, *, cfg: ModelConfig, method: str, metric: TaskMetric,
                  ig_steps: int = 5, intervention: str = "patching", remat: bool = False, positional: bool = False,

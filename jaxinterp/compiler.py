@@ -25,10 +25,41 @@ import jax
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
-def jit(fun=None, **kwargs):
+def jit(fun=None, *, persist: bool = False, **kwargs):
     """``jax.jit(fun, **kwargs)`` compiled with :data:`COMPILER_OPTIONS` (merged under
-    any ``compiler_options`` given); usable as ``functools.partial(jit, static_argnames=...)``."""
+    any ``compiler_options`` given); usable as ``functools.partial(jit, static_argnames=...)``.
+
+    persist: keep the traced program on disk when jaxinterp's persistent cache is on
+    (:mod:`jaxinterp.cache`), so that a later process skips tracing and lowering it (for the
+    large per-batch programs; static arguments are given by keyword)."""
     if fun is None:
-        return functools.partial(jit, **kwargs)
+        return functools.partial(jit, persist=persist, **kwargs)
     kwargs["compiler_options"] = {**COMPILER_OPTIONS, **(kwargs.get("compiler_options") or {})}
-    return jax.jit(fun, **kwargs)
+    jitted = jax.jit(fun, **kwargs)
+    return _Persisted(fun, jitted, tuple(kwargs.get("static_argnames") or ())) if persist else jitted
+
+
+class _Persisted:
+    """A jitted function that runs the exported program of :func:`jaxinterp.cache.exported_program`
+    where there is one (compiled with :data:`COMPILER_OPTIONS` like every program), else
+    the jitted function itself (inside another trace, with the cache off, ...)."""
+
+    def __init__(self, fun, jitted, static_argnames: tuple):
+        self.fun, self.jitted, self.static_argnames = fun, jitted, static_argnames
+        self.calls = {}  # id(exported program) -> its jitted call (the cache keeps the programs alive)
+        functools.update_wrapper(self, fun)
+
+    def __call__(self, *args, **kwargs):
+        from .cache import exported_program
+
+        static = {k: kwargs[k] for k in self.static_argnames if k in kwargs}
+        dynamic = {k: v for k, v in kwargs.items() if k not in static}
+        exported = exported_program(self.fun, static, args, dynamic)
+        if exported is None:
+            return self.jitted(*args, **kwargs)
+        if id(exported) not in self.calls:
+            self.calls[id(exported)] = jit(exported.call)
+        return self.calls[id(exported)](*args, **dynamic)
+
+    def lower(self, *args, **kwargs):  # AOT (jaxinterp plan) lowers the jitted function itself
+        return self.jitted.lower(*args, **kwargs)

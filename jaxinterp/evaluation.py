@@ -92,7 +92,7 @@ def _chunk_for(run: Run, n_circuits: int, max_memory: Union[str, int], quiet: bo
     return chunk
 
 
-@functools.partial(jit, static_argnames=("cfg", "metric"))
+@functools.partial(jit, persist=True, static_argnames=("cfg", "metric"))
 def _batch_baseline(params, batch, *, cfg, metric: TaskMetric):
     """Weighted metric sums ``[2]`` of the unmodified model on the clean and on the
     corrupted prompts, both read against the clean run's logits."""

@@ -235,7 +235,7 @@ def circuit_values(params, cfg: ModelConfig, batch: dict, in_circuit, corr_outs,
     return metric_values(params, cfg, batch, metric, clean_logits, EdgeIntervention(coef, corr_outs))
 
 
-@functools.partial(jit, static_argnames=("cfg", "metric", "intervention", "chunk"))
+@functools.partial(jit, persist=True, static_argnames=("cfg", "metric", "intervention", "chunk"))
 def batch_circuit_metrics(params, batch, in_circuit, means=None, *, cfg: ModelConfig, metric: TaskMetric,
                           intervention: str, chunk: int = 8) -> jax.Array:
     """Weighted metric sums ``[circuit]`` over the batch for each circuit of ``in_circuit

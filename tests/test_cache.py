@@ -4,7 +4,8 @@ runs reuse its programs.
 A second process running the same ``jaxinterp attribute`` command must compile nothing:
 jax times every request to compile (``/jax/core/compile/backend_compile_duration``,
 answered by compiling or from the persistent cache) and reports every cache hit; the
-second process's requests must all be hits. Bucketed batch sizes
+second process's requests must all be hits. Nor may it trace the attribution program
+again (it runs the exported one the first process kept). Bucketed batch sizes
 and padded lengths must not change the scores.
 """
 
@@ -32,6 +33,14 @@ def on_event(event, **kw):
         counts["hits"] += 1
 monitoring.register_event_duration_secs_listener(on_duration)
 monitoring.register_event_listener(on_event)
+import functools
+import jaxinterp.attribution as attribution
+traced = attribution.batch_scores.fun
+@functools.wraps(traced)  # the same name: the cache's key names the function
+def counted(*args, **kwargs):  # runs only when the attribution program is traced
+    counts["traced"] = counts.get("traced", 0) + 1
+    return traced(*args, **kwargs)
+attribution.batch_scores.fun = counted
 from jaxinterp.cli import main
 status = main(sys.argv[1:])
 print(json.dumps(counts))
@@ -69,15 +78,17 @@ def test_second_process_compiles_nothing(gpt2_dir, ioi_csv, tmp_path):
     cache = tmp_path / "xla"
     first = _attribute(gpt2_dir, ioi_csv, tmp_path / "a.json", cache)
     entries = _entries(cache)
-    assert first["requests"] > 0 and first["hits"] == 0 and entries
+    assert first["requests"] > 0 and first["hits"] == 0 and first["traced"] == 1 and entries
+    assert [f.startswith("batch_scores-") for f in os.listdir(cache / "exported")] == [True]
     second = _attribute(gpt2_dir, ioi_csv, tmp_path / "b.json", cache)
-    assert second == {"requests": first["requests"], "hits": first["requests"]}
+    assert second == {"requests": first["requests"], "hits": first["requests"]}  # and no "traced"
     assert _entries(cache) == entries
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
-    assert a == b
-    # turned off: nothing read or written
+    # turned off: nothing read or written, the program traced and compiled as plain jax.jit
     off = _attribute(gpt2_dir, ioi_csv, tmp_path / "c.json", cache, ["--no-compile-cache"])
     assert off == {"requests": first["requests"], "hits": 0} and _entries(cache) == entries
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert a == b == c  # the exported program computes the jitted function's numbers, to the bit
 
 
 def test_buckets():
@@ -117,3 +128,39 @@ def test_bucketed_scores_equal_exact_length(model, ioi_csv, method):
     scale = np.abs(exact).max()
     for padded in (bucket_length(pairs, model.cfg.n_ctx), pairs.padded_to(pairs.n_pos + 9)):
         np.testing.assert_allclose(scores(padded), exact, rtol=0, atol=2e-5 * scale)
+
+
+def test_exported_program_key(tmp_path):
+    """A persisted function is traced once per key: its static arguments and its
+    arguments' shapes and dtypes; a later caller (here: the same process with its
+    programs forgotten, as a new process) reads the program from disk and traces nothing."""
+    import jax.numpy as jnp
+
+    from jaxinterp import cache
+    from jaxinterp.compiler import jit
+
+    calls = []
+
+    def scaled_sum(x, *, k):
+        calls.append(k)  # runs only when traced
+        return (x * k).sum(0)
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    try:
+        assert cache.enable_compile_cache(str(tmp_path / "xla")) == str(tmp_path / "xla")
+        f = jit(scaled_sum, persist=True, static_argnames=("k",))
+        np.testing.assert_array_equal(f(x, k=2), (x * 2).sum(0))
+        np.testing.assert_array_equal(f(x, k=2), (x * 2).sum(0))
+        assert calls == [2] and len(os.listdir(tmp_path / "xla" / "exported")) == 1
+        cache._programs.clear()
+        g = jit(scaled_sum, persist=True, static_argnames=("k",))
+        np.testing.assert_array_equal(g(x, k=2), (x * 2).sum(0))
+        assert calls == [2]  # read back, not traced
+        g(x, k=3)  # another static argument
+        g(x[:2], k=2)  # another shape
+        g(jnp.asarray(x, jnp.bfloat16), k=2)  # another dtype
+        assert calls == [2, 3, 2, 2] and len(os.listdir(tmp_path / "xla" / "exported")) == 4
+    finally:
+        cache.disable_compile_cache()
+    jit(scaled_sum, persist=True, static_argnames=("k",))(x, k=2)  # cache off: plain jax.jit
+    assert calls == [2, 3, 2, 2, 2] and len(os.listdir(tmp_path / "xla" / "exported")) == 4

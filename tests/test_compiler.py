@@ -76,3 +76,21 @@ def test_no_module_jits_without_the_options():
                     and isinstance(node.value, ast.Name) and node.value.id == "jax"):
                 offenders.append(f"{name}:{node.lineno}")
     assert not offenders, f"jax.jit used directly (use jaxinterp.compiler.jit): {offenders}"
+
+
+def test_a_persisted_program_keeps_the_fix(tmp_path):
+    """Exported, kept on disk and read back (``jit(persist=True)``, jaxinterp.cache), the
+    program is still compiled with the options."""
+    import functools
+
+    from jaxinterp import cache
+
+    persisted = functools.partial(compiler.jit, persist=True)
+    try:
+        cache.enable_compile_cache(str(tmp_path))
+        assert _relative_error(persisted, _case(400)) < 1e-5
+        cache._programs.clear()
+        assert _relative_error(persisted, _case(400)) < 1e-5  # read back from disk
+        assert len(os.listdir(tmp_path / "exported")) == 1
+    finally:
+        cache.disable_compile_cache()
