@@ -422,6 +422,33 @@ class Graph:
             self.prune()
         return self
 
+    def greedy_order(self, n_edges: int, absolute: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(src [pick], dst [pick])``: the first ``n_edges`` edges :meth:`apply_greedy`
+        takes, in the order it takes them, computed in one vectorised pass.
+
+        apply_greedy's state after ``n`` picks does not depend on how many it will take
+        (its loop only stops earlier), so its circuit of ``n`` edges, before pruning, is the
+        first ``n`` picks here, and every circuit size of one ranking needs one pass. Its
+        heap pops the candidate edge (child's node in the circuit, or the logits) of highest
+        key, ties to the earlier edge of :attr:`GraphSpec.edges`: a total order, the
+        *rank*. The picks only change course when one reaches a new node, at most
+        ``n_forward`` times: between two such events they are every untaken candidate up
+        to the event's rank, in rank order (:func:`_greedy_ranks`). ValueError for NaN
+        scores (the heap's order is then undefined) or ``n_edges`` outside the graph."""
+        spec = self.spec
+        if not 0 <= n_edges <= spec.n_edges:
+            raise ValueError(f"n_edges={n_edges} is outside [0, {spec.n_edges}] edges")
+        _, src, dst = spec._edge_columns
+        key = np.abs(self.scores[src, dst]) if absolute else self.scores[src, dst]
+        if np.isnan(key).any():
+            raise ValueError(f"{int(np.isnan(key).sum())} edge scores are NaN: the greedy order is undefined")
+        # stable: equal keys (-0.0 and 0.0 too, as in the heap's comparisons) keep edge order
+        by_rank = np.argsort(-key, kind="stable")  # [rank] -> edge
+        rank = np.empty_like(by_rank)
+        rank[by_rank] = np.arange(len(by_rank))
+        picks = by_rank[_greedy_ranks(spec, src, dst, rank, n_edges)]
+        return src[picks], dst[picks]
+
     def prune(self) -> "Graph":
         """Remove nodes without incoming or outgoing edges, and edges whose parent or child
         is gone, until nothing changes (the reference's ``Graph.prune``)."""
@@ -829,6 +856,60 @@ def ranked_scores(scores: np.ndarray, real: np.ndarray, absolute: bool) -> np.nd
 def topn_order(ranked: np.ndarray) -> np.ndarray:
     """Flat indices of ``ranked`` from highest to lowest; ties keep index order (stable)."""
     return np.argsort(-ranked.reshape(-1), kind="stable")
+
+
+def _greedy_ranks(spec: GraphSpec, src: np.ndarray, dst: np.ndarray, rank: np.ndarray, n_picks: int) -> np.ndarray:
+    """``[pick]``: the ranks of the first ``n_picks`` edges the greedy search takes
+    (:meth:`Graph.greedy_order`), given each edge's ``src``, ``dst`` and ``rank [edge]``
+    (0 = taken first when a candidate).
+
+    Per downstream input, its edges sorted by rank (``keyed``: ``dst * E + rank``, one
+    sorted array, so one ``searchsorted`` serves every input) and ``taken``, how many of
+    them are in the circuit: always a prefix, as every pick takes all of an active input's
+    edges up to one rank. ``best [src]``: each node's lowest-ranked edge into an active
+    input, so the next pick that reaches a new node is the lowest ``best`` of a node not
+    yet reached; every active edge ranked before it has a reached parent and is taken
+    first. Every node reaches the logits directly, so all edges are eventually taken."""
+    n_edges, n_fwd, n_bwd = len(rank), spec.n_forward, spec.n_backward
+    keyed = np.sort(dst * n_edges + rank)
+    first = np.searchsorted(keyed, np.arange(n_bwd) * n_edges)  # [dst] start of each input's edges
+    dense = np.full((n_fwd, n_bwd), n_edges, np.int64)  # [src, dst] rank, n_edges off the graph
+    dense[src, dst] = rank
+    active, reached = np.zeros(n_bwd, bool), np.zeros(n_fwd, bool)
+    taken = first.copy()  # [dst] end of the taken prefix of each input's edges
+    best = np.full(n_fwd, n_edges, np.int64)
+    owned = spec.forward_to_backward
+    out, count = [], 0
+
+    def activate(inputs: np.ndarray) -> None:
+        inputs = inputs[~active[inputs]]
+        active[inputs] = True
+        np.minimum(best, dense[:, inputs].min(1, initial=n_edges), out=best)
+
+    activate(np.array([spec.logits_index]))
+    while count < n_picks:
+        node = int(np.argmin(np.where(reached, n_edges, best)))
+        last = reached[node] or best[node] == n_edges  # no node left to reach: take everything active
+        limit = n_edges if last else int(best[node]) + 1
+        inputs = np.nonzero(active)[0]
+        start = taken[inputs]
+        stop = np.maximum(np.searchsorted(keyed, inputs * n_edges + limit), start)
+        out.append(np.sort(_gather_ranges(keyed, start, stop) % n_edges))
+        count += len(out[-1])
+        taken[inputs] = stop
+        if last:
+            break
+        reached[node] = True
+        activate(np.nonzero(owned[node])[0])
+    return np.concatenate(out)[:n_picks] if out else np.zeros(0, np.int64)
+
+
+def _gather_ranges(values: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """``values[start[0]:stop[0]], values[start[1]:stop[1]], ...`` concatenated, without a
+    Python step per range."""
+    lengths = stop - start
+    offsets = np.repeat(start - np.cumsum(lengths) + lengths, lengths)
+    return values[offsets + np.arange(int(lengths.sum()))]
 
 
 def _nodes_with_in_and_out(in_graph: np.ndarray, f2b: np.ndarray) -> np.ndarray:

@@ -511,12 +511,27 @@ def _level_scores(graph, level: str) -> np.ndarray:
 def greedy_masks(graph, sizes: Sequence[int], absolute: bool) -> tuple[np.ndarray, list[int]]:
     """``(in_graph [size, src, dst], edges kept)``: for each size ``n`` the circuit
     :meth:`jaxinterp.graph.Graph.apply_greedy` grows from the logits up (``n`` edges, then
-    pruned), as ``evaluate_area_under_curve(apply_greedy=True)`` selects circuits."""
+    pruned), as ``evaluate_area_under_curve(apply_greedy=True)`` selects circuits.
+
+    Greedy circuits are nested (:meth:`~jaxinterp.graph.Graph.greedy_order`), so one pass
+    to the largest size orders the edges, and each size's circuit is the edges picked
+    before it, with their parents as nodes, pruned as apply_greedy prunes: at
+    Llama-3.1-8B's 1.6 M edges one pass instead of a Python loop per size."""
     from .graph import Graph
 
-    g = Graph(graph.spec, graph.scores)
-    masks = [g.apply_greedy(n, absolute=absolute, prune=True).in_graph.copy() for n in sizes]
-    return np.stack(masks), [int((m & graph.spec.real_edge_mask).sum()) for m in masks]
+    spec = graph.spec
+    g = Graph(spec, graph.scores)
+    src, dst = g.greedy_order(max(sizes, default=0), absolute=absolute)
+    when = np.full((spec.n_forward, spec.n_backward), spec.n_edges, np.int64)  # [src, dst] pick index
+    when[src, dst] = np.arange(len(src))
+    reached = when.min(1)  # [src] the pick that adds each node to the circuit
+    masks = []
+    for n in sizes:
+        if not 0 <= n <= spec.n_edges:
+            raise ValueError(f"circuit size {n} is outside [0, {spec.n_edges}] edges")
+        g.in_graph[:], g.nodes_in_graph[:] = when < n, reached < n
+        masks.append(g.prune().in_graph.copy())
+    return np.stack(masks), [int((m & spec.real_edge_mask).sum()) for m in masks]
 
 
 def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, metric: str = "logit_diff",
