@@ -836,14 +836,13 @@ def circuit_roc(reference, hypothesis, percentages: Sequence[float] = PERCENTAGE
     if n_true == 0 or n_true == spec.n_edges:
         raise ValueError(f"the reference circuit has {n_true} of {spec.n_edges} edges: "
                          f"{'recall' if n_true == 0 else 'the false-positive rate'} is undefined")
-    g = Graph(spec, hypothesis.scores)
-    sizes, tpr, fpr, precision = [], [], [], []
-    for pct in percentages:
-        n = math.ceil(pct * spec.n_edges)
-        predicted = g.apply_greedy(n, absolute=True, prune=True).in_graph & real
+    sizes = [math.ceil(pct * spec.n_edges) for pct in percentages]
+    masks, _ = greedy_masks(Graph(spec, hypothesis.scores), sizes, absolute=True)  # one greedy pass
+    tpr, fpr, precision = [], [], []
+    for in_graph in masks:
+        predicted = in_graph & real
         tp, fp = int((truth & predicted).sum()), int((~truth & predicted & real).sum())
         fn, tn = n_true - tp, spec.n_edges - n_true - fp
-        sizes.append(n)
         tpr.append(tp / (tp + fn))
         fpr.append(fp / (fp + tn))
         precision.append(tp / (tp + fp) if tp + fp else 0.0)
