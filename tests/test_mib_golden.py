@@ -60,12 +60,9 @@ def _score(checkpoint, level):
                            batch_size=INFO["batch_size"], level=level)
 
 
-@pytest.mark.parametrize("checkpoint,level", CASES)
-def test_cpr_cmd_and_curves_equal_mibs_own_evaluation(checkpoint, level):
-    entry, model, _ = _setup(checkpoint)
-    runs, _ = _golden(entry, level)
-    got = _score(checkpoint, level)
-    assert got.level == level
+def _assert_equals_mib(got, runs):
+    """CPR, CMD and both curves of ``got`` (an :class:`MIBScore`) within TOL of MIB's own
+    evaluation ``runs`` (by ranking: ``absolute``)."""
     assert abs(got.cpr - runs[False]["area_under"]) <= TOL, (got.cpr, runs[False]["area_under"])
     assert abs(got.cmd - runs[True]["area_from_1"]) <= TOL, (got.cmd, runs[True]["area_from_1"])
     for absolute, curve in ((False, got.signed), (True, got.absolute)):
@@ -74,10 +71,21 @@ def test_cpr_cmd_and_curves_equal_mibs_own_evaluation(checkpoint, level):
         for ours, theirs in ((curve.area_under, want["area_under"]), (curve.area_from_1, want["area_from_1"]),
                              (curve.average, want["average"])):
             assert abs(ours - theirs) <= TOL
-        if level == "edge":
-            assert curve.weighted_edge_counts[-1] == want["weighted_edge_counts"][-1] == model.graph_spec.n_edges
+
+
+@pytest.mark.parametrize("checkpoint,level", CASES)
+def test_cpr_cmd_and_curves_equal_mibs_own_evaluation(checkpoint, level):
+    entry, model, _ = _setup(checkpoint)
+    runs, _ = _golden(entry, level)
+    got = _score(checkpoint, level)
+    assert got.level == level
+    _assert_equals_mib(got, runs)
+    for absolute, curve in ((False, got.signed), (True, got.absolute)):
+        want = runs[absolute]["weighted_edge_counts"]
+        if level == "edge":  # MIB's pinned EAP-IG prunes only partly at the edge level (README)
+            assert curve.weighted_edge_counts[-1] == want[-1] == model.graph_spec.n_edges
         else:
-            assert curve.weighted_edge_counts == want["weighted_edge_counts"]
+            assert curve.weighted_edge_counts == want
     # the ends: m(N) is the clean model, m(empty) the corrupted one
     scale = max(abs(entry["clean"]), abs(entry["empty"]))
     assert abs(got.model - entry["clean"]) <= TOL * scale and abs(got.empty - entry["empty"]) <= TOL * scale
@@ -200,14 +208,9 @@ def test_greedy_curves_equal_mibs_own_evaluation(scores):
     graph = Graph.from_json(path, spec=model.graph_spec)
     got = mib.score_graph(model, graph, pairs, batch_size=EXTRAS_INFO["batch_size"], greedy=True)
     assert got.selection == "greedy"
-    assert abs(got.cpr - runs[False]["area_under"]) <= TOL and abs(got.cmd - runs[True]["area_from_1"]) <= TOL
+    _assert_equals_mib(got, runs)
     for absolute, curve in ((False, got.signed), (True, got.absolute)):
-        want = runs[absolute]
-        np.testing.assert_allclose(curve.faithfulness, want["faithfulnesses"], rtol=0, atol=TOL)
-        for ours, theirs in ((curve.area_under, want["area_under"]), (curve.area_from_1, want["area_from_1"]),
-                             (curve.average, want["average"])):
-            assert abs(ours - theirs) <= TOL
-        assert curve.weighted_edge_counts == want["weighted_edge_counts"]
+        assert curve.weighted_edge_counts == runs[absolute]["weighted_edge_counts"]
     scale = max(abs(EXTRAS_INFO["clean"]), abs(EXTRAS_INFO["empty"]))
     assert abs(got.model - EXTRAS_INFO["clean"]) <= TOL * scale
     assert abs(got.empty - EXTRAS_INFO["empty"]) <= TOL * scale
