@@ -19,8 +19,9 @@ Methods, all on the train pairs:
   edges; 100% is the full model (f = 1). EAP-IG-activations (``--methods`` adds it)
   interpolates each of the 61 node groups (the input, then per layer the heads and the
   MLP) separately, as the reference does: 61 x ``--ig-steps`` gradient passes against
-  EAP-IG-inputs' ``--ig-steps``, about 2.4 hours for 10 pairs on this CPU at load ~11
-  (EAP-IG-inputs: 140 s), beyond this script's budget.
+  EAP-IG-inputs' ``--ig-steps``. For 10 pairs at 5 steps it took 78 min (peak RSS 1.6 GB)
+  under ``nice -n 19`` on the shared 2-core CPU at load 7-9 (EAP-IG-inputs: 89 s), so it was
+  added afterwards with ``--reuse``.
 * ACDC over the top-K EAP-IG-inputs candidates (:func:`jaxinterp.acdc.acdc` with
   ``candidates``): ACDC on all 123,211 edges costs one forward pass per edge (days on
   this CPU), so it runs over the K edges EAP-IG-inputs ranks highest, the others removed
