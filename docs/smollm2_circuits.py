@@ -272,7 +272,7 @@ def ordering(result: dict) -> dict:
                                  for name, c in result["curves"].items() for split in ("train", "heldout")}
     out["statement"] = (f"The EAP-IG paper's ordering (EAP-IG circuits more faithful than EAP's at equal size) "
                         f"{verdict} here: " + "; ".join(parts) + ". "
-                        + (f"EAP-IG-activations against EAP-IG-inputs: " + "; ".join(between) + ". " if between else "")
+                        + ("EAP-IG-activations against EAP-IG-inputs: " + "; ".join(between) + ". " if between else "")
                         + f"{result['n_train']} + {result['n_heldout']} pairs, one data draw: differences of a few "
                         f"hundredths are within what another draw could change.")
     return out
