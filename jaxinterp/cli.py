@@ -776,7 +776,8 @@ def _check_pt_graphs(args) -> None:
     from .graph import is_pt, require_torch
 
     graphs = [("--graph", p) for p in (getattr(args, "graphs", None) or [])]  # ensemble's
-    graphs += [("--graph", getattr(args, "graph", None)), ("--init-graph", getattr(args, "init_graph", None))]
+    graphs += [("--graph", getattr(args, "graph", None)), ("--init-graph", getattr(args, "init_graph", None)),
+               ("--reference", getattr(args, "reference", None))]  # mib auroc's known circuit
     if args.command in ("attribute", "acdc", "prune", "ensemble"):  # their --out is a graph file
         graphs.append(("--out", getattr(args, "out", None)))
     for flag, path in graphs:

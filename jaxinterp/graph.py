@@ -587,14 +587,12 @@ class Graph:
 
         shape = (spec.n_forward, spec.n_backward)
         scores = array("edges_scores", shape, np.float64)
-        real = spec.real_edge_mask
-        bad = real & ~np.isfinite(scores)
-        if bad.any():
-            names = [n for n, s, t in spec.edges if bad[s, t]]
-            raise ValueError(f"{path}: {int(bad.sum())} of {spec.n_edges} edges have a score that is NaN or infinite, "
+        count, names = nonfinite_edges(scores, spec)
+        if count:
+            raise ValueError(f"{path}: {count} of {spec.n_edges} edges have a score that is NaN or infinite, "
                              f"e.g. {_some(names)}")
         g = cls(spec, scores)
-        g.in_graph = array("edges_in_graph", shape, bool) & real
+        g.in_graph = array("edges_in_graph", shape, bool) & spec.real_edge_mask
         g.nodes_in_graph = array("nodes_in_graph", (spec.n_forward,), bool)
         if d.get("nodes_scores") is not None:
             g.nodes_scores = array("nodes_scores", (spec.n_forward,), np.float32)
@@ -837,14 +835,21 @@ def spec_from_file(cfg: dict, path: str, expected: Optional[GraphSpec]) -> Graph
                          f"n_layers and n_heads") from None
 
 
+def nonfinite_edges(scores: np.ndarray, spec: GraphSpec) -> tuple[int, list[str]]:
+    """``(how many, names)`` of the real edges whose score is NaN or infinite in
+    ``scores [..., src, dst]`` (the count over every leading index)."""
+    bad = ~np.isfinite(scores) & spec.real_edge_mask
+    if not bad.any():
+        return 0, []
+    flat = bad.reshape((-1,) + bad.shape[-2:]).any(0)
+    return int(bad.sum()), [name for name, s, d in spec.edges if flat[s, d]]
+
+
 def check_finite_scores(scores: np.ndarray, spec: GraphSpec, path: str) -> None:
     """ValueError naming the edges whose score is NaN or infinite (``scores [..., src, dst]``)."""
-    bad = ~np.isfinite(scores) & spec.real_edge_mask
-    if bad.any():
-        flat = bad.reshape((-1,) + bad.shape[-2:]).any(0)
-        names = [name for name, s, d in spec.edges if flat[s, d]]
-        raise ValueError(f"not writing {path}: {int(bad.sum())} edge scores are NaN or infinite, e.g. "
-                         f"{_some(names)}")
+    count, names = nonfinite_edges(scores, spec)
+    if count:
+        raise ValueError(f"not writing {path}: {count} edge scores are NaN or infinite, e.g. {_some(names)}")
 
 
 def ranked_scores(scores: np.ndarray, real: np.ndarray, absolute: bool) -> np.ndarray:

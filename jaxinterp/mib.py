@@ -945,6 +945,7 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
             raise ValueError("gemma2_heads is given but the grid has no gemma2 model")
         if gemma2_heads == "per-input" and "exact" in methods:
             raise ValueError("exact is not offered with gemma2_heads='per-input'")
+    heads = gemma2_heads or "shared"  # the gemma2 model's head definition (load_model's default)
     tasks = {canonical_task(t): path for t, path in tasks.items()}
     grid = [GridCell(m, t, method, level) for m in models for t in tasks for method in methods for level in levels
             if f"{t.replace('_', '-')}_{m}" in CELLS]
@@ -967,7 +968,7 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
                    "limit": limit, "method": c.method, "level": c.level, "intervention": intervention,
                    "ig_steps": ig_steps, "batch_size": batch_size, "metric": "logit_diff"}
             if c.model == "gemma2":  # what a head node is: the circuits differ (README, Gemma 2)
-                out["gemma2_heads"] = gemma2_heads or "shared"
+                out["gemma2_heads"] = heads
             return out
 
         todo = []
@@ -985,7 +986,7 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
             if not mine:
                 continue
             model = load_model(prepared_model_dir(out_dir, m, models[m], fp_models[m]),
-                               gemma2_heads=(gemma2_heads or "shared") if m == "gemma2" else None)
+                               gemma2_heads=heads if m == "gemma2" else None)
             data = {}
             for c in mine:
                 if c.task not in data:
@@ -1141,7 +1142,8 @@ def cmd_score(args) -> int:
     if args.mib_out is not None:
         check_writable_file(args.mib_out, "--out", [("--data", args.mib_data), ("--graph", args.graph),
                                                     ("--model", args.model)])
-    _require_torch_for([f"--graph {args.graph}"] if is_pt(args.graph) else [])
+    if args.greedy and args.level != "edge":
+        raise JaxinterpError(f"--greedy: greedy selection is defined over edges only, not with --level {args.level}")
     try:
         model = load_model(args.model, dtype=jnp.dtype(args.dtype), gemma2_heads=args.gemma2_heads)
     except ValueError as e:
@@ -1149,8 +1151,6 @@ def cmd_score(args) -> int:
             raise
         raise JaxinterpError(f"--gemma2-heads {args.gemma2_heads}: {e}") from None
     graph = Graph.from_json(args.graph, spec=model.graph_spec)
-    if args.greedy and args.level != "edge":
-        raise JaxinterpError(f"--greedy: greedy selection is defined over edges only, not with --level {args.level}")
     if args.level != "edge":  # the graph has what the level ranks, before any computation
         try:
             _level_scores(graph, args.level)
@@ -1192,7 +1192,6 @@ def cmd_auroc(args) -> int:
         _check_data_path(path, option)
     if args.mib_out is not None:
         check_writable_file(args.mib_out, "--out", [("--graph", args.graph), ("--reference", args.reference)])
-    _require_torch_for([f"{o} {p}" for o, p in (("--graph", args.graph), ("--reference", args.reference)) if is_pt(p)])
     hypothesis = Graph.from_json(args.graph)
     reference = Graph.from_json(args.reference, spec=hypothesis.spec)
     try:
