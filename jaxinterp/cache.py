@@ -166,8 +166,8 @@ def exported_program(fun, static: dict, args: tuple, kwargs: dict):
         with open(path, "rb") as f:
             _programs[key] = jax.export.deserialize(bytearray(f.read()))
         return _programs[key]
-    except (OSError, ValueError):
-        pass  # missing (or unreadable: exported again and rewritten)
+    except Exception:  # noqa: BLE001  missing, or damaged (flatbuffers raises struct.error): exported again, rewritten
+        pass
     import functools
 
     from .compiler import jit

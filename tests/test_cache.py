@@ -160,7 +160,17 @@ def test_exported_program_key(tmp_path):
         g(x[:2], k=2)  # another shape
         g(jnp.asarray(x, jnp.bfloat16), k=2)  # another dtype
         assert calls == [2, 3, 2, 2] and len(os.listdir(tmp_path / "xla" / "exported")) == 4
+        # a damaged (truncated) file is exported again and rewritten, not an error
+        for path in (tmp_path / "xla" / "exported").iterdir():
+            path.write_bytes(path.read_bytes()[:50])
+        cache._programs.clear()
+        h = jit(scaled_sum, persist=True, static_argnames=("k",))
+        np.testing.assert_array_equal(h(x, k=2), (x * 2).sum(0))
+        assert calls == [2, 3, 2, 2, 2]
+        cache._programs.clear()
+        np.testing.assert_array_equal(jit(scaled_sum, persist=True, static_argnames=("k",))(x, k=2), (x * 2).sum(0))
+        assert calls == [2, 3, 2, 2, 2]  # the rewritten file reads back
     finally:
         cache.disable_compile_cache()
     jit(scaled_sum, persist=True, static_argnames=("k",))(x, k=2)  # cache off: plain jax.jit
-    assert calls == [2, 3, 2, 2, 2] and len(os.listdir(tmp_path / "xla" / "exported")) == 4
+    assert calls == [2, 3, 2, 2, 2, 2] and len(os.listdir(tmp_path / "xla" / "exported")) == 4
