@@ -2,7 +2,10 @@
 extra: this is development code, not part of the installed package).
 
 Nothing is downloaded: the model is ``transformers`` code with random weights and the
-tokenizer a word-level one over a small vocabulary.
+tokenizer a word-level one over a small vocabulary. Read that tokenizer back with
+``jaxinterp.loading.load_tokenizer`` (``load_model`` does): transformers 5's plain
+``AutoTokenizer`` rebuilds the ``qwen2`` checkpoints' one as ``Qwen2Tokenizer``, which gives
+wrong ids (``jaxinterp.tokenizer``'s docstring).
 """
 
 from __future__ import annotations

@@ -14,12 +14,29 @@ from .model import Model  # its home; also importable from here (loading.Model)
 
 
 def load_tokenizer(path: str):
-    """The ``AutoTokenizer`` saved in ``path``, or None when the directory has none."""
+    """The tokenizer saved in ``path``, or None when the directory has none.
+
+    ``AutoTokenizer``, except where ``tokenizer_config.json`` names the plain fast class
+    (:data:`jaxinterp.tokenizer.AS_SAVED`, what :func:`~jaxinterp.tokenizer.save_tokenizer`
+    writes): then ``tokenizer.json`` is read as it is, as transformers 4 does for every
+    model type and 5 does for all but a few (``qwen2`` among them, which it rebuilds as
+    ``Qwen2Tokenizer``). Either way the tokenizer must give its own words back
+    (:func:`~jaxinterp.tokenizer.check_round_trip`), or it is refused naming ``path``.
+    """
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(path)
+    from .io import read_json
+    from .tokenizer import AS_SAVED, check_round_trip
+
+    config_path = os.path.join(path, "tokenizer_config.json")
+    config = read_json(config_path) if os.path.exists(config_path) else {}
+    as_saved = (isinstance(config, dict) and config.get("tokenizer_class") in AS_SAVED
+                and os.path.exists(os.path.join(path, "tokenizer.json")))
+    tokenizer = (PreTrainedTokenizerFast if as_saved else AutoTokenizer).from_pretrained(path)
+    check_round_trip(tokenizer, path)
+    return tokenizer
 
 
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "vocab.json",
@@ -109,6 +126,10 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None
     if os.path.isfile(path) or path.lower().endswith(".gguf"):
         cfg, params, origin = load_gguf_checkpoint(path)  # refuses a file that is not GGUF, naming it
         tokenizer = load_gguf_tokenizer(path)
+        if tokenizer is not None:
+            from .tokenizer import check_round_trip
+
+            check_round_trip(tokenizer, path)
     else:
         cfg, params, origin = load_converted(path) if is_converted(path) else load_hf_checkpoint(path)
         tokenizer = load_tokenizer(path)

@@ -1,0 +1,136 @@
+"""Loading: the tokenizer a checkpoint directory holds is read as it was saved, and one
+that does not give its own words back is refused, naming the directory.
+
+The bug these guard: transformers 5 reads a word-level ``tokenizer.json`` in a ``qwen2``
+checkpoint as ``Qwen2Tokenizer`` (a byte-level BPE rebuilt from the vocabulary, without
+merges), which turns "When Mary and John went" into ``[24, 24]`` with no error.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from devtools.testing import save_random_qwen2, small_vocab
+from jaxinterp import load_model
+from jaxinterp.cli import main
+from jaxinterp.loading import demo_model_dir, load_tokenizer
+from jaxinterp.tokenizer import TokenizerError, build_word_tokenizer, check_round_trip, save_tokenizer
+
+SENTENCE = "When Mary and John went to the store , John gave a drink to"
+
+
+def word_ids(text):
+    """The ids build_word_tokenizer documents: 4 special tokens, then the words in order."""
+    return [4 + small_vocab().index(w) for w in text.split()]
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    return save_random_qwen2(str(tmp_path_factory.mktemp("qwen2")))
+
+
+@pytest.fixture(scope="module")
+def misread_dir(qwen2_dir, tmp_path_factory):
+    """The same checkpoint without the recorded tokenizer class: AutoTokenizer then takes
+    the class of the model type."""
+    path = str(tmp_path_factory.mktemp("misread") / "qwen2")
+    shutil.copytree(qwen2_dir, path)
+    config_path = os.path.join(path, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    del config["tokenizer_class"]
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def test_the_random_qwen2_checkpoint_reads_back_its_word_tokenizer(qwen2_dir):
+    model = load_model(qwen2_dir)
+    assert model.tokenizer(SENTENCE, add_special_tokens=False)["input_ids"] == word_ids(SENTENCE)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2", "gpt_neox"])
+def test_every_family_reads_back_the_saved_tokenizer(model_type, tmp_path):
+    """Each model type devtools.testing writes (only the config matters to the choice)."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type).save_pretrained(tmp_path)
+    save_tokenizer(build_word_tokenizer(small_vocab()), str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok(SENTENCE, add_special_tokens=False)["input_ids"] == word_ids(SENTENCE)
+    assert tok.decode(word_ids(SENTENCE)) == SENTENCE.replace(" ,", ",")
+
+
+def test_a_misread_qwen2_tokenizer_is_refused(misread_dir):
+    from transformers import AutoTokenizer
+
+    misread = AutoTokenizer.from_pretrained(misread_dir)(SENTENCE, add_special_tokens=False)["input_ids"]
+    if misread == word_ids(SENTENCE):
+        pytest.skip("this transformers reads tokenizer.json as it is for qwen2 (4.x): nothing to refuse")
+    with pytest.raises(TokenizerError, match=rf"{misread_dir}: the tokenizer .*\(Qwen2Tokenizer\) does not give "
+                                             r"its own words back: 'Mary John .*tokenizer_class"):
+        load_model(misread_dir)
+
+
+def test_the_command_line_refuses_it_in_one_line(misread_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    if AutoTokenizer.from_pretrained(misread_dir)("Mary John")["input_ids"] == word_ids("Mary John"):
+        pytest.skip("this transformers reads tokenizer.json as it is for qwen2 (4.x): nothing to refuse")
+    out = tmp_path / "pairs.csv"
+    code = main(["generate", "ioi", "--n", "2", "--out", str(out), "--model", misread_dir])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"jaxinterp generate: error: {misread_dir}: the tokenizer"), err
+    assert not out.exists()
+
+
+def _trained(kind):
+    """A small tokenizer trained here: byte-level BPE (GPT-2's scheme) or SentencePiece's
+    Metaspace with a Unigram model, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [SENTENCE, "Then Alice and Bob had fun at the park .", "Kate gave a ball to Tom at school ."] * 20
+    if kind == "byte-level BPE":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=["<|endoftext|>"])
+    else:
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=80, special_tokens=["<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("kind", ["word", "demo", "byte-level BPE", "Metaspace Unigram"])
+def test_faithful_tokenizers_pass_the_check(kind):
+    """Every kind the project loads passes (SmolLM2's GGUF tokenizer: every load_model
+    ("smollm2") in test_gguf and test_golden_smollm2 runs the check)."""
+    if kind == "word":
+        tok = build_word_tokenizer(small_vocab())
+    elif kind == "demo":
+        tok = load_tokenizer(demo_model_dir())  # checked inside
+    else:
+        tok = _trained(kind)
+    check_round_trip(tok, kind)
+
+
+def test_a_tokenizer_that_loses_words_is_refused():
+    """The failure the check is for, without depending on transformers' choice of class:
+    the word vocabulary split into single characters (most unknown), as a BPE without
+    merges does."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", *small_vocab()])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    with pytest.raises(TokenizerError, match=r"^chars: the tokenizer .* does not give its own words back"):
+        check_round_trip(fast, "chars")
