@@ -57,6 +57,7 @@ import numpy as np
 from .data import DataError, Pairs, text_errors
 from .errors import JaxinterpError
 from .graph import is_pt
+from .names import NEURONS_NEED_PER_INPUT
 
 # --- the benchmark's constants --------------------------------------------------------------
 
@@ -919,7 +920,8 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
     circuits (:func:`score_graph`'s ``greedy``), as MIB's run_evaluation.py does for it.
     ``gemma2_heads``: the head definition the ``gemma2`` model is loaded with (``shared``
     by default, or MIB's ``per-input``; :func:`jaxinterp.load_model`), recorded in the
-    settings of its cells, so that changing it computes them again."""
+    settings of its cells, so that changing it computes them again. Its neuron level
+    needs ``per-input`` (:func:`jaxinterp.node_attribution.evaluate_neuron_masks`)."""
     from tqdm.auto import tqdm
 
     from .io import atomic_write_text, clean_tmp, dumps, file_hash, fingerprint
@@ -946,6 +948,9 @@ def run_grid(models: dict, tasks: dict, out_dir: str, methods: Sequence[str] = (
         if gemma2_heads == "per-input" and "exact" in methods:
             raise ValueError("exact is not offered with gemma2_heads='per-input'")
     heads = gemma2_heads or "shared"  # the gemma2 model's head definition (load_model's default)
+    if "neuron" in levels and "gemma2" in models and heads != "per-input":
+        raise ValueError(f"the neuron level of the gemma2 model needs gemma2_heads='per-input' "
+                         f"({NEURONS_NEED_PER_INPUT})")
     tasks = {canonical_task(t): path for t, path in tasks.items()}
     grid = [GridCell(m, t, method, level) for m in models for t in tasks for method in methods for level in levels
             if f"{t.replace('_', '-')}_{m}" in CELLS]
@@ -1084,6 +1089,9 @@ def cmd_run(args) -> int:
             raise JaxinterpError("--gemma2-heads: the grid has no gemma2 model (--model gemma2=DIR)")
         if args.gemma2_heads == "per-input" and "exact" in args.method:
             raise JaxinterpError("--gemma2-heads per-input: --method exact is not offered with it")
+    if "neuron" in args.level and "gemma2" in models and args.gemma2_heads != "per-input":
+        raise JaxinterpError(f"--level neuron: the gemma2 model's neuron-level circuits need --gemma2-heads per-input "
+                             f"({NEURONS_NEED_PER_INPUT})")
     if not any(f"{t.replace('_', '-')}_{m}" in CELLS for m in models for t in tasks):
         raise JaxinterpError(f"--model x --task holds no leaderboard cell; the cells are {', '.join(CELLS)}")
     check_writable_dir(args.mib_out, "--out", [(f"--model {m}", p) for m, p in models.items()]
@@ -1150,6 +1158,9 @@ def cmd_score(args) -> int:
         if args.gemma2_heads is None:
             raise
         raise JaxinterpError(f"--gemma2-heads {args.gemma2_heads}: {e}") from None
+    if args.level == "neuron" and model.cfg.sandwich_norms and not model.cfg.per_input_heads:
+        raise JaxinterpError(f"--level neuron: neuron-level circuits on Gemma 2 need --gemma2-heads per-input "
+                             f"({NEURONS_NEED_PER_INPUT})")
     graph = Graph.from_json(args.graph, spec=model.graph_spec)
     if args.level != "edge":  # the graph has what the level ranks, before any computation
         try:
@@ -1280,7 +1291,7 @@ def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
                         "optimal: the .npz of learned constants")
     q.add_argument("--gemma2-heads", default=None, choices=GEMMA2_HEADS,
                    help="what a Gemma 2 head node is: shared (default) or MIB's per-input (score a per-input "
-                        "graph with it); refused for other models")
+                        "graph with it; needed for --level neuron); refused for other models")
     q.add_argument("--greedy", action="store_true",
                    help="grow each circuit greedily from the logits up instead of taking the top-n edges, as MIB's "
                         "run_evaluation.py does for information-flow-routes (edge level)")
@@ -1303,8 +1314,8 @@ def add_parser(sub, positive_int, debug_help: str, cache_options=None) -> None:
     q.add_argument("--split", default="validation", help="split of a multi-split copy (default: validation)")
     q.add_argument("--limit", type=positive_int, default=None, help="the first N pairs MIB's filter keeps")
     q.add_argument("--gemma2-heads", default=None, choices=GEMMA2_HEADS,
-                   help="what a head node of the gemma2 model is: shared (default) or MIB's per-input; recorded "
-                        "per cell (changing it computes the gemma2 cells again)")
+                   help="what a head node of the gemma2 model is: shared (default) or MIB's per-input (needed for "
+                        "--level neuron); recorded per cell (changing it computes the gemma2 cells again)")
     q.add_argument("--out", dest="mib_out", required=True, metavar="DIR",
                    help="output directory: results/, circuits/ (MIB's layout), summary.csv, runlog.jsonl")
     finish(q)

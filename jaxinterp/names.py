@@ -20,6 +20,10 @@ EDGE_METHODS = METHODS + ROUTE_METHODS
 #: what a Gemma 2 attention-head node is (``ModelConfig.gemma2_heads``): its share of the
 #: layer's normalised output, or (MIB's) its raw output renormalised per receiving input
 GEMMA2_HEADS = ("shared", "per-input")
+#: why neuron-level circuits on Gemma 2 are offered with per-input heads only
+#: (:func:`jaxinterp.node_attribution.evaluate_neuron_masks`)
+NEURONS_NEED_PER_INPUT = ("MIB's head definition, raw head outputs; a shared head's output is its share of the "
+                          "normalised attention output, whose dimensions cannot be kept or patched one by one")
 #: the methods that average over integrated-gradient steps (``ig_steps``)
 IG_METHODS = ("EAP-IG-inputs", "EAP-IG-activations")
 #: task metrics (:mod:`jaxinterp.metrics`), read at each prompt's last real token

@@ -24,6 +24,18 @@ norm) onto a spare upstream row; ``"output"`` uses the gradient at the MLP's out
 every other node (then node scores equal the sums of the EAP edge scores over each node's
 outgoing edges).
 
+**Gemma 2's head definitions** (``ModelConfig.gemma2_heads``). With the default shared
+heads a head node's output is its share of the normalised attention output, and the
+scores above are that definition's. With ``"per-input"`` (MIB's definition, the
+reference's on TransformerLens) a head node is its raw ``z_h W_O[h]``: its gradient is
+taken there, through the layer's ``ln1_post``, as the reference's backward hook on
+``hook_result`` does. The MLP input gradient is then not routed through a carrier row (the
+forward renormalises every head row's contribution to a downstream input, and a carrier
+among the MLP rows cannot be found for every EAP-IG-activations group): it is the MLP's own
+vector-Jacobian product, ``d metric / d x_m = J_mlp(x_m)^T d metric / d m``, at the MLP
+input ``x_m`` of the same run. On Gemma 2, neuron-level circuits are offered with
+per-input heads only (:func:`evaluate_neuron_masks`).
+
 Methods (the reference's, its points and averages):
 
 * ``EAP``: the clean run.
@@ -50,13 +62,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import ops
 from .compiler import jit
 from .config import ModelConfig
 from .data import Pairs, bucket_length
 from .graph import Graph, GraphSpec
 from .interventions import check_intervention, corrupted_outputs, metric_values, prepare_run, weighted_sum
-from .models import EdgeIntervention
-from .names import IG_METHODS, METHODS, check_name
+from .models import EdgeIntervention, activations, layer_params, norm
+from .names import IG_METHODS, METHODS, NEURONS_NEED_PER_INPUT, check_name
 
 LEVELS = ("node", "neuron")
 MLP_GRADIENTS = ("input", "output")
@@ -114,9 +127,42 @@ def _point_grads(params, cfg, batch, metric, clean_logits, tokens, emb, shift_ro
     g = jax.grad(lambda s: signed(EdgeIntervention(no_coef, base + s, ones, shift_rows, mode="grad")))(zeros)
     if mlp_gradient != "input":
         return g, None
+    if cfg.per_input_heads:
+        run = activations(params, cfg, batch["clean"] if tokens is None else tokens, batch["attention_mask"],
+                          EdgeIntervention(no_coef, base, ones, shift_rows, mode="grad"), emb)
+        return g, _mlp_input_grads(params, cfg, spec, run["resid"], run["outs"], g, shift_rows)
     # the carrier rows are outside shift_rows: their source s only reaches the MLP inputs (coef)
     g_in = jax.grad(lambda s: signed(EdgeIntervention(mlp_coef, base + s, shift_rows, shift_rows, mode="add")))(zeros)
     return g, g_in[mlp_rows]
+
+
+def _mlp_input_grads(params, cfg: ModelConfig, spec: GraphSpec, resid: jax.Array, outs: jax.Array, g: jax.Array,
+                     detach: jax.Array) -> jax.Array:
+    """``[layer, batch, pos, d_model]``: the gradient at every MLP's input (before its norm)
+    of a per-input Gemma 2 run (module docstring), each MLP's vector-Jacobian product
+    applied to the gradient ``g [src, ...]`` at its output, zero where ``detach [src]`` cuts
+    the gradient into the node's inputs. ``resid [layer + 1, ...]``, ``outs [src, ...]``:
+    the run's residual streams entering each layer and its node outputs (raw heads), from
+    which the MLP input ``resid + ln1_post(sum of the layer's heads + b_o)`` is rebuilt as
+    the forward builds it."""
+    H = cfg.n_heads
+    grads = []
+    for layer in range(cfg.n_layers):
+        p = layer_params(params, layer)
+        h0 = spec.head_index(layer)
+        attn = outs[h0:h0 + H].sum(0)
+        if p["attn"].get("b_o") is not None:
+            attn = attn + p["attn"]["b_o"]
+        x = resid[layer] if cfg.parallel_attn_mlp else resid[layer] + norm(cfg, p["ln1_post"], attn)
+
+        def mlp(x, p=p):  # the forward's MLP node, from its input to its (normalised) output
+            hidden = ops.mlp_hidden(p["mlp"], norm(cfg, p["ln2"], x), cfg.act_fn)
+            return norm(cfg, p["ln2_post"], ops.mlp_out(p["mlp"], hidden))
+
+        m = spec.mlp_index(layer)
+        g_out = ((1 - detach[m]) * g[m].astype(jnp.float32)).astype(x.dtype)
+        grads.append(jax.vjp(mlp, x)[1](g_out)[0])
+    return jnp.stack(grads)
 
 
 def _products(delta, g, g_mlp_in, mlp_rows) -> jax.Array:
@@ -275,18 +321,27 @@ def attribute_nodes(model, data: Union[str, Pairs], method: str = "EAP", metric:
 
 # --- neuron-level circuits ----------------------------------------------------------------
 
-def _kept_params(params, spec: GraphSpec, keep: jax.Array):
+def _kept_params(params, cfg: ModelConfig, spec: GraphSpec, keep: jax.Array):
     """``params`` whose head and MLP outputs are multiplied by ``keep [src, d_model]`` per
     output dimension (``w_o`` columns per head, ``w_out`` columns and ``b_out`` per MLP):
-    a node's output then is ``keep * out`` computed from this run's own inputs."""
+    a node's output then is ``keep * out`` computed from this run's own inputs. With
+    sandwich norms (per-input Gemma 2 heads: raw head outputs) the MLP node's output is
+    ``ln2_post``'s, ``y * (offset + w)``, so its scale is masked instead: ``w`` becomes
+    ``keep * w - (1 - keep) * offset`` (``w`` itself where kept, scale 0 where not)."""
     L, H = spec.n_layers, spec.n_heads
     rows = keep[1:].reshape(L, H + 1, -1)  # [layer, head + MLP, d_model]
     blocks = dict(params["blocks"])
     attn, mlp = dict(blocks["attn"]), dict(blocks["mlp"])
     attn["w_o"] = attn["w_o"] * rows[:, :H, None, :].astype(attn["w_o"].dtype)
-    mlp["w_out"] = mlp["w_out"] * rows[:, H, None, :].astype(mlp["w_out"].dtype)
-    if "b_out" in mlp:
-        mlp["b_out"] = mlp["b_out"] * rows[:, H].astype(mlp["b_out"].dtype)
+    if cfg.sandwich_norms:
+        post = dict(blocks["ln2_post"])
+        kept = rows[:, H].astype(post["w"].dtype)
+        post["w"] = kept * post["w"] - (1 - kept) * cfg.norm_offset
+        blocks["ln2_post"] = post
+    else:
+        mlp["w_out"] = mlp["w_out"] * rows[:, H, None, :].astype(mlp["w_out"].dtype)
+        if "b_out" in mlp:
+            mlp["b_out"] = mlp["b_out"] * rows[:, H].astype(mlp["b_out"].dtype)
     blocks["attn"], blocks["mlp"] = attn, mlp
     return dict(params, blocks=blocks)
 
@@ -312,27 +367,35 @@ def batch_neuron_circuit_metrics(params, batch, neurons, means=None, *, cfg: Mod
         # the input has no inputs of its own: its output is fixed, given as the embeddings
         emb = (keep[0] * clean_outs[0] + (1.0 - keep[0]) * corr_outs[0]).astype(clean_outs.dtype)
         iv = EdgeIntervention(no_coef, drop * corr_outs.astype(jnp.float32), shift, mode="grad")
-        values = metric_values(_kept_params(params, spec, keep), cfg, batch, metric, clean_logits, iv,
+        values = metric_values(_kept_params(params, cfg, spec, keep), cfg, batch, metric, clean_logits, iv,
                                input_embeddings=emb)
         return weighted_sum(values, batch)
 
     return jax.lax.map(one, neurons, batch_size=chunk)
 
 
+def check_neuron_circuits(cfg: ModelConfig) -> None:
+    """Refuse neuron-level circuits on Gemma 2 with shared heads (:func:`evaluate_neuron_masks`)."""
+    if cfg.sandwich_norms and not cfg.per_input_heads:
+        raise ValueError(f"neuron-level circuits on Gemma 2 need gemma2_heads='per-input' ({NEURONS_NEED_PER_INPUT})")
+
+
 def evaluate_neuron_masks(model, neurons: np.ndarray, data: Union[str, Pairs], metric: str = "logit_diff",
                           intervention: str = "patching", batch_size: int = 16, chunk: int = 8, mesh=None,
                           quiet: bool = True, intervention_data: Union[str, Pairs, None] = None) -> np.ndarray:
     """``[circuit]``: the mean metric over ``data``'s examples of each neuron circuit
-    ``neurons [circuit, src, d_model]`` (see :func:`batch_neuron_circuit_metrics`). Models
-    with sandwich norms (Gemma 2) are refused: their node outputs are normalised after the
-    output weights, so masking those weights is not masking the outputs.
+    ``neurons [circuit, src, d_model]`` (see :func:`batch_neuron_circuit_metrics`). Gemma 2
+    (sandwich norms) is offered with ``gemma2_heads="per-input"`` only (raw head outputs,
+    the reference's neuron-level ``evaluate_graph``: a layer's attention output is
+    ``ln1_post`` of its heads' kept dimensions plus the others' patched values): a shared
+    head's output is its share of the *normalised* layer output, whose dimensions are not
+    the output weights' columns.
     ``intervention_data``: what the ``mean`` interventions average over, or the ``optimal``
     intervention's constants (:func:`jaxinterp.interventions.intervention_means`)."""
     from .sharding import replicate
 
     cfg = model.cfg
-    if cfg.sandwich_norms:
-        raise ValueError("neuron-level circuits are not offered for models with sandwich norms (Gemma 2)")
+    check_neuron_circuits(cfg)
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
     if intervention != "mean-positional":
         run.pairs = bucket_length(run.pairs, cfg.n_ctx)
