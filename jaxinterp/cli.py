@@ -485,6 +485,13 @@ def cmd_plan(args) -> int:
 
     data, model = parse_mesh(args.mesh)
     cfg = model_config(args.shape, n_layers=args.layers)
+    if args.gemma2_heads is not None:
+        import dataclasses
+
+        try:
+            cfg = dataclasses.replace(cfg, gemma2_heads=args.gemma2_heads)
+        except ValueError as e:
+            raise JaxinterpError(f"--gemma2-heads {args.gemma2_heads}: --shape {args.shape}: {e}") from None
     check_mesh(cfg, data, model)  # refusals before any device is asked for
     set_virtual_devices(data * model)  # before jax starts its backends
     result = plan(cfg, args.method, args.batch_size, args.pos, args.dtype, (data, model), ig_steps=args.ig_steps,
@@ -677,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-chunk", type=_positive_int, default=64, help="edges per call for exact (default: 64)")
     p.add_argument("--remat", action="store_true", help="rematerialise each layer in the backward pass")
     p.add_argument("--grouped-kv", action="store_true", help="one <k>/<v> input per key/value head")
+    p.add_argument("--gemma2-heads", default=None, choices=GEMMA2_HEADS,
+                   help="Gemma 2's head definition: shared (default) or MIB's per-input (layers unrolled)")
     p.add_argument("--peak-tflops", type=_positive_float, default=None,
                    help="a device's dense peak TFLOP/s for --dtype (e.g. 989 for an H100 SXM in bfloat16): prints "
                         "the time per batch it implies")

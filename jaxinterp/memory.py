@@ -23,6 +23,24 @@ stated; ``s`` is the activation dtype's size, graph sizes from :class:`GraphSpec
     logits                        LOGIT_COPIES * vocab * 4 (per example: the metric
                                   reads one position)
 
+Gemma 2's block holds more per layer (fitted to XLA's figure of a 2-layer Gemma 2 shape,
+both head definitions, batch 4..16, 16..32 positions, EAP and both EAP-IG methods: the
+estimate was 0.83x..1.04x of it without these terms, 1.02x..1.52x with them, and with
+clean-corrupted's two runs below)::
+
+    sandwich norms                SANDWICH_COPIES * n_layers * d_model * s
+                                  (the post-norms' inputs and outputs)
+                                  + SANDWICH_MLP_COPIES * n_layers * d_mlp * s
+                                  (its gated tanh-GELU MLP's intermediates)
+    attention logit soft-cap      SOFTCAP_COPIES * n_layers * n_heads * pos * 4
+                                  (the logits before and after the tanh)
+
+``clean-corrupted`` takes the gradient of two runs in one program, and XLA keeps both
+runs' activations (1.35x..1.76x of EAP's figure on Llama and Gemma 2 shapes): its
+activations count twice. With ``gemma2_heads="per-input"`` the layers always run unrolled
+and the gradient methods' programs are those of the shared definition without the heads'
+shares (XLA's figure was 0.91x..0.95x of the shared one's): the same estimate bounds both.
+
 ``exact`` runs ``exact_chunk`` patched forward passes at once without a backward pass:
 each holds one layer's per-edge inputs (``EXACT_EDGE_COPIES``) and attention at a time.
 The copy counts were fitted to XLA's own memory analysis (``compiled_peak_bytes``,
@@ -54,6 +72,9 @@ ATTN_COPIES = 3
 MLP_COPIES = 3
 LOGIT_COPIES = 4
 EXACT_EDGE_COPIES = 3  # per patched run of ``exact``: edge inputs, their norm, the sum
+SANDWICH_COPIES = 4
+SANDWICH_MLP_COPIES = 2
+SOFTCAP_COPIES = 2
 SAFETY = 1.35  # XLA's buffer assignment varies with the batch size and its options (fusion, scheduling)
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -116,7 +137,13 @@ def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_ch
     edges = EDGE_COPIES * spec.n_backward * D * s
     attn = ATTN_COPIES * L * H * n_pos * 4
     mlp = MLP_COPIES * L * cfg.d_mlp * s
-    return nodes + edges + attn + mlp
+    gemma2 = 0
+    if cfg.sandwich_norms:
+        gemma2 += SANDWICH_COPIES * L * D * s + SANDWICH_MLP_COPIES * L * cfg.d_mlp * s
+    if cfg.attn_logit_softcap:
+        gemma2 += SOFTCAP_COPIES * L * H * n_pos * 4
+    runs = 2 if method == "clean-corrupted" else 1  # two runs' activations in one program (module docstring)
+    return runs * (nodes + edges + attn + mlp + gemma2)
 
 
 def estimate_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: str = "EAP-IG-inputs",

@@ -292,6 +292,9 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
         raise PlanError("batch size, positions, ig_steps, circuits and exact_chunk must be >= 1")
     if n_pos > cfg.n_ctx:
         raise PlanError(f"{n_pos} positions exceed the model's context of {cfg.n_ctx}")
+    if method == "exact" and cfg.per_input_heads:
+        raise PlanError("exact is not offered with gemma2_heads='per-input' (its runs start at the destination's "
+                        "layer, which needs the scanned layers; per-input heads run unrolled)")
     if not 0 < mfu <= 1:
         raise PlanError(f"mfu must be in (0, 1], got {mfu}")
     data, model = mesh_shape
@@ -329,6 +332,7 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
         "platform": jax.devices()[0].platform, "ig_steps": ig_steps if "IG" in method else None,
         "n_circuits": n_circuits if method == "evaluate" else None, "remat": remat,
         "n_layers": cfg.n_layers, "n_params": memory.param_count(cfg), "n_edges": spec.n_edges,
+        "gemma2_heads": cfg.gemma2_heads if cfg.sandwich_norms else None,
         "lower_s": t_lower, "compile_s": t_compile,
         "memory_per_device": mem, "estimate_peak_bytes": est,
         "estimate_over_xla": (est / mem["peak"]) if est and mem.get("peak") else None,
