@@ -9,32 +9,32 @@ Faithfulness is MIB's circuit-track definition (the EAP-IG paper's normalisation
     f(C) = (m(C) - m(empty)) / (m(N) - m(empty)),
 
 with ``m(N)`` the full model (every edge in the circuit) and ``m(empty)`` the empty
-circuit (every edge ablated), both evaluated through the same graph forward as ``m(C)``
-and in the same pass, so that ``f(empty) = 0`` and ``f(N) = 1`` for every metric and
-intervention. (Under ``patching`` the empty circuit is the corrupted run up to float
-rounding; the corrupted run's own value is reported beside it as ``corrupted``, the
-reference's ``evaluate_baseline(run_corrupted=True)``.) ``m`` is read against the clean
-run's logits: for ``kl_div``, ``m(N) = KL(clean || clean) = 0`` (the reference's
-``evaluate_baseline`` passes the corrupted logits instead, giving KL(corrupted || clean)).
+circuit (every edge ablated), so that ``f(empty) = 0`` and ``f(N) = 1`` for every metric
+and intervention. ``m(N)`` is the clean run, which is what the graph forward computes
+with every edge in; under ``patching`` ``m(empty)`` is the corrupted run (run with the
+clean prompts' attention mask), which is what it computes with every edge ablated, as
+MIB's ``evaluate_baseline`` takes both ends; under the other interventions the empty
+circuit runs through the graph forward (:meth:`jaxinterp.interventions.Run.circuit_metrics`
+runs only the circuits whose value no plain run gives, each distinct circuit once).
+The corrupted run's own value is reported beside them as ``corrupted``, the reference's
+``evaluate_baseline(run_corrupted=True)``. ``m`` is read against the clean run's logits:
+for ``kl_div``, ``m(N) = KL(clean || clean) = 0`` (the reference's ``evaluate_baseline``
+passes the corrupted logits instead, giving KL(corrupted || clean)).
 
-:func:`faithfulness_curve` evaluates many circuit sizes in one compiled call (``vmap``
-over edge masks) instead of one model run per size.
+:func:`faithfulness_curve` evaluates many circuit sizes in one compiled call (``lax.map``
+over edge masks, several at once under ``vmap``) instead of one model run per size.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Sequence, Union
 
-import jax.numpy as jnp
 import numpy as np
 
-from .compiler import jit
 from .data import Pairs, bucket_length
 from .graph import Graph
-from .interventions import Run, TaskMetric, metric_values, prepare_run, weighted_sum
-from .models import forward
+from .interventions import Run, prepare_run
 from .positional import PositionalGraph, check_one_length
 
 
@@ -92,20 +92,6 @@ def _chunk_for(run: Run, n_circuits: int, max_memory: Union[str, int], quiet: bo
     return chunk
 
 
-@functools.partial(jit, persist=True, static_argnames=("cfg", "metric"))
-def _batch_baseline(params, batch, *, cfg, metric: TaskMetric):
-    """Weighted metric sums ``[2]`` of the unmodified model on the clean and on the
-    corrupted prompts, both read against the clean run's logits."""
-    clean = forward(params, cfg, batch["clean"], batch["attention_mask"], logit_positions=batch["lengths"] - 1)
-    corrupted = metric_values(params, cfg, batch, metric, clean, tokens=batch["corrupted"])
-    return jnp.stack([weighted_sum(metric(clean, clean, batch), batch), weighted_sum(corrupted, batch)])
-
-
-def _baselines(run: Run) -> np.ndarray:
-    """``[clean, corrupted]``: the unmodified model's mean metric on each prompt set."""
-    return run.mean(lambda b: _batch_baseline(run.model.params, b, cfg=run.model.cfg, metric=run.metric))
-
-
 @dataclasses.dataclass
 class _Ends:
     """What faithfulness is measured between: ``model`` = m(N) and ``empty`` = m(empty)
@@ -122,7 +108,7 @@ def _with_ends(run: Run, masks: np.ndarray, chunk: Optional[int], quiet: bool,
     evaluated as two more masks of the same pass."""
     full = np.broadcast_to(run.model.graph_spec.real_edge_mask, np.shape(masks)[1:])
     values = _circuit_metrics(run, np.concatenate([masks, [full, np.zeros_like(full)]]), chunk, quiet, max_memory)
-    ends = _Ends(float(values[-2]), float(values[-1]), float(_baselines(run)[1]))
+    ends = _Ends(float(values[-2]), float(values[-1]), float(run.baselines[1]))
     return values[:-2], ends
 
 
@@ -175,7 +161,7 @@ def evaluate_baseline(model, data: Union[str, Pairs], metric: str = "logit_diff"
     """Mean metric of the unmodified model on the clean (or corrupted) prompts, read
     against the clean run (``kl_div``: 0 on the clean prompts)."""
     run = prepare_run(model, data, metric, batch_size=batch_size, mesh=mesh)
-    return float(_baselines(run)[1 if run_corrupted else 0])
+    return float(run.baselines[1 if run_corrupted else 0])
 
 
 @dataclasses.dataclass

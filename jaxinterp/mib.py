@@ -25,8 +25,10 @@ circuit the top-n edges with dangling nodes pruned; faithfulness ``f = (m(C) - m
 (m(N) - m(empty))`` with ``m`` the mean logit difference. **CPR** is the area under f with
 edges ranked by signed score, **CMD** the area under ``|1 - f|`` with edges ranked by
 ``|score|``. Both rankings (20 circuits) and the two ends (the full model and the empty
-circuit) are evaluated as 22 masks of one :func:`jaxinterp.evaluation.evaluate_masks`
-call: one compiled program, one pass over the data. ``greedy``: each circuit grown from
+circuit) are 22 masks of one :func:`jaxinterp.evaluation.evaluate_masks` call: one
+compiled program, one pass over the data, which runs each distinct circuit once and the
+full model and (under patching) the empty circuit as the plain clean and corrupted runs
+(18 patched circuits of the 22). ``greedy``: each circuit grown from
 the logits up instead (:meth:`jaxinterp.graph.Graph.apply_greedy`), as MIB evaluates
 ``information-flow-routes``.
 
@@ -549,9 +551,11 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
     output dimensions of every node and patches the others on all outgoing edges
     (:func:`jaxinterp.node_attribution.evaluate_neuron_masks`). Both rankings' circuits
     plus the full and the empty circuit are one compiled evaluation (``chunk`` circuits
-    per vectorised forward). m(N) is the full circuit through the graph forward, as
-    m(empty) is (MIB's ``evaluate_baseline`` runs the plain model: equal up to float
-    rounding). ``intervention``: what ablated edges carry, as in evaluation
+    per vectorised forward). m(N) is the clean run and, under ``patching``, m(empty) the
+    corrupted run, as MIB's ``evaluate_baseline`` gives them (the graph forward gives them
+    up to float rounding; :meth:`jaxinterp.interventions.Run.circuit_metrics`), and each
+    distinct circuit runs once (the two rankings' full-size circuits are the full model).
+    ``intervention``: what ablated edges carry, as in evaluation
     (``intervention_data``: the prompts the ``mean`` interventions average over, or the
     ``optimal`` intervention's constants, :mod:`jaxinterp.optimal_ablation`).
     ``greedy``: each circuit grown greedily from the logits up (:func:`greedy_masks`)

@@ -189,7 +189,7 @@ def _rotary(cfg: ModelConfig, n_pos: int):
 # --- the edge machinery: what (*) adds to the downstream inputs -------------------------
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["coef", "source", "outs", "posts"],
-                   meta_fields=["mode", "bounds", "scanned"])
+                   meta_fields=["mode", "bounds", "scanned", "buffered"])
 @dataclasses.dataclass(frozen=True)
 class _Edges:
     """What one layer's (or the logits') downstream inputs see of an intervention.
@@ -197,13 +197,18 @@ class _Edges:
     coef:    ``[(pos,) src, dst]`` this layer's block of coefficients (scanned: masked to
              real edges), or ``[1, dst]`` for ``add-one``.
     source:  ``[src, batch, pos, d_model]`` (``[1, ...]`` for ``add-one``).
-    bounds, outs: this run's upstream node outputs by group, ``outs[i]
-             [stop - start, batch, pos, d_model]`` for ``bounds[i] = (start, stop)``.
-             Unrolled: one group per node group produced so far, so the contraction runs
-             over upstream rows only. Scanned: one group of all ``src`` rows, a buffer of
-             this run's outputs (future rows zero; their coefficients are zero) for
-             ``replace``, and None for the other modes, which never read this run's outputs.
-    posts:   per group, None or (per-input Gemma 2 heads, unrolled) ``(S [batch, pos,
+    bounds, outs: the upstream rows (*) contracts and what it reads of this run.
+             *Buffered* (``replace``, and every mode scanned): one bound ``(0, stop)`` and,
+             for ``replace``, one buffer ``outs[0] [src, batch, pos, d_model]`` of
+             ``delta_u = source_u - out_u``, formed once when node ``u`` is produced (rows
+             not produced yet are zero); the other modes read ``source`` only (None).
+             Unrolled, ``stop`` is the number of rows produced so far, so each layer
+             contracts its upstream rows only, in one product; scanned, it is ``src``, the
+             coefficients being zero for the rows not upstream. *Grouped* (unrolled, the
+             other modes, and every mode with per-input Gemma 2 heads): ``outs[i] [stop -
+             start, batch, pos, d_model]`` this run's outputs of node group ``bounds[i] =
+             (start, stop)``, one per group produced so far.
+    posts:   grouped only, per group, None or (per-input Gemma 2 heads) ``(S [batch, pos,
              d_model], norm params)``: the layer's raw sum of heads and its output norm,
              which every downstream input applies to its own mix of the group's heads.
     """
@@ -215,9 +220,12 @@ class _Edges:
     bounds: tuple
     scanned: bool = False
     posts: tuple = ()
+    buffered: bool = False
 
     def delta(self, i: int) -> Array:
         """``delta_u`` of (*) for group ``i``."""
+        if self.buffered and self.mode == "replace":
+            return self.outs[0][slice(*self.bounds[0])]
         src = self.source[slice(*self.bounds[i])]
         if self.mode == "replace":
             return src - self.outs[i]
@@ -251,15 +259,31 @@ class _Edges:
 
     def with_outputs(self, start, out: Array, post: Optional[tuple] = None) -> "_Edges":
         """These edges after nodes ``start ..`` produced ``out [n, batch, pos, d_model]``
-        (``post``: see ``posts``)."""
-        if not self.scanned:
+        (``post``: see ``posts``; ``start`` is traced when scanned)."""
+        n = out.shape[0]
+        if not self.buffered:
             posts = (self.posts or (None,) * len(self.outs)) + (post,)
             return dataclasses.replace(self, outs=self.outs + (out,), posts=posts,
-                                       bounds=self.bounds + ((start, start + out.shape[0]),))
-        if self.outs[0] is None:
-            return self
-        buf = jax.lax.dynamic_update_slice_in_dim(self.outs[0], out.astype(self.outs[0].dtype), start, 0)
-        return dataclasses.replace(self, outs=(buf,))
+                                       bounds=self.bounds + ((start, start + n),))
+        bounds = self.bounds if self.scanned else ((0, start + n),)
+        if self.mode != "replace":  # the other modes never read this run's outputs
+            return dataclasses.replace(self, bounds=bounds)
+        buf = self.outs[0]
+        diff = jax.lax.dynamic_slice_in_dim(self.source, start, n, 0) - out  # delta_u, formed once
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, diff.astype(buf.dtype), start, 0)
+        return dataclasses.replace(self, outs=(buf,), bounds=bounds)
+
+
+def _buffered(edges: _Edges, scanned: bool) -> _Edges:
+    """``edges`` entering the first layer (grouped: the ``input`` node's output its only
+    group) in the buffered form (``_Edges``), scanned or not."""
+    buf, n_src = None, edges.source.shape[0]
+    if edges.mode == "replace":
+        emb = edges.outs[0][0]
+        dtype = jnp.result_type(edges.source.dtype, emb.dtype)
+        buf = jnp.zeros((n_src,) + emb.shape, dtype).at[0].set((edges.source[0] - emb).astype(dtype))
+    return dataclasses.replace(edges, outs=(buf,), bounds=((0, n_src if scanned else 1),), scanned=scanned,
+                               buffered=True)
 
 
 def _normed(cfg: ModelConfig, edges: Optional[_Edges], resid: Array, dst: slice, norm_params) -> Array:
@@ -409,6 +433,8 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
         return (jnp.asarray(layer) == mlp_delta[0]).astype(mlp_delta[1].dtype) * mlp_delta[1]
 
     if not scan:
+        if edges is not None and edges.mode == "replace" and not cfg.per_input_heads:
+            edges = _buffered(edges, False)  # one contraction per layer, upstream rows only
         rs, hs, ms, ks = [], [], [], []
         for layer in range(cfg.n_layers):
             rs.append(resid)
@@ -430,9 +456,8 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
     windows = None if cfg.sliding_window is None else jnp.asarray(
         [cfg.window(layer) or n_pos + 1 for layer in range(cfg.n_layers)], jnp.int32)  # n_pos + 1: no window
     mode, source = (None, None) if edges is None else (edges.mode, edges.source)
-    buf = None  # replace: this run's node outputs, filled in layer by layer (carried)
-    if mode == "replace":
-        buf = jnp.zeros((n_src,) + resid.shape, edges.outs[0].dtype).at[0].set(edges.outs[0][0])
+    # replace: delta_u of the nodes produced so far (zero beyond), filled in layer by layer (carried)
+    buf = None if mode is None else _buffered(edges, True).outs[0]
     step = checkpoint(functools.partial(_block, cfg, spec, rotary, key_mask))
 
     def body(carry, xs):
@@ -443,7 +468,8 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
             coef = coef * _upstream(spec, start).astype(coef.dtype)
 
         def run(resid):
-            e = None if mode is None else _Edges(coef, source, (buf,), mode, ((0, n_src),), scanned=True)
+            e = None if mode is None else _Edges(coef, source, (buf,), mode, ((0, n_src),), scanned=True,
+                                                 buffered=True)
             out, heads, m_out, hidden, e = step(window, start, p, resid, e, layer_nodes, layer_blocked,
                                                 None if mlp_delta is None else layer_delta(index))
             return out, heads, m_out, hidden, None if e is None else e.outs[0]
@@ -462,7 +488,8 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
     xs = (params["blocks"], blocks, windows, jnp.asarray(starts, jnp.int32), nodes, blocked,
           None if mlp_delta is None and first is None else jnp.arange(cfg.n_layers))
     (resid, buf), (rs, hs, ms, ks) = jax.lax.scan(body, (resid, buf), xs)
-    edges = None if mode is None else _Edges(logits_coef, source, (buf,), mode, ((0, n_src),), scanned=True)
+    edges = None if mode is None else _Edges(logits_coef, source, (buf,), mode, ((0, n_src),), scanned=True,
+                                             buffered=True)
     return resid, edges, rs, hs, ms, ks
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxinterp.attribution import attribute
-from jaxinterp.interventions import prepare_data
+from jaxinterp.interventions import batch_circuit_metrics, prepare_data, prepare_run
 from jaxinterp.evaluation import (evaluate, evaluate_baseline, evaluate_empty, evaluate_graph, evaluate_masks,
                                   faithfulness_curve, normalized_faithfulness)
 from jaxinterp.graph import Graph
@@ -171,6 +171,31 @@ def test_faithfulness_is_0_for_the_empty_circuit_and_1_for_all_edges(sharp, metr
         assert abs(clean) < 1e-6  # KL(clean || clean)
     if intervention == "patching":  # every edge patched is the corrupted run
         np.testing.assert_allclose(curve.empty, curve.corrupted, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("intervention", ["patching", "zero"])
+def test_plain_runs_stand_in_for_the_full_and_the_empty_circuit(sharp, intervention):
+    """``Run.circuit_metrics`` takes the full graph's value from the clean run and, under
+    patching, the empty circuit's from the corrupted run, and runs a repeated circuit
+    once: each value equals the graph forward's own on that mask (the kernel called
+    directly), in the order given."""
+    model, pairs, scored, _ = sharp
+    run = prepare_run(model, pairs, "logit_diff", intervention, batch_size=8)
+    spec = model.graph_spec
+    g = Graph(spec, scored.scores)
+    g.apply_topn(20)
+    everything = np.ones_like(spec.real_edge_mask)  # entries outside the real edges are no edges
+    masks = np.stack([g.in_graph, everything, g.in_graph, np.zeros_like(everything)])
+    got = run.circuit_metrics(masks, chunk=2)
+    kw = dict(cfg=run.model.cfg, metric=run.metric, intervention=intervention, chunk=2)
+    direct = run.mean(lambda b: batch_circuit_metrics(run.model.params, b, masks, None, **kw))
+    scale = abs(direct[1] - direct[3])  # what faithfulness divides by
+    assert scale > 1e-2 and abs(direct[0] - direct[3]) > 1e-2 * scale  # the four values are not all one
+    assert got[0] == got[2]
+    np.testing.assert_allclose(got, direct, rtol=0, atol=1e-4 * scale)
+    clean, corrupted = run.baselines
+    assert got[1] == clean
+    assert (got[3] == corrupted) == (intervention == "patching")
 
 
 @pytest.mark.parametrize("intervention", ["patching", "mean"])
