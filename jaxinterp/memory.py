@@ -196,6 +196,14 @@ EVAL_BASE_COPIES = 3
 EVAL_CIRCUIT_COPIES = 3
 
 
+def _per_input_copies(cfg: ModelConfig) -> int:
+    """More node-output arrays per circuit with per-input Gemma 2 heads, whose circuits run
+    the unrolled forward with a group of node outputs per layer: its temporaries grow with
+    depth (measured 4.3, 6.3 and 8.7 arrays per circuit at 4, 8 and 12 layers, batch 8 x 24,
+    against 3 for the scanned forward)."""
+    return math.ceil(cfg.n_layers / 2) if cfg.per_input_heads else 0
+
+
 def evaluation_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, chunk: int, n_circuits: int = 1,
                           dtype=jnp.float32, data_devices: int = 1, model_devices: int = 1,
                           grouped_kv: bool = False) -> int:
@@ -214,7 +222,7 @@ def evaluation_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, chunk: 
     layer = local * n_pos * (ATTN_COPIES * cfg.n_heads * n_pos * 4 + MLP_COPIES * cfg.d_mlp * s)
     logits = local * LOGIT_COPIES * cfg.vocab_size * 4
     masks = n_circuits * spec.n_forward * spec.n_backward  # bool, all circuits are one argument
-    per_circuit = EVAL_CIRCUIT_COPIES * node_outputs + layer + logits
+    per_circuit = (EVAL_CIRCUIT_COPIES + _per_input_copies(cfg)) * node_outputs + layer + logits
     return int(SAFETY * (params + masks + EVAL_BASE_COPIES * node_outputs + logits + chunk * per_circuit))
 
 
