@@ -311,6 +311,7 @@ class Run:
         ``patching``, the empty circuit is the corrupted run (:attr:`baselines`; MIB's
         ``evaluate_baseline``). The graph forward gives those two up to float rounding
         only, at the cost of a circuit each."""
+        means = self.means  # the intervention's values, checked (e.g. a file's shape) even when no circuit runs
         real = self.model.graph_spec.real_edge_mask
         masks = np.asarray(masks, bool) & real
         flat = masks.reshape(len(masks), -1)
@@ -328,7 +329,7 @@ class Run:
         if todo:
             kw = dict(cfg=self.model.cfg, metric=self.metric, intervention=self.intervention, chunk=chunk)
             run = replicate(masks[todo], self.mesh)
-            got = self.mean(lambda b: batch_circuit_metrics(self.model.params, b, run, self.means, **kw),
+            got = self.mean(lambda b: batch_circuit_metrics(self.model.params, b, run, means, **kw),
                             "evaluate", quiet)
             values = {keys[i]: v for i, v in zip(todo, got)}
         if known:
