@@ -313,28 +313,24 @@ class Run:
         only, at the cost of a circuit each."""
         means = self.means  # the intervention's values, checked (e.g. a file's shape) even when no circuit runs
         real = self.model.graph_spec.real_edge_mask
-        masks = np.asarray(masks, bool) & real
-        flat = masks.reshape(len(masks), -1)
-        keys = [np.packbits(row).tobytes() for row in flat]
-        first = {}
-        for i, k in enumerate(keys):
-            first.setdefault(k, i)
-        n_real = int(real.sum()) * (masks.shape[1] if masks.ndim == 4 else 1)
-        counts = {k: int(flat[i].sum()) for k, i in first.items()}
-        known = {k: 0 for k, c in counts.items() if c == n_real}  # the full graph: the clean run
+        flat = (np.asarray(masks, bool) & real).reshape(len(masks), -1)
+        _, first, inverse = np.unique(np.packbits(flat, axis=1), axis=0, return_index=True, return_inverse=True)
+        sizes = flat[first].sum(1)  # per distinct circuit
+        plain = np.full(len(first), -1)  # the baseline that gives a distinct circuit's value; -1: none
+        plain[sizes == flat.shape[1] // real.size * int(real.sum())] = 0  # the full graph: the clean run
         if self.intervention == "patching":
-            known.update({k: 1 for k, c in counts.items() if c == 0})  # the empty circuit: the corrupted run
-        todo = [i for k, i in first.items() if k not in known]
-        values = {}
-        if todo:
+            plain[sizes == 0] = 1  # the empty circuit: the corrupted run
+        values = np.empty(len(first))
+        todo = np.flatnonzero(plain < 0)
+        if len(todo):
             kw = dict(cfg=self.model.cfg, metric=self.metric, intervention=self.intervention, chunk=chunk)
-            run = replicate(masks[todo], self.mesh)
-            got = self.mean(lambda b: batch_circuit_metrics(self.model.params, b, run, means, **kw),
-                            "evaluate", quiet)
-            values = {keys[i]: v for i, v in zip(todo, got)}
-        if known:
-            values.update({k: self.baselines[j] for k, j in known.items()})
-        return np.asarray([values[k] for k in keys])
+            run = replicate(flat[first[todo]].reshape((len(todo),) + np.shape(masks)[1:]), self.mesh)
+            values[todo] = self.mean(lambda b: batch_circuit_metrics(self.model.params, b, run, means, **kw),
+                                     "evaluate", quiet)
+        known = plain >= 0
+        if known.any():
+            values[known] = self.baselines[plain[known]]
+        return values[inverse.reshape(-1)]
 
 
 @functools.partial(jit, persist=True, static_argnames=("cfg", "metric"))

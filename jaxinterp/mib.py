@@ -587,8 +587,8 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
         kept = [list(k) for _, k in picked]
         weighted = [[weighted_edge_count(c, real) for c in m] for m in edge_masks]
         masks = np.concatenate(edge_masks + [real[None], np.zeros_like(real)[None]])
-        values = evaluate_masks(model, _padded(masks, chunk), pairs, metric, intervention, batch_size, chunk=chunk,
-                                mesh=mesh, intervention_data=intervention_data)[:len(masks)]
+        values = evaluate_masks(model, masks, pairs, metric, intervention, batch_size, chunk=chunk, mesh=mesh,
+                                intervention_data=intervention_data)
     else:
         scores = _level_scores(graph, level)
         if level == "neuron" and scores.shape != (spec.n_forward, model.cfg.d_model):
@@ -604,8 +604,8 @@ def score_graph(model, graph, data: Union[str, Pairs], batch_size: int = 16, met
                     for ns, its in zip(nodes, items)]
         if level == "node":
             masks = np.concatenate(edge_masks + [real[None], np.zeros_like(real)[None]])
-            values = evaluate_masks(model, _padded(masks, chunk), pairs, metric, intervention, batch_size,
-                                    chunk=chunk, mesh=mesh, intervention_data=intervention_data)[:len(masks)]
+            values = evaluate_masks(model, masks, pairs, metric, intervention, batch_size, chunk=chunk, mesh=mesh,
+                                    intervention_data=intervention_data)
         else:
             from .node_attribution import evaluate_neuron_masks
 
