@@ -20,21 +20,24 @@ def load_tokenizer(path: str):
     (:data:`jaxinterp.tokenizer.AS_SAVED`, what :func:`~jaxinterp.tokenizer.save_tokenizer`
     writes): then ``tokenizer.json`` is read as it is, as transformers 4 does for every
     model type and 5 does for all but a few (``qwen2`` among them, which it rebuilds as
-    ``Qwen2Tokenizer``). Either way the tokenizer must give its own words back
+    ``Qwen2Tokenizer``), by :class:`~jaxinterp.tokenizer.JsonTokenizer`, without importing
+    ``transformers`` (~1.75 s). Either way the tokenizer must give its own words back
     (:func:`~jaxinterp.tokenizer.check_round_trip`), or it is refused naming ``path``.
     """
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     from .io import read_json
-    from .tokenizer import AS_SAVED, check_round_trip
+    from .tokenizer import AS_SAVED, JsonTokenizer, check_round_trip
 
     config_path = os.path.join(path, "tokenizer_config.json")
     config = read_json(config_path) if os.path.exists(config_path) else {}
-    as_saved = (isinstance(config, dict) and config.get("tokenizer_class") in AS_SAVED
-                and os.path.exists(os.path.join(path, "tokenizer.json")))
-    tokenizer = (PreTrainedTokenizerFast if as_saved else AutoTokenizer).from_pretrained(path)
+    if isinstance(config, dict) and config.get("tokenizer_class") in AS_SAVED and \
+            os.path.exists(os.path.join(path, "tokenizer.json")):
+        tokenizer = JsonTokenizer.from_dir(path, config)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
     check_round_trip(tokenizer, path)
     return tokenizer
 

@@ -134,3 +134,25 @@ def test_a_tokenizer_that_loses_words_is_refused():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
     with pytest.raises(TokenizerError, match=r"^chars: the tokenizer .* does not give its own words back"):
         check_round_trip(fast, "chars")
+
+
+def test_a_saved_tokenizer_loads_without_importing_transformers(tmp_path):
+    """Importing transformers costs ~1.75 s of every command; a checkpoint whose tokenizer
+    is tokenizer.json as saved (the demo model, every test checkpoint) needs none of it:
+    load_model and a command that tokenises ('generate') leave it unimported."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "pairs.csv")
+    code = ("import sys\n"
+            "from jaxinterp import load_model\n"
+            "from jaxinterp.cli import main\n"
+            "from jaxinterp.loading import demo_model_dir\n"
+            "tok = load_model(demo_model_dir()).tokenizer\n"
+            f"assert main(['generate', 'ioi', '--n', '4', '--out', {out!r}]) == 0\n"
+            "print(type(tok).__name__, tok('When Mary and John went')['input_ids'], 'transformers' in sys.modules)")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    expected = load_tokenizer(demo_model_dir())("When Mary and John went")["input_ids"]
+    assert child.stdout.strip().splitlines()[-1] == f"JsonTokenizer {expected} False"
+    assert os.path.getsize(out) > 0
