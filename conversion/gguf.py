@@ -36,7 +36,9 @@ What the format does not carry (refused or documented, never guessed silently):
 * qwen2: the optional sliding window (llama.cpp's qwen2 has none).
 
 The tokenizer comes from the ``tokenizer.ggml.*`` metadata through ``transformers``'
-GGUF tokenizer converter (``convert_gguf_tokenizer``, on the metadata read here: no torch).
+GGUF tokenizer converter (``convert_gguf_tokenizer``, on the metadata read here: no torch),
+saved once in jaxinterp's cache and read from there as a
+:class:`jaxinterp.tokenizer.JsonTokenizer` (:func:`load_gguf_tokenizer`).
 """
 
 from __future__ import annotations
@@ -92,25 +94,37 @@ def is_gguf(path: str) -> bool:
 
 # --- reading ------------------------------------------------------------------------------
 
-def _open(path: str):
+def _open(path: str) -> tuple[dict[str, Any], list]:
+    """``(metadata, tensors)`` of the file (:func:`.gguf_header.read_header`; ``GGUFReader``
+    for the byte orders and versions it does not read), refusing a missing, foreign or
+    damaged file with a message naming it."""
     try:
         from gguf import GGUFReader
     except ImportError:  # pragma: no cover - a dependency of jaxinterp
         raise ConversionError(f"{path}: reading GGUF files needs the gguf package (pip install gguf)") from None
+    from .gguf_header import read_header
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path!r} does not exist")
     if not is_gguf(path):
         raise ConversionError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
-        return GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError, IndexError, ... on truncated or corrupt files
+        header = read_header(path)
+        if header is None:
+            reader = GGUFReader(path, "r")
+            header = _metadata(reader, path), reader.tensors
+    except ConversionError:
+        raise
+    except Exception as e:  # the readers raise ValueError, IndexError, struct.error ... on truncated or corrupt files
         raise ConversionError(f"{path}: cannot read the GGUF file (truncated or corrupt?): "
                               f"{type(e).__name__}: {e}") from None
+    _LAST_META.clear()
+    _LAST_META[_stat_key(path)] = header[0]
+    return header
 
 
 # metadata of the last file read, keyed by (path, size, mtime): the tokenizer loader reads
-# it again right after the weights, and parsing a 50k-token vocabulary takes seconds
+# it again right after the weights
 _LAST_META: dict[tuple, dict] = {}
 
 
@@ -120,14 +134,13 @@ def _stat_key(path: str) -> tuple:
 
 
 def _metadata(reader, path: str) -> dict[str, Any]:
+    """``GGUFReader``'s fields as values."""
     out = {}
     for key, field in reader.fields.items():
         try:
             out[key] = field.contents()
         except Exception as e:
             raise ConversionError(f"{path}: metadata key {key!r} cannot be read: {type(e).__name__}: {e}") from None
-    _LAST_META.clear()
-    _LAST_META[_stat_key(path)] = out
     return out
 
 
@@ -391,8 +404,7 @@ def read_gguf(path: str) -> tuple[str, dict, dict[str, Callable[[], np.ndarray]]
     """``(arch, hf_config, loaders, names)`` of a GGUF file: the HF ``config.json`` fields,
     lazy loaders of every tensor under its HF name in HF's layout (float32), and the GGUF
     name of each HF name (for messages)."""
-    reader = _open(path)
-    meta = _metadata(reader, path)
+    meta, tensors = _open(path)
     arch = meta.get("general.architecture")
     if arch is None:
         raise ConversionError(f"{path}: metadata key 'general.architecture' is missing")
@@ -400,7 +412,7 @@ def read_gguf(path: str) -> tuple[str, dict, dict[str, Callable[[], np.ndarray]]
         raise ConversionError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {sorted(ARCHS)}")
     spec = ARCHS[arch]
     _check_metadata(meta, arch, spec, path)
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = {t.name: t for t in tensors}
     if "token_embd.weight" not in by_name:
         raise ConversionError(f"{path}: tensor 'token_embd.weight' is missing")
     vocab = int(by_name["token_embd.weight"].shape[-1])  # shape is [d_model, vocab] (innermost first)
@@ -457,18 +469,23 @@ _SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token
             "pad_token": "padding_token_id"}
 
 
-def load_gguf_tokenizer(path: str):
-    """The tokenizer the file's ``tokenizer.ggml.*`` metadata describes (a ``transformers``
-    fast tokenizer), or None when the file has no tokenizer.
+def _tokenizer_meta(path: str) -> Optional[dict]:
+    meta = _LAST_META.get(_stat_key(path)) if os.path.isfile(path) else None
+    if meta is None:
+        meta = _open(path)[0]
+    return meta if "tokenizer.ggml.model" in meta else None
+
+
+def build_gguf_tokenizer(path: str):
+    """The tokenizer the file's ``tokenizer.ggml.*`` metadata describes, as ``transformers``
+    builds it (a ``PreTrainedTokenizerFast``), or None when the file has no tokenizer.
 
     Built by ``transformers``' own GGUF tokenizer converter from the metadata this module
     read with the ``gguf`` package, not through ``AutoTokenizer.from_pretrained(gguf_file=)``:
     that reads the metadata with a reader that imports torch, which jaxinterp must not
     need (``tests/test_gguf.py`` checks both give the same tokens)."""
-    meta = _LAST_META.get(_stat_key(path)) if os.path.isfile(path) else None
+    meta = _tokenizer_meta(path)
     if meta is None:
-        meta = _metadata(_open(path), path)
-    if "tokenizer.ggml.model" not in meta:
         return None
     try:
         try:  # transformers 5
@@ -494,6 +511,77 @@ def load_gguf_tokenizer(path: str):
                               f"{type(e).__name__}: {e}") from None
 
 
+def tokenizer_key(meta: dict) -> str:
+    """sha256 of what the built tokenizer depends on: the architecture, every
+    ``tokenizer.*`` metadata value and the installed transformers' version (its converter
+    changes between versions)."""
+    import hashlib
+    import importlib.metadata
+    import json
+
+    keys = sorted(k for k in meta if k.startswith("tokenizer.") or k == "general.architecture")
+    text = json.dumps([_TOKENIZER_CACHE_FORMAT, importlib.metadata.version("transformers"), [(k, meta[k]) for k in keys]],
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_TOKENIZER_CACHE_FORMAT = 1  # bump when what is cached changes
+
+
+def load_gguf_tokenizer(path: str):
+    """The tokenizer of :func:`build_gguf_tokenizer` as a
+    :class:`jaxinterp.tokenizer.JsonTokenizer` (the same ids and text), or None when the
+    file has no tokenizer.
+
+    Building it imports ``transformers`` (~3 s of a ~3.4 s build for SmolLM2), so the
+    built tokenizer is saved once in jaxinterp's cache (``<cache>/tokenizers/<key>``, the
+    directory of :mod:`jaxinterp.cache`; key: :func:`tokenizer_key`) and later processes
+    read it from there without importing transformers. With the cache off
+    (``JAXINTERP_COMPILE_CACHE=0``) or not writable it is built every time."""
+    import shutil
+
+    from jaxinterp.cache import configured_dir
+    from jaxinterp.tokenizer import JsonTokenizer, TokenizerError, save_tokenizer
+
+    meta = _tokenizer_meta(path)
+    if meta is None:
+        return None
+    root = configured_dir()
+    cached = os.path.join(root, "tokenizers", tokenizer_key(meta)) if root else None
+    if cached and os.path.exists(os.path.join(cached, "tokenizer_config.json")):
+        try:
+            return _named(JsonTokenizer.from_dir(cached), path)
+        except TokenizerError:  # damaged: built again below, and replaced
+            shutil.rmtree(cached, ignore_errors=True)
+    built = build_gguf_tokenizer(path)
+    tmp = None
+    if cached:
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=os.path.dirname(cached))
+        except OSError:  # an unwritable cache: built in a private temporary directory
+            cached = None
+    tmp = tmp or tempfile.mkdtemp()
+    try:
+        save_tokenizer(built, tmp)
+        tokenizer = JsonTokenizer.from_dir(tmp)
+        if cached:
+            try:
+                os.rename(tmp, cached)  # atomic: a concurrent process sees all of it or none
+                tmp = None
+            except OSError:  # another process got there first
+                pass
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _named(tokenizer, path)
+
+
+def _named(tokenizer, path: str):
+    tokenizer.name_or_path = path  # the file it describes, not the cache's directory
+    return tokenizer
+
+
 def convert_gguf(path: str, out_dir: str) -> str:
     """Convert a GGUF file and save it with orbax, with its tokenizer (see ``checkpoint.py``)."""
     from .checkpoint import save_converted
@@ -507,5 +595,5 @@ def convert_gguf(path: str, out_dir: str) -> str:
     return out_dir
 
 
-__all__ = ["ARCHS", "PACKAGED_GGUF", "convert_gguf", "is_gguf", "load_gguf_checkpoint", "load_gguf_tokenizer",
-           "packaged_gguf", "read_gguf"]
+__all__ = ["ARCHS", "PACKAGED_GGUF", "build_gguf_tokenizer", "convert_gguf", "is_gguf", "load_gguf_checkpoint",
+           "load_gguf_tokenizer", "packaged_gguf", "read_gguf", "tokenizer_key"]

@@ -414,6 +414,42 @@ def test_smollm2_tokenizer_is_built_without_torch_and_equals_transformers(smollm
     assert child.stdout.split()[-1] == str(theirs(" Paris", add_special_tokens=False)["input_ids"]).replace(" ", "")
 
 
+def test_smollm2_tokenizer_reads_as_the_transformers_tokenizer_it_was_built_as(smollm2):
+    """load_model's GGUF tokenizer (a JsonTokenizer over what build_gguf_tokenizer built and
+    saved) against that PreTrainedTokenizerFast itself: tests/test_tokenizer.py's checks."""
+    from test_tokenizer import assert_same
+
+    from jaxinterp.conversion.gguf import build_gguf_tokenizer
+    from jaxinterp.tokenizer import JsonTokenizer
+
+    assert isinstance(smollm2.tokenizer, JsonTokenizer)
+    assert_same(smollm2.tokenizer, build_gguf_tokenizer(_smollm2_path()))
+
+
+def test_smollm2_tokenizer_is_read_from_the_cache_without_transformers(smollm2, tmp_path, monkeypatch):
+    """The first load saves the built tokenizer in the cache; a later process reads it
+    there without importing transformers, with the same ids; a damaged entry is rebuilt."""
+    import subprocess
+    import sys
+
+    from jaxinterp.conversion.gguf import load_gguf_tokenizer
+
+    path, text = _smollm2_path(), PROMPTS[0] + " <|im_end|>\n caf\u00e9 1987"
+    expected = smollm2.tokenizer(text)["input_ids"]
+    monkeypatch.setenv("JAXINTERP_COMPILE_CACHE", str(tmp_path))
+    assert load_gguf_tokenizer(path)(text)["input_ids"] == expected
+    (entry,) = os.listdir(tmp_path / "tokenizers")
+    code = ("import sys\n"
+            "from jaxinterp.conversion.gguf import load_gguf_tokenizer\n"
+            f"print(load_gguf_tokenizer({path!r})({text!r})['input_ids'], 'transformers' in sys.modules)")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip().splitlines()[-1] == f"{expected} False"
+    (tmp_path / "tokenizers" / entry / "tokenizer.json").write_text("{")
+    assert load_gguf_tokenizer(path)(text)["input_ids"] == expected
+    assert os.listdir(tmp_path / "tokenizers") == [entry]
+
+
 def test_reports_show_every_smollm2_token_as_text(smollm2):
     """lens.token_text: whole characters decode as themselves; a byte-level token holding
     part of a UTF-8 character (alone it decodes to U+FFFD) shows as the tokenizer's name."""
