@@ -249,6 +249,18 @@ class _Edges:
             x = x + mix
         return x
 
+    def replaced_rows(self, dst: slice, rows: Optional[tuple] = None) -> Array:
+        """Buffered ``replace``: (*)'s sum over the buffer's rows produced so far (or over
+        ``rows = (start, n)``, ``start`` traced when scanned) for the inputs ``dst``:
+        ``[dst, batch, pos, d_model]``."""
+        buf, coef = self.outs[0], self.coef[..., dst]
+        if rows is None:
+            buf, coef = buf[slice(*self.bounds[0])], coef[..., slice(*self.bounds[0]), :]
+        else:
+            buf = jax.lax.dynamic_slice_in_dim(buf, rows[0], rows[1], 0)
+            coef = jax.lax.dynamic_slice_in_dim(coef, rows[0], rows[1], coef.ndim - 2)
+        return jnp.einsum("fbpd,pfv->vbpd" if coef.ndim == 3 else "fbpd,fv->vbpd", buf, coef.astype(buf.dtype))
+
     def normed_inputs(self, cfg: ModelConfig, resid: Array, dst: slice, norm_params) -> Array:
         """The normalised downstream inputs ``dst``, ``[dst, batch, pos, d_model]``."""
         if self.mode in ("grad", "grad-replace"):
@@ -256,6 +268,15 @@ class _Edges:
                                  [self.coef[..., slice(*b), dst] for b in self.bounds],
                                  [self.delta(i) for i in range(len(self.bounds))])
         return norm(cfg, norm_params, self.inputs(cfg, resid, dst))
+
+    def at_positions(self, idx: Array) -> "_Edges":
+        """These edges at positions ``idx [batch, k]`` only (every ``[..., batch, pos,
+        d_model]`` array gathered to ``[..., batch, k, d_model]``): the logits' input, read
+        at the positions a metric reads. Position-free coefficients only."""
+        take = lambda a: None if a is None else jnp.take_along_axis(a, idx[None, :, :, None], axis=2)  # noqa: E731
+        posts = tuple(None if p is None else (jnp.take_along_axis(p[0], idx[..., None], axis=1), p[1])
+                      for p in self.posts)
+        return dataclasses.replace(self, source=take(self.source), outs=tuple(take(o) for o in self.outs), posts=posts)
 
     def with_outputs(self, start, out: Array, post: Optional[tuple] = None) -> "_Edges":
         """These edges after nodes ``start ..`` produced ``out [n, batch, pos, d_model]``
@@ -331,7 +352,15 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
     H, A = cfg.n_heads, spec.n_attn_inputs
     head_nodes, mlp_nodes = (None, None) if nodes is None else (
         tuple(None if a is None else a[:H] for a in nodes), tuple(None if a is None else a[H:] for a in nodes))
-    x = _normed(cfg, edges, resid, slice(0, A), p["ln1"])
+    early = None
+    if edges is not None and edges.buffered and edges.mode == "replace":
+        # (*) over the rows produced before this layer for all its inputs, the MLP's too, in
+        # one product: the [src, batch, pos, d_model] buffer is read once per layer, not
+        # twice (the MLP's own product was a matrix-vector one, bound by that read)
+        early = edges.replaced_rows(slice(0, A + 1)).astype(resid.dtype)
+        x = norm(cfg, p["ln1"], resid[None] + early[:A])
+    else:
+        x = _normed(cfg, edges, resid, slice(0, A), p["ln1"])
     # q per query head, then k and v per query head (default view) or per key/value head
     x_q, x_k, x_v = (x,) * 3 if edges is None else jnp.split(x, [H, H + spec.n_kv_inputs])
     mask = ops.attention_mask(key_mask, window)
@@ -352,7 +381,13 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
         edges = edges.with_outputs(start, heads, post)
 
     m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
-    x = _normed(cfg, edges, m_in, slice(A, A + 1), p["ln2"])
+    if early is None:
+        x = _normed(cfg, edges, m_in, slice(A, A + 1), p["ln2"])
+    else:
+        m_in = m_in[None] + early[A:]
+        if not cfg.parallel_attn_mlp:  # and this layer's heads, produced since
+            m_in = m_in + edges.replaced_rows(slice(A, A + 1), (start, H)).astype(m_in.dtype)
+        x = norm(cfg, p["ln2"], m_in)
     hidden = ops.mlp_hidden(p["mlp"], x if edges is None else x[0], cfg.act_fn)
     m_out = ops.mlp_out(p["mlp"], hidden)
     if cfg.sandwich_norms:
@@ -628,10 +663,17 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     resid, edges, resids, heads, mlps, hidden = _layers(params, cfg, spec, resid, attention_mask, edges, nodes, remat,
                                                         scan, blocked, mlp_delta, first)
 
-    n_f = _normed(cfg, edges, resid, slice(0, 1), params["ln_f"])
-    n_f = n_f if edges is None else n_f[0]
-    if logit_positions is not None:  # only the positions a metric reads: most of the unembedding is skipped
-        n_f = jnp.take_along_axis(n_f, logit_positions.reshape(n_batch, -1)[..., None], axis=1)
+    x_f, e_f = resid, edges
+    if logit_positions is not None:
+        # only the positions a metric reads: most of the unembedding and, with an
+        # intervention, of the logits' contraction over every upstream node is skipped
+        idx = logit_positions.reshape(n_batch, -1)
+        if edges is None or edges.coef.ndim == 2:
+            x_f, e_f = jnp.take_along_axis(resid, idx[..., None], axis=1), edges and edges.at_positions(idx)
+    n_f = _normed(cfg, e_f, x_f, slice(0, 1), params["ln_f"])
+    n_f = n_f if e_f is None else n_f[0]
+    if logit_positions is not None and x_f is resid:
+        n_f = jnp.take_along_axis(n_f, idx[..., None], axis=1)
     outs = jnp.concatenate([emb[None], jnp.concatenate([heads, mlps[:, None]], 1).reshape((-1,) + emb.shape)])
     return {"logits": final_logits(params, cfg, n_f), "outs": outs,
             "resid": jnp.concatenate([resids, resid[None]]), "mlp_hidden": hidden, "mlp_out": mlps}
