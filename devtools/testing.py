@@ -52,6 +52,26 @@ def small_vocab() -> list[str]:
     return NAMES + WORDS
 
 
+def trained_tokenizer(kind: str, corpus: Sequence[str], vocab_size: int, special_tokens: Sequence[str]):
+    """A small ``tokenizers.Tokenizer`` trained on ``corpus``: ``"bpe"``, byte-level BPE
+    (GPT-2's scheme), or ``"unigram"``, SentencePiece's Metaspace with a Unigram model (its
+    unknown token: the first of ``special_tokens``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=list(special_tokens))
+    else:
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                          unk_token=special_tokens[0])
+    tok.train_from_iterator(list(corpus), trainer)
+    return tok
+
+
 def save_random_gpt2(path: str, *, n_layer: int = 2, n_head: int = 4, n_embd: int = 64, n_inner=None,
                      n_positions: int = 64, tie: bool = True, seed: int = 0,
                      words: Sequence[str] | None = None, **extra) -> str:

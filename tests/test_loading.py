@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from devtools.testing import save_random_qwen2, small_vocab
+from devtools.testing import save_random_qwen2, small_vocab, trained_tokenizer
 from jaxinterp import load_model
 from jaxinterp.cli import main
 from jaxinterp.loading import demo_model_dir, load_tokenizer
@@ -90,20 +90,11 @@ def test_the_command_line_refuses_it_in_one_line(misread_dir, tmp_path, capsys):
 def _trained(kind):
     """A small tokenizer trained here: byte-level BPE (GPT-2's scheme) or SentencePiece's
     Metaspace with a Unigram model, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = [SENTENCE, "Then Alice and Bob had fun at the park .", "Kate gave a ball to Tom at school ."] * 20
-    if kind == "byte-level BPE":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      special_tokens=["<|endoftext|>"])
-    else:
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=80, special_tokens=["<unk>"], unk_token="<unk>")
-    tok.train_from_iterator(corpus, trainer)
+    tok = trained_tokenizer("bpe", corpus, 300, ["<|endoftext|>"]) if kind == "byte-level BPE" else \
+        trained_tokenizer("unigram", corpus, 80, ["<unk>"])
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 

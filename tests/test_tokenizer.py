@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from devtools.testing import small_vocab
+from devtools.testing import small_vocab, trained_tokenizer
 from jaxinterp.loading import demo_model_dir
 from jaxinterp.tokenizer import JsonTokenizer, TokenizerError, build_word_tokenizer, save_tokenizer
 
@@ -65,20 +65,10 @@ def assert_same(ours, theirs):
 def _trained(kind: str):
     """A small tokenizer trained here on IOI-like text: byte-level BPE with GPT-2's special
     token, or SentencePiece's Metaspace with a Unigram model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     corpus = [TEXTS[0], TEXTS[1], TEXTS[2], "Kate gave a ball to Tom at school in 1987 ."] * 20
     if kind == "bpe":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      special_tokens=["<|endoftext|>"])
-    else:
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=90, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>")
-    tok.train_from_iterator(corpus, trainer)
-    return tok
+        return trained_tokenizer("bpe", corpus, 320, ["<|endoftext|>"])
+    return trained_tokenizer("unigram", corpus, 90, ["<unk>", "<s>", "</s>"])
 
 
 def _saved(kind: str, path: str) -> str:
