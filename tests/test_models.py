@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinterp.compiler import jit
 from jaxinterp.models import EdgeIntervention, forward, node_outputs, residual_stream
 
 import handbuilt
@@ -132,8 +133,9 @@ def test_residual_stream_starts_at_the_embeddings_and_ends_at_the_logits(model, 
 
 @pytest.mark.parametrize("mode", ["grad", "grad-replace"])
 def test_compiled_edge_gradients_at_a_realistic_batch_are_autodiff_through_the_sum(model, mode):
-    """Under ``jit``, at 32 x 15 tokens (where a vmapped-vjp formulation of the normalised
-    probe once went wrong on CPU while eager mode and small batches were right), the
+    """Compiled as jaxinterp compiles (:func:`jaxinterp.compiler.jit`), at 32 x 15 tokens
+    (where the probe's vjp, mapped over its inputs, is wrong under a plain ``jax.jit`` on
+    CPU while eager mode and small batches are right: XLA's YNNPACK reduce fusion), the
     linearised probe equals autodiff through the real sum (*) of the ``add`` mode."""
     spec, cfg = model.graph_spec, model.cfg
     rng = np.random.default_rng(5)
@@ -147,9 +149,9 @@ def test_compiled_edge_gradients_at_a_realistic_batch_are_autodiff_through_the_s
         logits = forward(model.params, cfg, tokens, mask, intervention=EdgeIntervention(coef, source, mode=m))
         return (logits[:, -1, :7] ** 2).sum()
 
-    want = jax.jit(jax.grad(lambda c: total(c, "add", delta)))(zeros)
+    want = jit(jax.grad(lambda c: total(c, "add", delta)))(zeros)
     source = delta if mode == "grad" else outs + delta  # grad-replace: source - own outputs = delta
-    got = jax.jit(jax.grad(lambda c: total(c, mode, source)))(zeros)
+    got = jit(jax.grad(lambda c: total(c, mode, source)))(zeros)
     real = spec.real_edge_mask
     scale = np.abs(np.where(real, want, 0)).max()
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-4 * scale, rtol=0)
