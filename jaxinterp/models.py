@@ -136,8 +136,8 @@ def _normed_probe_bwd(norm, n_dst, res, g):
     # The norm's vjp at resid, mapped over the n_dst cotangents: g_x per downstream input,
     # [n_dst, batch, pos, d_model] (transient, backward only). Taken at n_dst broadcast
     # copies of resid instead, XLA:CPU wrote g_x through a transposing copy (dst minor) for
-    # the edge contraction: EAP at GPT-2-small's shape, 32 x 16 tokens, 8.5 s a batch, now
-    # 6.0 s. On CPU either form is only right with XLA's YNNPACK reduce fusion off
+    # the edge contraction: EAP at GPT-2-small's shape, 32 x 16 tokens, 8.5-9.7 s a batch,
+    # now 7.0-8.5 s. On CPU either form is only right with XLA's YNNPACK reduce fusion off
     # (jaxinterp.compiler; under a plain jax.jit this one is wrong from 32 x 15 tokens).
     g_params, g_x = jax.vmap(jax.vjp(norm, norm_params, resid)[1])(g)
     g_params = jax.tree.map(lambda a: a.sum(0), g_params)
@@ -672,7 +672,8 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         # intervention, of the logits' contraction over every upstream node is skipped
         idx = logit_positions.reshape(n_batch, -1)
         if edges is None or edges.coef.ndim == 2:
-            x_f, e_f = jnp.take_along_axis(resid, idx[..., None], axis=1), edges and edges.at_positions(idx)
+            x_f = jnp.take_along_axis(resid, idx[..., None], axis=1)
+            e_f = None if edges is None else edges.at_positions(idx)
     n_f = _normed(cfg, e_f, x_f, slice(0, 1), params["ln_f"])
     n_f = n_f if e_f is None else n_f[0]
     if logit_positions is not None and x_f is resid:
