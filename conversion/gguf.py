@@ -541,6 +541,8 @@ def load_gguf_tokenizer(path: str):
     import shutil
 
     from jaxinterp.cache import configured_dir
+    from jaxinterp.errors import JaxinterpError
+    from jaxinterp.io import replace_dir, temp_dir_beside
     from jaxinterp.tokenizer import JsonTokenizer, TokenizerError, save_tokenizer
 
     meta = _tokenizer_meta(path)
@@ -552,14 +554,13 @@ def load_gguf_tokenizer(path: str):
         try:
             return _named(JsonTokenizer.from_dir(cached), path)
         except TokenizerError:  # damaged: built again below, and replaced
-            shutil.rmtree(cached, ignore_errors=True)
+            pass
     built = build_gguf_tokenizer(path)
     tmp = None
     if cached:
         try:
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            tmp = tempfile.mkdtemp(dir=os.path.dirname(cached))
-        except OSError:  # an unwritable cache: built in a private temporary directory
+            tmp = temp_dir_beside(cached)
+        except JaxinterpError:  # an unwritable cache: built in a private temporary directory
             cached = None
     tmp = tmp or tempfile.mkdtemp()
     try:
@@ -567,9 +568,9 @@ def load_gguf_tokenizer(path: str):
         tokenizer = JsonTokenizer.from_dir(tmp)
         if cached:
             try:
-                os.rename(tmp, cached)  # atomic: a concurrent process sees all of it or none
+                replace_dir(tmp, cached)  # a concurrent process sees all of it or none
                 tmp = None
-            except OSError:  # another process got there first
+            except OSError:  # another process is replacing it too: its entry is as good
                 pass
     finally:
         if tmp:

@@ -191,6 +191,12 @@ def _rotary(cfg: ModelConfig, n_pos: int):
 
 # --- the edge machinery: what (*) adds to the downstream inputs -------------------------
 
+def _mix(delta: Array, coef: Array) -> Array:
+    """(*)'s sum for some inputs: ``delta [src, batch, pos, d_model]`` contracted with
+    ``coef [src, dst]`` (or position-aware ``[pos, src, dst]``) -> ``[dst, batch, pos, d_model]``."""
+    return jnp.einsum("fbpd,pfv->vbpd" if coef.ndim == 3 else "fbpd,fv->vbpd", delta, coef)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["coef", "source", "outs", "posts"],
                    meta_fields=["mode", "bounds", "scanned", "buffered"])
 @dataclasses.dataclass(frozen=True)
@@ -243,9 +249,8 @@ class _Edges:
         x = jnp.broadcast_to(resid[None], (n_dst,) + resid.shape)
         if self.mode == "add-one":
             return x + self.coef[0, dst].astype(x.dtype)[:, None, None, None] * self.source[0][None].astype(x.dtype)
-        contract = "fbpd,pfv->vbpd" if self.coef.ndim == 3 else "fbpd,fv->vbpd"
         for i, b in enumerate(self.bounds):
-            mix = jnp.einsum(contract, self.delta(i).astype(x.dtype), self.coef[..., slice(*b), dst].astype(x.dtype))
+            mix = _mix(self.delta(i).astype(x.dtype), self.coef[..., slice(*b), dst].astype(x.dtype))
             post = self.posts[i] if self.posts else None
             if post is not None:  # per-input heads: this input's own mix of the layer's heads, renormalised
                 mix = norm(cfg, post[1], post[0][None] + mix) - norm(cfg, post[1], post[0])[None]
@@ -262,7 +267,7 @@ class _Edges:
         else:
             buf = jax.lax.dynamic_slice_in_dim(buf, rows[0], rows[1], 0)
             coef = jax.lax.dynamic_slice_in_dim(coef, rows[0], rows[1], coef.ndim - 2)
-        return jnp.einsum("fbpd,pfv->vbpd" if coef.ndim == 3 else "fbpd,fv->vbpd", buf, coef.astype(buf.dtype))
+        return _mix(buf, coef.astype(buf.dtype))
 
     def normed_inputs(self, cfg: ModelConfig, resid: Array, dst: slice, norm_params) -> Array:
         """The normalised downstream inputs ``dst``, ``[dst, batch, pos, d_model]``."""
@@ -666,17 +671,18 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     resid, edges, resids, heads, mlps, hidden = _layers(params, cfg, spec, resid, attention_mask, edges, nodes, remat,
                                                         scan, blocked, mlp_delta, first)
 
+    # only the positions a metric reads: most of the unembedding and, with an intervention,
+    # of the logits' contraction over every upstream node is skipped (position-aware
+    # coefficients: taken after (*), which needs every position's row of them)
+    idx = None if logit_positions is None else logit_positions.reshape(n_batch, -1)
     x_f, e_f = resid, edges
-    if logit_positions is not None:
-        # only the positions a metric reads: most of the unembedding and, with an
-        # intervention, of the logits' contraction over every upstream node is skipped
-        idx = logit_positions.reshape(n_batch, -1)
-        if edges is None or edges.coef.ndim == 2:
-            x_f = jnp.take_along_axis(resid, idx[..., None], axis=1)
-            e_f = None if edges is None else edges.at_positions(idx)
+    if idx is not None and (edges is None or edges.coef.ndim == 2):
+        x_f = jnp.take_along_axis(resid, idx[..., None], axis=1)
+        e_f = None if edges is None else edges.at_positions(idx)
+        idx = None  # taken
     n_f = _normed(cfg, e_f, x_f, slice(0, 1), params["ln_f"])
     n_f = n_f if e_f is None else n_f[0]
-    if logit_positions is not None and x_f is resid:
+    if idx is not None:
         n_f = jnp.take_along_axis(n_f, idx[..., None], axis=1)
     outs = jnp.concatenate([emb[None], jnp.concatenate([heads, mlps[:, None]], 1).reshape((-1,) + emb.shape)])
     return {"logits": final_logits(params, cfg, n_f), "outs": outs,
