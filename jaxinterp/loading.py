@@ -27,12 +27,13 @@ def load_tokenizer(path: str):
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         return None
     from .io import read_json
-    from .tokenizer import AS_SAVED, JsonTokenizer, check_round_trip
+    from .tokenizer import AS_SAVED, JsonTokenizer, TokenizerError, check_round_trip
 
     config_path = os.path.join(path, "tokenizer_config.json")
     config = read_json(config_path) if os.path.exists(config_path) else {}
-    if isinstance(config, dict) and config.get("tokenizer_class") in AS_SAVED and \
-            os.path.exists(os.path.join(path, "tokenizer.json")):
+    if not isinstance(config, dict):  # transformers fails on it with an AttributeError
+        raise TokenizerError(f"{config_path}: a JSON object was expected, found {type(config).__name__}")
+    if config.get("tokenizer_class") in AS_SAVED and os.path.exists(os.path.join(path, "tokenizer.json")):
         tokenizer = JsonTokenizer.from_dir(path, config)
     else:
         from transformers import AutoTokenizer

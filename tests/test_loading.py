@@ -87,6 +87,21 @@ def test_the_command_line_refuses_it_in_one_line(misread_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+
+def test_a_tokenizer_config_that_is_no_json_object_is_refused_in_one_line(tmp_path, capsys):
+    """A tokenizer_config.json holding a list (not an object) is refused naming the file,
+    exit status 2, before transformers fails on it with an AttributeError."""
+    model = tmp_path / "model"
+    shutil.copytree(demo_model_dir(), model)
+    (model / "tokenizer_config.json").write_text('["bos_token"]')
+    out = tmp_path / "pairs.csv"
+    code = main(["generate", "ioi", "--n", "2", "--out", str(out), "--model", str(model)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err == (f"jaxinterp generate: error: {model / 'tokenizer_config.json'}: a JSON object was expected, "
+                   f"found list"), err
+    assert not out.exists()
+
 def _trained(kind):
     """A small tokenizer trained here: byte-level BPE (GPT-2's scheme) or SentencePiece's
     Metaspace with a Unigram model, as a transformers fast tokenizer."""
