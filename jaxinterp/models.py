@@ -115,40 +115,86 @@ class EdgeIntervention:
 
 
 MODES = ("replace", "add", "grad", "grad-replace", "add-one")
+GRAD_MODES = ("grad", "grad-replace")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _normed_probe(norm, n_dst: int, resid: Array, norm_params, coef: list, source: list) -> Array:
-    """``norm(norm_params, resid)`` broadcast to ``[n_dst, batch, pos, d_model]``: the
-    normalised inputs of ``n_dst`` downstream nodes that all see ``resid`` (the grad modes,
-    ``coef = 0``). The backward is that of ``norm(broadcast(resid))`` with an edge probe in
-    between (each input's own gradient, contracted with ``source`` into ``coef``'s
-    cotangent), but nothing of size ``n_dst`` is kept from the forward pass."""
-    return jnp.broadcast_to(norm(norm_params, resid)[None], (n_dst,) + resid.shape)
+# --- the edge probe of the gradient modes ------------------------------------------------
+# With coef = 0 the forward skips (*); the backward contracts each downstream input's own
+# gradient with delta [src, batch, pos, d_model] into coef's cotangent. delta reaches every
+# layer's probe as the cotangent of a *carrier*: a zero array of delta's shape that the
+# probes pass along in the forward, in layer order, to the logits' probe (the last one),
+# whose backward puts delta there and which each earlier probe hands back unchanged. So
+# delta is one src-major array, formed once after the forward from this run's outputs
+# (grad-replace: EAP's corrupted - clean, with no separate clean run, scanned or not), and
+# each probe contracts it in one product. (Per node group instead, as before, XLA:CPU
+# re-read each layer's gradients once per group and formed the groups' deltas once per
+# layer.) The carrier's forward value is never read, so XLA drops it.
 
 
-def _normed_probe_fwd(norm, n_dst, resid, norm_params, coef, source):
-    return _normed_probe(norm, n_dst, resid, norm_params, coef, source), (resid, norm_params, coef, source)
-
-
-def _normed_probe_bwd(norm, n_dst, res, g):
-    resid, norm_params, coef, source = res
+def _probe_grads(norm, resid: Array, norm_params, coef: Array, delta: Array, g: Array):
+    """``(resid's, norm_params' and coef's cotangents)`` of ``norm(norm_params, resid)``
+    broadcast to the ``[n_dst, ...]`` inputs with cotangent ``g``, edges from ``delta``."""
     # The norm's vjp at resid, mapped over the n_dst cotangents: g_x per downstream input,
     # [n_dst, batch, pos, d_model] (transient, backward only). Taken at n_dst broadcast
     # copies of resid instead, XLA:CPU wrote g_x through a transposing copy (dst minor) for
     # the edge contraction: EAP at GPT-2-small's shape, 32 x 16 tokens, 8.5-9.7 s a batch,
-    # now 7.0-8.5 s. On CPU either form is only right with XLA's YNNPACK reduce fusion off
+    # then 7.0-8.5 s. On CPU either form is only right with XLA's YNNPACK reduce fusion off
     # (jaxinterp.compiler; under a plain jax.jit this one is wrong from 32 x 15 tokens).
     g_params, g_x = jax.vmap(jax.vjp(norm, norm_params, resid)[1])(g)
     g_params = jax.tree.map(lambda a: a.sum(0), g_params)
     # position-aware coefficients [pos, src, dst] keep the position axis of the contraction
-    coef_bar = [jnp.einsum("fbpd,vbpd->pfv" if c.ndim == 3 else "fbpd,vbpd->fv", s, g_x.astype(s.dtype),
-                           preferred_element_type=jnp.float32).astype(c.dtype)
-                for c, s in zip(coef, source)]
-    return g_x.sum(0), g_params, coef_bar, [jnp.zeros_like(s) for s in source]
+    coef_bar = jnp.einsum("fbpd,vbpd->pfv" if coef.ndim == 3 else "fbpd,vbpd->fv", delta, g_x.astype(delta.dtype),
+                          preferred_element_type=jnp.float32).astype(coef.dtype)
+    return g_x.sum(0), g_params, coef_bar
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _normed_probe(norm, n_dst: int, rows: int, resid: Array, norm_params, coef: Array, carrier: Array):
+    """``(norm(norm_params, resid)`` broadcast to ``[n_dst, batch, pos, d_model]``, the
+    normalised inputs of ``n_dst`` downstream nodes that all see ``resid``, ``carrier)``.
+    Backward: ``coef [(pos,) src, n_dst]``'s cotangent from the carrier's cotangent (delta),
+    which is passed on, zero from row ``rows`` on (not upstream). Nothing of size ``n_dst``
+    is kept from the forward pass."""
+    return jnp.broadcast_to(norm(norm_params, resid)[None], (n_dst,) + resid.shape), carrier
+
+
+def _normed_probe_fwd(norm, n_dst, rows, resid, norm_params, coef, carrier):
+    return _normed_probe(norm, n_dst, rows, resid, norm_params, coef, carrier), (resid, norm_params, coef)
+
+
+def _normed_probe_bwd(norm, n_dst, rows, res, cts):
+    resid, norm_params, coef = res
+    g, delta = cts
+    # every row, upstream or not: XLA:CPU copied a slice of delta's upstream rows (a
+    # transposing copy for some) before the product, slower than the product it saved
+    g_resid, g_params, coef_bar = _probe_grads(norm, resid, norm_params, coef, delta, g)
+    coef_bar = jnp.where(jnp.arange(coef.shape[-2])[:, None] < rows, coef_bar, 0).astype(coef.dtype)
+    return g_resid, g_params, coef_bar, delta
 
 
 _normed_probe.defvjp(_normed_probe_fwd, _normed_probe_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _root_probe(norm, resid: Array, norm_params, coef: Array, carrier: Array, delta: Array, delta_here: Array):
+    """The logits' probe: ``norm(norm_params, resid)[None]``; its backward contracts
+    ``delta_here`` (delta at ``resid``'s positions) into ``coef [(pos,) src, 1]``'s cotangent
+    and puts ``delta [src, batch, pos, d_model]`` on the carrier for the earlier probes."""
+    return norm(norm_params, resid)[None]
+
+
+def _root_probe_fwd(norm, resid, norm_params, coef, carrier, delta, delta_here):
+    return _root_probe(norm, resid, norm_params, coef, carrier, delta, delta_here), (resid, norm_params, coef, delta,
+                                                                                     delta_here)
+
+
+def _root_probe_bwd(norm, res, g):
+    resid, norm_params, coef, delta, delta_here = res
+    return _probe_grads(norm, resid, norm_params, coef, delta_here, g) + (
+        delta, jnp.zeros_like(delta), jnp.zeros_like(delta_here))
+
+
+_root_probe.defvjp(_root_probe_fwd, _root_probe_bwd)
 
 
 def norm(cfg: ModelConfig, p, x: Array) -> Array:
@@ -238,8 +284,6 @@ class _Edges:
         src = self.source[slice(*self.bounds[i])]
         if self.mode == "replace":
             return src - self.outs[i]
-        if self.mode == "grad-replace":
-            return src - jax.lax.stop_gradient(self.outs[i])
         return src
 
     def inputs(self, cfg: ModelConfig, resid: Array, dst: slice) -> Array:
@@ -269,13 +313,14 @@ class _Edges:
             coef = jax.lax.dynamic_slice_in_dim(coef, rows[0], rows[1], coef.ndim - 2)
         return _mix(buf, coef.astype(buf.dtype))
 
-    def normed_inputs(self, cfg: ModelConfig, resid: Array, dst: slice, norm_params) -> Array:
-        """The normalised downstream inputs ``dst``, ``[dst, batch, pos, d_model]``."""
-        if self.mode in ("grad", "grad-replace"):
-            return _normed_probe(functools.partial(norm, cfg), dst.stop - dst.start, resid, norm_params,
-                                 [self.coef[..., slice(*b), dst] for b in self.bounds],
-                                 [self.delta(i) for i in range(len(self.bounds))])
-        return norm(cfg, norm_params, self.inputs(cfg, resid, dst))
+    def normed_inputs(self, cfg: ModelConfig, resid: Array, dst: slice, norm_params) -> tuple[Array, "_Edges"]:
+        """``(the normalised downstream inputs dst [dst, batch, pos, d_model], these edges
+        after them)`` (the gradient modes' probe passes the carrier on)."""
+        if self.mode in GRAD_MODES:
+            x, carrier = _normed_probe(functools.partial(norm, cfg), dst.stop - dst.start, self.bounds[0][1], resid,
+                                       norm_params, self.coef[..., dst], self.outs[0])
+            return x, dataclasses.replace(self, outs=(carrier,))
+        return norm(cfg, norm_params, self.inputs(cfg, resid, dst)), self
 
     def at_positions(self, idx: Array) -> "_Edges":
         """These edges at positions ``idx [batch, k]`` only (every ``[..., batch, pos,
@@ -305,20 +350,22 @@ class _Edges:
 
 def _buffered(edges: _Edges, scanned: bool) -> _Edges:
     """``edges`` entering the first layer (grouped: the ``input`` node's output its only
-    group) in the buffered form (``_Edges``), scanned or not."""
-    buf, n_src = None, edges.source.shape[0]
+    group) in the buffered form (``_Edges``), scanned or not: ``replace``'s buffer, the
+    gradient modes' carrier (zeros of delta's shape and dtype)."""
+    buf, n_src, emb = None, edges.source.shape[0], edges.outs[0][0]
+    dtype = edges.source.dtype if edges.mode == "grad" else jnp.result_type(edges.source.dtype, emb.dtype)
     if edges.mode == "replace":
-        emb = edges.outs[0][0]
-        dtype = jnp.result_type(edges.source.dtype, emb.dtype)
         buf = jnp.zeros((n_src,) + emb.shape, dtype).at[0].set((edges.source[0] - emb).astype(dtype))
+    elif edges.mode in GRAD_MODES:
+        buf = jnp.zeros((n_src,) + emb.shape, dtype)
     return dataclasses.replace(edges, outs=(buf,), bounds=((0, n_src if scanned else 1),), scanned=scanned,
                                buffered=True)
 
 
-def _normed(cfg: ModelConfig, edges: Optional[_Edges], resid: Array, dst: slice, norm_params) -> Array:
-    """Normalised inputs ``[dst, batch, pos, d_model]``, or ``[batch, pos, d_model]`` (the
-    same for all) without an intervention."""
-    return norm(cfg, norm_params, resid) if edges is None else edges.normed_inputs(cfg, resid, dst, norm_params)
+def _normed(cfg: ModelConfig, edges: Optional[_Edges], resid: Array, dst: slice, norm_params) -> tuple:
+    """``(normalised inputs [dst, batch, pos, d_model], or [batch, pos, d_model] (the same
+    for all) without an intervention, the edges after them)``."""
+    return (norm(cfg, norm_params, resid), None) if edges is None else edges.normed_inputs(cfg, resid, dst, norm_params)
 
 
 def _node_out(x: Array, nodes: Optional[tuple]) -> Array:
@@ -368,7 +415,7 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
         early = edges.replaced_rows(slice(0, A + 1)).astype(resid.dtype)
         x = norm(cfg, p["ln1"], resid[None] + early[:A])
     else:
-        x = _normed(cfg, edges, resid, slice(0, A), p["ln1"])
+        x, edges = _normed(cfg, edges, resid, slice(0, A), p["ln1"])
     # q per query head, then k and v per query head (default view) or per key/value head
     x_q, x_k, x_v = (x,) * 3 if edges is None else jnp.split(x, [H, H + spec.n_kv_inputs])
     mask = ops.attention_mask(key_mask, window)
@@ -390,7 +437,7 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
 
     m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
     if early is None:
-        x = _normed(cfg, edges, m_in, slice(A, A + 1), p["ln2"])
+        x, edges = _normed(cfg, edges, m_in, slice(A, A + 1), p["ln2"])
     else:
         m_in = m_in[None] + early[A:]
         if not cfg.parallel_attn_mlp:  # and this layer's heads, produced since
@@ -417,11 +464,10 @@ SCAN_MIN_LAYERS = 16
 
 Scanned, compile time is independent of depth (narrow Llama EAP: 8.2 s at 12 layers,
 10.3 s at 48; unrolled 31 s at 12, 126 s at 24), and circuit evaluation holds ~3 node-output
-arrays per circuit instead of ~10-22. Unrolled, each layer contracts only its upstream
-nodes and EAP needs no separate run for this run's outputs: at GPT-2-small's shape (12
-layers, 32 x 15 tokens) one EAP batch took 8.8 s unrolled against 18.3 s scanned on the
-shared 2-core CPU (load ~5), so shallow models stay unrolled; the persistent compilation
-cache pays their compile once."""
+arrays per circuit instead of ~10-22. Unrolled runs faster at small depth: at GPT-2-small's
+shape (12 layers, 32 x 16 tokens) one EAP batch takes 3.1-3.2 s unrolled against 3.6-3.8 s
+scanned (compiled: 5.2 s against 2.0 s; 2-core Xeon, idle), so shallow models stay
+unrolled; the persistent compilation cache pays their compile once."""
 
 
 def _layer_coef(spec: GraphSpec, coef: Array) -> tuple[Array, Array]:
@@ -476,8 +522,8 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
         return (jnp.asarray(layer) == mlp_delta[0]).astype(mlp_delta[1].dtype) * mlp_delta[1]
 
     if not scan:
-        if edges is not None and edges.mode == "replace" and not cfg.per_input_heads:
-            edges = _buffered(edges, False)  # one contraction per layer, upstream rows only
+        if edges is not None and (edges.mode in GRAD_MODES or edges.mode == "replace" and not cfg.per_input_heads):
+            edges = _buffered(edges, False)  # one contraction per layer (probe), upstream rows only
         rs, hs, ms, ks = [], [], [], []
         for layer in range(cfg.n_layers):
             rs.append(resid)
@@ -649,16 +695,6 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
             raise ValueError(f"attention_block {blocked.shape} must be [layer={cfg.n_layers}, batch={n_batch} or 1, "
                              f"pos_q={n_pos}, pos_k={n_pos}]")
         blocked = blocked.astype(bool)
-    if scan and iv is not None and iv.mode == "grad-replace":
-        # A scanned backward cannot read this run's outputs of earlier layers without
-        # keeping a copy of them per layer; with coef = 0 this run is the plain run (with
-        # any shifts), so its outputs come from one forward pass first and the edge probe
-        # contracts a fixed source.
-        outs = _run(params, cfg, tokens, attention_mask, dataclasses.replace(iv, mode="grad"), input_embeddings,
-                    logit_positions, scan=True, blocked=blocked, mlp_delta=mlp_delta)["outs"]
-        iv = dataclasses.replace(iv, source=iv.source - jax.lax.stop_gradient(outs).astype(iv.source.dtype),
-                                 mode="grad")
-
     in_nodes, nodes = _layer_nodes(iv, cfg)
     emb = _node_out(embed_input(params, cfg, tokens) if input_embeddings is None else input_embeddings, in_nodes)
     resid = emb
@@ -675,16 +711,25 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     # of the logits' contraction over every upstream node is skipped (position-aware
     # coefficients: taken after (*), which needs every position's row of them)
     idx = None if logit_positions is None else logit_positions.reshape(n_batch, -1)
+    outs = jnp.concatenate([emb[None], jnp.concatenate([heads, mlps[:, None]], 1).reshape((-1,) + emb.shape)])
+    def take(a):  # a [..., batch, pos, d_model] at positions idx [batch, k]
+        return jnp.take_along_axis(a, idx.reshape((1,) * (a.ndim - 3) + idx.shape + (1,)), axis=a.ndim - 2)
+
     x_f, e_f = resid, edges
     if idx is not None and (edges is None or edges.coef.ndim == 2):
-        x_f = jnp.take_along_axis(resid, idx[..., None], axis=1)
-        e_f = None if edges is None else edges.at_positions(idx)
-        idx = None  # taken
-    n_f = _normed(cfg, e_f, x_f, slice(0, 1), params["ln_f"])
-    n_f = n_f if e_f is None else n_f[0]
-    if idx is not None:
-        n_f = jnp.take_along_axis(n_f, idx[..., None], axis=1)
-    outs = jnp.concatenate([emb[None], jnp.concatenate([heads, mlps[:, None]], 1).reshape((-1,) + emb.shape)])
+        x_f = take(resid)
+        e_f = None if edges is None or edges.mode in GRAD_MODES else edges.at_positions(idx)
+    if edges is not None and edges.mode in GRAD_MODES:  # the logits' probe: delta, formed once, onto the carrier
+        carrier = edges.outs[0]
+        delta = edges.source if edges.mode == "grad" else edges.source - jax.lax.stop_gradient(outs)
+        delta = delta.astype(carrier.dtype)
+        n_f = _root_probe(functools.partial(norm, cfg), x_f, params["ln_f"], edges.coef, carrier, delta,
+                          delta if x_f is resid else take(delta))[0]
+    else:
+        n_f = _normed(cfg, e_f, x_f, slice(0, 1), params["ln_f"])[0]
+        n_f = n_f if e_f is None else n_f[0]
+    if idx is not None and x_f is resid:  # position-aware coefficients: taken after (*)
+        n_f = take(n_f)
     return {"logits": final_logits(params, cfg, n_f), "outs": outs,
             "resid": jnp.concatenate([resids, resid[None]]), "mlp_hidden": hidden, "mlp_out": mlps}
 
