@@ -63,6 +63,19 @@ def test_compiler_options_merge_and_keep_the_fix():
         compiler.jit(lambda x: x + 1, compiler_options={"xla_cpu_experimental_ynn_fusion_type": "no-such-type"})(1.0)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's YNNPACK fusions")
+def test_programs_form_no_ynn_fusion():
+    """jaxinterp's programs hand nothing to YNNPACK (reductions are wrong there, products
+    slower; compiler.py), while a plain jax.jit of the same function does."""
+    x = jnp.ones((64, 64))
+
+    def f(x):
+        return (x @ x).sum(-1)
+
+    assert "__ynn_fusion" in jax.jit(f).lower(x).compile().as_text()
+    assert "__ynn_fusion" not in compiler.jit(f).lower(x).compile().as_text()
+
+
 def test_no_module_jits_without_the_options():
     """Every jitted program of the package goes through compiler.jit."""
     offenders = []

@@ -26,9 +26,10 @@ which avoids a transposing copy of ``g``), and from smaller sizes: 32 x 15 token
 the YNN reduce fusion off.
 
 Per program, ``jax.jit(f, compiler_options={"xla_cpu_experimental_ynn_fusion_type":
-"LIBRARY_FUSION_TYPE_DOT"})`` keeps the YNN dot fusions and is right; that is jaxinterp's
-work-around (``jaxinterp.compiler``), with ``tests/test_compiler.py`` keeping a strict
-xfail on plain ``jax.jit`` to notice the fix.
+"LIBRARY_FUSION_TYPE_DOT"})`` keeps the YNN dot fusions and is right; that was jaxinterp's
+work-around (``jaxinterp.compiler``) until it turned the YNN dot fusions off as well
+(``""``: faster for its programs), with ``tests/test_compiler.py`` keeping a strict xfail
+on plain ``jax.jit`` to notice the fix.
 
 Run: ``python docs/upstream/jax_cpu_rmsnorm_vjp.py`` -> prints the relative error at
 151 tokens (~3e-7) and at 152 tokens (~0.17 on jax 0.10.2; expected ~3e-7), then at 152
