@@ -794,9 +794,12 @@ def _check_pt_graphs(args) -> None:
             require_torch(f"{flag} {path}")
 
 
+PICTURE_COMMANDS = ("curve", "lens", "trace", "knockout")  # their --out is a picture
+
+
 def check_paths(args) -> None:
     """Inputs exist and are readable; outputs can be written and are no input."""
-    from .io import check_input_file, check_writable_dir, check_writable_file
+    from .io import check_figure_file, check_input_file, check_writable_dir, check_writable_file
 
     cmd = args.command
     model = getattr(args, "model", None)
@@ -825,6 +828,8 @@ def check_paths(args) -> None:
         check_writable_dir(out, "--out", inputs)
     elif out is not None:
         check_writable_file(out, "--out", inputs)
+        if cmd in PICTURE_COMMANDS:
+            check_figure_file(out, "--out")
         if cmd == "prune":
             check_writable_file(_training_png(out), "--out's training picture", inputs)
 

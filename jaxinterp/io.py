@@ -331,6 +331,18 @@ def check_writable_file(path: str, option: str, inputs: Iterable[tuple[str, Opti
             raise JaxinterpError(f"{option} {path} would overwrite a file of the {in_option} directory {in_path}")
 
 
+def check_figure_file(path: str, option: str) -> None:
+    """Refuse, before any work, a picture name whose extension matplotlib cannot write
+    (:func:`save_figure` takes the format from it; none means PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext not in formats:
+        raise JaxinterpError(f"{option} {path}: a picture is written there, and .{ext} is no picture format "
+                             f"(use one of {', '.join('.' + f for f in sorted(formats))})")
+
+
 def check_writable_dir(path: str, option: str, inputs: Iterable[tuple[str, Optional[str]]] = (),
                        replaces: bool = False) -> None:
     """Refuse, before any work, an output directory that cannot be created or written, or
