@@ -5,7 +5,8 @@
 
 The checkpoint (config.json from ``transformers.LlamaConfig`` + random ``model.safetensors``
 written with numpy, so neither torch nor a download is needed) is built once in the temp
-directory. Data are random token sequences with a few corrupted positions: the timing and
+directory; ``--init device`` instead draws the weights on the device with ``jax.random``
+(no checkpoint: an 8B model's 32 GB of float32 would take minutes to write and read). Data are random token sequences with a few corrupted positions: the timing and
 memory of attribution do not depend on what the tokens mean. Reports parameters, tokens per
 batch, compilation and steady-state seconds per batch, examples/s, model FLOPs per second
 (XLA's cost analysis of the compiled program / time; on a GPU also as a fraction of the
@@ -68,6 +69,29 @@ def build_checkpoint(path: str, shape: dict, dtype: str, seed: int = 0) -> str:
     return path
 
 
+def device_model(shape: str, dtype, seed: int = 0):
+    """A :class:`jaxinterp.Model` of the named shape (:mod:`jaxinterp.shapes`) whose weights
+    are drawn on the default device (norm weights 1, the rest N(0, 0.02)), no checkpoint."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinterp.layout import abstract_params
+    from jaxinterp.model import Model
+    from jaxinterp.shapes import model_config
+
+    cfg = model_config(shape)
+    leaves, tree = jax.tree_util.tree_flatten_with_path(abstract_params(cfg, dtype))
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+
+    def draw(path, leaf, key):
+        if any(str(getattr(k, "key", k)).startswith("ln") for k in path):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return (0.02 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype)
+
+    params = [jax.jit(draw, static_argnums=(0, 1))(tuple(path), leaf, key) for (path, leaf), key in zip(leaves, keys)]
+    return Model(cfg, jax.tree_util.tree_unflatten(tree, params))
+
+
 def random_pairs(n: int, n_pos: int, vocab: int, seed: int = 0):
     from jaxinterp.data import Pairs
 
@@ -92,6 +116,8 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="device's dense peak for this dtype (e.g. 989 for H100 SXM bf16) to report MFU")
     ap.add_argument("--checkpoint-dir", default=None, help="where to build the checkpoint (default: temp dir)")
+    ap.add_argument("--init", default="checkpoint", choices=["checkpoint", "device"],
+                    help="weights from a written random checkpoint, or drawn on the device")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -105,10 +131,15 @@ def main():
     shape = SHAPES[args.shape]
     path = args.checkpoint_dir or os.path.join(tempfile.gettempdir(), f"jaxinterp-{args.shape}-random")
     t = time.perf_counter()
-    build_checkpoint(path, shape, "float32")
+    if args.init == "checkpoint":
+        build_checkpoint(path, shape, "float32")
     t_build = time.perf_counter() - t
     t = time.perf_counter()
-    model = load_model(path, dtype=jnp.dtype(args.dtype))
+    if args.init == "checkpoint":
+        model = load_model(path, dtype=jnp.dtype(args.dtype))
+    else:
+        model = device_model(args.shape, jnp.dtype(args.dtype))
+        jax.block_until_ready(model.params)
     t_load = time.perf_counter() - t
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(model.params))
     spec = model.graph_spec

@@ -14,9 +14,9 @@ stated; ``s`` is the activation dtype's size, graph sizes from :class:`GraphSpec
 
     parameters                    param_count(cfg) * s           (once, not per example)
     node outputs                  NODE_COPIES * n_forward * d_model * s
-                                  (corrupted outputs, this run's, and delta, the edge
-                                  probes' [src, batch, pos, d_model] difference, formed
-                                  from them after the forward and read in the backward)
+                                  (corrupted outputs, and this run's, kept for the backward;
+                                  UNROLLED_NODE_COPIES with the layers unrolled, where XLA
+                                  also keeps delta, the edge probes' difference of the two)
     per-edge inputs               EDGE_COPIES * n_backward * d_model * s
                                   (the normed q/k/v/MLP inputs kept for the backward)
     attention                     ATTN_COPIES * n_layers * n_heads * pos * 4
@@ -66,9 +66,11 @@ import jax.numpy as jnp
 from . import layout
 from .config import ModelConfig
 from .graph import GraphSpec
+from .models import use_scan
 
 # Fitted to XLA's memory analysis with a margin (module docstring).
-NODE_COPIES = 3  # 2 until delta became one array formed after the forward (XLA: +5..12% unrolled, 2 layers)
+NODE_COPIES = 2
+UNROLLED_NODE_COPIES = 3  # delta beside them too (XLA: +5..12% at 2 layers since delta became one array)
 EDGE_COPIES = 1
 ATTN_COPIES = 3
 MLP_COPIES = 3
@@ -130,7 +132,7 @@ def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_ch
     """Activation bytes per example and position (module docstring)."""
     spec = GraphSpec.from_config(cfg, grouped_kv)
     L, H, D = cfg.n_layers, cfg.n_heads, cfg.d_model
-    nodes = NODE_COPIES * spec.n_forward * D * s
+    nodes = (NODE_COPIES if use_scan(cfg) else UNROLLED_NODE_COPIES) * spec.n_forward * D * s
     if method == "exact":
         # each of the exact_chunk patched runs holds one layer's edge inputs and attention
         per_run = (EXACT_EDGE_COPIES * (spec.n_attn_inputs + 1) * D * s + ATTN_COPIES * H * n_pos * 4
