@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp import load_model
+from jaxinterp import compiler, load_model
 from jaxinterp.data import tokenize
 from jaxinterp.demo import demo_model_dir
 from jaxinterp.knockout import knockout, knockout_probs, plot_knockout, source_sets
@@ -67,7 +67,7 @@ def test_demo_knockout_equals_a_hand_built_masked_forward(demo):
     assert got.shape == (3, 2, B)
     L = demo.cfg.n_layers
     # one compiled hand-built forward for every case (blocked given for every layer, maybe all False)
-    hand = jax.jit(lambda blocked: handbuilt.forward(demo.params, demo.cfg, jnp.asarray(tokens), jnp.asarray(mask),
+    hand = compiler.jit(lambda blocked: handbuilt.forward(demo.params, demo.cfg, jnp.asarray(tokens), jnp.asarray(mask),
                                                      blocked=dict(enumerate(blocked)))[0])
     for i, s in enumerate(starts):
         for j in range(2):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import handbuilt
-from jaxinterp import load_model, tasks
+from jaxinterp import compiler, load_model, tasks
 from jaxinterp.attribution import attribute
 from jaxinterp.interventions import prepare_data
 from jaxinterp.demo import demo_model_dir
@@ -95,7 +95,7 @@ def _gradient_function(cfg, spec):
         last = logits[rows, lengths - 1]
         return (last[rows, labels[:, 0]] - last[rows, labels[:, 1]]).mean()
 
-    return jax.jit(jax.grad(f), static_argnames=("cut",))
+    return compiler.jit(jax.grad(f), static_argnames=("cut",))
 
 
 def _input_gradients(model, pairs, tokens, overwrite=None, cut=True):

@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxinterp import layout
+from jaxinterp import compiler, layout
 from jaxinterp.nnx import LOGICAL_RULES, Transformer
 
 from conftest import padded_batch
@@ -59,7 +59,7 @@ def test_split_merge_round_trips(model):
     ids, mask, _ = padded_batch(model.cfg.vocab_size)
     np.testing.assert_allclose(np.asarray(again(ids, mask)), np.asarray(model(ids, mask)), rtol=1e-5, atol=1e-6)
     # jit through split/merge: the config is in the graph definition, the arrays in the state
-    logits = jax.jit(lambda s: nnx.merge(graphdef, s)(ids, mask))(state)
+    logits = compiler.jit(lambda s: nnx.merge(graphdef, s)(ids, mask))(state)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(model(ids, mask)), rtol=1e-5, atol=1e-5)
 
 
@@ -104,7 +104,7 @@ MESH_CHECK = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np, optax
     from flax import nnx
-    from jaxinterp import layout, load_model, models
+    from jaxinterp import compiler, layout, load_model, models
     from jaxinterp.config import ModelConfig
     from jaxinterp.nnx import Transformer
     from jaxinterp.sharding import make_mesh, shard_params
@@ -132,7 +132,7 @@ MESH_CHECK = textwrap.dedent("""
         same = set(got) == set(want) and all(got[p].sharding == s.sharding and named[p] == s.sharding
                                              for p, s in want.items())
         ids = np.arange(2 * 7).reshape(2, 7) % cfg.vocab_size
-        plain = np.asarray(jax.jit(lambda p, t: models.forward(p, cfg, t))(params, ids))
+        plain = np.asarray(compiler.jit(lambda p, t: models.forward(p, cfg, t))(params, ids))
         logits_close = bool(np.allclose(np.asarray(view(ids)), plain, rtol=1e-4, atol=1e-4))
         opt = nnx.Optimizer(view, optax.sgd(0.1), wrt=nnx.Param)
 

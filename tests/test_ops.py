@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp import ops
+from jaxinterp import compiler, ops
 
 torch = pytest.importorskip("torch")
 
@@ -106,7 +106,7 @@ def test_ops_are_jit_vmap_and_grad_safe():
     p = {"w_in": jnp.asarray(rng.normal(size=(8, 12)), jnp.float32), "b_in": jnp.zeros(12),
          "w_out": jnp.asarray(rng.normal(size=(12, 8)), jnp.float32), "b_out": jnp.zeros(8)}
     x = jnp.asarray(rng.normal(size=(3, 4, 8)), jnp.float32)
-    f = jax.jit(jax.vmap(lambda xi: ops.mlp(p, xi)))
+    f = compiler.jit(jax.vmap(lambda xi: ops.mlp(p, xi)))
     np.testing.assert_allclose(f(x), ops.mlp(p, x), atol=1e-5)
     g = jax.grad(lambda xi: ops.mlp(p, ops.layer_norm(xi, jnp.ones(8), None, 1e-5)).sum())(x)
     assert g.shape == x.shape and np.isfinite(g).all()

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp import models
+from jaxinterp import compiler, models
 from jaxinterp.cli import main
 from jaxinterp.config import ModelConfig
 from jaxinterp.memory import abstract_params
@@ -37,7 +37,7 @@ def test_dot_flops_multiply_loop_bodies(scan):
     import dataclasses
 
     cfg = dataclasses.replace(TINY, n_layers=3)
-    fn = jax.jit(lambda p, t: models.forward(p, cfg, t, scan=scan))
+    fn = compiler.jit(lambda p, t: models.forward(p, cfg, t, scan=scan))
     compiled = fn.lower(abstract_params(cfg), jax.ShapeDtypeStruct((2, 16), jnp.int32)).compile()
     counted = hlo_dot_flops(compiled.as_text())
     assert counted["unknown_trip_counts"] == 0
