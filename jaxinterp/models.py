@@ -326,9 +326,8 @@ class _Edges:
         """These edges at positions ``idx [batch, k]`` only (every ``[..., batch, pos,
         d_model]`` array gathered to ``[..., batch, k, d_model]``): the logits' input, read
         at the positions a metric reads. Position-free coefficients only."""
-        take = lambda a: None if a is None else jnp.take_along_axis(a, idx[None, :, :, None], axis=2)  # noqa: E731
-        posts = tuple(None if p is None else (jnp.take_along_axis(p[0], idx[..., None], axis=1), p[1])
-                      for p in self.posts)
+        take = lambda a: None if a is None else _at_positions(a, idx)  # noqa: E731
+        posts = tuple(None if p is None else (_at_positions(p[0], idx), p[1]) for p in self.posts)
         return dataclasses.replace(self, source=take(self.source), outs=tuple(take(o) for o in self.outs), posts=posts)
 
     def with_outputs(self, start, out: Array, post: Optional[tuple] = None) -> "_Edges":
@@ -346,6 +345,11 @@ class _Edges:
         diff = jax.lax.dynamic_slice_in_dim(self.source, start, n, 0) - out  # delta_u, formed once
         buf = jax.lax.dynamic_update_slice_in_dim(buf, diff.astype(buf.dtype), start, 0)
         return dataclasses.replace(self, outs=(buf,), bounds=bounds)
+
+
+def _at_positions(a: Array, idx: Array) -> Array:
+    """``a [..., batch, pos, d_model]`` at positions ``idx [batch, k]``: ``[..., batch, k, d_model]``."""
+    return jnp.take_along_axis(a, idx.reshape((1,) * (a.ndim - 3) + idx.shape + (1,)), axis=a.ndim - 2)
 
 
 def _buffered(edges: _Edges, scanned: bool) -> _Edges:
@@ -523,7 +527,7 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
 
     if not scan:
         if edges is not None and (edges.mode in GRAD_MODES or edges.mode == "replace" and not cfg.per_input_heads):
-            edges = _buffered(edges, False)  # one contraction per layer (probe), upstream rows only
+            edges = _buffered(edges, False)  # replace: one contraction per layer, upstream rows only
         rs, hs, ms, ks = [], [], [], []
         for layer in range(cfg.n_layers):
             rs.append(resid)
@@ -712,24 +716,21 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     # coefficients: taken after (*), which needs every position's row of them)
     idx = None if logit_positions is None else logit_positions.reshape(n_batch, -1)
     outs = jnp.concatenate([emb[None], jnp.concatenate([heads, mlps[:, None]], 1).reshape((-1,) + emb.shape)])
-    def take(a):  # a [..., batch, pos, d_model] at positions idx [batch, k]
-        return jnp.take_along_axis(a, idx.reshape((1,) * (a.ndim - 3) + idx.shape + (1,)), axis=a.ndim - 2)
-
     x_f, e_f = resid, edges
     if idx is not None and (edges is None or edges.coef.ndim == 2):
-        x_f = take(resid)
+        x_f = _at_positions(resid, idx)
         e_f = None if edges is None or edges.mode in GRAD_MODES else edges.at_positions(idx)
     if edges is not None and edges.mode in GRAD_MODES:  # the logits' probe: delta, formed once, onto the carrier
         carrier = edges.outs[0]
         delta = edges.source if edges.mode == "grad" else edges.source - jax.lax.stop_gradient(outs)
         delta = delta.astype(carrier.dtype)
         n_f = _root_probe(functools.partial(norm, cfg), x_f, params["ln_f"], edges.coef, carrier, delta,
-                          delta if x_f is resid else take(delta))[0]
+                          delta if x_f is resid else _at_positions(delta, idx))[0]
     else:
         n_f = _normed(cfg, e_f, x_f, slice(0, 1), params["ln_f"])[0]
         n_f = n_f if e_f is None else n_f[0]
     if idx is not None and x_f is resid:  # position-aware coefficients: taken after (*)
-        n_f = take(n_f)
+        n_f = _at_positions(n_f, idx)
     return {"logits": final_logits(params, cfg, n_f), "outs": outs,
             "resid": jnp.concatenate([resids, resid[None]]), "mlp_hidden": hidden, "mlp_out": mlps}
 
