@@ -94,10 +94,14 @@ def atomic_write_text(path: str, text: str) -> str:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def figure_format(path: str) -> str:
+    """The picture format ``path`` names: its extension, lower-case; PNG when none."""
+    return os.path.splitext(path)[1].lstrip(".").lower() or "png"
+
+
 def save_figure(fig, path: str, **kwargs) -> str:
-    """``fig.savefig(path)`` atomically (the format from ``path``'s extension, PNG when none)."""
-    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
-    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format=ext, **kwargs))
+    """``fig.savefig(path)`` atomically, in :func:`figure_format`'s format."""
+    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format=figure_format(path), **kwargs))
 
 
 def write_figure(fig, path: str, **kwargs) -> str:
@@ -332,13 +336,13 @@ def check_writable_file(path: str, option: str, inputs: Iterable[tuple[str, Opti
 
 
 def check_figure_file(path: str, option: str) -> None:
-    """Refuse, before any work, a picture name whose extension matplotlib cannot write
-    (:func:`save_figure` takes the format from it; none means PNG)."""
+    """Refuse, before any work, a picture name whose :func:`figure_format` matplotlib cannot
+    write (what :func:`save_figure` would fail on after the work)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    ext = figure_format(path)
     formats = FigureCanvasBase.get_supported_filetypes()
-    if ext and ext not in formats:
+    if ext not in formats:
         raise JaxinterpError(f"{option} {path}: a picture is written there, and .{ext} is no picture format "
                              f"(use one of {', '.join('.' + f for f in sorted(formats))})")
 

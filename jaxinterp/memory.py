@@ -132,7 +132,7 @@ def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_ch
     """Activation bytes per example and position (module docstring)."""
     spec = GraphSpec.from_config(cfg, grouped_kv)
     L, H, D = cfg.n_layers, cfg.n_heads, cfg.d_model
-    nodes = (NODE_COPIES if use_scan(cfg) else UNROLLED_NODE_COPIES) * spec.n_forward * D * s
+    nodes = NODE_COPIES * spec.n_forward * D * s
     if method == "exact":
         # each of the exact_chunk patched runs holds one layer's edge inputs and attention
         per_run = (EXACT_EDGE_COPIES * (spec.n_attn_inputs + 1) * D * s + ATTN_COPIES * H * n_pos * 4
@@ -146,6 +146,8 @@ def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_ch
         gemma2 += SANDWICH_COPIES * L * D * s + SANDWICH_MLP_COPIES * L * cfg.d_mlp * s
     if cfg.attn_logit_softcap:
         gemma2 += SOFTCAP_COPIES * L * H * n_pos * 4
+    if not use_scan(cfg):  # the edge probes' delta, kept beside both runs' outputs (module docstring)
+        nodes += (UNROLLED_NODE_COPIES - NODE_COPIES) * spec.n_forward * D * s
     runs = 2 if method == "clean-corrupted" else 1  # two runs' activations in one program (module docstring)
     return runs * (nodes + edges + attn + mlp + gemma2)
 

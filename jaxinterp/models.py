@@ -168,7 +168,7 @@ def _normed_probe_bwd(norm, n_dst, rows, res, cts):
     # every row, upstream or not: XLA:CPU copied a slice of delta's upstream rows (a
     # transposing copy for some) before the product, slower than the product it saved
     g_resid, g_params, coef_bar = _probe_grads(norm, resid, norm_params, coef, delta, g)
-    coef_bar = jnp.where(jnp.arange(coef.shape[-2])[:, None] < rows, coef_bar, 0).astype(coef.dtype)
+    coef_bar = jnp.where(jnp.arange(coef.shape[-2])[:, None] < rows, coef_bar, 0)
     return g_resid, g_params, coef_bar, delta
 
 
