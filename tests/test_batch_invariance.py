@@ -122,7 +122,7 @@ def test_every_mode_scans_from_the_scan_depth_on(wide_models):
 
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
 def test_the_scanned_gradient_probe(wide_models, monkeypatch, method):
-    """Forced into the scanned loop (the default from 16 layers on), one batch of 8 (160
+    """Forced into the scanned loop (the default from SCAN_MIN_LAYERS layers on), one batch of 8 (160
     tokens) equals 8 batches of one, and the unrolled loop's scores."""
     import jax
 

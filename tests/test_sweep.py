@@ -94,7 +94,10 @@ def test_sweep_killed_and_restarted(sweep_dir):
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), name
     events = read_runlog(str(out))
     done = [e["cell"] for e in events if e["event"] == "done"]
-    assert sorted(done) == sorted(CELLS), done
+    assert len(done) == len(set(done)) and set(done) <= set(CELLS), done
+    # a kill between a result's rename and its "done" line leaves a finished cell without
+    # that line (the restart's "skip" then records it): every other cell has one
+    assert set(CELLS) - set(done) <= {n[:-len(".json")] for n in done_before}, done
     assert {e["cell"] for e in events if e["event"] == "skip"} == {n[:-len(".json")] for n in done_before}
     assert f".tmp-999-{CELLS[1]}.json" in [f for e in events if e["event"] == "clean" for f in e["files"]]
     # the model was converted once, by the first run
