@@ -131,47 +131,50 @@ GRAD_MODES = ("grad", "grad-replace")
 # layer.) The carrier's forward value is never read, so XLA drops it.
 
 
-def _probe_grads(norm, resid: Array, norm_params, coef: Array, delta: Array, g: Array):
-    """``(resid's, norm_params' and coef's cotangents)`` of ``norm(norm_params, resid)``
+def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta: Array, g: Array):
+    """``(resid's, norm_params' and coef's cotangents)`` of ``norm(cfg, norm_params, resid)``
     broadcast to the ``[n_dst, ...]`` inputs with cotangent ``g``, edges from ``delta``."""
-    # The norm's vjp at resid, mapped over the n_dst cotangents: g_x per downstream input,
-    # [n_dst, batch, pos, d_model] (transient, backward only). Taken at n_dst broadcast
-    # copies of resid instead, XLA:CPU wrote g_x through a transposing copy (dst minor) for
-    # the edge contraction: EAP at GPT-2-small's shape, 32 x 16 tokens, 8.5-9.7 s a batch,
-    # then 7.0-8.5 s. On CPU either form is only right with XLA's YNNPACK reduce fusion off
-    # (jaxinterp.compiler; under a plain jax.jit this one is wrong from 32 x 15 tokens).
-    g_params, g_x = jax.vmap(jax.vjp(norm, norm_params, resid)[1])(g)
-    g_params = jax.tree.map(lambda a: a.sum(0), g_params)
-    # position-aware coefficients [pos, src, dst] keep the position axis of the contraction
+    # resid's and the norm's own cotangents: the norm's vjp is linear in the cotangent, so
+    # one vjp of the summed cotangents. The edges need each input's own: g_x [n_dst, batch,
+    # pos, d_model] (transient, backward only), written out by ops.norm_input_vjps. (Taken
+    # at n_dst broadcast copies of resid instead, XLA:CPU wrote g_x through a transposing
+    # copy; on CPU both are only right with XLA's YNNPACK reduce fusion off, which
+    # jaxinterp.compiler does: under a plain jax.jit this was wrong from 32 x 15 tokens.)
+    g_params, g_resid = jax.vjp(functools.partial(norm, cfg), norm_params, resid)[1](g.sum(0))
+    w = norm_params["w"]
+    g_x = ops.norm_input_vjps(resid, w, cfg.norm_eps, g, cfg.norm == "layernorm",
+                              0.0 if cfg.norm == "layernorm" else cfg.norm_offset).astype(delta.dtype)
+    # position-aware coefficients [pos, src, dst] keep the position axis of the contraction;
+    # the others contract as one 2-D product: as a 3-axis einsum XLA:CPU laid both operands
+    # out with pos and d_model swapped, through a copy of each every layer
     if coef.ndim == 3:
-        coef_bar = jnp.einsum("fbpd,vbpd->pfv", delta, g_x.astype(delta.dtype), preferred_element_type=jnp.float32)
+        coef_bar = jnp.einsum("fbpd,vbpd->pfv", delta, g_x, preferred_element_type=jnp.float32)
     else:
-        coef_bar = jnp.einsum("fn,vn->fv", delta.reshape(delta.shape[0], -1), g_x.reshape(g_x.shape[0], -1).astype(delta.dtype),
+        coef_bar = jnp.einsum("fn,vn->fv", delta.reshape(delta.shape[0], -1), g_x.reshape(g_x.shape[0], -1),
                               preferred_element_type=jnp.float32)
-    coef_bar = coef_bar.astype(coef.dtype)
-    return g_x.sum(0), g_params, coef_bar
+    return g_resid, g_params, coef_bar.astype(coef.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _normed_probe(norm, n_dst: int, rows: int, resid: Array, norm_params, coef: Array, carrier: Array):
+def _normed_probe(cfg: ModelConfig, n_dst: int, rows: int, resid: Array, norm_params, coef: Array, carrier: Array):
     """``(norm(norm_params, resid)`` broadcast to ``[n_dst, batch, pos, d_model]``, the
     normalised inputs of ``n_dst`` downstream nodes that all see ``resid``, ``carrier)``.
     Backward: ``coef [(pos,) src, n_dst]``'s cotangent from the carrier's cotangent (delta),
     which is passed on, zero from row ``rows`` on (not upstream). Nothing of size ``n_dst``
     is kept from the forward pass."""
-    return jnp.broadcast_to(norm(norm_params, resid)[None], (n_dst,) + resid.shape), carrier
+    return jnp.broadcast_to(norm(cfg, norm_params, resid)[None], (n_dst,) + resid.shape), carrier
 
 
-def _normed_probe_fwd(norm, n_dst, rows, resid, norm_params, coef, carrier):
-    return _normed_probe(norm, n_dst, rows, resid, norm_params, coef, carrier), (resid, norm_params, coef)
+def _normed_probe_fwd(cfg, n_dst, rows, resid, norm_params, coef, carrier):
+    return _normed_probe(cfg, n_dst, rows, resid, norm_params, coef, carrier), (resid, norm_params, coef)
 
 
-def _normed_probe_bwd(norm, n_dst, rows, res, cts):
+def _normed_probe_bwd(cfg, n_dst, rows, res, cts):
     resid, norm_params, coef = res
     g, delta = cts
     # every row, upstream or not: XLA:CPU copied a slice of delta's upstream rows (a
     # transposing copy for some) before the product, slower than the product it saved
-    g_resid, g_params, coef_bar = _probe_grads(norm, resid, norm_params, coef, delta, g)
+    g_resid, g_params, coef_bar = _probe_grads(cfg, resid, norm_params, coef, delta, g)
     coef_bar = jnp.where(jnp.arange(coef.shape[-2])[:, None] < rows, coef_bar, 0)
     return g_resid, g_params, coef_bar, delta
 
@@ -180,21 +183,22 @@ _normed_probe.defvjp(_normed_probe_fwd, _normed_probe_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _root_probe(norm, resid: Array, norm_params, coef: Array, carrier: Array, delta: Array, delta_here: Array):
+def _root_probe(cfg: ModelConfig, resid: Array, norm_params, coef: Array, carrier: Array, delta: Array,
+                delta_here: Array):
     """The logits' probe: ``norm(norm_params, resid)[None]``; its backward contracts
     ``delta_here`` (delta at ``resid``'s positions) into ``coef [(pos,) src, 1]``'s cotangent
     and puts ``delta [src, batch, pos, d_model]`` on the carrier for the earlier probes."""
-    return norm(norm_params, resid)[None]
+    return norm(cfg, norm_params, resid)[None]
 
 
-def _root_probe_fwd(norm, resid, norm_params, coef, carrier, delta, delta_here):
-    return _root_probe(norm, resid, norm_params, coef, carrier, delta, delta_here), (resid, norm_params, coef, delta,
+def _root_probe_fwd(cfg, resid, norm_params, coef, carrier, delta, delta_here):
+    return _root_probe(cfg, resid, norm_params, coef, carrier, delta, delta_here), (resid, norm_params, coef, delta,
                                                                                      delta_here)
 
 
-def _root_probe_bwd(norm, res, g):
+def _root_probe_bwd(cfg, res, g):
     resid, norm_params, coef, delta, delta_here = res
-    return _probe_grads(norm, resid, norm_params, coef, delta_here, g) + (
+    return _probe_grads(cfg, resid, norm_params, coef, delta_here, g) + (
         delta, jnp.zeros_like(delta), jnp.zeros_like(delta_here))
 
 
@@ -321,7 +325,7 @@ class _Edges:
         """``(the normalised downstream inputs dst [dst, batch, pos, d_model], these edges
         after them)`` (the gradient modes' probe passes the carrier on)."""
         if self.mode in GRAD_MODES:
-            x, carrier = _normed_probe(functools.partial(norm, cfg), dst.stop - dst.start, self.bounds[0][1], resid,
+            x, carrier = _normed_probe(cfg, dst.stop - dst.start, self.bounds[0][1], resid,
                                        norm_params, self.coef[..., dst], self.outs[0])
             return x, dataclasses.replace(self, outs=(carrier,))
         return norm(cfg, norm_params, self.inputs(cfg, resid, dst)), self
@@ -731,7 +735,7 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         carrier = edges.outs[0]
         delta = edges.source if edges.mode == "grad" else edges.source - jax.lax.stop_gradient(outs)
         delta = delta.astype(carrier.dtype)
-        n_f = _root_probe(functools.partial(norm, cfg), x_f, params["ln_f"], edges.coef, carrier, delta,
+        n_f = _root_probe(cfg, x_f, params["ln_f"], edges.coef, carrier, delta,
                           delta if x_f is resid else _at_positions(delta, idx))[0]
     else:
         n_f = _normed(cfg, e_f, x_f, slice(0, 1), params["ln_f"])[0]

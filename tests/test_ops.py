@@ -24,6 +24,34 @@ def test_rms_norm_matches_its_definition():
     np.testing.assert_allclose(ops.rms_norm(x, w, 1e-6, offset=1.0), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm", "gemma"])
+def test_norm_input_vjps_equal_torch_autograd_per_cotangent(kind):
+    """The edge probes' written-out norm backward, one cotangent at a time through torch's
+    autograd, at SmolLM2's width with an off-centre input (so LayerNorm's mean term counts)."""
+    rng = np.random.default_rng(11)
+    n, d = 5, 576
+    x = (rng.normal(size=(3, 7, d)) * 3 + 2).astype(np.float32)
+    w = rng.normal(size=d).astype(np.float32) * 0.5 + (0 if kind == "gemma" else 1)
+    g = rng.normal(size=(n, 3, 7, d)).astype(np.float32)
+    offset = 1.0 if kind == "gemma" else 0.0
+
+    def torch_norm(t):
+        if kind == "layernorm":
+            return torch.nn.functional.layer_norm(t, (d,), torch.tensor(w), torch.tensor(w[::-1].copy()), 1e-5)
+        return t * torch.rsqrt((t ** 2).mean(-1, keepdim=True) + 1e-6) * (offset + torch.tensor(w))
+
+    want = []
+    for i in range(n):
+        t = torch.tensor(x, requires_grad=True)
+        torch_norm(t).backward(torch.tensor(g[i]))
+        want.append(t.grad.numpy())
+    want = np.stack(want)
+    got = compiler.jit(ops.norm_input_vjps, static_argnums=(2, 4, 5))(x, w, 1e-5 if kind == "layernorm" else 1e-6,
+                                                                       g, kind == "layernorm", offset)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max())
+
+
 def _attn_params(rng, n_heads, n_kv, d_model=16, d_head=4):
     f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32) * 0.5
     return {"w_q": f(n_heads, d_model, d_head), "b_q": f(n_heads, d_head), "w_k": f(n_kv, d_model, d_head),
