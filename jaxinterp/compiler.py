@@ -57,7 +57,7 @@ class _Persisted:
         functools.update_wrapper(self, fun)
 
     def __call__(self, *args, **kwargs):
-        from .cache import exported_program
+        from .cache import compiled_program, exported_program
 
         static = {k: kwargs[k] for k in self.static_argnames if k in kwargs}
         dynamic = {k: v for k, v in kwargs.items() if k not in static}
@@ -65,7 +65,7 @@ class _Persisted:
         if exported is None:
             return self.jitted(*args, **kwargs)
         if id(exported) not in self.calls:
-            self.calls[id(exported)] = jit(exported.call)
+            self.calls[id(exported)] = compiled_program(exported, args, dynamic) or jit(exported.call)
         return self.calls[id(exported)](*args, **dynamic)
 
     def lower(self, *args, **kwargs):  # AOT (jaxinterp plan) lowers the jitted function itself

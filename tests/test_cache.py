@@ -80,8 +80,11 @@ def test_second_process_compiles_nothing(gpt2_dir, ioi_csv, tmp_path):
     entries = _entries(cache)
     assert first["requests"] > 0 and first["hits"] == 0 and first["traced"] == 1 and entries
     assert [f.startswith("batch_scores-") for f in os.listdir(cache / "exported")] == [True]
+    assert [f.startswith("batch_scores-") for f in os.listdir(cache / "executables")] == [True]
     second = _attribute(gpt2_dir, ioi_csv, tmp_path / "b.json", cache)
-    assert second == {"requests": first["requests"], "hits": first["requests"]}  # and no "traced"
+    # every compile request a hit, no "traced"; the attribution program is not even looked
+    # up in jax's cache: its executable is loaded as it was kept (cache.compiled_program)
+    assert second["requests"] == second["hits"] < first["requests"] and "traced" not in second, (first, second)
     assert _entries(cache) == entries
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     # turned off: nothing read or written, the program traced and compiled as plain jax.jit
@@ -152,6 +155,7 @@ def test_exported_program_key(tmp_path):
         np.testing.assert_array_equal(f(x, k=2), (x * 2).sum(0))
         np.testing.assert_array_equal(f(x, k=2), (x * 2).sum(0))
         assert calls == [2] and len(os.listdir(tmp_path / "xla" / "exported")) == 1
+        assert len(os.listdir(tmp_path / "xla" / "executables")) == 1  # its compiled program
         cache._programs.clear()
         g = jit(scaled_sum, persist=True, static_argnames=("k",))
         np.testing.assert_array_equal(g(x, k=2), (x * 2).sum(0))
@@ -160,8 +164,9 @@ def test_exported_program_key(tmp_path):
         g(x[:2], k=2)  # another shape
         g(jnp.asarray(x, jnp.bfloat16), k=2)  # another dtype
         assert calls == [2, 3, 2, 2] and len(os.listdir(tmp_path / "xla" / "exported")) == 4
-        # a damaged (truncated) file is exported again and rewritten, not an error
-        for path in (tmp_path / "xla" / "exported").iterdir():
+        assert len(os.listdir(tmp_path / "xla" / "executables")) == 4
+        # a damaged (truncated) file is exported (compiled) again and rewritten, not an error
+        for path in [*(tmp_path / "xla" / "exported").iterdir(), *(tmp_path / "xla" / "executables").iterdir()]:
             path.write_bytes(path.read_bytes()[:50])
         cache._programs.clear()
         h = jit(scaled_sum, persist=True, static_argnames=("k",))
@@ -170,6 +175,9 @@ def test_exported_program_key(tmp_path):
         cache._programs.clear()
         np.testing.assert_array_equal(jit(scaled_sum, persist=True, static_argnames=("k",))(x, k=2), (x * 2).sum(0))
         assert calls == [2, 3, 2, 2, 2]  # the rewritten file reads back
+        # the damaged executable called again was removed, not rewritten: jax's cache answered
+        # its compile, and such an executable is not kept (cache.compiled_program)
+        assert len(os.listdir(tmp_path / "xla" / "executables")) == 3
     finally:
         cache.disable_compile_cache()
     jit(scaled_sum, persist=True, static_argnames=("k",))(x, k=2)  # cache off: plain jax.jit
