@@ -219,7 +219,9 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
     """Multi-head (or grouped-query) attention, returned per head.
 
     ``x_q, x_k, x_v``: normalised inputs, each ``[batch, pos, d_model]`` or one per query
-    head ``[head, batch, pos, d_model]`` (the circuit graph's separate q/k/v inputs).
+    head ``[head, batch, pos, d_model]`` (the circuit graph's separate q/k/v inputs); or
+    ``x_k = x_v = None`` and ``x_q`` all of them stacked, ``[head + 2 kv, batch, pos,
+    d_model]`` in the graph's order (q per query head, then k, then v).
     With per-query-head k/v inputs under grouped-query attention, every query head gets
     its own copy of its key/value head's weights; ``x_k, x_v`` may instead be one per
     key/value head, ``[kv_head, batch, pos, d_model]`` (the graph's grouped view).
@@ -234,18 +236,31 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
     """
     n_heads = p["w_q"].shape[0]
     w_k, b_k, w_v, b_v = p["w_k"], p.get("b_k"), p["w_v"], p.get("b_v")
-    for x in (x_k, x_v):
-        if x.ndim == 4 and x.shape[0] not in (n_heads, w_k.shape[0]):
-            raise ValueError(f"per-head k/v inputs {x.shape}: the leading axis must be the {n_heads} query "
-                             f"heads or the {w_k.shape[0]} key/value heads")
-    if x_k.ndim == 4 and x_k.shape[0] == n_heads and w_k.shape[0] != n_heads:
+    stacked = x_k is None and x_v is None
+    n_kv_inputs = (x_q.shape[0] - n_heads) // 2 if stacked else x_k.shape[0] if x_k.ndim == 4 else None
+    for n in [n_kv_inputs] + ([] if stacked else [x_v.shape[0] if x_v.ndim == 4 else None]):
+        if n is not None and n not in (n_heads, w_k.shape[0]) or stacked and x_q.shape[0] != n_heads + 2 * n:
+            raise ValueError(f"per-head k/v inputs {x_q.shape if stacked else (x_k.shape, x_v.shape)}: the leading "
+                             f"axis must be the {n_heads} query heads or the {w_k.shape[0]} key/value heads")
+    if n_kv_inputs == n_heads and w_k.shape[0] != n_heads:
         group = n_heads // w_k.shape[0]
         w_k, w_v = jnp.repeat(w_k, group, 0), jnp.repeat(w_v, group, 0)
         b_k = None if b_k is None else jnp.repeat(b_k, group, 0)
         b_v = None if b_v is None else jnp.repeat(b_v, group, 0)
-    q = project_heads(x_q, p["w_q"], p.get("b_q"))
-    k = project_heads(x_k, w_k, b_k)
-    v = project_heads(x_v, w_v, b_v)
+    if stacked:
+        # one product for every input: the gradient of the inputs is then one array, not
+        # three that XLA:CPU concatenated (twice) for the edge probe (scanned EAP at GPT-2-
+        # small's shape: two [36, 32, 16, 768] copies a layer)
+        w = jnp.concatenate([p["w_q"], w_k, w_v])
+        biases = (p.get("b_q"), b_k, b_v)
+        bias = None if all(b is None for b in biases) else jnp.concatenate(
+            [jnp.zeros(wi.shape[::2], w.dtype) if b is None else b for b, wi in zip(biases, (p["w_q"], w_k, w_v))])
+        qkv = project_heads(x_q, w, bias)
+        q, k, v = jnp.split(qkv, [n_heads, n_heads + n_kv_inputs], axis=2)
+    else:
+        q = project_heads(x_q, p["w_q"], p.get("b_q"))
+        k = project_heads(x_k, w_k, b_k)
+        v = project_heads(x_v, w_v, b_v)
     if rotary is not None:
         q, k = rotary(q), rotary(k)
     probs = attention_pattern(q, k, mask, scale, logit_softcap).astype(v.dtype)
