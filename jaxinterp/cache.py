@@ -24,6 +24,8 @@ program that costs as much as running it (GPT-2-small EAP, 32 pairs: ~44 s of tr
 later processes call the deserialised program (:func:`exported_program`). Keys: the
 function, its static arguments, its arguments' shapes and dtypes, jax's and jaxlib's
 versions and a hash of jaxinterp's own source, so a changed program is traced again.
+Beside it the compiled executable (``<cache>/executables``, :func:`compiled_program`), so
+that a warm process does not even lower the exported program to find it in jax's cache.
 
 Every program is written, however quick its compilation (``min_compile_time_secs = 0``,
 ``min_entry_size_bytes = -1``): jaxinterp's per-batch programs are few and large, and the
