@@ -428,9 +428,8 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
         x = norm(cfg, p["ln1"], resid[None] + early[:A])
     else:
         x, edges = _normed(cfg, edges, resid, slice(0, A), p["ln1"])
-    # q per query head, then k and v per query head (default view) or per key/value head,
-    # stacked (ops.attention_heads projects them in one product)
-    x_q, x_k, x_v = (x,) * 3 if edges is None else (x, None, None)
+    # q per query head, then k and v per query head (default view) or per key/value head
+    x_q, x_k, x_v = (x,) * 3 if edges is None else jnp.split(x, [H, H + spec.n_kv_inputs])
     mask = ops.attention_mask(key_mask, window)
     if blocked is not None:  # attention knockout: the query does not see these keys
         mask = mask & ~blocked

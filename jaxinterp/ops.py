@@ -182,15 +182,24 @@ def project_heads(x: Array, w: Array, b: Optional[Array] = None) -> Array:
 
     ``x [batch, pos, d_model]`` (shared by all heads) or ``[head, batch, pos, d_model]``
     (one input per head, head-major so the per-head matmuls batch over a leading axis),
-    ``w [head, d_model, d_head]`` -> ``[batch, pos, head, d_head]``.
+    ``w [head, d_model, d_head]`` -> ``[batch, pos, head, d_head]``. Per-head inputs may
+    outnumber the weights' heads by a whole factor ``g`` (grouped-query attention's per-query-
+    head k/v inputs): input ``h`` uses weights ``h // g``.
     """
     if x.ndim == 3:
         y = jnp.einsum("bpd,hde->bphe", x, w)
     else:
         # head-major out, then moved: written as "hbpd,hde->bphe", XLA:CPU transposed every
         # head's input [batch·pos, d_model] first (2.3x the time at SmolLM2's shape,
-        # 9 x 768 tokens x 576; ~1.2 s of a 2-circuit evaluation batch)
-        y = jnp.moveaxis(jnp.einsum("hbpd,hde->hbpe", x, w), 0, 2)
+        # 9 x 768 tokens x 576; ~1.2 s of a 2-circuit evaluation batch). More inputs than
+        # weights (one k/v input per query head under grouped-query attention): each
+        # key/value head's weights serve its group's inputs, never copied per query head (a
+        # scanned forward kept every layer's copy for the backward: 4 GiB at Llama-3-8B)
+        group = x.shape[0] // w.shape[0]
+        xg = x.reshape((w.shape[0], group) + x.shape[1:])
+        y = jnp.moveaxis(jnp.einsum("kgbpd,kde->kgbpe", xg, w).reshape(x.shape[:-1] + w.shape[-1:]), 0, 2)
+        if b is not None and group > 1:
+            b = jnp.repeat(b, group, 0)
     return y if b is None else y + b
 
 
@@ -219,9 +228,7 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
     """Multi-head (or grouped-query) attention, returned per head.
 
     ``x_q, x_k, x_v``: normalised inputs, each ``[batch, pos, d_model]`` or one per query
-    head ``[head, batch, pos, d_model]`` (the circuit graph's separate q/k/v inputs); or
-    ``x_k = x_v = None`` and ``x_q`` all of them stacked, ``[head + 2 kv, batch, pos,
-    d_model]`` in the graph's order (q per query head, then k, then v).
+    head ``[head, batch, pos, d_model]`` (the circuit graph's separate q/k/v inputs).
     With per-query-head k/v inputs under grouped-query attention, every query head gets
     its own copy of its key/value head's weights; ``x_k, x_v`` may instead be one per
     key/value head, ``[kv_head, batch, pos, d_model]`` (the graph's grouped view).
@@ -236,31 +243,13 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
     """
     n_heads = p["w_q"].shape[0]
     w_k, b_k, w_v, b_v = p["w_k"], p.get("b_k"), p["w_v"], p.get("b_v")
-    stacked = x_k is None and x_v is None
-    n_kv_inputs = (x_q.shape[0] - n_heads) // 2 if stacked else x_k.shape[0] if x_k.ndim == 4 else None
-    for n in [n_kv_inputs] + ([] if stacked else [x_v.shape[0] if x_v.ndim == 4 else None]):
-        if n is not None and n not in (n_heads, w_k.shape[0]) or stacked and x_q.shape[0] != n_heads + 2 * n:
-            raise ValueError(f"per-head k/v inputs {x_q.shape if stacked else (x_k.shape, x_v.shape)}: the leading "
-                             f"axis must be the {n_heads} query heads or the {w_k.shape[0]} key/value heads")
-    if n_kv_inputs == n_heads and w_k.shape[0] != n_heads:
-        group = n_heads // w_k.shape[0]
-        w_k, w_v = jnp.repeat(w_k, group, 0), jnp.repeat(w_v, group, 0)
-        b_k = None if b_k is None else jnp.repeat(b_k, group, 0)
-        b_v = None if b_v is None else jnp.repeat(b_v, group, 0)
-    if stacked:
-        # one product for every input: the gradient of the inputs is then one array, not
-        # three that XLA:CPU concatenated (twice) for the edge probe (scanned EAP at GPT-2-
-        # small's shape: two [36, 32, 16, 768] copies a layer)
-        w = jnp.concatenate([p["w_q"], w_k, w_v])
-        biases = (p.get("b_q"), b_k, b_v)
-        bias = None if all(b is None for b in biases) else jnp.concatenate(
-            [jnp.zeros(wi.shape[::2], w.dtype) if b is None else b for b, wi in zip(biases, (p["w_q"], w_k, w_v))])
-        qkv = project_heads(x_q, w, bias)
-        q, k, v = jnp.split(qkv, [n_heads, n_heads + n_kv_inputs], axis=2)
-    else:
-        q = project_heads(x_q, p["w_q"], p.get("b_q"))
-        k = project_heads(x_k, w_k, b_k)
-        v = project_heads(x_v, w_v, b_v)
+    for x in (x_k, x_v):
+        if x.ndim == 4 and x.shape[0] not in (n_heads, w_k.shape[0]):
+            raise ValueError(f"per-head k/v inputs {x.shape}: the leading axis must be the {n_heads} query "
+                             f"heads or the {w_k.shape[0]} key/value heads")
+    q = project_heads(x_q, p["w_q"], p.get("b_q"))
+    k = project_heads(x_k, w_k, b_k)
+    v = project_heads(x_v, w_v, b_v)
     if rotary is not None:
         q, k = rotary(q), rotary(k)
     probs = attention_pattern(q, k, mask, scale, logit_softcap).astype(v.dtype)

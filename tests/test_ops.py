@@ -105,26 +105,6 @@ def test_kv_head_inputs_are_shared_by_their_query_heads():
         ops.attention_heads(p, x, xq[:3], xq[:3], mask)
 
 
-@pytest.mark.parametrize("n_kv_inputs", [2, 4])  # one per key/value head, or per query head
-@pytest.mark.parametrize("biases", ["all", "q only", "none"])
-def test_stacked_qkv_inputs_equal_separate_inputs(n_kv_inputs, biases):
-    """The graph's q, k and v inputs given as one stacked array (projected in one product)
-    give what the three separate arrays give, under grouped-query attention, whichever
-    projections have a bias; a stack of the wrong size is refused."""
-    rng = np.random.default_rng(9)
-    p = _attn_params(rng, n_heads=4, n_kv=2)
-    for name in {"q only": ("b_k", "b_v"), "none": ("b_q", "b_k", "b_v")}.get(biases, ()):
-        del p[name]
-    x = jnp.asarray(rng.normal(size=(4 + 2 * n_kv_inputs, 2, 5, 16)), jnp.float32)  # every input different
-    mask = ops.attention_mask(jnp.ones((2, 5), jnp.int32))
-    x_q, x_k, x_v = jnp.split(x, [4, 4 + n_kv_inputs])
-    separate = ops.attention_heads(p, x_q, x_k, x_v, mask, head_major=True)
-    np.testing.assert_allclose(ops.attention_heads(p, x, None, None, mask, head_major=True), separate,
-                               atol=1e-5 * np.abs(separate).max())
-    with pytest.raises(ValueError, match="query heads or the 2 key/value heads"):
-        ops.attention_heads(p, x[:-1], None, None, mask)
-
-
 def test_rms_norm_shares_add_up_to_the_norm_of_the_sum():
     rng = np.random.default_rng(8)
     parts = rng.normal(size=(3, 2, 4, 8)).astype(np.float32)
