@@ -246,15 +246,15 @@ def compiled_program(exported, args: tuple, kwargs: dict):
         compiled = jit(exported.call).lower(*args, **kwargs).compile()
     finally:
         jax.monitoring.unregister_event_listener(listener)
-    fresh = "/jax/compilation_cache/compile_requests_use_cache" in events and \
-        "/jax/compilation_cache/cache_hits" not in events
-    try:
-        data, tree, _ = serialize_executable.serialize(compiled) if fresh else (None, None, None)
-        if fresh and tree == in_tree:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            atomic_write_bytes(path, data)
-    except Exception:  # noqa: BLE001  a cache is an optimisation: the program runs compiled anyway
-        pass
+    if "/jax/compilation_cache/compile_requests_use_cache" in events and \
+            "/jax/compilation_cache/cache_hits" not in events:
+        try:
+            data, tree, _ = serialize_executable.serialize(compiled)
+            if tree == in_tree:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                atomic_write_bytes(path, data)
+        except Exception:  # noqa: BLE001  a cache is an optimisation: the program runs compiled anyway
+            pass
     return compiled
 
 

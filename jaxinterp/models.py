@@ -141,9 +141,7 @@ def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta
     # copy; on CPU both are only right with XLA's YNNPACK reduce fusion off, which
     # jaxinterp.compiler does: under a plain jax.jit this was wrong from 32 x 15 tokens.)
     g_params, g_resid = jax.vjp(functools.partial(norm, cfg), norm_params, resid)[1](g.sum(0))
-    w = norm_params["w"]
-    g_x = ops.norm_input_vjps(resid, w, cfg.norm_eps, g, cfg.norm == "layernorm",
-                              0.0 if cfg.norm == "layernorm" else cfg.norm_offset).astype(delta.dtype)
+    g_x = norm_input_vjps(cfg, norm_params, resid, g).astype(delta.dtype)
     # position-aware coefficients [pos, src, dst] keep the position axis of the contraction;
     # the others contract as one 2-D product: as a 3-axis einsum XLA:CPU laid both operands
     # out with pos and d_model swapped, through a copy of each every layer
@@ -210,6 +208,13 @@ def norm(cfg: ModelConfig, p, x: Array) -> Array:
     if cfg.norm == "layernorm":
         return ops.layer_norm(x, p["w"], p.get("b"), cfg.norm_eps)
     return ops.rms_norm(x, p["w"], cfg.norm_eps, cfg.norm_offset)
+
+
+def norm_input_vjps(cfg: ModelConfig, p, x: Array, g: Array) -> Array:
+    """``x``'s cotangents ``[n, ..., d_model]`` of :func:`norm` at ``x``, one per cotangent
+    ``g [n, ..., d_model]`` of its output (:func:`jaxinterp.ops.norm_input_vjps`)."""
+    layer_norm = cfg.norm == "layernorm"
+    return ops.norm_input_vjps(x, p["w"], cfg.norm_eps, g, layer_norm, 0.0 if layer_norm else cfg.norm_offset)
 
 
 def embed_input(params: Params, cfg: ModelConfig, tokens: Array) -> Array:

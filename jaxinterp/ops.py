@@ -229,9 +229,10 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
 
     ``x_q, x_k, x_v``: normalised inputs, each ``[batch, pos, d_model]`` or one per query
     head ``[head, batch, pos, d_model]`` (the circuit graph's separate q/k/v inputs).
-    With per-query-head k/v inputs under grouped-query attention, every query head gets
-    its own copy of its key/value head's weights; ``x_k, x_v`` may instead be one per
-    key/value head, ``[kv_head, batch, pos, d_model]`` (the graph's grouped view).
+    With per-query-head k/v inputs under grouped-query attention, every query head's input
+    goes through its key/value head's weights (:func:`project_heads`, no copies); ``x_k,
+    x_v`` may instead be one per key/value head, ``[kv_head, batch, pos, d_model]`` (the
+    graph's grouped view).
 
     ``rotary`` maps ``q`` and ``k`` (``[batch, pos, head, d_head]``) to their rotated
     values; ``scale`` and ``logit_softcap`` as :func:`attention_pattern`.
