@@ -90,8 +90,9 @@ def origin(family: Family, hf_config: dict) -> Origin:
 
 
 def _open_tensors(model_dir: str) -> dict[str, Callable[[], np.ndarray]]:
-    """Lazy loaders for every tensor of ``model.safetensors`` or a sharded index."""
-    from safetensors import safe_open
+    """Loaders for every tensor of ``model.safetensors`` or a sharded index: float32 views of
+    the mapped files (:mod:`.safetensors_file`; other dtypes converted one tensor at a time)."""
+    from .safetensors_file import SafetensorsError, tensor_views
 
     single = os.path.join(model_dir, "model.safetensors")
     index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -115,23 +116,12 @@ def _open_tensors(model_dir: str) -> dict[str, Callable[[], np.ndarray]]:
         if not os.path.exists(path):
             raise ConversionError(f"{model_dir}: shard {name} listed in the index is missing")
         try:
-            with safe_open(path, framework="np") as f:
-                for key in f.keys():
-                    loaders[key] = (lambda p=path, k=key: _read_tensor(p, k))
-        except Exception as e:  # safetensors' own error type: a truncated or corrupt file
-            raise ConversionError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+            views = tensor_views(path)
+        except (SafetensorsError, OSError) as e:
+            raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
+        for key, view in views.items():
+            loaders[key] = (lambda a=view: a if a.dtype == np.float32 else a.astype(np.float32))
     return loaders
-
-
-def _read_tensor(path: str, key: str) -> np.ndarray:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="np") as f:
-            a = f.get_tensor(key)
-    except Exception as e:
-        raise ConversionError(f"{path}: tensor {key!r} cannot be read ({type(e).__name__}: {e})") from None
-    return a.astype(np.float32) if a.dtype != np.float32 else a
 
 
 def load_hf_checkpoint(model_dir: str) -> tuple[ModelConfig, dict, Origin]:
@@ -184,16 +174,21 @@ def convert_tensors(family: Family, cfg: ModelConfig, facts: Origin, loaders: di
 
     params: dict = {}
     for rule in family.rules(cfg, facts.tie_word_embeddings):
-        if "{layer}" in rule.key:
-            per_layer = [rule.transform(fetch(rule.key.format(layer=i), rule.shape)) for i in range(cfg.n_layers)]
-            values = tuple(np.stack(parts) for parts in zip(*per_layer))
+        if "{layer}" in rule.key:  # each layer's parts written straight into the stacked arrays
+            values = None
+            for i in range(cfg.n_layers):
+                parts = rule.transform(fetch(rule.key.format(layer=i), rule.shape))
+                if values is None:
+                    values = tuple(aligned_empty((cfg.n_layers,) + np.shape(a)) for a in parts)
+                for out, a in zip(values, parts, strict=True):
+                    out[i] = a
         else:
-            values = rule.transform(fetch(rule.key, rule.shape))
+            values = tuple(_owned(a) for a in rule.transform(fetch(rule.key, rule.shape)))
         for path, value in zip(rule.outputs, values, strict=True):
             node = params
             for k in path[:-1]:
                 node = node.setdefault(k, {})
-            node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
+            node[path[-1]] = value
 
     leftover = [k for k in available if k not in used and not any(re.fullmatch(p, k) for p in family.ignore)]
     if leftover:
@@ -201,6 +196,27 @@ def convert_tensors(family: Family, cfg: ModelConfig, facts: Origin, loaders: di
                               f"{sorted(names.get(available[k], k) for k in leftover)[:10]}")
     check_layout(params, cfg, f"{model_dir}: the {facts.model_type} converter's output")
     return params
+
+
+ALIGN = 64
+"""Bytes: XLA:CPU uses a host array of this alignment as the device buffer itself
+(``jnp.asarray(a, jnp.float32)``, ``jax.device_put(a)``), and copies any other."""
+
+
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an :data:`ALIGN` boundary:
+    the converter's parameters, which on CPU become the model's arrays with no copy."""
+    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(n + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
+def _owned(a: np.ndarray) -> np.ndarray:
+    """``a`` as a float32 array of its own (never a view of a mapped file), aligned."""
+    out = aligned_empty(np.shape(a))
+    out[...] = a
+    return out
 
 
 def check_layout(params, cfg: ModelConfig, source: str) -> None:

@@ -153,7 +153,12 @@ def _check_weights(model) -> None:
 
     def finite(leaf) -> bool:  # host-side when the array is all here (no compilation)
         if getattr(leaf, "is_fully_addressable", True):
-            return bool(np.isfinite(np.asarray(leaf, dtype=np.float32)).all())
+            # a finite sum means every element is finite (NaN and infinity propagate through
+            # a sum); it needs no temporary array, so it costs a third of isfinite's (GPT-2
+            # small, 2-core Xeon: 0.023 s vs 0.044-0.11 s). Only an overflowing sum is
+            # ambiguous, and then every element is checked.
+            a = np.asarray(leaf, dtype=np.float32)
+            return bool(np.isfinite(a.sum()) or np.isfinite(a).all())
         return bool(jnp.isfinite(leaf).all())
 
     bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(model.params)
