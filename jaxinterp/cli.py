@@ -892,11 +892,27 @@ def exit_cleanly_on_interrupt() -> None:
     threading.Thread(target=watch, name="jaxinterp-interrupt", daemon=True).start()
 
 
+def _exit_now(status: int) -> None:
+    """End a real invocation whose work is done and written: the exit hooks run, then the
+    process ends without the interpreter's teardown, which only destroys objects (XLA's
+    client among them; 0.17 s of a 3.7 s GPT-2-small ``attribute``). A non-daemon thread
+    still running (none of jaxinterp's) gets the normal exit instead, which waits for it."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    import atexit
+
+    atexit._run_exitfuncs()  # what sys.exit would run: jax.distributed's shutdown, logging's flush
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv=None) -> int:
     """The command line; ``argv=None`` is a real invocation (``sys.argv``): Ctrl-C then
-    exits cleanly (status 130) and an error exits without running shutdown hooks (orbax
-    and asyncio print spurious tracebacks there). With ``argv`` (tests, scripts) neither
-    happens and the status is returned."""
+    exits cleanly (status 130), an error exits without running shutdown hooks (orbax
+    and asyncio print spurious tracebacks there) and success without the interpreter's
+    teardown (:func:`_exit_now`). With ``argv`` (tests, scripts) none of this happens and
+    the status is returned."""
     real = argv is None
     if real:
         exit_cleanly_on_interrupt()
@@ -909,7 +925,10 @@ def main(argv=None) -> int:
     try:
         check_paths(args)
         _setup_compile_cache(args)
-        return args.func(args)
+        status = args.func(args)
+        if real:
+            _exit_now(status or 0)
+        return status
     except EXPECTED_ERRORS as e:
         if debug:
             raise

@@ -77,3 +77,26 @@ def test_prune_writes_a_circuit_of_the_requested_size(tmp_path, gpt2_dir, ioi_cs
     assert "kept 20 edges" in printed and "edge pruning (kl_div, 30 steps" in printed  # --metric is the loss
     with pytest.raises(SystemExit):  # one option for the loss: --metric (the old --objective is gone)
         main(["prune", "--model", gpt2_dir, "--data", ioi_csv, "--edges", "20", "--objective", "kl_div", "--out", out])
+
+
+def test_a_finished_command_exits_after_its_output_and_exit_hooks(tmp_path, gpt2_dir):
+    """A real invocation that succeeded ends without the interpreter's teardown
+    (``cli._exit_now``: it only destroys objects), but after everything is out: the
+    output through a pipe, the exit hooks (jax.distributed's shutdown is one), status 0."""
+    import subprocess
+    import sys
+
+    argv = ["lens", "--model", gpt2_dir, "--prompt", "When Mary", "--out", str(tmp_path / "lens.png")]
+    code = ("import atexit, sys\n"
+            "class Teardown:\n"
+            "    def __del__(self): print('teardown ran', flush=True)\n"
+            "kept = Teardown()\n"
+            "atexit.register(lambda: print('exit hook ran', flush=True))\n"
+            "from jaxinterp.cli import main\n"
+            f"sys.argv[1:] = {argv!r}\n"
+            "sys.exit(main())\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "logit lens at the last token" in p.stdout and p.stdout.rstrip().endswith("exit hook ran"), p.stdout
+    assert "teardown ran" not in p.stdout and (tmp_path / "lens.png").exists()
