@@ -130,3 +130,27 @@ def test_converted_parameters_are_aligned_arrays_of_their_own(gpt2_dir):
         while base is not None:
             assert not isinstance(base, np.memmap)
             base = getattr(base, "base", None)
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: w.T,  # an [out, in] matrix read as [in, out]: the tiled path
+    lambda w: w.reshape(3, 100, 700).transpose(0, 2, 1),  # per-head weights [head, d_model, d_head]
+    lambda w: w.reshape(300, 14, 50).transpose(1, 2, 0),  # o_proj's [head, d_head, d_model] view
+    lambda w: w[:, ::2],  # strided, not transposed
+    lambda w: w,  # contiguous
+])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_copy_into_parameters_equals_numpy_assignment(make, dtype):
+    """The converter's copy (tiles of 256 x 256 when the source's last axis is strided)
+    gives exactly numpy's converted copy, at sizes that are no multiple of the tile."""
+    import ml_dtypes
+
+    from jaxinterp.conversion.hf import _copy_into, aligned_empty
+
+    w = np.random.default_rng(0).standard_normal((300, 700), dtype=np.float32)
+    w = w.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    src = make(w)
+    out = aligned_empty(src.shape)
+    out[...] = np.nan
+    _copy_into(out, src)
+    np.testing.assert_array_equal(out, src.astype(np.float32))

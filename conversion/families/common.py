@@ -133,7 +133,8 @@ def llamalike_rules(cfg: ModelConfig, tied: bool, *, post_norms: bool = False) -
         Rule((("blocks", "attn", "w_q"),), att + "q_proj.weight", (H * E, D), _heads_in(H, E, D)),
         Rule((("blocks", "attn", "w_k"),), att + "k_proj.weight", (K * E, D), _heads_in(K, E, D)),
         Rule((("blocks", "attn", "w_v"),), att + "v_proj.weight", (K * E, D), _heads_in(K, E, D)),
-        Rule((("blocks", "attn", "w_o"),), att + "o_proj.weight", (D, H * E), lambda w: (w.T.reshape(H, E, D),)),
+        Rule((("blocks", "attn", "w_o"),), att + "o_proj.weight", (D, H * E),
+             lambda w: (w.reshape(D, H, E).transpose(1, 2, 0),)),  # = w.T.reshape(H, E, D), as a view
         Rule((("blocks", "mlp", "w_gate"),), mlp + "gate_proj.weight", (M, D), _transpose),
         Rule((("blocks", "mlp", "w_in"),), mlp + "up_proj.weight", (M, D), _transpose),
         Rule((("blocks", "mlp", "w_out"),), mlp + "down_proj.weight", (D, M), _transpose),

@@ -65,7 +65,8 @@ def rules(cfg: ModelConfig, tied: bool) -> list[Rule]:
         Rule((("blocks", "ln1", "b"),), blk + "input_layernorm.bias", (D,)),
         Rule(tuple(("blocks", "attn", f"w_{x}") for x in "qkv"), blk + "attention.query_key_value.weight",
              (3 * D, D), split_qkv_weight),
-        Rule((("blocks", "attn", "w_o"),), blk + "attention.dense.weight", (D, D), lambda w: (w.T.reshape(H, E, D),)),
+        Rule((("blocks", "attn", "w_o"),), blk + "attention.dense.weight", (D, D),
+             lambda w: (w.reshape(D, H, E).transpose(1, 2, 0),)),  # = w.T.reshape(H, E, D), as a view
         Rule((("blocks", "ln2", "w"),), blk + "post_attention_layernorm.weight", (D,)),
         Rule((("blocks", "ln2", "b"),), blk + "post_attention_layernorm.bias", (D,)),
         Rule((("blocks", "mlp", "w_in"),), blk + "mlp.dense_h_to_4h.weight", (M, D), lambda w: (w.T,)),
