@@ -114,6 +114,39 @@ def max_error(ours, ref, lengths):
 
 # --- logits parity ---------------------------------------------------------------------
 
+# at a realistic width, stored in bfloat16 (as most published checkpoints are): the
+# converter's tiled copies of transposed matrices (sources of 256 x 256 elements and more)
+# and its bfloat16 -> float32 conversion run, which the 32-wide shapes above never reach
+WIDE = {
+    "llama": dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
+                  initializer_range=0.02),
+    "gemma2": dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=64, query_pre_attn_scalar=64, initializer_range=0.02),
+    "gpt_neox": dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, initializer_range=0.02),
+}
+
+
+@pytest.mark.parametrize("family", list(WIDE))
+def test_wide_bfloat16_checkpoints_match_pytorch(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = getattr(testing, f"save_random_{family}")(str(tmp_path / "f32"), seed=2, num_hidden_layers=1,
+                                                     **WIDE[family])
+    path = str(tmp_path / "bf16")
+    AutoModelForCausalLM.from_pretrained(src).to(torch.bfloat16).save_pretrained(path)
+    for name in os.listdir(src):  # the tokenizer files
+        if not name.startswith(("config", "model", "generation")):
+            shutil.copy(os.path.join(src, name), path)
+    model = load_model(path)
+    ids, mask, lengths = padded_batch(model.cfg.vocab_size)
+    ours = np.asarray(model(ids, mask))
+    with torch.no_grad():  # Hugging Face's model from the same bfloat16 files, computing in float32
+        hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    scale = max(float(np.abs(ref[b, :n]).max()) for b, n in enumerate(lengths))
+    assert max_error(ours, ref, lengths) <= 1e-4 * scale, (family, max_error(ours, ref, lengths), scale)
+
+
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_logits_match_pytorch_on_padded_batch(name, family_dir, hf_model):
     path = family_dir(name)
