@@ -27,7 +27,7 @@ from bench_large import SHAPES, build_checkpoint
 from common import machine, write_json, write_report
 
 _CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, time
 import jax, jaxinterp
 from jaxinterp.conversion import hf
 t = time.perf_counter()
@@ -35,7 +35,7 @@ model = jaxinterp.load_model(sys.argv[1])
 jax.block_until_ready(model.params)
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                  "converter": hf.__file__, "params": sum(x.size for x in jax.tree.leaves(model.params))}))
+                  "converter": os.path.relpath(hf.__file__), "params": sum(x.size for x in jax.tree.leaves(model.params))}))
 """
 
 
