@@ -147,5 +147,5 @@ def load_model(path: str, dtype=jnp.float32, grouped_kv: bool = False, mesh=None
     else:
         from .sharding import shard_params
 
-        params = shard_params(jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)), params), mesh)
+        params = shard_params(jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype), copy=False), params), mesh)
     return Model(cfg, params, tokenizer, path, grouped_kv=bool(grouped_kv), origin=origin)
