@@ -178,7 +178,9 @@ def convert_tensors(family: Family, cfg: ModelConfig, facts: Origin, loaders: di
         used.add(key)
         return a
 
-    params: dict = {}
+    from jaxinterp.layout import unflatten
+
+    flat: dict = {}  # parameter path -> array
     with _Copies() as copies:
         for rule in family.rules(cfg, facts.tie_word_embeddings):
             if "{layer}" in rule.key:  # each layer's parts written straight into the stacked arrays
@@ -194,11 +196,8 @@ def convert_tensors(family: Family, cfg: ModelConfig, facts: Origin, loaders: di
                 values = tuple(aligned_empty(np.shape(a)) for a in parts)
                 for out, a in zip(values, parts, strict=True):
                     copies.add(out, a)
-            for path, value in zip(rule.outputs, values, strict=True):
-                node = params
-                for k in path[:-1]:
-                    node = node.setdefault(k, {})
-                node[path[-1]] = value
+            flat.update(zip(rule.outputs, values, strict=True))
+    params = unflatten(flat)
 
     leftover = [k for k in available if k not in used and not any(re.fullmatch(p, k) for p in family.ignore)]
     if leftover:
