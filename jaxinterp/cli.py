@@ -902,8 +902,11 @@ def _exit_now(status: int) -> None:
     import atexit
 
     atexit._run_exitfuncs()  # what sys.exit would run: jax.distributed's shutdown, logging's flush
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (| head), a closed stream: nothing to deliver to
+            pass
     os._exit(status)
 
 
