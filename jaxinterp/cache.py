@@ -236,25 +236,24 @@ def compiled_program(exported, args: tuple, kwargs: dict):
     from .compiler import jit
     from .io import atomic_write_bytes
 
-    # Kept only when XLA compiled it here: an executable jax read from its own cache (or
-    # from memory) serialises without its compiled functions on XLA:CPU, and one loaded from
-    # such a file fails when run ("Function ... not found"). jax reports the consulted cache.
-    events: list[str] = []
-    listener = lambda event, **kw: events.append(event)  # noqa: E731
-    jax.monitoring.register_event_listener(listener)
+    # Compiled by XLA here, with jax's persistent cache out of the way: an executable jax read
+    # from its cache serialises without its compiled functions on XLA:CPU, and one loaded from
+    # such a file fails when run ("Function ... not found"). So a process that finds no file
+    # pays one compile even where jax's cache holds the program (after an update of jaxinterp
+    # that left the program as it was, every later run used to lower it again, 0.27 s).
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         compiled = jit(exported.call).lower(*args, **kwargs).compile()
     finally:
-        jax.monitoring.unregister_event_listener(listener)
-    if "/jax/compilation_cache/compile_requests_use_cache" in events and \
-            "/jax/compilation_cache/cache_hits" not in events:
-        try:
-            data, tree, _ = serialize_executable.serialize(compiled)
-            if tree == in_tree:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                atomic_write_bytes(path, data)
-        except Exception:  # noqa: BLE001  a cache is an optimisation: the program runs compiled anyway
-            pass
+        jax.config.update("jax_enable_compilation_cache", enabled)
+    try:
+        data, tree, _ = serialize_executable.serialize(compiled)
+        if tree == in_tree:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write_bytes(path, data)
+    except Exception:  # noqa: BLE001  a cache is an optimisation: the program runs compiled anyway
+        pass
     return compiled
 
 

@@ -175,9 +175,19 @@ def test_exported_program_key(tmp_path):
         cache._programs.clear()
         np.testing.assert_array_equal(jit(scaled_sum, persist=True, static_argnames=("k",))(x, k=2), (x * 2).sum(0))
         assert calls == [2, 3, 2, 2, 2]  # the rewritten file reads back
-        # the damaged executable called again was removed, not rewritten: jax's cache answered
-        # its compile, and such an executable is not kept (cache.compiled_program)
-        assert len(os.listdir(tmp_path / "xla" / "executables")) == 3
+        # the damaged executable was removed and compiled again by XLA, jax's own cache (which
+        # holds the program) bypassed: an executable read from it cannot be kept on XLA:CPU
+        assert len(os.listdir(tmp_path / "xla" / "executables")) == 4
+        # executables gone, jax's cache full (as after an update of jaxinterp that changed no
+        # program): each is compiled and kept again, once, and what is kept runs
+        for path in (tmp_path / "xla" / "executables").iterdir():
+            path.unlink()
+        cache._programs.clear()
+        np.testing.assert_array_equal(jit(scaled_sum, persist=True, static_argnames=("k",))(x, k=2), (x * 2).sum(0))
+        assert len(os.listdir(tmp_path / "xla" / "executables")) == 1
+        cache._programs.clear()
+        np.testing.assert_array_equal(jit(scaled_sum, persist=True, static_argnames=("k",))(x, k=2), (x * 2).sum(0))
+        assert calls == [2, 3, 2, 2, 2]  # nothing traced: the exported program read, its executable loaded
     finally:
         cache.disable_compile_cache()
     jit(scaled_sum, persist=True, static_argnames=("k",))(x, k=2)  # cache off: plain jax.jit
