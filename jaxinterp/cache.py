@@ -198,8 +198,9 @@ def exported_program(fun, static: dict, args: tuple, kwargs: dict):
 def compiled_program(exported, args: tuple, kwargs: dict):
     """``exported.call`` compiled for ``(*args, **kwargs)``: the executable kept beside the
     exported program (``<cache>/executables``), loaded without tracing, lowering or looking
-    it up in jax's cache, else compiled (through jax's cache) and kept; None when it
-    cannot be kept or loaded (the caller then jits ``exported.call``).
+    it up in jax's cache, else compiled by XLA (jax's cache bypassed, see below) and kept;
+    None where executables cannot be serialised at all (the caller then jits
+    ``exported.call``).
 
     A warm process still spent ~0.27 s lowering the exported call before jax's cache could
     find the executable, 0.16 s of it jax's LAPACK set-up for exported CPU programs (GPT-2-
