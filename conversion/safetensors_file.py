@@ -6,9 +6,10 @@ of the data that follows the header), an optional ``__metadata__`` object, then 
 
 Why not safetensors' own numpy reader: ``get_tensor`` copies every tensor out of the file,
 so a checkpoint sat in memory twice more than it must (the file's pages, the copy, then
-the stacked parameters), and numpy has no bfloat16, so it cannot read BF16 tensors at all,
-the dtype of most checkpoints published since 2023. Here a tensor is a view of the mapped
-file (``ml_dtypes.bfloat16`` for BF16); the converter's one copy is the parameter itself.
+the stacked parameters); and it reads BF16, the dtype of most checkpoints published since
+2023, only if something registered ``ml_dtypes`` with numpy first (jax does). Here a tensor
+is a view of the mapped file (``ml_dtypes.bfloat16`` for BF16, named, not looked up); the
+converter's one copy is the parameter itself.
 Every check safetensors makes on a header is made here, each failure a message naming the
 file and the cause.
 """

@@ -199,8 +199,8 @@ def compiled_program(exported, args: tuple, kwargs: dict):
     """``exported.call`` compiled for ``(*args, **kwargs)``: the executable kept beside the
     exported program (``<cache>/executables``), loaded without tracing, lowering or looking
     it up in jax's cache, else compiled by XLA (jax's cache bypassed, see below) and kept;
-    None where executables cannot be serialised at all (the caller then jits
-    ``exported.call``).
+    None for a program :func:`exported_program` did not give, or a jax without
+    ``serialize_executable`` (the caller then jits ``exported.call``).
 
     A warm process still spent ~0.27 s lowering the exported call before jax's cache could
     find the executable, 0.16 s of it jax's LAPACK set-up for exported CPU programs (GPT-2-
@@ -229,7 +229,7 @@ def compiled_program(exported, args: tuple, kwargs: dict):
             return serialize_executable.deserialize_and_load(f.read(), in_tree, exported.out_tree)
     except FileNotFoundError:
         pass
-    except Exception:  # noqa: BLE001  damaged: removed, compiled again (and kept if compiled here)
+    except Exception:  # noqa: BLE001  damaged: removed, compiled again and kept
         try:
             os.remove(path)
         except OSError:
