@@ -256,7 +256,7 @@ def _mix(delta: Array, coef: Array) -> Array:
     return jnp.einsum("fbpd,pfv->vbpd" if coef.ndim == 3 else "fbpd,fv->vbpd", delta, coef)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["coef", "source", "outs", "posts"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["coef", "source", "outs", "posts", "segment"],
                    meta_fields=["mode", "bounds", "scanned", "buffered"])
 @dataclasses.dataclass(frozen=True)
 class _Edges:
@@ -266,19 +266,26 @@ class _Edges:
              real edges), or ``[1, dst]`` for ``add-one``.
     source:  ``[src, batch, pos, d_model]`` (``[1, ...]`` for ``add-one``).
     bounds, outs: the upstream rows (*) contracts and what it reads of this run.
-             *Buffered* (``replace``, and every mode scanned): one bound ``(0, stop)`` and,
-             for ``replace``, one buffer ``outs[0] [src, batch, pos, d_model]`` of
-             ``delta_u = source_u - out_u``, formed once when node ``u`` is produced (rows
-             not produced yet are zero); the other modes read ``source`` only (None).
-             Unrolled, ``stop`` is the number of rows produced so far, so each layer
-             contracts its upstream rows only, in one product; scanned, it is ``src``, the
-             coefficients being zero for the rows not upstream. *Grouped* (unrolled, the
-             other modes, and every mode with per-input Gemma 2 heads): ``outs[i] [stop -
+             *Buffered* (``replace``, and every mode scanned): for ``replace``, buffers
+             ``outs[i]`` of ``delta_u = source_u - out_u``, formed once when node ``u`` is
+             produced (rows not produced yet are zero), buffer ``i`` holding rows
+             ``bounds[i] = (start, stop)``; the other modes have one bound ``(0, stop)`` and
+             read ``source`` only (None). Unrolled, one buffer ``[src, batch, pos,
+             d_model]`` and ``stop`` the number of rows produced so far, so each layer
+             contracts its upstream rows only, in one product. Scanned, one buffer per
+             segment of layers (:func:`_segments`), each with ``n_heads`` spare rows at its
+             end that the other segments' layers write to (so that every layer writes every
+             buffer, in place, in one body); a layer contracts the buffers of its own and
+             the earlier segments (spare rows and rows not upstream with zero
+             coefficients). *Grouped* (unrolled, the other modes, and every mode with
+             per-input Gemma 2 heads): ``outs[i] [stop -
              start, batch, pos, d_model]`` this run's outputs of node group ``bounds[i] =
              (start, stop)``, one per group produced so far.
     posts:   grouped only, per group, None or (per-input Gemma 2 heads) ``(S [batch, pos,
              d_model], norm params)``: the layer's raw sum of heads and its output norm,
              which every downstream input applies to its own mix of the group's heads.
+    segment: scanned ``replace`` in more than one segment, inside the layer loop: the
+             (traced) segment of this layer; None elsewhere.
     """
 
     coef: Array
@@ -289,11 +296,13 @@ class _Edges:
     scanned: bool = False
     posts: tuple = ()
     buffered: bool = False
+    segment: Optional[Array] = None
 
     def delta(self, i: int) -> Array:
-        """``delta_u`` of (*) for group ``i``."""
+        """``delta_u`` of (*) for group (or buffer) ``i``."""
         if self.buffered and self.mode == "replace":
-            return self.outs[0][slice(*self.bounds[0])]
+            start, stop = self.bounds[i]
+            return self.outs[i] if self.scanned else self.outs[i][:stop - start]
         src = self.source[slice(*self.bounds[i])]
         if self.mode == "replace":
             return src - self.outs[i]
@@ -306,25 +315,46 @@ class _Edges:
         x = jnp.broadcast_to(resid[None], (n_dst,) + resid.shape)
         if self.mode == "add-one":
             return x + self.coef[0, dst].astype(x.dtype)[:, None, None, None] * self.source[0][None].astype(x.dtype)
-        for i, b in enumerate(self.bounds):
-            mix = _mix(self.delta(i).astype(x.dtype), self.coef[..., slice(*b), dst].astype(x.dtype))
+        for i in range(len(self.bounds)):
+            mix = _mix(self.delta(i).astype(x.dtype), self.coef_rows(i, self.coef[..., dst]).astype(x.dtype))
             post = self.posts[i] if self.posts else None
             if post is not None:  # per-input heads: this input's own mix of the layer's heads, renormalised
                 mix = norm(cfg, post[1], post[0][None] + mix) - norm(cfg, post[1], post[0])[None]
             x = x + mix
         return x
 
-    def replaced_rows(self, dst: slice, rows: Optional[tuple] = None) -> Array:
-        """Buffered ``replace``: (*)'s sum over the buffer's rows produced so far (or over
-        ``rows = (start, n)``, ``start`` traced when scanned) for the inputs ``dst``:
-        ``[dst, batch, pos, d_model]``."""
-        buf, coef = self.outs[0], self.coef[..., dst]
-        if rows is None:
-            buf, coef = buf[slice(*self.bounds[0])], coef[..., slice(*self.bounds[0]), :]
-        else:
-            buf = jax.lax.dynamic_slice_in_dim(buf, rows[0], rows[1], 0)
-            coef = jax.lax.dynamic_slice_in_dim(coef, rows[0], rows[1], coef.ndim - 2)
-        return _mix(buf, coef.astype(buf.dtype))
+    def coef_rows(self, i: int, coef: Array) -> Array:
+        """The rows of ``coef [..., src, dst]`` that group (or buffer) ``i`` holds, scanned
+        buffers' spare rows as zeros: ``[..., rows, dst]``."""
+        start, stop = self.bounds[i]
+        rows = coef[..., start:stop, :]
+        spare = self.outs[i].shape[0] - (stop - start) if self.buffered and self.scanned and self.outs[i] is not None \
+            else 0
+        return jnp.pad(rows, [(0, 0)] * (rows.ndim - 2) + [(0, spare), (0, 0)]) if spare else rows
+
+    def replaced_rows(self, dst: slice) -> Array:
+        """Buffered ``replace``: (*)'s sum over the buffers' rows (scanned in segments: of
+        this layer's segment and the earlier ones) for the inputs ``dst``: ``[dst, batch,
+        pos, d_model]``."""
+        coef = self.coef[..., dst]
+
+        def upto(k: int) -> Array:  # the buffers 0..k
+            mixes = [_mix(self.delta(i), self.coef_rows(i, coef).astype(self.outs[i].dtype)) for i in range(k + 1)]
+            return functools.reduce(jnp.add, mixes)
+
+        if self.segment is None:
+            return upto(len(self.outs) - 1)
+        # a real branch (the segment is per layer, not batched): later segments' products are not run
+        return jax.lax.switch(self.segment, [functools.partial(upto, k) for k in range(len(self.outs))])
+
+    def fresh_rows(self, dst: slice, start, out: Array) -> Array:
+        """Buffered ``replace``: (*)'s sum over nodes ``start ..`` that this layer has just
+        produced, ``out [n, batch, pos, d_model]`` (as given to :meth:`with_outputs`), for
+        the inputs ``dst``: ``[dst, batch, pos, d_model]``."""
+        n, buf = out.shape[0], self.outs[-1]
+        diff = (jax.lax.dynamic_slice_in_dim(self.source, start, n, 0) - out).astype(buf.dtype)
+        coef = self.coef[..., dst]
+        return _mix(diff, jax.lax.dynamic_slice_in_dim(coef, start, n, coef.ndim - 2).astype(buf.dtype))
 
     def normed_inputs(self, cfg: ModelConfig, resid: Array, dst: slice, norm_params) -> tuple[Array, "_Edges"]:
         """``(the normalised downstream inputs dst [dst, batch, pos, d_model], these edges
@@ -354,10 +384,14 @@ class _Edges:
         bounds = self.bounds if self.scanned else ((0, start + n),)
         if self.mode != "replace":  # the other modes never read this run's outputs
             return dataclasses.replace(self, bounds=bounds)
-        buf = self.outs[0]
         diff = jax.lax.dynamic_slice_in_dim(self.source, start, n, 0) - out  # delta_u, formed once
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, diff.astype(buf.dtype), start, 0)
-        return dataclasses.replace(self, outs=(buf,), bounds=bounds)
+        if self.segment is None:  # one buffer
+            at = [start]
+        else:  # this segment's buffer at the nodes' rows, every other one at its spare rows
+            at = [jnp.where(self.segment == i, start - a, b - a) for i, (a, b) in enumerate(self.bounds)]
+        outs = tuple(jax.lax.dynamic_update_slice_in_dim(buf, diff.astype(buf.dtype), row, 0)
+                     for buf, row in zip(self.outs, at))
+        return dataclasses.replace(self, outs=outs, bounds=bounds)
 
 
 def _at_positions(a: Array, idx: Array) -> Array:
@@ -365,18 +399,22 @@ def _at_positions(a: Array, idx: Array) -> Array:
     return jnp.take_along_axis(a, idx.reshape((1,) * (a.ndim - 3) + idx.shape + (1,)), axis=a.ndim - 2)
 
 
-def _buffered(edges: _Edges, scanned: bool) -> _Edges:
+def _buffered(edges: _Edges, scanned: bool, rows: Optional[tuple] = None, spare: int = 0) -> _Edges:
     """``edges`` entering the first layer (grouped: the ``input`` node's output its only
-    group) in the buffered form (``_Edges``), scanned or not: ``replace``'s buffer, the
+    group) in the buffered form (``_Edges``), scanned or not: ``replace``'s buffers (scanned,
+    one per bound of ``rows``, default one of every row, each with ``spare`` rows more), the
     gradient modes' carrier (zeros of delta's shape and dtype)."""
-    buf, n_src, emb = None, edges.source.shape[0], edges.outs[0][0]
+    n_src, emb = edges.source.shape[0], edges.outs[0][0]
+    rows = ((0, n_src if scanned else 1),) if rows is None else rows
     dtype = edges.source.dtype if edges.mode == "grad" else jnp.result_type(edges.source.dtype, emb.dtype)
+    outs = (None,)
     if edges.mode == "replace":
-        buf = jnp.zeros((n_src,) + emb.shape, dtype).at[0].set((edges.source[0] - emb).astype(dtype))
+        outs = tuple(jnp.zeros((n,) + emb.shape, dtype) for n in ([b - a + spare for a, b in rows] if scanned
+                                                                    else [n_src]))
+        outs = (outs[0].at[0].set((edges.source[0] - emb).astype(dtype)),) + outs[1:]
     elif edges.mode in GRAD_MODES:
-        buf = jnp.zeros((n_src,) + emb.shape, dtype)
-    return dataclasses.replace(edges, outs=(buf,), bounds=((0, n_src if scanned else 1),), scanned=scanned,
-                               buffered=True)
+        outs = (jnp.zeros((n_src,) + emb.shape, dtype),)
+    return dataclasses.replace(edges, outs=outs, bounds=rows, scanned=scanned, buffered=True)
 
 
 def _normed(cfg: ModelConfig, edges: Optional[_Edges], resid: Array, dst: slice, norm_params) -> tuple:
@@ -458,7 +496,7 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
     else:
         m_in = m_in[None] + early[A:]
         if not cfg.parallel_attn_mlp:  # and this layer's heads, produced since
-            m_in = m_in + edges.replaced_rows(slice(A, A + 1), (start, H)).astype(m_in.dtype)
+            m_in = m_in + edges.fresh_rows(slice(A, A + 1), start, heads).astype(m_in.dtype)
         x = norm(cfg, p["ln2"], m_in)
     hidden = ops.mlp_hidden(p["mlp"], x if edges is None else x[0], cfg.act_fn)
     m_out = ops.mlp_out(p["mlp"], hidden)
@@ -488,6 +526,30 @@ against 1.98 + 1.8 s; 12 layers, 6.3 + 2.6 s against 2.2 + 2.7 s. So shallow mod
 unrolled and from 6 layers on the compile saved outweighs the run: a whole `jaxinterp
 attribute` at 12 layers takes 6.0 s cold and 4.1-4.5 s warm scanned, 11.5 s and 4.2-4.8 s
 unrolled (the scanned program is also quicker to read from the compilation cache)."""
+
+
+SCAN_SEGMENTS = 2
+"""Scanned ``replace`` runs (circuit evaluation) hold their buffered rows in this many
+segments of layers (fewer if there are fewer layers; :func:`_segments`)."""
+
+
+def _segments(spec: GraphSpec, mode: Optional[str]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """``[((first layer, stop layer), (first src row, stop row))]``: the scanned layers in
+    segments of consecutive layers and the upstream rows each produces (the ``input``
+    node's with the first). One segment except for ``replace``, whose layers then contract
+    the buffered rows of their own and the earlier segments only, not every row (zeros for
+    those not produced yet): (*)'s products are most of a patched forward's time (SmolLM2-
+    135M, batch 32 x 24: 2.2 of 3.7 s), and their time grows with the rows read, hardly with
+    the inputs fed (XLA:CPU, [28, 301] x [301, 442368]: 85 ms, [8, 301]: 51, [28, 150]:
+    47). Two segments read a fifth fewer rows: a batch of two circuits and the clean and
+    corrupted runs 9.6-9.8 -> 8.5-8.8 s, a 10-size curve 40.9-41.3 -> 36.6-37.3 s whole
+    process, XLA's temporaries 1.60 -> 1.44 GB. Three or four were no faster (8.7-8.9 s):
+    a layer then adds up more, smaller products."""
+    L = spec.n_layers
+    n = min(SCAN_SEGMENTS, L) if mode == "replace" else 1
+    cuts = [round(i * L / n) for i in range(n + 1)]
+    row = lambda layer: spec.head_index(layer) if layer else 0  # noqa: E731  (head_index(L) = src)
+    return [((a, b), (row(a), row(b))) for a, b in zip(cuts, cuts[1:])]
 
 
 def _layer_coef(spec: GraphSpec, coef: Array) -> tuple[Array, Array]:
@@ -560,45 +622,52 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
                 jnp.stack(rs), jnp.stack(hs), jnp.stack(ms), jnp.stack(ks))
 
     # Scanned: one compiled layer body for all layers. Its upstream axis has a fixed width
-    # (every src row, zero coefficients for those not upstream), so the bodies are identical.
+    # (every src row, zero coefficients for those not upstream), so the bodies are identical;
+    # replace's buffers are per segment of layers, a layer contracting only those of its own
+    # and the earlier segments (:func:`_segments`).
     n_pos, n_src = resid.shape[1], spec.n_forward
     windows = None if cfg.sliding_window is None else jnp.asarray(
         [cfg.window(layer) or n_pos + 1 for layer in range(cfg.n_layers)], jnp.int32)  # n_pos + 1: no window
     mode, source = (None, None) if edges is None else (edges.mode, edges.source)
+    segments = _segments(spec, mode)
+    many = len(segments) > 1
     # replace: delta_u of the nodes produced so far (zero beyond), filled in layer by layer (carried)
-    buf = None if mode is None else _buffered(edges, True).outs[0]
+    bufs, rows = None, ((0, n_src),)
+    if mode is not None:
+        first_in = _buffered(edges, True, tuple(r for _, r in segments), spec.n_heads if many else 0)
+        bufs, rows = first_in.outs, first_in.bounds
     step = checkpoint(functools.partial(_block, cfg, spec, rotary, key_mask))
 
     def body(carry, xs):
-        resid, buf = carry
-        p, coef, window, start, layer_nodes, layer_blocked, index = xs
+        resid, bufs = carry
+        p, coef, window, start, layer_nodes, layer_blocked, index, segment = xs
         # source is closed over, not carried: a loop invariant, never stacked per layer
         if mode is not None and mode != "add-one":  # rows not upstream of this layer are no edges
             coef = coef * _upstream(spec, start).astype(coef.dtype)
 
         def run(resid):
-            e = None if mode is None else _Edges(coef, source, (buf,), mode, ((0, n_src),), scanned=True,
-                                                 buffered=True)
+            e = None if mode is None else _Edges(coef, source, bufs, mode, rows, scanned=True, buffered=True,
+                                                 segment=segment)
             out, heads, m_out, hidden, e = step(window, start, p, resid, e, layer_nodes, layer_blocked,
                                                 None if mlp_delta is None else layer_delta(index))
-            return out, heads, m_out, hidden, None if e is None else e.outs[0]
+            return out, heads, m_out, hidden, None if e is None else e.outs
 
         if first is None:
-            out, heads, m_out, hidden, buf = run(resid)
+            out, heads, m_out, hidden, bufs = run(resid)
         else:  # a real branch (the predicate is not batched under vmap): skipped layers cost nothing
             def skip(resid):
                 zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(run, resid))
-                return (resid,) + zeros[1:4] + (buf,)
+                return (resid,) + zeros[1:4] + (bufs,)
 
-            out, heads, m_out, hidden, buf = jax.lax.cond(index >= first, run, skip, resid)
-        return (out, buf), (resid, heads, m_out, hidden)
+            out, heads, m_out, hidden, bufs = jax.lax.cond(index >= first, run, skip, resid)
+        return (out, bufs), (resid, heads, m_out, hidden)
 
     # the delta itself is closed over (a loop invariant); only the layer index is scanned
+    segment_of = jnp.asarray([k for k, ((a, b), _) in enumerate(segments) for _ in range(a, b)], jnp.int32)
     xs = (params["blocks"], blocks, windows, jnp.asarray(starts, jnp.int32), nodes, blocked,
-          None if mlp_delta is None and first is None else jnp.arange(cfg.n_layers))
-    (resid, buf), (rs, hs, ms, ks) = jax.lax.scan(body, (resid, buf), xs)
-    edges = None if mode is None else _Edges(logits_coef, source, (buf,), mode, ((0, n_src),), scanned=True,
-                                             buffered=True)
+          None if mlp_delta is None and first is None else jnp.arange(cfg.n_layers), segment_of if many else None)
+    (resid, bufs), (rs, hs, ms, ks) = jax.lax.scan(body, (resid, bufs), xs)
+    edges = None if mode is None else _Edges(logits_coef, source, bufs, mode, rows, scanned=True, buffered=True)
     return resid, edges, rs, hs, ms, ks
 
 

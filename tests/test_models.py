@@ -215,6 +215,50 @@ def test_scanned_layers_equal_unrolled_layers(qwen, mode, positional, shifted):
     np.testing.assert_allclose(got_r, want_r, atol=1e-5 * np.abs(want_r).max(), rtol=0)
 
 
+@pytest.mark.parametrize("segments", [1, 3])
+def test_scanned_replace_in_segments_equals_unrolled(qwen, monkeypatch, segments):
+    """Circuit evaluation's scanned loop holds its buffered rows in segments of layers, a
+    layer contracting the buffers of its own and the earlier segments: one segment (every
+    row), or three of one layer each (every layer writes the other segments' spare rows).
+    Values and coefficient gradients equal the unrolled loop's."""
+    from jaxinterp import models
+
+    monkeypatch.setattr(models, "SCAN_SEGMENTS", segments)
+    spec, cfg = qwen.graph_spec, qwen.cfg
+    assert len(models._segments(spec, "replace")) == segments
+    tokens = jnp.asarray(np.random.default_rng(2).integers(4, cfg.vocab_size, size=(3, 7)))
+    iv = _intervention(spec, cfg, "replace", 7, seed=3)
+
+    def run(coef, scan):
+        logits = forward(qwen.params, cfg, tokens, None, dataclasses.replace(iv, coef=coef), scan=scan)
+        return (logits[:, -1, :9] ** 2).sum(), logits
+
+    (_, want), want_g = jax.value_and_grad(lambda c: run(c, False), has_aux=True)(iv.coef)
+    (_, got), got_g = jax.value_and_grad(lambda c: run(c, True), has_aux=True)(iv.coef)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    real = spec.real_edge_mask
+    np.testing.assert_allclose(np.where(real, got_g, 0), np.where(real, want_g, 0),
+                               atol=1e-5 * np.abs(np.where(real, want_g, 0)).max(), rtol=0)
+
+
+@pytest.mark.parametrize("n_layers,segments", [(3, 2), (30, 2), (7, 4), (2, 4)])
+def test_segments_partition_layers_and_rows(n_layers, segments, monkeypatch):
+    """The segments cover the layers in order, and their rows the upstream nodes in order:
+    each segment's rows are its layers' heads and MLPs (the first's also the input)."""
+    from jaxinterp import models
+    from jaxinterp.graph import GraphSpec
+
+    monkeypatch.setattr(models, "SCAN_SEGMENTS", segments)
+    spec = GraphSpec(n_layers=n_layers, n_heads=4)
+    got = models._segments(spec, "replace")
+    assert len(got) == min(segments, n_layers)
+    assert [g[0][0] for g in got] == [0] + [g[0][1] for g in got[:-1]] and got[-1][0][1] == n_layers
+    assert [g[1][0] for g in got] == [0] + [g[1][1] for g in got[:-1]] and got[-1][1][1] == spec.n_forward
+    for (a, b), (lo, hi) in got:
+        assert lo == (spec.head_index(a) if a else 0) and hi - lo == (b - a) * 5 + (a == 0)
+    assert models._segments(spec, "grad") == [((0, n_layers), (0, spec.n_forward))]
+
+
 def test_scanned_add_one_equals_unrolled(qwen):
     spec, cfg = qwen.graph_spec, qwen.cfg
     tokens = jnp.asarray(np.random.default_rng(2).integers(4, cfg.vocab_size, size=(3, 6)))
