@@ -543,8 +543,9 @@ def _segments(spec: GraphSpec, mode: Optional[str]) -> list[tuple[tuple[int, int
     the inputs fed (XLA:CPU, [28, 301] x [301, 442368]: 85 ms, [8, 301]: 51, [28, 150]:
     47). Two segments read a fifth fewer rows: a batch of two circuits and the clean and
     corrupted runs 9.6-9.8 -> 8.5-8.8 s, a 10-size curve 40.9-41.3 -> 36.6-37.3 s whole
-    process, XLA's temporaries 1.60 -> 1.44 GB. Three or four were no faster (8.7-8.9 s):
-    a layer then adds up more, smaller products."""
+    process (44.2-45.3 -> 42.4-42.9 s in the machine's slower phase), XLA's temporaries 1.60
+    -> 1.44 GB. Three or four were no faster (8.7-8.9 s): a layer then adds up more,
+    smaller products."""
     L = spec.n_layers
     n = min(SCAN_SEGMENTS, L) if mode == "replace" else 1
     cuts = [round(i * L / n) for i in range(n + 1)]
