@@ -72,6 +72,7 @@ from typing import Any, Literal, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import ops
 from .config import ModelConfig
@@ -128,12 +129,18 @@ GRAD_MODES = ("grad", "grad-replace")
 # (grad-replace: EAP's corrupted - clean, with no separate clean run, scanned or not), and
 # each probe contracts it in one product. (Per node group instead, as before, XLA:CPU
 # re-read each layer's gradients once per group and formed the groups' deltas once per
-# layer.) The carrier's forward value is never read, so XLA drops it.
+# layer.) The carrier's forward value is never read, so XLA drops it. Scanned, the carrier
+# (and delta) is in pieces, one per segment of layers (:func:`_segments`), and a probe
+# contracts the pieces of its own and the earlier segments only.
 
 
-def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta: Array, g: Array):
+def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta: Array, g: Array,
+                 rows: tuple = ((0, None),), segment: Optional[Array] = None):
     """``(resid's, norm_params' and coef's cotangents)`` of ``norm(cfg, norm_params, resid)``
-    broadcast to the ``[n_dst, ...]`` inputs with cotangent ``g``, edges from ``delta``."""
+    broadcast to the ``[n_dst, ...]`` inputs with cotangent ``g``, edges from ``delta``: a
+    tuple of pieces, the src rows ``rows`` of it (one per scanned segment; with ``segment``
+    given, those after the layer's segment are not contracted: their coefficients are not
+    upstream)."""
     # resid's and the norm's own cotangents: the norm's vjp is linear in the cotangent, so
     # one vjp of the summed cotangents. The edges need each input's own: g_x [n_dst, batch,
     # pos, d_model] (transient, backward only), written out by ops.norm_input_vjps. (Taken
@@ -141,40 +148,56 @@ def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta
     # copy; on CPU both are only right with XLA's YNNPACK reduce fusion off, which
     # jaxinterp.compiler does: under a plain jax.jit this was wrong from 32 x 15 tokens.)
     g_params, g_resid = jax.vjp(functools.partial(norm, cfg), norm_params, resid)[1](g.sum(0))
-    g_x = norm_input_vjps(cfg, norm_params, resid, g).astype(delta.dtype)
-    # position-aware coefficients [pos, src, dst] keep the position axis of the contraction;
-    # the others contract as one 2-D product: as a 3-axis einsum XLA:CPU laid both operands
-    # out with pos and d_model swapped, through a copy of each every layer
-    if coef.ndim == 3:
-        coef_bar = jnp.einsum("fbpd,vbpd->pfv", delta, g_x, preferred_element_type=jnp.float32)
-    else:
-        coef_bar = jnp.einsum("fn,vn->fv", delta.reshape(delta.shape[0], -1), g_x.reshape(g_x.shape[0], -1),
-                              preferred_element_type=jnp.float32)
+    deltas = delta if isinstance(delta, tuple) else (delta,)
+    g_x = norm_input_vjps(cfg, norm_params, resid, g).astype(deltas[0].dtype)
+
+    def contract(d):
+        # position-aware coefficients [pos, src, dst] keep the position axis of the contraction;
+        # the others contract as one 2-D product: as a 3-axis einsum XLA:CPU laid both operands
+        # out with pos and d_model swapped, through a copy of each every layer
+        if coef.ndim == 3:
+            return jnp.einsum("fbpd,vbpd->pfv", d, g_x, preferred_element_type=jnp.float32)
+        return jnp.einsum("fn,vn->fv", d.reshape(d.shape[0], -1), g_x.reshape(g_x.shape[0], -1),
+                          preferred_element_type=jnp.float32)
+
+    def upto(k: int) -> Array:  # the pieces 0..k, zeros for the others
+        bars = [contract(d) if i <= k else jnp.zeros(coef.shape[:-2] + d.shape[:1] + coef.shape[-1:], jnp.float32)
+                for i, d in enumerate(deltas)]
+        return bars[0] if len(bars) == 1 else jnp.concatenate(bars, axis=-2)
+
+    # a real branch (the segment is per layer): later segments' products are not run
+    coef_bar = upto(len(deltas) - 1) if segment is None else jax.lax.switch(
+        segment, [functools.partial(upto, k) for k in range(len(deltas))])
     return g_resid, g_params, coef_bar.astype(coef.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _normed_probe(cfg: ModelConfig, n_dst: int, rows: int, resid: Array, norm_params, coef: Array, carrier: Array):
+def _normed_probe(cfg: ModelConfig, n_dst: int, rows: tuple, resid: Array, norm_params, coef: Array,
+                  carrier: tuple, segment: Optional[Array]):
     """``(norm(norm_params, resid)`` broadcast to ``[n_dst, batch, pos, d_model]``, the
     normalised inputs of ``n_dst`` downstream nodes that all see ``resid``, ``carrier)``.
-    Backward: ``coef [(pos,) src, n_dst]``'s cotangent from the carrier's cotangent (delta),
-    which is passed on, zero from row ``rows`` on (not upstream). Nothing of size ``n_dst``
-    is kept from the forward pass."""
+    ``carrier``: one array per bound ``(start, stop)`` of ``rows`` (scanned: per segment of
+    layers, ``segment`` this layer's). Backward: ``coef [(pos,) src, n_dst]``'s cotangent
+    from the carrier's cotangent (delta's pieces), which is passed on, zero from the last
+    bound's ``stop`` on (unrolled: the rows produced so far) and for the pieces after
+    ``segment`` (not upstream). Nothing of size ``n_dst`` is kept from the forward pass."""
     return jnp.broadcast_to(norm(cfg, norm_params, resid)[None], (n_dst,) + resid.shape), carrier
 
 
-def _normed_probe_fwd(cfg, n_dst, rows, resid, norm_params, coef, carrier):
-    return _normed_probe(cfg, n_dst, rows, resid, norm_params, coef, carrier), (resid, norm_params, coef)
+def _normed_probe_fwd(cfg, n_dst, rows, resid, norm_params, coef, carrier, segment):
+    out = _normed_probe(cfg, n_dst, rows, resid, norm_params, coef, carrier, segment)
+    return out, (resid, norm_params, coef, segment)
 
 
 def _normed_probe_bwd(cfg, n_dst, rows, res, cts):
-    resid, norm_params, coef = res
+    resid, norm_params, coef, segment = res
     g, delta = cts
-    # every row, upstream or not: XLA:CPU copied a slice of delta's upstream rows (a
-    # transposing copy for some) before the product, slower than the product it saved
-    g_resid, g_params, coef_bar = _probe_grads(cfg, resid, norm_params, coef, delta, g)
-    coef_bar = jnp.where(jnp.arange(coef.shape[-2])[:, None] < rows, coef_bar, 0)
-    return g_resid, g_params, coef_bar, delta
+    # every row of each piece, upstream or not: XLA:CPU copied a slice of delta's upstream
+    # rows (a transposing copy for some) before the product, slower than the product it saved
+    g_resid, g_params, coef_bar = _probe_grads(cfg, resid, norm_params, coef, delta, g, rows, segment)
+    coef_bar = jnp.where(jnp.arange(coef.shape[-2])[:, None] < rows[-1][1], coef_bar, 0)
+    seg_bar = None if segment is None else np.zeros(segment.shape, jax.dtypes.float0)
+    return g_resid, g_params, coef_bar, delta, seg_bar
 
 
 _normed_probe.defvjp(_normed_probe_fwd, _normed_probe_bwd)
@@ -185,7 +208,8 @@ def _root_probe(cfg: ModelConfig, resid: Array, norm_params, coef: Array, carrie
                 delta_here: Array):
     """The logits' probe: ``norm(norm_params, resid)[None]``; its backward contracts
     ``delta_here`` (delta at ``resid``'s positions) into ``coef [(pos,) src, 1]``'s cotangent
-    and puts ``delta [src, batch, pos, d_model]`` on the carrier for the earlier probes."""
+    and puts ``delta [src, batch, pos, d_model]``, in the carrier's pieces (tuples alike), on
+    the carrier for the earlier probes."""
     return norm(cfg, norm_params, resid)[None]
 
 
@@ -197,7 +221,7 @@ def _root_probe_fwd(cfg, resid, norm_params, coef, carrier, delta, delta_here):
 def _root_probe_bwd(cfg, res, g):
     resid, norm_params, coef, delta, delta_here = res
     return _probe_grads(cfg, resid, norm_params, coef, delta_here, g) + (
-        delta, jnp.zeros_like(delta), jnp.zeros_like(delta_here))
+        delta, jax.tree.map(jnp.zeros_like, delta), jnp.zeros_like(delta_here))
 
 
 _root_probe.defvjp(_root_probe_fwd, _root_probe_bwd)
@@ -269,7 +293,8 @@ class _Edges:
              *Buffered* (``replace``, and every mode scanned): for ``replace``, buffers
              ``outs[i]`` of ``delta_u = source_u - out_u``, formed once when node ``u`` is
              produced (rows not produced yet are zero), buffer ``i`` holding rows
-             ``bounds[i] = (start, stop)``; the other modes have one bound ``(0, stop)`` and
+             ``bounds[i] = (start, stop)``; the gradient modes' carrier in the same pieces
+             (:func:`_normed_probe`); the other modes have one bound ``(0, stop)`` and
              read ``source`` only (None). Unrolled, one buffer ``[src, batch, pos,
              d_model]`` and ``stop`` the number of rows produced so far, so each layer
              contracts its upstream rows only, in one product. Scanned, one buffer per
@@ -284,8 +309,8 @@ class _Edges:
     posts:   grouped only, per group, None or (per-input Gemma 2 heads) ``(S [batch, pos,
              d_model], norm params)``: the layer's raw sum of heads and its output norm,
              which every downstream input applies to its own mix of the group's heads.
-    segment: scanned ``replace`` in more than one segment, inside the layer loop: the
-             (traced) segment of this layer; None elsewhere.
+    segment: scanned ``replace`` and gradient modes in more than one segment, inside the
+             layer loop: the (traced) segment of this layer; None elsewhere.
     """
 
     coef: Array
@@ -360,9 +385,9 @@ class _Edges:
         """``(the normalised downstream inputs dst [dst, batch, pos, d_model], these edges
         after them)`` (the gradient modes' probe passes the carrier on)."""
         if self.mode in GRAD_MODES:
-            x, carrier = _normed_probe(cfg, dst.stop - dst.start, self.bounds[0][1], resid,
-                                       norm_params, self.coef[..., dst], self.outs[0])
-            return x, dataclasses.replace(self, outs=(carrier,))
+            x, carrier = _normed_probe(cfg, dst.stop - dst.start, self.bounds, resid, norm_params, self.coef[..., dst],
+                                       self.outs, self.segment)
+            return x, dataclasses.replace(self, outs=carrier)
         return norm(cfg, norm_params, self.inputs(cfg, resid, dst)), self
 
     def at_positions(self, idx: Array) -> "_Edges":
@@ -412,8 +437,8 @@ def _buffered(edges: _Edges, scanned: bool, rows: Optional[tuple] = None, spare:
         outs = tuple(jnp.zeros((n,) + emb.shape, dtype) for n in ([b - a + spare for a, b in rows] if scanned
                                                                     else [n_src]))
         outs = (outs[0].at[0].set((edges.source[0] - emb).astype(dtype)),) + outs[1:]
-    elif edges.mode in GRAD_MODES:
-        outs = (jnp.zeros((n_src,) + emb.shape, dtype),)
+    elif edges.mode in GRAD_MODES:  # one carrier per bound, scanned
+        outs = tuple(jnp.zeros((n,) + emb.shape, dtype) for n in ([b - a for a, b in rows] if scanned else [n_src]))
     return dataclasses.replace(edges, outs=outs, bounds=rows, scanned=scanned, buffered=True)
 
 
@@ -529,16 +554,19 @@ unrolled (the scanned program is also quicker to read from the compilation cache
 
 
 SCAN_SEGMENTS = 2
-"""Scanned ``replace`` runs (circuit evaluation) hold their buffered rows in this many
-segments of layers (fewer if there are fewer layers; :func:`_segments`)."""
+"""Scanned ``replace`` runs (circuit evaluation) and gradient modes (EAP and its kin) hold
+their buffered rows in this many segments of layers (fewer if there are fewer layers;
+:func:`_segments`)."""
 
 
 def _segments(spec: GraphSpec, mode: Optional[str]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """``[((first layer, stop layer), (first src row, stop row))]``: the scanned layers in
     segments of consecutive layers and the upstream rows each produces (the ``input``
-    node's with the first). One segment except for ``replace``, whose layers then contract
-    the buffered rows of their own and the earlier segments only, not every row (zeros for
-    those not produced yet): (*)'s products are most of a patched forward's time (SmolLM2-
+    node's with the first). One segment except for ``replace`` and the gradient modes, whose
+    layers then contract the buffered rows (the probes: delta's rows) of their own and the
+    earlier segments only, not every row (zeros for those not produced yet, or not
+    upstream). EAP's batch, SmolLM2-135M, 32 IOI pairs: 8.3-8.7 -> 7.4-7.9 s, the same
+    scores. For ``replace``, (*)'s products are most of a patched forward's time (SmolLM2-
     135M, batch 32 x 24: 2.2 of 3.7 s), and their time grows with the rows read, hardly with
     the inputs fed (XLA:CPU, [28, 301] x [301, 442368]: 85 ms, [8, 301]: 51, [28, 150]:
     47). Two segments read a fifth fewer rows: a batch of two circuits and the clean and
@@ -547,7 +575,7 @@ def _segments(spec: GraphSpec, mode: Optional[str]) -> list[tuple[tuple[int, int
     -> 1.44 GB. Three or four were no faster (8.7-8.9 s): a layer then adds up more,
     smaller products."""
     L = spec.n_layers
-    n = min(SCAN_SEGMENTS, L) if mode == "replace" else 1
+    n = min(SCAN_SEGMENTS, L) if mode in ("replace",) + GRAD_MODES else 1
     cuts = [round(i * L / n) for i in range(n + 1)]
     row = lambda layer: spec.head_index(layer) if layer else 0  # noqa: E731  (head_index(L) = src)
     return [((a, b), (row(a), row(b))) for a, b in zip(cuts, cuts[1:])]
@@ -807,10 +835,11 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         x_f = _at_positions(resid, idx)
         e_f = None if edges is None or edges.mode in GRAD_MODES else edges.at_positions(idx)
     if edges is not None and edges.mode in GRAD_MODES:  # the logits' probe: delta, formed once, onto the carrier
-        carrier = edges.outs[0]
+        carrier = edges.outs
         delta = edges.source if edges.mode == "grad" else edges.source - jax.lax.stop_gradient(outs)
-        delta = delta.astype(carrier.dtype)
-        n_f = _root_probe(cfg, x_f, params["ln_f"], edges.coef, carrier, delta,
+        delta = delta.astype(carrier[0].dtype)
+        pieces = tuple(delta[a:b] for a, b in edges.bounds) if len(carrier) > 1 else (delta,)
+        n_f = _root_probe(cfg, x_f, params["ln_f"], edges.coef, carrier, pieces,
                           delta if x_f is resid else _at_positions(delta, idx))[0]
     else:
         n_f = _normed(cfg, e_f, x_f, slice(0, 1), params["ln_f"])[0]

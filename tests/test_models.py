@@ -256,7 +256,8 @@ def test_segments_partition_layers_and_rows(n_layers, segments, monkeypatch):
     assert [g[1][0] for g in got] == [0] + [g[1][1] for g in got[:-1]] and got[-1][1][1] == spec.n_forward
     for (a, b), (lo, hi) in got:
         assert lo == (spec.head_index(a) if a else 0) and hi - lo == (b - a) * 5 + (a == 0)
-    assert models._segments(spec, "grad") == [((0, n_layers), (0, spec.n_forward))]
+    assert models._segments(spec, "grad") == models._segments(spec, "grad-replace") == got
+    assert models._segments(spec, "add") == models._segments(spec, None) == [((0, n_layers), (0, spec.n_forward))]
 
 
 def test_scanned_add_one_equals_unrolled(qwen):
