@@ -134,13 +134,13 @@ GRAD_MODES = ("grad", "grad-replace")
 # contracts the pieces of its own and the earlier segments only.
 
 
-def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta: Array, g: Array,
-                 rows: tuple = ((0, None),), segment: Optional[Array] = None):
+def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta, g: Array,
+                 segment: Optional[Array] = None):
     """``(resid's, norm_params' and coef's cotangents)`` of ``norm(cfg, norm_params, resid)``
-    broadcast to the ``[n_dst, ...]`` inputs with cotangent ``g``, edges from ``delta``: a
-    tuple of pieces, the src rows ``rows`` of it (one per scanned segment; with ``segment``
-    given, those after the layer's segment are not contracted: their coefficients are not
-    upstream)."""
+    broadcast to the ``[n_dst, ...]`` inputs with cotangent ``g``, edges from ``delta``: one
+    array, or a tuple of consecutive pieces of its src rows, one per scanned segment (with
+    ``segment`` given, the pieces after the layer's segment are not contracted: their rows
+    are not upstream, zeros in the cotangent)."""
     # resid's and the norm's own cotangents: the norm's vjp is linear in the cotangent, so
     # one vjp of the summed cotangents. The edges need each input's own: g_x [n_dst, batch,
     # pos, d_model] (transient, backward only), written out by ops.norm_input_vjps. (Taken
@@ -194,7 +194,7 @@ def _normed_probe_bwd(cfg, n_dst, rows, res, cts):
     g, delta = cts
     # every row of each piece, upstream or not: XLA:CPU copied a slice of delta's upstream
     # rows (a transposing copy for some) before the product, slower than the product it saved
-    g_resid, g_params, coef_bar = _probe_grads(cfg, resid, norm_params, coef, delta, g, rows, segment)
+    g_resid, g_params, coef_bar = _probe_grads(cfg, resid, norm_params, coef, delta, g, segment)
     coef_bar = jnp.where(jnp.arange(coef.shape[-2])[:, None] < rows[-1][1], coef_bar, 0)
     seg_bar = None if segment is None else np.zeros(segment.shape, jax.dtypes.float0)
     return g_resid, g_params, coef_bar, delta, seg_bar
