@@ -10,7 +10,8 @@ the shardings of :mod:`jaxinterp.sharding` on a ``data x model`` mesh) and repor
   temporaries, generated code; their peak ``argument + output + temp - alias``, next to
   :func:`jaxinterp.memory.estimate_peak_bytes` and the ratio between them;
 * FLOPs per device, counted from the compiled (partitioned) HLO: every ``dot``'s
-  ``2 x output elements x contracted size``, each loop body multiplied by its trip count.
+  ``2 x output elements x contracted size``, each loop body multiplied by its trip count,
+  a conditional counted as its costliest branch (an upper bound).
   XLA's own ``cost_analysis()`` counts a ``while`` body once, and the layers run as one
   ``lax.scan`` (so do the integrated-gradient steps): its figure is reported too, but it
   undercounts by about the depth. Elementwise work is not counted (matmuls dominate);
@@ -51,7 +52,9 @@ _ARRAY = re.compile(r"^[a-z]\w*\[([\d,]*)\]")
 _PARAM = re.compile(r"([\w.\-]+):\s*([a-z]\w*\[[\d,]*\])")
 _OPERAND = re.compile(r"(?:[a-z]\w*\[[\d,]*\](?:\{[^}]*\})?\s+)?%([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_CALLEE = re.compile(r"\b(calls|to_apply|body|branch_computations|called_computations)=\{?([^}\s]*(?:,\s*%[\w.\-]+)*)\}?")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|branch_computations|true_computation|false_computation|"
+                     r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
+_BRANCHES = ("branch_computations", "true_computation", "false_computation")
 
 
 def _dims(shape: str) -> Optional[list[int]]:
@@ -75,9 +78,11 @@ def _split_type(rest: str) -> tuple[str, str]:
 def hlo_dot_flops(hlo_text: str) -> dict:
     """Matmul FLOPs of an HLO module's text (``compiled.as_text()``): ``2 x prod(output) x
     prod(contracted lhs dims)`` per ``dot``, through fusions and calls, with every ``while``
-    body multiplied by its ``known_trip_count``. Returns ``{"flops", "dots",
-    "unknown_trip_counts", "convolutions"}`` (loops without a known count are counted
-    once; convolutions are not counted)."""
+    body multiplied by its ``known_trip_count`` and a ``conditional`` counted as its
+    costliest branch (an upper bound: the scanned layers' per-segment branches,
+    :func:`jaxinterp.models._segments`, are all counted as the last segment's). Returns
+    ``{"flops", "dots", "unknown_trip_counts", "convolutions"}`` (loops without a known
+    count are counted once; convolutions are not counted)."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -127,7 +132,12 @@ def hlo_dot_flops(hlo_text: str) -> dict:
                 stats["dots"] += 1
             elif opname == "convolution":
                 stats["convolutions"] += 1
+            branches = []
             for kind, callees in _CALLEE.findall(op):
+                names = re.findall(r"%?([\w.\-]+)", callees)
+                if kind in _BRANCHES:  # one branch runs: counted below
+                    branches += names
+                    continue
                 factor = 1
                 if kind == "body":
                     trip = _TRIP.search(op)
@@ -135,8 +145,10 @@ def hlo_dot_flops(hlo_text: str) -> dict:
                         stats["unknown_trip_counts"] += 1
                     else:
                         factor = int(trip.group(1))
-                for callee in re.findall(r"%?([\w.\-]+)", callees):
+                for callee in names:
                     flops += factor * total(callee)
+            if branches:  # a conditional: its costliest branch, an upper bound
+                flops += max(total(b) for b in branches)
         memo[name] = flops
         return flops
 

@@ -48,6 +48,21 @@ def test_dot_flops_multiply_loop_bodies(scan):
         assert cost["flops"] < 0.75 * counted["flops"]
 
 
+def test_dot_flops_count_a_conditional_as_its_costliest_branch():
+    """A conditional runs one branch: it is counted as its costliest (an upper bound), each
+    time its loop runs, not as the first branch nor as all of them (the scanned layers'
+    per-segment branches, models._segments, are conditionals inside the layer loop)."""
+    def f(x, w):
+        def body(c, i):  # branch 0: one [4, 16] x [16, 16] product; branch 1: two
+            return jax.lax.switch(i % 2, [lambda: c @ w, lambda: c @ w @ w]), None
+
+        return jax.lax.scan(body, x, jnp.arange(6))[0]
+
+    compiled = compiler.jit(f).lower(jnp.ones((4, 16)), jnp.ones((16, 16))).compile()
+    assert "conditional(" in compiled.as_text()
+    assert hlo_dot_flops(compiled.as_text())["flops"] == 6 * 2 * (2 * 4 * 16 * 16)
+
+
 def _real_batch(cfg, batch_size, n_pos, seed=0):
     from jaxinterp.data import Pairs
 
