@@ -253,12 +253,12 @@ def compiled_program(exported, args: tuple, kwargs: dict):
         if tree == in_tree:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write_bytes(path, data)
-            return compiled
     except Exception:  # noqa: BLE001  a cache is an optimisation: the program runs compiled anyway
         pass
-    # not kept (a backend that cannot serialise it, an unwritable directory): compiled once
-    # more through jax's cache, so that later processes at least find it there
-    return jit(exported.call).lower(*args, **kwargs).compile()
+    # kept or not (a backend that cannot serialise it, an unwritable directory), this process
+    # runs what it compiled (compiling again through jax's cache would only repeat the work:
+    # a later process compiles with that cache off anyway)
+    return compiled
 
 
 __all__ = ["ENV", "default_dir", "configured_dir", "enable_compile_cache", "disable_compile_cache", "exported_program",

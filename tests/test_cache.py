@@ -133,6 +133,37 @@ def test_bucketed_scores_equal_exact_length(model, ioi_csv, method):
         np.testing.assert_allclose(scores(padded), exact, rtol=0, atol=2e-5 * scale)
 
 
+def test_an_executable_that_cannot_be_kept_is_compiled_once(tmp_path):
+    """Where the executables cannot be written (here a file stands where their directory
+    would be), a persisted function still runs, right, and XLA compiles it once, not once to
+    keep it and once more to run it."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinterp import cache
+    from jaxinterp.compiler import jit
+
+    compiles = []
+
+    def on_duration(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        assert cache.enable_compile_cache(str(tmp_path / "xla")) == str(tmp_path / "xla")
+        (tmp_path / "xla" / "executables").write_text("not a directory")
+        f = jit(lambda a, *, k: (jnp.sin(a) * k).sum(0), persist=True, static_argnames=("k",))
+        np.testing.assert_allclose(f(x, k=3), (np.sin(x) * 3).sum(0), rtol=1e-6)
+        assert len(compiles) == 1
+        np.testing.assert_allclose(f(x, k=3), (np.sin(x) * 3).sum(0), rtol=1e-6)
+        assert len(compiles) == 1  # the compiled program is reused in the process
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        cache.disable_compile_cache()
+
+
 def test_exported_program_key(tmp_path):
     """A persisted function is traced once per key: its static arguments and its
     arguments' shapes and dtypes; a later caller (here: the same process with its
