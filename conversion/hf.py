@@ -183,19 +183,15 @@ def convert_tensors(family: Family, cfg: ModelConfig, facts: Origin, loaders: di
     flat: dict = {}  # parameter path -> array
     with _Copies() as copies:
         for rule in family.rules(cfg, facts.tie_word_embeddings):
-            if "{layer}" in rule.key:  # each layer's parts written straight into the stacked arrays
-                values = None
-                for i in range(cfg.n_layers):
-                    parts = rule.transform(fetch(rule.key.format(layer=i), rule.shape))
-                    if values is None:
-                        values = tuple(aligned_empty((cfg.n_layers,) + np.shape(a)) for a in parts)
-                    for out, a in zip(values, parts, strict=True):
-                        copies.add(out[i], a)
-            else:
-                parts = rule.transform(fetch(rule.key, rule.shape))
-                values = tuple(aligned_empty(np.shape(a)) for a in parts)
+            # per layer: each layer's parts written straight into the stacked arrays
+            layered = "{layer}" in rule.key
+            values = None
+            for i in range(cfg.n_layers) if layered else (None,):
+                parts = rule.transform(fetch(rule.key.format(layer=i) if layered else rule.key, rule.shape))
+                if values is None:
+                    values = tuple(aligned_empty(((cfg.n_layers,) if layered else ()) + np.shape(a)) for a in parts)
                 for out, a in zip(values, parts, strict=True):
-                    copies.add(out, a)
+                    copies.add(out if i is None else out[i], a)
             flat.update(zip(rule.outputs, values, strict=True))
     params = unflatten(flat)
 
