@@ -692,9 +692,10 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
         return (out, bufs), (resid, heads, m_out, hidden)
 
     # the delta itself is closed over (a loop invariant); only the layer index is scanned
-    segment_of = jnp.asarray([k for k, ((a, b), _) in enumerate(segments) for _ in range(a, b)], jnp.int32)
+    segment_of = jnp.asarray([k for k, ((a, b), _) in enumerate(segments) for _ in range(a, b)], jnp.int32) \
+        if many else None
     xs = (params["blocks"], blocks, windows, jnp.asarray(starts, jnp.int32), nodes, blocked,
-          None if mlp_delta is None and first is None else jnp.arange(cfg.n_layers), segment_of if many else None)
+          None if mlp_delta is None and first is None else jnp.arange(cfg.n_layers), segment_of)
     (resid, bufs), (rs, hs, ms, ks) = jax.lax.scan(body, (resid, bufs), xs)
     edges = None if mode is None else _Edges(logits_coef, source, bufs, mode, rows, scanned=True, buffered=True)
     return resid, edges, rs, hs, ms, ks
