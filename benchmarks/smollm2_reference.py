@@ -378,13 +378,11 @@ def agreement(ref, ours, k=100):
             "max_abs_score": float(np.abs(ref).max())}
 
 
-def _bucket(info, set_name, work):
+def _padded_length(set_name, work):
     """jaxinterp's padded length of ``set_name`` (its length bucket)."""
-    from math import ceil, log2
+    from jaxinterp.data import length_bucket
 
-    n = int(np.load(os.path.join(work, f"{set_name}_tokens.npz"))["lengths"].max())
-    p = 1 << ceil(log2(n))
-    return max(p * 3 // 4 if p >= 4 and p * 3 // 4 >= n else p, 8)
+    return length_bucket(int(np.load(os.path.join(work, f"{set_name}_tokens.npz"))["lengths"].max()))
 
 
 def compare(work, out_prefix):
@@ -415,7 +413,7 @@ def compare(work, out_prefix):
                     # equal batches of rb: the reference's score x rb is the mean over examples, as jaxinterp's
                     a = agreement(r * rb, o)
                     rows.append({"set": set_name, "method": method, "batch_size": bs, "reference_batch_size": rb,
-                                 "tokens_per_batch_jaxinterp": bs * _bucket(jinfo, set_name, work), **a})
+                                 "tokens_per_batch_jaxinterp": bs * _padded_length(set_name, work), **a})
                 timing.append({"tool": "jaxinterp", "set": set_name, "method": method, "batch_size": bs,
                                "seconds": jr["seconds_first"], "seconds_second": jr["seconds_second"],
                                "seconds_load": jinfo["seconds_load"], "uptime": jr["uptime_after"],

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jaxinterp.cache import ENV, configured_dir, default_dir
-from jaxinterp.data import Pairs, bucket, bucket_length
+from jaxinterp.data import Pairs, bucket, bucket_length, length_bucket
 
 # Runs the CLI with jax's compile and cache events counted; prints them as JSON last.
 COUNTING = """
@@ -108,6 +108,16 @@ def test_buckets():
     assert padded.n_pos == 12 and (padded.attention_mask[:, 11] == 0).all()
     assert (padded.clean[:, :11] == clean).all() and (padded.lengths == lengths).all()
     assert bucket_length(pairs, n_ctx=11).n_pos == 11  # never past the model's context
+
+
+def test_length_buckets_pad_at_most_a_quarter():
+    """Padded lengths: at least 8, four per doubling, never more than 25% padding."""
+    assert [length_bucket(n) for n in (1, 8, 9, 11, 13, 15, 17, 19, 21, 25, 29, 33, 100)] == \
+        [8, 8, 10, 12, 14, 16, 20, 20, 24, 28, 32, 40, 112]
+    lengths = np.arange(1, 5000)
+    padded = np.array([length_bucket(n) for n in lengths])
+    assert (padded >= lengths).all() and (padded <= np.maximum(8, 1.25 * lengths)).all()
+    assert len(np.unique(padded[(lengths > 64) & (lengths <= 128)])) == 4
 
 
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])

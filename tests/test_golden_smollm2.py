@@ -60,7 +60,7 @@ LONG = pytest.mark.skipif(not os.environ.get("JAXINTERP_GOLDEN_LONG"), reason="s
 def test_eap_scores_equal_the_reference(case):
     from jaxinterp.attribution import attribute
     from jaxinterp.interventions import prepare_data
-    from jaxinterp.data import bucket
+    from jaxinterp.data import length_bucket
 
     entry = INFO["cases"][case]
     model = _model()
@@ -72,7 +72,7 @@ def test_eap_scores_equal_the_reference(case):
     assert len(pairs) == entry["n_examples"]
     lengths = np.asarray(pairs.lengths)
     assert lengths.tolist() == entry["token_lengths"]
-    assert entry["batch_size"] * bucket(int(lengths.max())) > 152  # jaxinterp's padded batch
+    assert entry["batch_size"] * length_bucket(int(lengths.max())) > 152  # jaxinterp's padded batch
     clean = np.asarray(pairs.clean)
     for i, n in enumerate(lengths):  # the reference's tokens (TransformerLens' to_tokens, BOS first)
         assert clean[i, :n].tolist() == ref_tokens[i, :n].tolist(), f"prompt {i}"
