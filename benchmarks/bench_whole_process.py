@@ -8,7 +8,13 @@ checkpoint:
 1. hannamw/EAP-IG (``reference_eapig.py`` in ``--ref-python``): only its ``attribute()``
    call is timed (model loading into TransformerLens excluded), the baseline of the ratio;
 2. ``jaxinterp attribute`` as a fresh process with an empty compilation cache (**cold**);
-3. the same command again, ``--warm`` times, with the cache the cold run filled (**warm**).
+3. the same command again, ``--warm`` times, with the cache the cold run filled (**warm**);
+
+and repeats the three ``--rounds`` times, each jaxinterp run's ratio taken against its own
+round's reference. On a shared machine either tool's time moves by 15% or more between
+minutes (the reference's attribute() took 34-56 s over a few sessions on one VM), so the
+figures to quote are the medians over the rounds: the median cold ratio and the median of
+all warm ratios.
 
 Every jaxinterp run is timed from outside (wall clock of the child process) with its peak
 RSS. ``--jax-python`` picks the interpreter of the jaxinterp runs: a venv made by the
@@ -18,7 +24,7 @@ imports it when the tokenizer is loaded, a few seconds on an idle machine). The 
 the two tools are compared as a check that both did the same work.
 
     python benchmarks/bench_whole_process.py --ref-python /tmp/refvenv/bin/python \\
-        --eap-ig-path /tmp/eapig --jax-python /tmp/jvenv/bin/python \\
+        --eap-ig-path /tmp/eapig --jax-python /tmp/jvenv/bin/python --rounds 3 --warm 2 \\
         --out benchmarks/results/whole_process_gpt2small_cpu
 """
 
@@ -67,7 +73,8 @@ def main() -> None:
     ap.add_argument("--jax-python", default=sys.executable, help="interpreter of the jaxinterp runs")
     ap.add_argument("--examples", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--warm", type=int, default=2, help="warm runs after the cold one")
+    ap.add_argument("--warm", type=int, default=2, help="warm runs after the cold one, per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of reference, cold and warm runs")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "jaxinterp_whole_process"))
     ap.add_argument("--out", required=True, help="output prefix: OUT.json and OUT.md")
     args = ap.parse_args()
@@ -80,23 +87,25 @@ def main() -> None:
     common = ["--model", model, "--data", data, "--method", "EAP", "--batch-size", str(args.batch_size)]
 
     ref_prefix = os.path.join(args.work, "ref_EAP")
-    ref_run = measured([args.ref_python, os.path.join(HERE, "reference_eapig.py"), *common,
-                        "--eap-ig-path", args.eap_ig_path, "--out", ref_prefix])
-    with open(ref_prefix + ".json") as f:
-        ref_info = json.load(f)
-    ref_seconds = ref_info["seconds"]
-
-    cache = tempfile.mkdtemp(prefix="cache_", dir=args.work)  # empty: the cold run compiles
-    runs = []
-    for i in range(1 + args.warm):
-        out = os.path.join(args.work, f"jax_EAP_{i}.json")
-        r = measured([args.jax_python, "-m", "jaxinterp", "attribute", *common, "--compile-cache", cache,
-                      "--out", out])
-        r["kind"] = "cold" if i == 0 else "warm"
-        r["ratio"] = ref_seconds / r["seconds"]
-        runs.append(r)
-        print(f"{r['kind']}: {r['seconds']:.1f} s whole process, {r['peak_rss_gb']:.2f} GB; reference attribute() "
-              f"{ref_seconds:.1f} s: {r['ratio']:.1f}x", flush=True)
+    refs, runs = [], []
+    for round_ in range(args.rounds):
+        ref_run = measured([args.ref_python, os.path.join(HERE, "reference_eapig.py"), *common,
+                            "--eap-ig-path", args.eap_ig_path, "--out", ref_prefix])
+        with open(ref_prefix + ".json") as f:
+            ref_info = json.load(f)
+        ref_seconds = ref_info["seconds"]
+        refs.append({"attribute_seconds": ref_seconds, "load_seconds": ref_info.get("seconds_load"),
+                     "process": ref_run})
+        cache = tempfile.mkdtemp(prefix="cache_", dir=args.work)  # empty: the cold run compiles
+        for i in range(1 + args.warm):
+            out = os.path.join(args.work, f"jax_EAP_{i}.json")
+            r = measured([args.jax_python, "-m", "jaxinterp", "attribute", *common, "--compile-cache", cache,
+                          "--out", out])
+            r.update(kind="cold" if i == 0 else "warm", round=round_, ratio=ref_seconds / r["seconds"])
+            runs.append(r)
+            print(f"round {round_} {r['kind']}: {r['seconds']:.1f} s whole process, {r['peak_rss_gb']:.2f} GB; "
+                  f"reference attribute() {ref_seconds:.1f} s: {r['ratio']:.1f}x", flush=True)
+    median = {kind: float(np.median([r["ratio"] for r in runs if r["kind"] == kind])) for kind in ("cold", "warm")}
 
     spec = GraphSpec(GPT2_SMALL["n_layer"], GPT2_SMALL["n_head"])
     ours = Graph.from_json(os.path.join(args.work, "jax_EAP_0.json")).scores
@@ -105,21 +114,23 @@ def main() -> None:
                                   "print(jax.__version__, u.find_spec('torch') is not None)"],
                                  capture_output=True, text=True).stdout.split()
     result = {"command": " ".join(sys.argv), "machine": machine(), "examples": args.examples,
-              "batch_size": args.batch_size, "reference": {"attribute_seconds": ref_seconds,
-                                                           "load_seconds": ref_info.get("seconds_load"),
-                                                           "process": ref_run},
-              "jaxinterp": runs, "jaxinterp_python": {"jax": jax_version[0], "torch_installed": jax_version[1]},
+              "batch_size": args.batch_size, "rounds": args.rounds, "reference": refs, "jaxinterp": runs,
+              "median_ratio": median, "jaxinterp_python": {"jax": jax_version[0], "torch_installed": jax_version[1]},
               "agreement": agreement, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     write_json(args.out + ".json", result)
     lines = [f"# Whole-process EAP, GPT-2-small shape, {args.examples} pairs, batch {args.batch_size}", "",
              f"`{result['command']}`", "", f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
-             f"{result['date']}. Reference: hannamw/EAP-IG attribute() {ref_seconds:.1f} s (its process "
-             f"{ref_run['seconds']:.1f} s, {ref_run['peak_rss_gb']:.2f} GB, load {ref_run['loadavg_1min']}).", "",
-             "| jaxinterp run | whole process | peak RSS | load before / after | reference attribute() / it |",
-             "|---|---|---|---|---|"]
+             f"{result['date']}. {args.rounds} rounds, each: hannamw/EAP-IG's attribute(), then jaxinterp cold "
+             f"(empty cache) and {args.warm} warm. **Median ratio: cold {median['cold']:.1f}x, warm "
+             f"{median['warm']:.1f}x.**", "",
+             "| round | reference attribute() (its process, peak RSS) | jaxinterp run | whole process | peak RSS "
+             "| load before / after | reference / it |", "|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['kind']} | {r['seconds']:.1f} s | {r['peak_rss_gb']:.2f} GB | "
-                     f"{r['loadavg_1min'][0]:.1f} / {r['loadavg_1min'][1]:.1f} | {r['ratio']:.1f}x |")
+        ref = refs[r["round"]]
+        lines.append(f"| {r['round']} | {ref['attribute_seconds']:.1f} s ({ref['process']['seconds']:.1f} s, "
+                     f"{ref['process']['peak_rss_gb']:.2f} GB) | {r['kind']} | {r['seconds']:.1f} s | "
+                     f"{r['peak_rss_gb']:.2f} GB | {r['loadavg_1min'][0]:.1f} / {r['loadavg_1min'][1]:.1f} | "
+                     f"{r['ratio']:.1f}x |")
     lines += ["", f"Scores: Pearson {agreement['pearson']:.7f}, top-100 overlap {agreement['top100_overlap']:.2f}. "
               f"jaxinterp's interpreter: jax {jax_version[0]}, torch installed: {jax_version[1]}."]
     write_report(args.out + ".md", lines)
