@@ -177,7 +177,7 @@ def exported_program(fun, static: dict, args: tuple, kwargs: dict):
     from .compiler import jit
 
     try:
-        exported = jax.export.export(jit(functools.partial(fun, **static)))(*args, **kwargs)
+        exported = jax.export.export(jit(functools.partial(fun, **static)).wrapped())(*args, **kwargs)
     except Exception:  # noqa: BLE001  (e.g. a custom call export does not allow: run it unexported)
         return None
     from .io import atomic_write_bytes

@@ -16,8 +16,17 @@ at GPT-2-small's shape 3.1-3.2 -> 2.8-3.0 s. (Single matrix products are as fast
 way, 250-290 GFLOP/s, except the [157, 393216] x [393216, 36] edge contraction: 55 -> 33
 ms.)
 
-The option is per program (``jax.jit(compiler_options=...)``), not ``XLA_FLAGS``: it then
-holds however jaxinterp is imported, without touching the user's other programs. Other
+On CPU the programs are also compiled at LLVM optimisation level 1, not 2
+(:data:`CPU_OPTIONS`): their time is in library products (Eigen) and in loops XLA
+vectorises itself, so level 2's passes lengthened compilation without making the programs
+faster (2-core Xeon, one process compiling both, alternating runs: GPT-2-small EAP batch
+compiled in 3.6 s instead of 5.0, ran 5.14 s against 5.49 (median of 5); SmolLM2-135M's in
+2.9 s instead of 5.0, ran 8.06 against 8.21; a circuit-evaluation batch compiled alike and
+ran 3.59 against 3.56 s; the same scores). The level is read by the GPU backends too, for
+their kernels, so it is set only where the default backend is the CPU.
+
+The options are per program (``jax.jit(compiler_options=...)``), not ``XLA_FLAGS``: they
+then hold however jaxinterp is imported, without touching the user's other programs. Other
 backends do not read ``xla_cpu_*`` options. Use :func:`jit` for every jitted program of
 the package (tests/test_compiler.py checks that no module calls ``jax.jit`` directly).
 """
@@ -25,30 +34,67 @@ the package (tests/test_compiler.py checks that no module calls ``jax.jit`` dire
 from __future__ import annotations
 
 import functools
-
-import jax
+from typing import Optional
 
 # YNNPACK library fusions XLA:CPU may form: none (no reductions, and no products either: above).
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
+# where the default backend is the CPU (above): LLVM's optimisation level 1
+CPU_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def options_for(backend: str, given: Optional[dict] = None) -> dict:
+    """The compiler options of a program on ``backend`` (``jax.default_backend()``), with
+    ``given`` ones taking precedence."""
+    return {**COMPILER_OPTIONS, **(CPU_OPTIONS if backend == "cpu" else {}), **(given or {})}
+
 
 def jit(fun=None, *, persist: bool = False, **kwargs):
-    """``jax.jit(fun, **kwargs)`` compiled with :data:`COMPILER_OPTIONS` (merged under
-    any ``compiler_options`` given); usable as ``functools.partial(jit, static_argnames=...)``.
+    """``jax.jit(fun, **kwargs)`` compiled with :func:`options_for` the default backend
+    (``compiler_options`` given are merged over them); usable as
+    ``functools.partial(jit, static_argnames=...)``. The backend is asked at the first call
+    (or ``lower``, ``trace``, ...), not here: at import no backend is started.
 
     persist: keep the traced program on disk when jaxinterp's persistent cache is on
     (:mod:`jaxinterp.cache`), so that a later process skips tracing and lowering it (for the
     large per-batch programs; static arguments are given by keyword)."""
     if fun is None:
         return functools.partial(jit, persist=persist, **kwargs)
-    kwargs["compiler_options"] = {**COMPILER_OPTIONS, **(kwargs.get("compiler_options") or {})}
-    jitted = jax.jit(fun, **kwargs)
+    jitted = _Jit(fun, kwargs)
     return _Persisted(fun, jitted, tuple(kwargs.get("static_argnames") or ())) if persist else jitted
+
+
+class _Jit:
+    """``jax.jit(fun, **kwargs)`` with the options of the default backend, made at first use
+    (one per backend, should the default change); every attribute of the jitted function
+    (``lower``, ``trace``, ``eval_shape``, ...) is its own."""
+
+    def __init__(self, fun, kwargs: dict):
+        self.fun, self.kwargs, self.by_backend = fun, kwargs, {}
+        functools.update_wrapper(self, fun)
+
+    def wrapped(self):
+        """The ``jax.jit`` function for the default backend."""
+        import jax
+
+        backend = jax.default_backend()
+        if backend not in self.by_backend:
+            options = options_for(backend, self.kwargs.get("compiler_options"))
+            self.by_backend[backend] = jax.jit(self.fun, **{**self.kwargs, "compiler_options": options})
+        return self.by_backend[backend]
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapped()(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name in ("fun", "kwargs", "by_backend") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.wrapped(), name)
 
 
 class _Persisted:
     """A jitted function that runs the exported program of :func:`jaxinterp.cache.exported_program`
-    where there is one (compiled with :data:`COMPILER_OPTIONS` like every program), else
+    where there is one (compiled with :func:`options_for` like every program), else
     the jitted function itself (inside another trace, with the cache off, ...)."""
 
     def __init__(self, fun, jitted, static_argnames: tuple):

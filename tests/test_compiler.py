@@ -7,6 +7,8 @@ RMSNorm model), checked against eager execution (docs/upstream/jax_cpu_rmsnorm_v
 
 import ast
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +76,30 @@ def test_programs_form_no_ynn_fusion():
 
     assert "__ynn_fusion" in jax.jit(f).lower(x).compile().as_text()
     assert "__ynn_fusion" not in compiler.jit(f).lower(x).compile().as_text()
+
+
+def test_the_llvm_level_is_lowered_where_the_default_backend_is_the_cpu():
+    """On CPU, LLVM optimisation level 1 (level 2 only lengthened compilation; compiler.py);
+    the GPU backends read the same option for their kernels, so they keep their own."""
+    assert compiler.options_for("cpu")["xla_backend_optimization_level"] == 1
+    for backend in ("gpu", "cuda", "rocm", "tpu"):
+        assert "xla_backend_optimization_level" not in compiler.options_for(backend)
+        assert compiler.options_for(backend)["xla_cpu_experimental_ynn_fusion_type"] == ""
+    assert compiler.options_for("cpu", {"xla_backend_optimization_level": 2})["xla_backend_optimization_level"] == 2
+    f = compiler.jit(lambda x: x * 2)
+    assert not f.by_backend  # nothing is made before the first use
+    assert float(f(jnp.float32(3))) == 6.0 and list(f.by_backend) == [jax.default_backend()]
+    with pytest.raises(Exception, match="xla_backend_optimization_level"):  # the option reaches XLA
+        compiler.jit(lambda x: x + 1, compiler_options={"xla_backend_optimization_level": "high"})(1.0)
+
+
+def test_importing_the_package_starts_no_backend():
+    """Programs are jitted at import; their options are chosen at first use, so importing
+    jaxinterp starts no XLA backend (jax.distributed.initialize must come before one)."""
+    code = ("import jaxinterp.cli, jaxinterp.attribution, jaxinterp.evaluation, jaxinterp.mib; "
+            "from jax._src import xla_bridge; print(len(xla_bridge._backends))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "0"
 
 
 def test_no_module_jits_without_the_options():
