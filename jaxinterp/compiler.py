@@ -65,29 +65,29 @@ def jit(fun=None, *, persist: bool = False, **kwargs):
 
 
 class _Jit:
-    """``jax.jit(fun, **kwargs)`` with the options of the default backend, made at first use
-    (one per backend, should the default change); every attribute of the jitted function
-    (``lower``, ``trace``, ``eval_shape``, ...) is its own."""
+    """``jax.jit(fun, **kwargs)`` with the options of the default backend, made at first use;
+    every attribute of the jitted function (``lower``, ``trace``, ``eval_shape``, ...) is its
+    own. (The wrapper adds ~1.5 us to a ~7 us dispatch of a tiny program.)"""
 
     def __init__(self, fun, kwargs: dict):
-        self.fun, self.kwargs, self.by_backend = fun, kwargs, {}
+        self.fun, self.kwargs, self.jax_jit = fun, kwargs, None
         functools.update_wrapper(self, fun)
 
     def wrapped(self):
-        """The ``jax.jit`` function for the default backend."""
-        import jax
+        """The ``jax.jit`` function, made once: the default backend does not change after a
+        backend has started."""
+        if self.jax_jit is None:
+            import jax
 
-        backend = jax.default_backend()
-        if backend not in self.by_backend:
-            options = options_for(backend, self.kwargs.get("compiler_options"))
-            self.by_backend[backend] = jax.jit(self.fun, **{**self.kwargs, "compiler_options": options})
-        return self.by_backend[backend]
+            options = options_for(jax.default_backend(), self.kwargs.get("compiler_options"))
+            self.jax_jit = jax.jit(self.fun, **{**self.kwargs, "compiler_options": options})
+        return self.jax_jit
 
     def __call__(self, *args, **kwargs):
         return self.wrapped()(*args, **kwargs)
 
     def __getattr__(self, name):
-        if name in ("fun", "kwargs", "by_backend") or name.startswith("__"):
+        if name in ("fun", "kwargs", "jax_jit") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.wrapped(), name)
 

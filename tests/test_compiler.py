@@ -87,8 +87,8 @@ def test_the_llvm_level_is_lowered_where_the_default_backend_is_the_cpu():
         assert compiler.options_for(backend)["xla_cpu_experimental_ynn_fusion_type"] == ""
     assert compiler.options_for("cpu", {"xla_backend_optimization_level": 2})["xla_backend_optimization_level"] == 2
     f = compiler.jit(lambda x: x * 2)
-    assert not f.by_backend  # nothing is made before the first use
-    assert float(f(jnp.float32(3))) == 6.0 and list(f.by_backend) == [jax.default_backend()]
+    assert f.jax_jit is None  # nothing is made before the first use
+    assert float(f(jnp.float32(3))) == 6.0 and f.jax_jit is f.wrapped()
     with pytest.raises(Exception, match="xla_backend_optimization_level"):  # the option reaches XLA
         compiler.jit(lambda x: x + 1, compiler_options={"xla_backend_optimization_level": "high"})(1.0)
 
