@@ -98,10 +98,7 @@ def bucket(n: int) -> int:
     this many rows, so runs on different data reuse a few compiled programs (the
     persistent compilation cache, :mod:`jaxinterp.cache`), at most 50% padding. Lengths
     have finer buckets (:func:`length_bucket`)."""
-    if n < 1:
-        raise ValueError(f"cannot bucket {n}")
-    p = 1 << (int(n) - 1).bit_length()  # smallest power of two >= n
-    return p * 3 // 4 if p >= 4 and p * 3 // 4 >= n else p
+    return _round_up(n, (6, 8))
 
 
 def length_bucket(n: int) -> int:
@@ -110,10 +107,17 @@ def length_bucket(n: int) -> int:
     at most 25% padding. Finer than :func:`bucket` because a program's time grows with its
     length (SmolLM2-135M EAP, 32 IOI pairs of 15-19 tokens in one batch: padded to 24, 10.3 s;
     to 20, 8.3 s), while a new length costs one compilation, kept by the persistent cache."""
+    return _round_up(n, (5, 6, 7, 8), least=8)
+
+
+def _round_up(n: int, eighths: tuple, least: int = 1) -> int:
+    """The smallest ``p * e / 8 >= max(n, least)`` for ``e`` in ``eighths`` (ascending,
+    ending with 8) and ``p`` the smallest power of two ``>= max(n, least)``."""
     if n < 1:
         raise ValueError(f"cannot bucket {n}")
-    p = max(8, 1 << (int(n) - 1).bit_length())  # smallest power of two >= n, at least 8
-    return next(q for q in (p * 5 // 8, p * 6 // 8, p * 7 // 8, p) if q >= n and q >= 8)
+    n = max(int(n), least)
+    p = 1 << (n - 1).bit_length()
+    return next(q for q in (p * e // 8 for e in eighths) if q >= n)
 
 
 def bucket_length(pairs: "Pairs", n_ctx: Optional[int] = None) -> "Pairs":
