@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "jaxinterp_whole_process"))
     ap.add_argument("--out", required=True, help="output prefix: OUT.json and OUT.md")
     args = ap.parse_args()
+    if args.rounds < 1 or args.warm < 0:
+        ap.error(f"--rounds must be at least 1 and --warm at least 0 (got {args.rounds} and {args.warm})")
 
     os.makedirs(args.work, exist_ok=True)
     model = ensure_checkpoint(os.path.join(args.work, "gpt2small"), **GPT2_SMALL)
@@ -105,7 +107,8 @@ def main() -> None:
             runs.append(r)
             print(f"round {round_} {r['kind']}: {r['seconds']:.1f} s whole process, {r['peak_rss_gb']:.2f} GB; "
                   f"reference attribute() {ref_seconds:.1f} s: {r['ratio']:.1f}x", flush=True)
-    median = {kind: float(np.median([r["ratio"] for r in runs if r["kind"] == kind])) for kind in ("cold", "warm")}
+    median = {kind: float(np.median([r["ratio"] for r in runs if r["kind"] == kind]))
+              for kind in ("cold", "warm") if any(r["kind"] == kind for r in runs)}
 
     spec = GraphSpec(GPT2_SMALL["n_layer"], GPT2_SMALL["n_head"])
     ours = Graph.from_json(os.path.join(args.work, "jax_EAP_0.json")).scores
@@ -121,8 +124,8 @@ def main() -> None:
     lines = [f"# Whole-process EAP, GPT-2-small shape, {args.examples} pairs, batch {args.batch_size}", "",
              f"`{result['command']}`", "", f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
              f"{result['date']}. {args.rounds} rounds, each: hannamw/EAP-IG's attribute(), then jaxinterp cold "
-             f"(empty cache) and {args.warm} warm. **Median ratio: cold {median['cold']:.1f}x, warm "
-             f"{median['warm']:.1f}x.**", "",
+             f"(empty cache) and {args.warm} warm. **Median ratio: "
+             + ", ".join(f"{kind} {ratio:.1f}x" for kind, ratio in median.items()) + ".**", "",
              "| round | reference attribute() (its process, peak RSS) | jaxinterp run | whole process | peak RSS "
              "| load before / after | reference / it |", "|---|---|---|---|---|---|---|"]
     for r in runs:
