@@ -23,7 +23,9 @@ faster (2-core Xeon, one process compiling both, alternating runs: GPT-2-small E
 compiled in 3.6 s instead of 5.0, ran 5.14 s against 5.49 (median of 5); SmolLM2-135M's in
 2.9 s instead of 5.0, ran 8.06 against 8.21; a circuit-evaluation batch compiled alike and
 ran 3.59 against 3.56 s; the same scores). The level is read by the GPU backends too, for
-their kernels, so it is set only where the default backend is the CPU.
+their kernels, so it is set only where the default backend is the CPU. A level given in
+``XLA_FLAGS`` is the user's choice and is kept (a per-program option would override it:
+the test suite compiles at level 0, tests/conftest.py).
 
 The options are per program (``jax.jit(compiler_options=...)``), not ``XLA_FLAGS``: they
 then hold however jaxinterp is imported, without touching the user's other programs. Other
@@ -34,6 +36,7 @@ the package (tests/test_compiler.py checks that no module calls ``jax.jit`` dire
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 # YNNPACK library fusions XLA:CPU may form: none (no reductions, and no products either: above).
@@ -45,8 +48,15 @@ CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 
 def options_for(backend: str, given: Optional[dict] = None) -> dict:
     """The compiler options of a program on ``backend`` (``jax.default_backend()``), with
-    ``given`` ones taking precedence."""
-    return {**COMPILER_OPTIONS, **(CPU_OPTIONS if backend == "cpu" else {}), **(given or {})}
+    ``given`` ones taking precedence; :data:`CPU_OPTIONS` only where ``XLA_FLAGS`` does not
+    set them."""
+    cpu = {k: v for k, v in CPU_OPTIONS.items() if not _in_xla_flags(k)} if backend == "cpu" else {}
+    return {**COMPILER_OPTIONS, **cpu, **(given or {})}
+
+
+def _in_xla_flags(name: str) -> bool:
+    """Whether the environment's ``XLA_FLAGS`` set the option ``name``."""
+    return any(flag.lstrip("-").split("=")[0] == name for flag in os.environ.get("XLA_FLAGS", "").split())
 
 
 def jit(fun=None, *, persist: bool = False, **kwargs):

@@ -78,9 +78,10 @@ def test_programs_form_no_ynn_fusion():
     assert "__ynn_fusion" not in compiler.jit(f).lower(x).compile().as_text()
 
 
-def test_the_llvm_level_is_lowered_where_the_default_backend_is_the_cpu():
+def test_the_llvm_level_is_lowered_where_the_default_backend_is_the_cpu(monkeypatch):
     """On CPU, LLVM optimisation level 1 (level 2 only lengthened compilation; compiler.py);
     the GPU backends read the same option for their kernels, so they keep their own."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert compiler.options_for("cpu")["xla_backend_optimization_level"] == 1
     for backend in ("gpu", "cuda", "rocm", "tpu"):
         assert "xla_backend_optimization_level" not in compiler.options_for(backend)
@@ -91,6 +92,17 @@ def test_the_llvm_level_is_lowered_where_the_default_backend_is_the_cpu():
     assert float(f(jnp.float32(3))) == 6.0 and f.jax_jit is f.wrapped()
     with pytest.raises(Exception, match="xla_backend_optimization_level"):  # the option reaches XLA
         compiler.jit(lambda x: x + 1, compiler_options={"xla_backend_optimization_level": "high"})(1.0)
+
+
+def test_a_level_given_in_xla_flags_is_kept(monkeypatch):
+    """XLA_FLAGS' level is the user's (the suite compiles at level 0, conftest.py): a
+    per-program option would override it, so none is set; other options stay."""
+    for flags in ("--xla_backend_optimization_level=0", "--xla_dump_to=/x --xla_backend_optimization_level=3"):
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        assert "xla_backend_optimization_level" not in compiler.options_for("cpu")
+        assert compiler.options_for("cpu")["xla_cpu_experimental_ynn_fusion_type"] == ""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level_x=0")  # another option's name
+    assert compiler.options_for("cpu")["xla_backend_optimization_level"] == 1
 
 
 def test_importing_the_package_starts_no_backend():
