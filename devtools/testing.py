@@ -24,6 +24,18 @@ def slow(reason: str):
 
     return pytest.mark.skipif(not os.environ.get("JAXINTERP_SLOW"), reason=f"set JAXINTERP_SLOW=1 to run ({reason})")
 
+def devices_env(n_devices: int) -> dict:
+    """This process's environment for a subprocess on ``n_devices`` virtual CPU devices: the
+    suite's other ``XLA_FLAGS`` (its LLVM level, tests/conftest.py) kept, the device count
+    replaced."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={n_devices}"]))
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    return env
+
+
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "Kate", "Anna", "Paul", "Lucy", "Mark", "Emma", "Jack"]
 WORDS = ["When", "and", "went", "to", "the", "store", ",", "gave", "a", "drink", "book", "ball",
          "park", "school", "Then", "had", "fun", "at", "."]

@@ -1,7 +1,6 @@
 """The Flax NNX view (jaxinterp.nnx): same logits as the model, split/merge, an optax step,
 and on a real 8-device CPU mesh the same shardings as jaxinterp.sharding.shard_params."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from devtools.testing import devices_env
 from jaxinterp import compiler, layout
 from jaxinterp.nnx import LOGICAL_RULES, Transformer
 
@@ -152,10 +152,8 @@ MESH_CHECK = textwrap.dedent("""
 
 
 def test_state_shardings_on_an_8_device_mesh_match_shard_params(gpt2_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    run = subprocess.run([sys.executable, "-c", MESH_CHECK, gpt2_dir], env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run([sys.executable, "-c", MESH_CHECK, gpt2_dir], env=devices_env(8), capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     import json
 

@@ -16,18 +16,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from devtools.testing import devices_env
 from jaxinterp.config import ModelConfig
 from jaxinterp.memory import abstract_params
 from jaxinterp.sharding import MeshError, make_mesh, pad_batch, param_specs, parse_mesh
 
 WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
 BATCH = 5  # as the worker: 12 examples in batches of 5, padded to 6 on the 2-way data axis
-
-
-def _env(n_devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    return env
 
 
 def _free_port() -> int:
@@ -48,11 +43,12 @@ def workers(gpt2_dir, ioi_csv, tmp_path_factory):
     """Start the 8-device run and the 2-process run; they work while the test computes
     its single-device references. Yields their output directories once finished."""
     mesh_dir, dist_dir = tmp_path_factory.mktemp("mesh"), tmp_path_factory.mktemp("dist")
-    procs = [subprocess.Popen([sys.executable, WORKER, "mesh", gpt2_dir, ioi_csv, str(mesh_dir)], env=_env(8),
+    procs = [subprocess.Popen([sys.executable, WORKER, "mesh", gpt2_dir, ioi_csv, str(mesh_dir)], env=devices_env(8),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
     port = _free_port()
     procs += [subprocess.Popen([sys.executable, WORKER, "distributed", gpt2_dir, ioi_csv, str(dist_dir), str(port),
-                                str(i), "2"], env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                str(i), "2"], env=devices_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
               for i in range(2)]
     yield procs, mesh_dir, dist_dir
     for p in procs:
