@@ -189,21 +189,26 @@ def _intervention(spec, cfg, mode, n_pos, seed=0, positional=False, shifted=Fals
     ("grad-replace", False, False), ("grad-replace", True, False)])
 def test_scanned_layers_equal_unrolled_layers(qwen, mode, positional, shifted):
     """Logits, node outputs, residual streams and the gradient w.r.t. every coefficient
-    (real edges: the scan masks the rest) agree between the two layer loops."""
+    (real edges: the scan masks the rest) agree between the two layer loops, the scan
+    with and without rematerialisation."""
     spec, cfg = qwen.graph_spec, qwen.cfg
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(4, cfg.vocab_size, size=(3, 7)))
     mask = jnp.asarray((np.arange(7)[None] < np.array([[7], [5], [3]])).astype(np.int32))
     iv = _intervention(spec, cfg, mode, 7, positional=positional, shifted=shifted)
 
-    def run(coef, scan):
+    def run(coef, scan, remat):
         logits, outs = forward(qwen.params, cfg, tokens, mask, dataclasses.replace(iv, coef=coef),
-                               return_node_outputs=True, scan=scan)
+                               return_node_outputs=True, scan=scan, remat=remat)
         return (logits[:, -1, :9] ** 2).sum(), (logits, outs)
 
+    # jitted, as every method runs it (eagerly, each of the loop's ~400 primitives compiled alone);
+    # the scan with and without remat against the unrolled loop without (unrolled remat:
+    # test_attribution.py::test_remat_gives_the_same_scores)
+    value_and_grad = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=(1, 2))
+    (_, (want_logits, want_outs)), want_g = value_and_grad(iv.coef, False, False)
     for remat in (False, True):
-        (_, (want_logits, want_outs)), want_g = jax.value_and_grad(lambda c: run(c, False), has_aux=True)(iv.coef)
-        (_, (got_logits, got_outs)), got_g = jax.value_and_grad(lambda c: run(c, True), has_aux=True)(iv.coef)
+        (_, (got_logits, got_outs)), got_g = value_and_grad(iv.coef, True, remat)
         scale = np.abs(want_logits).max()
         np.testing.assert_allclose(got_logits, want_logits, atol=1e-5 * scale, rtol=0)
         np.testing.assert_allclose(got_outs, want_outs, atol=1e-5 * np.abs(want_outs).max(), rtol=0)
