@@ -12,7 +12,8 @@ compiles: this module is imported by them and imports none of them.)
 What lives at the peak of a gradient method (bytes per example and position unless
 stated; ``s`` is the activation dtype's size, graph sizes from :class:`GraphSpec`)::
 
-    parameters                    param_count(cfg) * s           (once, not per example)
+    parameters                    param_count(cfg) * s           (once, not per example; on a mesh
+                                  the leaves split over ``model`` count 1/model: param_bytes)
     node outputs                  NODE_COPIES * n_forward * d_model * s
                                   (corrupted outputs, and this run's, kept for the backward;
                                   UNROLLED_NODE_COPIES with the layers unrolled, where XLA
@@ -51,7 +52,14 @@ positions: the estimate was 1.1x..2.1x XLA's figure; compiled with jaxinterp.com
 options (YNN reduce fusions off) one program needed 4% more than that, so SAFETY went from
 1.25 to 1.35 (tests/test_memory.py keeps it an
 upper bound). A mesh divides parameters by its ``model`` axis and examples by its ``data``
-axis (activations are counted as if replicated over ``model``, an upper bound).
+axis. The gradient methods' activations are divided by the ``model`` axis too where it
+divides d_model: node outputs and the edge probes' inputs are split along d_model
+(:func:`jaxinterp.sharding.split_nodes`), attention by heads and the MLP by its units,
+as their weights are; ``exact``'s are counted as if replicated (an upper bound).
+Against XLA's figure on meshes (``jaxinterp plan``, 8 x 64 tokens): Llama-3-70B on 1x8
+and 1x16, 1.83-2.13x for EAP and the EAP-IG methods, 3.1-3.3x for clean-corrupted;
+Llama-3.2-1B on 1x8, GPT-2-small on 2x4, Gemma-2-2B on 1x8 and Qwen2.5-0.5B on 2x2
+(smaller batches), 1.31-3.49x (tests/test_plan.py keeps it an upper bound on a 1x4 mesh).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from . import layout
 from .config import ModelConfig
@@ -127,18 +136,32 @@ def param_count(cfg: ModelConfig) -> int:
     return layout.param_count(cfg)
 
 
+def param_bytes(cfg: ModelConfig, itemsize: int, model_devices: int = 1) -> float:
+    """Parameter bytes on one device of a ``model_devices``-way model axis: a leaf that
+    :func:`jaxinterp.sharding.param_specs` splits counts 1/model_devices, one it replicates
+    (e.g. GPT-2's 50,257-row embedding on 4 devices) in full."""
+    from .sharding import param_specs
+
+    params = abstract_params(cfg)
+    specs = param_specs(params, {"data": 1, "model": model_devices})
+    return sum(a.size * itemsize / (model_devices if "model" in tuple(spec) else 1)
+               for a, spec in zip(jax.tree.leaves(params), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))))
+
+
 def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_chunk: int,
-                     grouped_kv: bool = False) -> float:
-    """Activation bytes per example and position (module docstring)."""
+                     grouped_kv: bool = False, model_devices: int = 1) -> float:
+    """Activation bytes per example and position (module docstring) on one device of a
+    ``model_devices``-way model axis."""
     spec = GraphSpec.from_config(cfg, grouped_kv)
     L, H, D = cfg.n_layers, cfg.n_heads, cfg.d_model
-    nodes = NODE_COPIES * spec.n_forward * D * s
+    split = model_devices if method != "exact" and D % model_devices == 0 else 1  # split_nodes' layout
+    nodes = NODE_COPIES * spec.n_forward * D * s / split
     if method == "exact":
         # each of the exact_chunk patched runs holds one layer's edge inputs and attention
         per_run = (EXACT_EDGE_COPIES * (spec.n_attn_inputs + 1) * D * s + ATTN_COPIES * H * n_pos * 4
                    + MLP_COPIES * cfg.d_mlp * s)
         return nodes + exact_chunk * per_run
-    edges = EDGE_COPIES * spec.n_backward * D * s
+    edges = EDGE_COPIES * spec.n_backward * D * s / split
     attn = ATTN_COPIES * L * H * n_pos * 4
     mlp = MLP_COPIES * L * cfg.d_mlp * s
     gemma2 = 0
@@ -147,7 +170,7 @@ def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_ch
     if cfg.attn_logit_softcap:
         gemma2 += SOFTCAP_COPIES * L * H * n_pos * 4
     if not use_scan(cfg):  # the edge probes' delta, kept beside both runs' outputs (module docstring)
-        nodes += (UNROLLED_NODE_COPIES - NODE_COPIES) * spec.n_forward * D * s
+        nodes += (UNROLLED_NODE_COPIES - NODE_COPIES) * spec.n_forward * D * s / split
     runs = 2 if method == "clean-corrupted" else 1  # two runs' activations in one program (module docstring)
     return runs * (nodes + edges + attn + mlp + gemma2)
 
@@ -163,10 +186,10 @@ def estimate_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, method: s
     if batch_size < 1 or n_pos < 1:
         raise ValueError(f"batch_size and n_pos must be >= 1, got {batch_size}, {n_pos}")
     s = jnp.dtype(dtype).itemsize
-    params = param_count(cfg) * s / model_devices
+    params = param_bytes(cfg, s, model_devices)
     local = math.ceil(batch_size / data_devices)
     spec = GraphSpec.from_config(cfg, grouped_kv)
-    acts = local * n_pos * _per_token_bytes(cfg, n_pos, s, method, exact_chunk, grouped_kv)
+    acts = local * n_pos * _per_token_bytes(cfg, n_pos, s, method, exact_chunk, grouped_kv, model_devices)
     logits = local * LOGIT_COPIES * cfg.vocab_size * 4
     scores = 3 * spec.n_forward * spec.n_backward * 4  # the float32 [src, dst] gradient and its sum
     return int(SAFETY * (params + acts + logits + scores))
@@ -222,7 +245,7 @@ def evaluation_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, chunk: 
     s = jnp.dtype(dtype).itemsize
     spec = GraphSpec.from_config(cfg, grouped_kv)
     local = math.ceil(batch_size / data_devices)
-    params = param_count(cfg) * s / model_devices
+    params = param_bytes(cfg, s, model_devices)
     node_outputs = local * n_pos * spec.n_forward * cfg.d_model * s
     # one layer at a time (scanned) per circuit: attention probabilities and MLP hidden units
     layer = local * n_pos * (ATTN_COPIES * cfg.n_heads * n_pos * 4 + MLP_COPIES * cfg.d_mlp * s)

@@ -77,6 +77,7 @@ import numpy as np
 from . import ops
 from .config import ModelConfig
 from .graph import GraphSpec
+from .sharding import model_ways, split_nodes
 
 Array = jax.Array
 Params = Any
@@ -149,7 +150,7 @@ def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta
     # jaxinterp.compiler does: under a plain jax.jit this was wrong from 32 x 15 tokens.)
     g_params, g_resid = jax.vjp(functools.partial(norm, cfg), norm_params, resid)[1](g.sum(0))
     deltas = delta if isinstance(delta, tuple) else (delta,)
-    g_x = norm_input_vjps(cfg, norm_params, resid, g).astype(deltas[0].dtype)
+    g_x = split_nodes(norm_input_vjps(cfg, norm_params, resid, g).astype(deltas[0].dtype))
 
     def contract(d):
         # position-aware coefficients [pos, src, dst] keep the position axis of the contraction;
@@ -157,6 +158,9 @@ def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta
         # out with pos and d_model swapped, through a copy of each every layer
         if coef.ndim == 3:
             return jnp.einsum("fbpd,vbpd->pfv", d, g_x, preferred_element_type=jnp.float32)
+        if model_ways() > 1:  # d_model split over the mesh: a flattened (batch, pos, d_model) axis
+            # cannot be split by its minor part, and the operands were gathered whole on every device
+            return jnp.einsum("fbpd,vbpd->fv", d, g_x, preferred_element_type=jnp.float32)
         return jnp.einsum("fn,vn->fv", d.reshape(d.shape[0], -1), g_x.reshape(g_x.shape[0], -1),
                           preferred_element_type=jnp.float32)
 
@@ -534,7 +538,8 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
         if cfg.parallel_attn_mlp:  # the heads join the stream beside the MLP
             edges = edges.with_outputs(start, heads, post)
         edges = edges.with_outputs(start + H, m_out[None])
-    return resid + attn_out + m_out, heads, m_out, hidden, edges
+    # the node outputs kept for the edges, split over a model axis (jaxinterp.sharding.split_nodes)
+    return resid + attn_out + m_out, split_nodes(heads), split_nodes(m_out), hidden, edges
 
 
 # --- the layer loop: unrolled, or one lax.scan over stacked layers ----------------------
@@ -830,7 +835,8 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
     # of the logits' contraction over every upstream node is skipped (position-aware
     # coefficients: taken after (*), which needs every position's row of them)
     idx = None if logit_positions is None else logit_positions.reshape(n_batch, -1)
-    outs = jnp.concatenate([emb[None], jnp.concatenate([heads, mlps[:, None]], 1).reshape((-1,) + emb.shape)])
+    outs = split_nodes(jnp.concatenate([emb[None], jnp.concatenate([heads, mlps[:, None]], 1)
+                                        .reshape((-1,) + emb.shape)]))
     x_f, e_f = resid, edges
     if idx is not None and (edges is None or edges.coef.ndim == 2):
         x_f = _at_positions(resid, idx)

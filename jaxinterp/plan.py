@@ -296,7 +296,7 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
 
     from . import memory
     from .graph import GraphSpec
-    from .sharding import param_specs
+    from .sharding import on_mesh, param_specs
 
     if method not in PLAN_METHODS:
         raise PlanError(f"unknown method {method!r}; choose from {PLAN_METHODS}")
@@ -323,7 +323,8 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
                            grouped_kv)
 
     t = time.perf_counter()
-    lowered = fn.lower(*args, **kw)
+    with on_mesh(mesh):  # node outputs split over the model axis (jaxinterp.sharding)
+        lowered = fn.lower(*args, **kw)
     t_lower = time.perf_counter() - t
     t = time.perf_counter()
     compiled = lowered.compile()

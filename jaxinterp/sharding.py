@@ -8,8 +8,9 @@ parameter leaf's logical axes come from the one parameter table, :data:`jaxinter
 heads on a 4-way ``model`` axis) is replicated instead.
 
 Nothing else changes: the same jitted :func:`jaxinterp.attribution.batch_scores` runs
-on sharded inputs and ``jit`` propagates the shardings through the program. Results are
-identical to one device up to float32 summation order.
+on sharded inputs and ``jit`` propagates the shardings through the program, except for
+the node outputs, which the graph forward lays out itself (:func:`split_nodes`, traced
+under :func:`on_mesh`). Results are identical to one device up to float32 summation order.
 
     mesh = make_mesh(data=2, model=4)              # 8 devices
     graph = attribute(model, "pairs.csv", method="EAP", mesh=mesh)
@@ -20,6 +21,7 @@ each process passes the same full batch and keeps only its own shards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Iterator, Optional, Sequence
 
@@ -80,6 +82,44 @@ def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence] = None)
     # Auto axes: jit propagates shardings as usual (Explicit axes, the default of
     # jax.make_mesh, would type-check every op's sharding instead)
     return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[:n])
+
+
+# --- node outputs: split along d_model over ``model`` -------------------------------------
+# Every upstream node's output ``[src, batch, pos, d_model]`` (the corrupted run's, this
+# run's, their difference: the edge contraction's operand) and the edge probes' per-input
+# gradients are the graph forward's largest arrays. Heads are computed where their weights
+# are (``model``), but these arrays, left to ``jit``, were replicated on every device:
+# Llama-3-70B EAP, 8 x 64 tokens, needed ~300 GiB per device on 8 devices and no less on 16.
+# Split along d_model, each device holds 1/model of them and contracts its slice of d_model
+# (the [src, dst] partial scores are summed over ``model``). The layout needs the mesh
+# while the program is traced: :func:`on_mesh` puts it in context.
+
+
+def on_mesh(mesh: Optional[Mesh]):
+    """A context in which programs traced for ``mesh`` lay out node outputs as above
+    (``jax.set_mesh``); no mesh, or a jax without it (< 0.7): a context that does nothing,
+    and the node outputs are laid out as ``jit`` propagates them."""
+    set_mesh = getattr(jax, "set_mesh", None)
+    return contextlib.nullcontext() if mesh is None or set_mesh is None else set_mesh(mesh)
+
+
+def model_ways() -> int:
+    """The size of the ``model`` axis of the mesh in context (:func:`on_mesh`); 1 without."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = None if get is None else get()
+    return 1 if mesh is None or mesh.empty or "model" not in mesh.axis_names else int(mesh.shape["model"])
+
+
+def split_nodes(x: jax.Array) -> jax.Array:
+    """``x [..., batch, pos, d_model]`` constrained to d_model over ``model`` and batch over
+    ``data`` on the mesh in context (a dimension the axis does not divide stays whole);
+    unchanged without a ``model`` axis of 2 or more."""
+    ways = model_ways()
+    if ways < 2 or x.shape[-1] % ways:
+        return x
+    data = jax.sharding.get_abstract_mesh().shape.get(MESH_RULES["batch"], 1)
+    batch = MESH_RULES["batch"] if data > 1 and x.shape[-3] % data == 0 else None
+    return jax.lax.with_sharding_constraint(x, P(*([None] * (x.ndim - 3)), batch, None, "model"))
 
 
 def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str, ...]:

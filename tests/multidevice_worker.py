@@ -60,6 +60,15 @@ def mesh_checks(model_dir: str, csv: str, out: str) -> None:
     for method in METHODS:
         scores[method] = attribute(model, csv, method=method, ig_steps=3, batch_size=BATCH, mesh=mesh,
                                    quiet=True).scores
+    # the scanned layer loop on the mesh too (this 2-layer model runs unrolled by default):
+    # its node outputs and edge contraction split over the model axis
+    from jaxinterp import models
+
+    shallow, models.SCAN_MIN_LAYERS = models.SCAN_MIN_LAYERS, 1
+    jax.clear_caches()  # the depth is read when a program is traced
+    scores["scanned-EAP"] = attribute(model, csv, method="EAP", batch_size=BATCH, mesh=mesh, quiet=True).scores
+    models.SCAN_MIN_LAYERS = shallow
+    jax.clear_caches()
     # the CLI flag goes the same way
     graph_path = os.path.join(out, "cli_graph.json")
     rc = main(["attribute", "--model", model_dir, "--data", csv, "--method", "EAP", "--ig-steps", "3",

@@ -96,6 +96,12 @@ def test_mesh_scores_equal_single_device(mesh_run, single, method):
     _close(scores[method], single[method])
 
 
+def test_scanned_layers_on_mesh_equal_single_device(mesh_run, single):
+    """The scanned layer loop, its node outputs split along d_model over the model axis
+    (jaxinterp.sharding.split_nodes), gives the single device's (unrolled) EAP scores."""
+    _close(mesh_run[1]["scanned-EAP"], single["EAP"])
+
+
 def test_parameters_are_sharded(mesh_run):
     layout = mesh_run[0]["layout"]
     # heads and MLP units over the 4-way model axis: 4 different shards on 8 devices
