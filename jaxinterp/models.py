@@ -418,7 +418,7 @@ class _Edges:
             at = [start]
         else:  # this segment's buffer at the nodes' rows, every other one at its spare rows
             at = [jnp.where(self.segment == i, start - a, b - a) for i, (a, b) in enumerate(self.bounds)]
-        outs = tuple(jax.lax.dynamic_update_slice_in_dim(buf, diff.astype(buf.dtype), row, 0)
+        outs = tuple(split_nodes(jax.lax.dynamic_update_slice_in_dim(buf, diff.astype(buf.dtype), row, 0))
                      for buf, row in zip(self.outs, at))
         return dataclasses.replace(self, outs=outs, bounds=bounds)
 

@@ -116,31 +116,32 @@ import json, sys
 from jaxinterp.config import ModelConfig
 from jaxinterp.plan import plan
 cfg = ModelConfig.from_dict(json.loads(sys.argv[1]))
-print(json.dumps({f"{m} {d}x{w}": plan(cfg, m, batch_size=4, n_pos=32, mesh_shape=(d, w))
-                  for m in ("EAP", "evaluate") for d, w in ((1, 1), (1, 4))}))
+print(json.dumps({f"{m} {c} {d}x{w}": plan(cfg, m, batch_size=4, n_pos=32, mesh_shape=(d, w), n_circuits=c)
+                  for m, c in (("EAP", 1), ("evaluate", 1), ("evaluate", 4)) for d, w in ((1, 1), (1, 4))}))
 """
 
 
 def test_a_model_axis_splits_the_node_outputs():
     """On a 4-way model axis each device holds a quarter of the node outputs and of the edge
     contraction (d_model split, jaxinterp.sharding.split_nodes), for attribution and circuit
-    evaluation alike, with the layers scanned (6 of them). Left to jit they were replicated:
-    XLA's temporaries per device were 0.88x (EAP) and 0.96x (evaluate) of one device's."""
+    evaluation alike (one circuit per call, and four at once: their patched runs' buffers
+    too), with the layers scanned (6 of them). Left to jit they were replicated: XLA's
+    temporaries per device were 0.88x (EAP) and 0.96x (evaluate) of one device's."""
     cfg = dataclasses.replace(TINY, n_layers=6, n_heads=8, d_model=128, d_head=16, d_mlp=192, n_ctx=64)
     assert models.use_scan(cfg)
     proc = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT, cfg.to_json()],
                           env=devices_env(4), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    for method in ("EAP", "evaluate"):
+    for method in ("EAP 1", "evaluate 1", "evaluate 4"):
         one, four = r[f"{method} 1x1"], r[f"{method} 1x4"]
         assert four["memory_per_device"]["temp"] < 0.5 * one["memory_per_device"]["temp"], method
         # no operand gathered whole for a replicated contraction: a quarter of the work each
         assert four["flops_per_device"] < 0.3 * one["flops_per_device"], method
     # the memory estimate counts the split, and stays an upper bound on the mesh
-    assert r["EAP 1x1"]["memory_per_device"]["peak"] <= r["EAP 1x1"]["estimate_peak_bytes"]
-    assert r["EAP 1x4"]["memory_per_device"]["peak"] <= r["EAP 1x4"]["estimate_peak_bytes"] \
-        < 0.5 * r["EAP 1x1"]["estimate_peak_bytes"]
+    one, four = r["EAP 1 1x1"], r["EAP 1 1x4"]
+    assert one["memory_per_device"]["peak"] <= one["estimate_peak_bytes"]
+    assert four["memory_per_device"]["peak"] <= four["estimate_peak_bytes"] < 0.5 * one["estimate_peak_bytes"]
 
 
 def test_plan_cli_2x4_virtual_mesh(tmp_path):
