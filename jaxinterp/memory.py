@@ -52,10 +52,10 @@ positions: the estimate was 1.1x..2.1x XLA's figure; compiled with jaxinterp.com
 options (YNN reduce fusions off) one program needed 4% more than that, so SAFETY went from
 1.25 to 1.35 (tests/test_memory.py keeps it an
 upper bound). A mesh divides parameters by its ``model`` axis and examples by its ``data``
-axis. The gradient methods' activations are divided by the ``model`` axis too where it
-divides d_model: node outputs and the edge probes' inputs are split along d_model
-(:func:`jaxinterp.sharding.split_nodes`), attention by heads and the MLP by its units,
-as their weights are; ``exact``'s are counted as if replicated (an upper bound).
+axis. The gradient methods' node outputs and edge inputs are divided by the ``model`` axis
+too where it divides d_model: they are split along d_model
+(:func:`jaxinterp.sharding.split_nodes`). Attention, MLP units and ``exact``'s activations
+are counted as if replicated (an upper bound).
 Against XLA's figure on meshes (``jaxinterp plan``, 8 x 64 tokens): Llama-3-70B on 1x8
 and 1x16, 1.83-2.13x for EAP and the EAP-IG methods, 3.1-3.3x for clean-corrupted;
 Llama-3.2-1B on 1x8, GPT-2-small on 2x4, Gemma-2-2B on 1x8 and Qwen2.5-0.5B on 2x2
@@ -76,6 +76,7 @@ from . import layout
 from .config import ModelConfig
 from .graph import GraphSpec
 from .models import use_scan
+from .sharding import node_ways, param_specs
 
 # Fitted to XLA's memory analysis with a margin (module docstring).
 NODE_COPIES = 2
@@ -140,8 +141,6 @@ def param_bytes(cfg: ModelConfig, itemsize: int, model_devices: int = 1) -> floa
     """Parameter bytes on one device of a ``model_devices``-way model axis: a leaf that
     :func:`jaxinterp.sharding.param_specs` splits counts 1/model_devices, one it replicates
     (e.g. GPT-2's 50,257-row embedding on 4 devices) in full."""
-    from .sharding import param_specs
-
     params = abstract_params(cfg)
     specs = param_specs(params, {"data": 1, "model": model_devices})
     return sum(a.size * itemsize / (model_devices if "model" in tuple(spec) else 1)
@@ -154,7 +153,7 @@ def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_ch
     ``model_devices``-way model axis."""
     spec = GraphSpec.from_config(cfg, grouped_kv)
     L, H, D = cfg.n_layers, cfg.n_heads, cfg.d_model
-    split = model_devices if method != "exact" and D % model_devices == 0 else 1  # split_nodes' layout
+    split = 1 if method == "exact" else node_ways(D, model_devices)
     nodes = NODE_COPIES * spec.n_forward * D * s / split
     if method == "exact":
         # each of the exact_chunk patched runs holds one layer's edge inputs and attention
@@ -249,7 +248,7 @@ def evaluation_peak_bytes(cfg: ModelConfig, batch_size: int, n_pos: int, chunk: 
     spec = GraphSpec.from_config(cfg, grouped_kv)
     local = math.ceil(batch_size / data_devices)
     params = param_bytes(cfg, s, model_devices)
-    split = model_devices if cfg.d_model % model_devices == 0 else 1  # sharding.split_nodes' layout
+    split = node_ways(cfg.d_model, model_devices)
     node_outputs = local * n_pos * spec.n_forward * cfg.d_model * s / split
     # one layer at a time (scanned) per circuit: attention probabilities and MLP hidden units
     layer = local * n_pos * (ATTN_COPIES * cfg.n_heads * n_pos * 4 + MLP_COPIES * cfg.d_mlp * s)

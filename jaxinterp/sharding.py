@@ -103,21 +103,32 @@ def on_mesh(mesh: Optional[Mesh]):
     return contextlib.nullcontext() if mesh is None or set_mesh is None else set_mesh(mesh)
 
 
-def model_ways() -> int:
-    """The size of the ``model`` axis of the mesh in context (:func:`on_mesh`); 1 without."""
+def _context_mesh():
+    """The (abstract) mesh in context (:func:`on_mesh`), or None."""
     get = getattr(jax.sharding, "get_abstract_mesh", None)
     mesh = None if get is None else get()
-    return 1 if mesh is None or mesh.empty or "model" not in mesh.axis_names else int(mesh.shape["model"])
+    return None if mesh is None or mesh.empty else mesh
+
+
+def model_ways() -> int:
+    """The size of the ``model`` axis of the mesh in context (:func:`on_mesh`); 1 without."""
+    mesh = _context_mesh()
+    return 1 if mesh is None or "model" not in mesh.axis_names else int(mesh.shape["model"])
+
+
+def node_ways(d_model: int, model: int) -> int:
+    """Into how many slices :func:`split_nodes` cuts d_model on a ``model``-way axis: all
+    of them where they divide it, else 1 (kept whole). :mod:`jaxinterp.memory` counts by it."""
+    return model if model > 1 and d_model % model == 0 else 1
 
 
 def split_nodes(x: jax.Array) -> jax.Array:
     """``x [..., batch, pos, d_model]`` constrained to d_model over ``model`` and batch over
     ``data`` on the mesh in context (a dimension the axis does not divide stays whole);
     unchanged without a ``model`` axis of 2 or more."""
-    ways = model_ways()
-    if ways < 2 or x.shape[-1] % ways:
+    if node_ways(x.shape[-1], model_ways()) == 1:
         return x
-    data = jax.sharding.get_abstract_mesh().shape.get(MESH_RULES["batch"], 1)
+    data = _context_mesh().shape.get(MESH_RULES["batch"], 1)
     batch = MESH_RULES["batch"] if data > 1 and x.shape[-3] % data == 0 else None
     return jax.lax.with_sharding_constraint(x, P(*([None] * (x.ndim - 3)), batch, None, "model"))
 
