@@ -2,6 +2,7 @@
 
     python benchmarks/bench_plan.py scale      # Llama-3-8B (1 device) and Llama-3-70B (8, 16 devices)
     python benchmarks/bench_plan.py depth      # AOT compile time of EAP vs depth, scan vs unrolled
+    python benchmarks/bench_plan.py table      # the README's scale table, from the scale run's results
 
 Each plan runs as ``jaxinterp plan ... --json`` in its own process under ``timeout``
 (virtual CPU devices need a fresh jax) and its figures go, with the command, the
@@ -85,6 +86,30 @@ def scale(timeout: int) -> None:
                                                  "--pos", "64", "--mesh", f"1x{m}", "--peak-tflops", "989"], timeout)
 
 
+SCALE_ROWS = [(f"llama3_{size}_{tag}_{run}", shape, method)
+              for tag, method in (("eap", "EAP"), ("eapig", "EAP-IG-inputs"))
+              for size, shape, runs in (("8b", "llama-3-8b", ("b1", "b8", "b16")), ("70b", "llama-3-70b", ("1x8", "1x16")))
+              for run in runs]
+
+
+def table() -> None:
+    """The README's scale table (markdown) from ``results/plan_llama3_*.json``."""
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    print("| shape | method | mesh | batch × pos | XLA peak / device (args + temp) | estimate | est / XLA "
+          "| FLOPs / device | counted / analytic | collectives / device | compile "
+          "| ms / batch at 989 TFLOP/s, 40% MFU |")
+    print("|" + "---|" * 12)
+    for name, shape, method in SCALE_ROWS:
+        r = json.load(open(os.path.join(RESULTS, f"plan_{name}.json")))
+        mem, mesh = r["memory_per_device"], r["mesh"]
+        moved = r.get("collective_bytes_per_device") if r["devices"] > 1 else None  # absent before session 19
+        print(f"| {shape} | {method} | {mesh['data']}x{mesh['model']} | {r['batch_size']} × {r['n_pos']} "
+              f"| {gib(mem['peak'])} ({mem['argument'] / 2**30:.1f} + {mem['temp'] / 2**30:.1f}) "
+              f"| {gib(r['estimate_peak_bytes'])} | {r['estimate_over_xla']:.2f} | {r['flops_per_device']:.2e} "
+              f"| {r['flops_over_model_flops']:.2f} | {'–' if moved is None else gib(sum(moved.values()))} "
+              f"| {r['lower_s'] + r['compile_s']:.0f} s | {r['seconds_at_mfu'] * 1e3:.0f} |")
+
+
 def depth(timeout: int, unrolled_timeout: int) -> None:
     config = os.path.join(tempfile.mkdtemp(), "config.json")
     with open(config, "w") as f:
@@ -98,12 +123,14 @@ def depth(timeout: int, unrolled_timeout: int) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["scale", "depth"])
+    ap.add_argument("which", choices=["scale", "depth", "table"])
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per plan")
     ap.add_argument("--unrolled-timeout", type=int, default=600, help="seconds per unrolled compile (depth)")
     args = ap.parse_args()
     if args.which == "scale":
         scale(args.timeout)
+    elif args.which == "table":
+        table()
     else:
         depth(args.timeout, args.unrolled_timeout)
 

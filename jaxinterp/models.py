@@ -77,7 +77,7 @@ import numpy as np
 from . import ops
 from .config import ModelConfig
 from .graph import GraphSpec
-from .sharding import model_ways, split_nodes
+from .sharding import model_ways, split_inputs, split_nodes
 
 Array = jax.Array
 Params = Any
@@ -135,10 +135,11 @@ GRAD_MODES = ("grad", "grad-replace")
 # contracts the pieces of its own and the earlier segments only.
 
 
-def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta, g: Array,
+def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta, gs: tuple,
                  segment: Optional[Array] = None):
     """``(resid's, norm_params' and coef's cotangents)`` of ``norm(cfg, norm_params, resid)``
-    broadcast to the ``[n_dst, ...]`` inputs with cotangent ``g``, edges from ``delta``: one
+    broadcast to the ``[n_dst, ...]`` inputs, in groups of consecutive inputs with
+    cotangents ``gs`` (``[n_group, batch, pos, d_model]`` each), edges from ``delta``: one
     array, or a tuple of consecutive pieces of its src rows, one per scanned segment (with
     ``segment`` given, the pieces after the layer's segment are not contracted: their rows
     are not upstream, zeros in the cotangent)."""
@@ -148,9 +149,13 @@ def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta
     # at n_dst broadcast copies of resid instead, XLA:CPU wrote g_x through a transposing
     # copy; on CPU both are only right with XLA's YNNPACK reduce fusion off, which
     # jaxinterp.compiler does: under a plain jax.jit this was wrong from 32 x 15 tokens.)
-    g_params, g_resid = jax.vjp(functools.partial(norm, cfg), norm_params, resid)[1](g.sum(0))
+    g_params, g_resid = jax.vjp(functools.partial(norm, cfg), norm_params, resid)[1](sum(g.sum(0) for g in gs))
     deltas = delta if isinstance(delta, tuple) else (delta,)
-    g_x = split_nodes(norm_input_vjps(cfg, norm_params, resid, g).astype(deltas[0].dtype))
+    # per group, then joined: on a mesh each group's cotangents arrive split by heads, and are
+    # re-split along d_model before the groups are joined (joined first, the groups' head
+    # splits did not line up with the joined array's, and XLA moved it between devices)
+    g_x = [split_nodes(norm_input_vjps(cfg, norm_params, resid, g).astype(deltas[0].dtype)) for g in gs]
+    g_x = g_x[0] if len(g_x) == 1 else jnp.concatenate(g_x)
 
     def contract(d):
         # position-aware coefficients [pos, src, dst] keep the position axis of the contraction;
@@ -176,24 +181,29 @@ def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _normed_probe(cfg: ModelConfig, n_dst: int, rows: tuple, resid: Array, norm_params, coef: Array,
+def _normed_probe(cfg: ModelConfig, sizes: tuple, rows: tuple, resid: Array, norm_params, coef: Array,
                   carrier: tuple, segment: Optional[Array]):
-    """``(norm(norm_params, resid)`` broadcast to ``[n_dst, batch, pos, d_model]``, the
-    normalised inputs of ``n_dst`` downstream nodes that all see ``resid``, ``carrier)``.
+    """``(norm(norm_params, resid)`` broadcast to ``[n, batch, pos, d_model]`` for each group
+    of ``n`` in ``sizes``: the normalised inputs of ``sum(sizes)`` downstream nodes that all
+    see ``resid``, ``carrier)``. One array per group (a layer's q, k and v inputs), not one
+    split afterwards: on a mesh each group's broadcast is then formed where its heads are
+    computed (split, the groups' pieces were moved between devices: Llama-3-70B EAP on 8
+    devices, 2 GiB per layer).
     ``carrier``: one array per bound ``(start, stop)`` of ``rows`` (scanned: per segment of
     layers, ``segment`` this layer's). Backward: ``coef [(pos,) src, n_dst]``'s cotangent
     from the carrier's cotangent (delta's pieces), which is passed on, zero from the last
     bound's ``stop`` on (unrolled: the rows produced so far) and for the pieces after
     ``segment`` (not upstream). Nothing of size ``n_dst`` is kept from the forward pass."""
-    return jnp.broadcast_to(norm(cfg, norm_params, resid)[None], (n_dst,) + resid.shape), carrier
+    y = norm(cfg, norm_params, resid)
+    return tuple(jnp.broadcast_to(y[None], (n,) + resid.shape) for n in sizes), carrier
 
 
-def _normed_probe_fwd(cfg, n_dst, rows, resid, norm_params, coef, carrier, segment):
-    out = _normed_probe(cfg, n_dst, rows, resid, norm_params, coef, carrier, segment)
+def _normed_probe_fwd(cfg, sizes, rows, resid, norm_params, coef, carrier, segment):
+    out = _normed_probe(cfg, sizes, rows, resid, norm_params, coef, carrier, segment)
     return out, (resid, norm_params, coef, segment)
 
 
-def _normed_probe_bwd(cfg, n_dst, rows, res, cts):
+def _normed_probe_bwd(cfg, sizes, rows, res, cts):
     resid, norm_params, coef, segment = res
     g, delta = cts
     # every row of each piece, upstream or not: XLA:CPU copied a slice of delta's upstream
@@ -224,7 +234,7 @@ def _root_probe_fwd(cfg, resid, norm_params, coef, carrier, delta, delta_here):
 
 def _root_probe_bwd(cfg, res, g):
     resid, norm_params, coef, delta, delta_here = res
-    return _probe_grads(cfg, resid, norm_params, coef, delta_here, g) + (
+    return _probe_grads(cfg, resid, norm_params, coef, delta_here, (g,)) + (
         delta, jax.tree.map(jnp.zeros_like, delta), jnp.zeros_like(delta_here))
 
 
@@ -385,14 +395,18 @@ class _Edges:
         coef = self.coef[..., dst]
         return _mix(diff, jax.lax.dynamic_slice_in_dim(coef, start, n, coef.ndim - 2).astype(buf.dtype))
 
-    def normed_inputs(self, cfg: ModelConfig, resid: Array, dst: slice, norm_params) -> tuple[Array, "_Edges"]:
-        """``(the normalised downstream inputs dst [dst, batch, pos, d_model], these edges
-        after them)`` (the gradient modes' probe passes the carrier on)."""
+    def normed_inputs(self, cfg: ModelConfig, resid: Array, dst: slice, norm_params,
+                      sizes: Optional[tuple] = None) -> tuple:
+        """``(the normalised downstream inputs dst [dst, batch, pos, d_model], or a tuple of
+        them in groups of ``sizes`` consecutive inputs, these edges after them)`` (the
+        gradient modes' probe passes the carrier on)."""
+        groups = (dst.stop - dst.start,) if sizes is None else sizes
         if self.mode in GRAD_MODES:
-            x, carrier = _normed_probe(cfg, dst.stop - dst.start, self.bounds, resid, norm_params, self.coef[..., dst],
-                                       self.outs, self.segment)
-            return x, dataclasses.replace(self, outs=carrier)
-        return norm(cfg, norm_params, self.inputs(cfg, resid, dst)), self
+            xs, carrier = _normed_probe(cfg, groups, self.bounds, resid, norm_params, self.coef[..., dst], self.outs,
+                                        self.segment)
+            return xs[0] if sizes is None else xs, dataclasses.replace(self, outs=carrier)
+        x = norm(cfg, norm_params, self.inputs(cfg, resid, dst))
+        return x if sizes is None else tuple(jnp.split(x, np.cumsum(sizes)[:-1])), self
 
     def at_positions(self, idx: Array) -> "_Edges":
         """These edges at positions ``idx [batch, k]`` only (every ``[..., batch, pos,
@@ -446,10 +460,14 @@ def _buffered(edges: _Edges, scanned: bool, rows: Optional[tuple] = None, spare:
     return dataclasses.replace(edges, outs=outs, bounds=rows, scanned=scanned, buffered=True)
 
 
-def _normed(cfg: ModelConfig, edges: Optional[_Edges], resid: Array, dst: slice, norm_params) -> tuple:
-    """``(normalised inputs [dst, batch, pos, d_model], or [batch, pos, d_model] (the same
-    for all) without an intervention, the edges after them)``."""
-    return (norm(cfg, norm_params, resid), None) if edges is None else edges.normed_inputs(cfg, resid, dst, norm_params)
+def _normed(cfg: ModelConfig, edges: Optional[_Edges], resid: Array, dst: slice, norm_params,
+            sizes: Optional[tuple] = None) -> tuple:
+    """``(normalised inputs [dst, batch, pos, d_model] (or in groups, ``sizes``: see
+    :meth:`_Edges.normed_inputs`), or [batch, pos, d_model] (the same for all) without an
+    intervention, the edges after them)``."""
+    if edges is None:
+        return norm(cfg, norm_params, resid), None
+    return edges.normed_inputs(cfg, resid, dst, norm_params, sizes)
 
 
 def _node_out(x: Array, nodes: Optional[tuple]) -> Array:
@@ -497,11 +515,14 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
         # one product: the [src, batch, pos, d_model] buffer is read once per layer, not
         # twice (the MLP's own product was a matrix-vector one, bound by that read)
         early = edges.replaced_rows(slice(0, A + 1)).astype(resid.dtype)
-        x = norm(cfg, p["ln1"], resid[None] + early[:A])
+        x_qkv = jnp.split(norm(cfg, p["ln1"], resid[None] + early[:A]), [H, H + spec.n_kv_inputs])
     else:
-        x, edges = _normed(cfg, edges, resid, slice(0, A), p["ln1"])
+        x, edges = _normed(cfg, edges, resid, slice(0, A), p["ln1"], (H, spec.n_kv_inputs, spec.n_kv_inputs))
+        x_qkv = (x,) * 3 if edges is None else x
     # q per query head, then k and v per query head (default view) or per key/value head
-    x_q, x_k, x_v = (x,) * 3 if edges is None else jnp.split(x, [H, H + spec.n_kv_inputs])
+    x_q, x_k, x_v = x_qkv
+    if edges is not None:  # per-query-head k/v inputs regrouped by key/value head (sharding.split_inputs)
+        x_k, x_v = (split_inputs(a, cfg.n_kv_heads) for a in (x_k, x_v))
     mask = ops.attention_mask(key_mask, window)
     if blocked is not None:  # attention knockout: the query does not see these keys
         mask = mask & ~blocked

@@ -16,6 +16,8 @@ the shardings of :mod:`jaxinterp.sharding` on a ``data x model`` mesh) and repor
   ``lax.scan`` (so do the integrated-gradient steps): its figure is reported too, but it
   undercounts by about the depth. Elementwise work is not counted (matmuls dominate);
   the tests check the count against the analytic ``forward_flops`` at a small shape;
+* the collectives' traffic per device, from the same HLO: the bytes of every collective's
+  result by kind (an all-gather's is the gathered array), loop bodies times trip count;
 * the analytic model FLOPs (``2 x non-embedding parameters x tokens x passes``, the usual
   MFU convention, :func:`model_flops`);
 * lowering and compile time, and the time per batch the FLOPs imply at a device's peak
@@ -75,14 +77,31 @@ def _split_type(rest: str) -> tuple[str, str]:
     return typ, op.strip()
 
 
-def hlo_dot_flops(hlo_text: str) -> dict:
-    """Matmul FLOPs of an HLO module's text (``compiled.as_text()``): ``2 x prod(output) x
-    prod(contracted lhs dims)`` per ``dot``, through fusions and calls, with every ``while``
-    body multiplied by its ``known_trip_count`` and a ``conditional`` counted as its
-    costliest branch (an upper bound: the scanned layers' per-segment branches,
+_COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter",
+                "collective-broadcast")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+          "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+
+
+def _type_bytes(typ: str) -> int:
+    """Bytes of an HLO type, ``f32[2,3]{1,0}`` or a tuple of them."""
+    return sum(_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+               for t, dims in re.findall(r"\b([a-z]\w*)\[([\d,]*)\]", typ))
+
+
+def hlo_costs(hlo_text: str) -> dict:
+    """Matmul FLOPs and collective traffic of an HLO module's text (``compiled.as_text()``).
+
+    FLOPs: ``2 x prod(output) x prod(contracted lhs dims)`` per ``dot``. Collectives: the
+    bytes of each collective's result per kind (``all-gather``: the gathered array; an
+    asynchronous pair is counted at its ``-done``), what each device receives or holds
+    afterwards, a proxy for its traffic. Both through fusions and calls, with every
+    ``while`` body multiplied by its ``known_trip_count`` and a ``conditional`` counted as
+    its costliest branch (an upper bound: the scanned layers' per-segment branches,
     :func:`jaxinterp.models._segments`, are all counted as the last segment's). Returns
-    ``{"flops", "dots", "unknown_trip_counts", "convolutions"}`` (loops without a known
-    count are counted once; convolutions are not counted)."""
+    ``{"flops", "collective_bytes": {kind: bytes}, "dots", "unknown_trip_counts",
+    "convolutions"}`` (loops without a known count are counted once; convolutions are not
+    counted)."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -101,15 +120,20 @@ def hlo_dot_flops(hlo_text: str) -> dict:
         raise ValueError("no ENTRY computation in the HLO text")
 
     stats = {"dots": 0, "unknown_trip_counts": 0, "convolutions": 0}
-    memo: dict[str, float] = {}
+    memo: dict[str, dict] = {}
 
-    def total(name: str) -> float:
+    def add(into: dict, other: dict, factor: int = 1) -> None:
+        for k, v in other.items():
+            into[k] = into.get(k, 0) + factor * v
+
+    def total(name: str) -> dict:
+        """``{"flops": ..., collective kind: bytes, ...}`` of computation ``name``."""
         if name in memo:
             return memo[name]
-        memo[name] = 0.0  # a cycle cannot occur in HLO; this only guards the recursion
+        memo[name] = {}  # a cycle cannot occur in HLO; this only guards the recursion
         lines = comps.get(name, [])
         shapes = {p: _dims(s) for p, s in _PARAM.findall(lines[0])} if lines else {}
-        flops = 0.0
+        costs = {"flops": 0.0}
         for line in lines[1:]:
             m = _INSTR.match(line)
             if m is None:
@@ -128,10 +152,12 @@ def hlo_dot_flops(hlo_text: str) -> dict:
                 if lhs_dims is None or out is None or contract is None:
                     raise ValueError(f"cannot read the dot {iname!r} in computation {name!r}")
                 k = math.prod(lhs_dims[int(c)] for c in contract.group(1).split(",") if c)
-                flops += 2.0 * math.prod(out) * k
+                costs["flops"] += 2.0 * math.prod(out) * k
                 stats["dots"] += 1
             elif opname == "convolution":
                 stats["convolutions"] += 1
+            elif opname.removesuffix("-done") in _COLLECTIVES:
+                add(costs, {opname.removesuffix("-done"): _type_bytes(typ)})
             branches = []
             for kind, callees in _CALLEE.findall(op):
                 names = re.findall(r"%?([\w.\-]+)", callees)
@@ -146,13 +172,14 @@ def hlo_dot_flops(hlo_text: str) -> dict:
                     else:
                         factor = int(trip.group(1))
                 for callee in names:
-                    flops += factor * total(callee)
+                    add(costs, total(callee), factor)
             if branches:  # a conditional: its costliest branch, an upper bound
-                flops += max(total(b) for b in branches)
-        memo[name] = flops
-        return flops
+                add(costs, max((total(b) for b in branches), key=lambda c: c.get("flops", 0.0)))
+        memo[name] = costs
+        return costs
 
-    return {"flops": total(entry), **stats}
+    costs = total(entry)
+    return {"flops": costs.pop("flops"), "collective_bytes": costs, **stats}
 
 
 def forward_flops(cfg, batch_size: int, n_pos: int, logit_positions: Optional[int] = None) -> int:
@@ -333,7 +360,7 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
     mem = memory_figures(compiled)
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
-    dots = hlo_dot_flops(compiled.as_text())
+    dots = hlo_costs(compiled.as_text())
     n_devices = data * model
     est = None
     if method != "evaluate":  # memory.estimate_peak_bytes models the attribution methods
@@ -354,6 +381,7 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
         "flops_total": dots["flops"] * n_devices,
         "hlo_dots": dots["dots"], "hlo_unknown_trip_counts": dots["unknown_trip_counts"],
         "xla_cost_analysis_flops": float(cost.get("flops", 0.0)) or None,
+        "collective_bytes_per_device": dots["collective_bytes"],
         "model_flops": mf, "flops_over_model_flops": (dots["flops"] * n_devices / mf) if mf else None,
         "peak_tflops": peak_tflops, "mfu_assumed": mfu,
     }
@@ -385,6 +413,9 @@ def format_plan(r: dict) -> str:
         lines.append(f"  memory.estimate_peak_bytes: {format_bytes(r['estimate_peak_bytes'])}{ratio}")
     lines.append(f"  FLOPs per device {r['flops_per_device']:.3e} ({r['flops_method']}; XLA's cost_analysis, "
                  f"which counts each loop body once: {r['xla_cost_analysis_flops'] or 0:.3e})")
+    if r["collective_bytes_per_device"]:
+        kinds = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(r["collective_bytes_per_device"].items()))
+        lines.append(f"  collectives per device (their results' bytes, loop bodies x trip count): {kinds}")
     if r["model_flops"]:
         lines.append(f"  analytic model FLOPs (2 x non-embedding params x tokens x passes) {r['model_flops']:.3e}; "
                      f"counted / analytic {r['flops_over_model_flops']:.2f}")
@@ -419,4 +450,4 @@ def set_virtual_devices(n: int) -> None:
 
 
 __all__ = ["PLAN_METHODS", "DEFAULT_MFU", "PlanError", "plan", "check_mesh", "format_plan", "program", "abstract_batch",
-           "hlo_dot_flops", "forward_flops", "model_flops", "memory_figures", "set_virtual_devices"]
+           "hlo_costs", "forward_flops", "model_flops", "memory_figures", "set_virtual_devices"]

@@ -22,7 +22,7 @@ from jaxinterp import compiler, models
 from jaxinterp.cli import main
 from jaxinterp.config import ModelConfig
 from jaxinterp.memory import abstract_params
-from jaxinterp.plan import PlanError, forward_flops, hlo_dot_flops, memory_figures, plan
+from jaxinterp.plan import PlanError, forward_flops, hlo_costs, memory_figures, plan
 from jaxinterp.shapes import ShapeError, model_config
 
 # Llama-shaped (RMSNorm, rotary, gated MLP, grouped-query attention), small enough to compile quickly
@@ -41,7 +41,7 @@ def test_dot_flops_multiply_loop_bodies(scan):
     cfg = dataclasses.replace(TINY, n_layers=3)
     fn = compiler.jit(lambda p, t: models.forward(p, cfg, t, scan=scan))
     compiled = fn.lower(abstract_params(cfg), jax.ShapeDtypeStruct((2, 16), jnp.int32)).compile()
-    counted = hlo_dot_flops(compiled.as_text())
+    counted = hlo_costs(compiled.as_text())
     assert counted["unknown_trip_counts"] == 0
     assert counted["flops"] == forward_flops(cfg, 2, 16)
     if scan:
@@ -62,7 +62,7 @@ def test_dot_flops_count_a_conditional_as_its_costliest_branch():
 
     compiled = compiler.jit(f).lower(jnp.ones((4, 16)), jnp.ones((16, 16))).compile()
     assert "conditional(" in compiled.as_text()
-    assert hlo_dot_flops(compiled.as_text())["flops"] == 6 * 2 * (2 * 4 * 16 * 16)
+    assert hlo_costs(compiled.as_text())["flops"] == 6 * 2 * (2 * 4 * 16 * 16)
 
 
 def _real_batch(cfg, batch_size, n_pos, seed=0):
@@ -111,6 +111,32 @@ def test_plan_refuses_bad_requests(capsys):
     assert "does not divide" in capsys.readouterr().err
 
 
+_COLLECTIVES_SCRIPT = """
+import jax, jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jaxinterp import compiler
+from jaxinterp.plan import hlo_costs
+mesh = jax.make_mesh((4,), ("x",), axis_types=(AxisType.Auto,))
+def f(a):  # each of 5 loop steps gathers the [64, 32] float32 carry whole: one all-gather of 8 KiB
+    def body(c, _):
+        whole = jax.lax.with_sharding_constraint(jnp.sin(c), NamedSharding(mesh, P()))
+        return jax.lax.with_sharding_constraint(whole[::-1] + c, NamedSharding(mesh, P("x"))), None
+    return jax.lax.scan(body, a, None, length=5)[0]
+a = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+print(hlo_costs(compiler.jit(f).lower(a).compile().as_text())["collective_bytes"])
+"""
+
+
+def test_collective_bytes_multiply_loop_bodies():
+    """The collectives' traffic of a compiled program is counted like its FLOPs: each loop
+    body times its trip count, each collective at its result's size (an all-gather: the
+    gathered array, here 64 x 32 x 4 bytes, five times)."""
+    proc = subprocess.run([sys.executable, "-c", _COLLECTIVES_SCRIPT], env=devices_env(4), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str({"all-gather": 5 * 64 * 32 * 4})
+
+
 _SPLIT_SCRIPT = """
 import json, sys
 from jaxinterp.config import ModelConfig
@@ -126,7 +152,8 @@ def test_a_model_axis_splits_the_node_outputs():
     contraction (d_model split, jaxinterp.sharding.split_nodes), for attribution and circuit
     evaluation alike (one circuit per call, and four at once: their patched runs' buffers
     too), with the layers scanned (6 of them). Left to jit they were replicated: XLA's
-    temporaries per device were 0.88x (EAP) and 0.96x (evaluate) of one device's."""
+    temporaries per device were 0.88x (EAP) and 0.96x (evaluate) of one device's. And no
+    node input is moved or gathered whole for want of a layout (below)."""
     cfg = dataclasses.replace(TINY, n_layers=6, n_heads=8, d_model=128, d_head=16, d_mlp=192, n_ctx=64)
     assert models.use_scan(cfg)
     proc = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT, cfg.to_json()],
@@ -138,6 +165,17 @@ def test_a_model_axis_splits_the_node_outputs():
         assert four["memory_per_device"]["temp"] < 0.5 * one["memory_per_device"]["temp"], method
         # no operand gathered whole for a replicated contraction: a quarter of the work each
         assert four["flops_per_device"] < 0.3 * one["flops_per_device"], method
+    # the q/k/v inputs are formed where their heads are computed. EAP: each group's probe
+    # broadcast on its own (one broadcast split into q, k and v moved its pieces between
+    # devices, 7.5 MiB of collective-permute here); evaluation: the 8 per-query-head k and v
+    # inputs split by heads before they are regrouped by the 2 key/value heads, which 4
+    # devices do not divide (split along d_model, XLA gathered them whole in every layer:
+    # 7.1 and 26.3 MiB of all-gather for 1 and 4 circuits, against 1.1 and 2.3)
+    assert r["EAP 1 1x4"]["collective_bytes_per_device"].get("collective-permute", 0) == 0
+    kv_inputs = 2 * cfg.n_layers * 4 * 32 * cfg.n_heads * cfg.d_model * 4  # bytes of one run's k and v inputs
+    for c in (1, 4):
+        collectives = r[f"evaluate {c} 1x4"]["collective_bytes_per_device"]
+        assert sum(collectives.values()) > 0 and collectives.get("all-gather", 0) < 0.5 * c * kv_inputs, c
     # the memory estimate counts the split, and stays an upper bound on the mesh
     one, four = r["EAP 1 1x1"], r["EAP 1 1x4"]
     assert one["memory_per_device"]["peak"] <= one["estimate_peak_bytes"]
