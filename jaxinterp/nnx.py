@@ -19,7 +19,9 @@ Without a mesh, :data:`LOGICAL_RULES` (the table of :data:`jaxinterp.sharding.ME
 resolves the names in a Flax ``logical_axis_rules`` context.
 
 There is no second forward: ``__call__`` unwraps the parameters and calls
-:func:`jaxinterp.models.forward` (interventions included, through its keyword arguments).
+:func:`jaxinterp.models.forward` (interventions included, through its keyword arguments),
+on a mesh under :func:`jaxinterp.sharding.on_mesh`, so that the node outputs it returns
+(``return_node_outputs=True``) are split along d_model as jaxinterp's methods split them.
 The config stays a static attribute, so ``nnx.split``/``nnx.merge``/``nnx.jit`` treat it
 as part of the graph definition, as ``jax.jit`` treats it as a static argument.
 
@@ -72,6 +74,7 @@ class Transformer(nnx.Module):
             # to place them by the logical names themselves
             flat[path] = nnx.Param(value, eager_sharding=False, **meta)
         self.cfg = cfg
+        self.mesh = mesh  # static, like cfg: __call__ traces under it (sharding.on_mesh)
         self.params = nnx.data(layout.unflatten(flat))
 
     @classmethod
@@ -91,7 +94,14 @@ class Transformer(nnx.Module):
         return Model(self.cfg, self.param_tree(), tokenizer)
 
     def __call__(self, tokens, attention_mask=None, **kwargs):
-        return models.forward(self.param_tree(), self.cfg, tokens, attention_mask, **kwargs)
+        # on a mesh the graph forward splits its node outputs over the model axis, as
+        # jaxinterp's own methods do (jaxinterp.sharding.split_nodes); inside the caller's
+        # jit (nnx.jit: the parameters are tracers) jax.set_mesh is refused, and the
+        # abstract mesh is what tracing reads
+        params = self.param_tree()
+        traced = self.mesh is not None and any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(params))
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh) if traced else sharding.on_mesh(self.mesh):
+            return models.forward(params, self.cfg, tokens, attention_mask, **kwargs)
 
 
 __all__ = ["Transformer", "LOGICAL_RULES"]

@@ -17,6 +17,7 @@ import numpy as np
 BATCH = 5  # does not divide the 2-way data axis: batches are padded with zero-weight rows
 METHODS = ("EAP", "EAP-IG-inputs")
 PRUNE_STEPS = 4
+OA_STEPS, OA_LR = 4, 3e-2
 ACDC_THRESHOLD = 3e-4  # logit difference: keeps 18 of this model's 110 edges, no score within 5e-5 of it
 
 
@@ -92,6 +93,13 @@ def mesh_checks(model_dir: str, csv: str, out: str) -> None:
                            quiet=True)
     scores["prune-log_alpha"] = pruned.log_alpha
     scores["prune-loss"] = pruned.history["loss"]
+    # optimal ablation on the mesh: a few Adam steps of every node's constant (node outputs split)
+    from jaxinterp.optimal_ablation import learn_optimal_ablation
+
+    ablation = learn_optimal_ablation(model, csv, steps=OA_STEPS, lr=OA_LR, batch_size=BATCH, patience=None, mesh=mesh,
+                                      quiet=True)
+    scores["oa-values"], scores["oa-losses"] = ablation.values, ablation.losses
+    scores["oa-loss"] = ablation.history["loss"]
     # position-aware scores on the mesh, on the prompts of one length
     scores["positional-EAP"] = attribute(model, one_length(model, csv), method="EAP", batch_size=BATCH, mesh=mesh,
                                          quiet=True, positional=True).scores

@@ -134,6 +134,8 @@ MESH_CHECK = textwrap.dedent("""
         ids = np.arange(2 * 7).reshape(2, 7) % cfg.vocab_size
         plain = np.asarray(compiler.jit(lambda p, t: models.forward(p, cfg, t))(params, ids))
         logits_close = bool(np.allclose(np.asarray(view(ids)), plain, rtol=1e-4, atol=1e-4))
+        outs = view(ids, return_node_outputs=True)[1]  # [src, batch, pos, d_model]
+        outs_spec = [None if s is None else str(s) for s in outs.sharding.spec]
         opt = nnx.Optimizer(view, optax.sgd(0.1), wrt=nnx.Param)
 
         @nnx.jit
@@ -146,7 +148,8 @@ MESH_CHECK = textwrap.dedent("""
         kept = all(a.sharding.is_equivalent_to(want[p].sharding, a.ndim)
                    for p, a in layout.flatten(view.param_tree()).items())
         out[name] = dict(same=bool(same), logits_close=logits_close, kept_after_step=bool(kept),
-                         w_k=[None if s is None else str(s) for s in want[("blocks", "attn", "w_k")].sharding.spec])
+                         w_k=[None if s is None else str(s) for s in want[("blocks", "attn", "w_k")].sharding.spec],
+                         outs_d_model=outs_spec[-1] if len(outs_spec) == 4 else None)
     print(json.dumps(out))
 """)
 
@@ -160,5 +163,7 @@ def test_state_shardings_on_an_8_device_mesh_match_shard_params(gpt2_dir):
     out = json.loads(run.stdout.strip().splitlines()[-1])
     for name in ("gpt2", "gqa"):
         assert out[name]["same"] and out[name]["logits_close"] and out[name]["kept_after_step"], out
+        # the node outputs split along d_model over the model axis, as jaxinterp's methods split them
+        assert out[name]["outs_d_model"] == "model", out
     assert out["gpt2"]["w_k"] == [None, "model", None, None]  # 4 heads on the 4-way model axis
     assert out["gqa"]["w_k"] == [None, None, None, None]  # 2 kv heads do not divide it: replicated

@@ -160,6 +160,20 @@ def test_edge_pruning_on_mesh(mesh_run, model, ioi_csv):
     np.testing.assert_allclose(mesh_run[1]["prune-log_alpha"], single.log_alpha, atol=1e-4)
 
 
+def test_optimal_ablation_on_mesh(mesh_run, model, ioi_csv):
+    """The learned constants, per-step losses and final per-node losses on the 2x4 mesh are
+    one device's (the steps' programs traced with the node outputs split)."""
+    from jaxinterp.optimal_ablation import learn_optimal_ablation
+    from multidevice_worker import OA_LR, OA_STEPS
+
+    single = learn_optimal_ablation(model, ioi_csv, steps=OA_STEPS, lr=OA_LR, batch_size=BATCH, patience=None,
+                                    quiet=True)
+    np.testing.assert_allclose(mesh_run[1]["oa-loss"], single.history["loss"], rtol=1e-5)
+    np.testing.assert_allclose(mesh_run[1]["oa-losses"], single.losses, rtol=1e-5)
+    scale = np.abs(single.values).max()
+    np.testing.assert_allclose(mesh_run[1]["oa-values"], single.values, rtol=0, atol=1e-5 * scale)
+
+
 def test_position_aware_scores_on_mesh(mesh_run, model, ioi_csv):
     from jaxinterp.attribution import attribute
     from multidevice_worker import one_length
