@@ -190,10 +190,10 @@ def _normed_probe(cfg: ModelConfig, sizes: tuple, rows: tuple, resid: Array, nor
     computed (split, the groups' pieces were moved between devices: Llama-3-70B EAP on 8
     devices, 2 GiB per layer).
     ``carrier``: one array per bound ``(start, stop)`` of ``rows`` (scanned: per segment of
-    layers, ``segment`` this layer's). Backward: ``coef [(pos,) src, n_dst]``'s cotangent
+    layers, ``segment`` this layer's). Backward: ``coef [(pos,) src, sum(sizes)]``'s cotangent
     from the carrier's cotangent (delta's pieces), which is passed on, zero from the last
     bound's ``stop`` on (unrolled: the rows produced so far) and for the pieces after
-    ``segment`` (not upstream). Nothing of size ``n_dst`` is kept from the forward pass."""
+    ``segment`` (not upstream). Nothing of the inputs' size is kept from the forward pass."""
     y = norm(cfg, norm_params, resid)
     return tuple(jnp.broadcast_to(y[None], (n,) + resid.shape) for n in sizes), carrier
 
