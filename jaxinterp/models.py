@@ -406,7 +406,7 @@ class _Edges:
                                         self.segment)
             return xs[0] if sizes is None else xs, dataclasses.replace(self, outs=carrier)
         x = norm(cfg, norm_params, self.inputs(cfg, resid, dst))
-        return x if sizes is None else tuple(jnp.split(x, np.cumsum(sizes)[:-1])), self
+        return x if sizes is None else _groups(x, sizes), self
 
     def at_positions(self, idx: Array) -> "_Edges":
         """These edges at positions ``idx [batch, k]`` only (every ``[..., batch, pos,
@@ -460,6 +460,11 @@ def _buffered(edges: _Edges, scanned: bool, rows: Optional[tuple] = None, spare:
     return dataclasses.replace(edges, outs=outs, bounds=rows, scanned=scanned, buffered=True)
 
 
+def _groups(x: Array, sizes: tuple) -> tuple:
+    """``x [sum(sizes), ...]`` split into consecutive groups of ``sizes`` rows."""
+    return tuple(jnp.split(x, np.cumsum(sizes)[:-1]))
+
+
 def _normed(cfg: ModelConfig, edges: Optional[_Edges], resid: Array, dst: slice, norm_params,
             sizes: Optional[tuple] = None) -> tuple:
     """``(normalised inputs [dst, batch, pos, d_model] (or in groups, ``sizes``: see
@@ -507,6 +512,7 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
     pos, d_mlp], edges after this layer)``.
     """
     H, A = cfg.n_heads, spec.n_attn_inputs
+    qkv = (H, spec.n_kv_inputs, spec.n_kv_inputs)  # q per query head, k and v per query or key/value head
     head_nodes, mlp_nodes = (None, None) if nodes is None else (
         tuple(None if a is None else a[:H] for a in nodes), tuple(None if a is None else a[H:] for a in nodes))
     early = None
@@ -515,12 +521,10 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
         # one product: the [src, batch, pos, d_model] buffer is read once per layer, not
         # twice (the MLP's own product was a matrix-vector one, bound by that read)
         early = edges.replaced_rows(slice(0, A + 1)).astype(resid.dtype)
-        x_qkv = jnp.split(norm(cfg, p["ln1"], resid[None] + early[:A]), [H, H + spec.n_kv_inputs])
+        x_q, x_k, x_v = _groups(norm(cfg, p["ln1"], resid[None] + early[:A]), qkv)
     else:
-        x, edges = _normed(cfg, edges, resid, slice(0, A), p["ln1"], (H, spec.n_kv_inputs, spec.n_kv_inputs))
-        x_qkv = (x,) * 3 if edges is None else x
-    # q per query head, then k and v per query head (default view) or per key/value head
-    x_q, x_k, x_v = x_qkv
+        x, edges = _normed(cfg, edges, resid, slice(0, A), p["ln1"], qkv)
+        x_q, x_k, x_v = (x,) * 3 if edges is None else x
     if edges is not None:  # per-query-head k/v inputs regrouped by key/value head (sharding.split_inputs)
         x_k, x_v = (split_inputs(a, cfg.n_kv_heads) for a in (x_k, x_v))
     mask = ops.attention_mask(key_mask, window)

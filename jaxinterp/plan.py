@@ -157,7 +157,8 @@ def hlo_costs(hlo_text: str) -> dict:
             elif opname == "convolution":
                 stats["convolutions"] += 1
             elif opname.removesuffix("-done") in _COLLECTIVES:
-                add(costs, {opname.removesuffix("-done"): _type_bytes(typ)})
+                kind = opname.removesuffix("-done")
+                costs[kind] = costs.get(kind, 0) + _type_bytes(typ)
             branches = []
             for kind, callees in _CALLEE.findall(op):
                 names = re.findall(r"%?([\w.\-]+)", callees)
