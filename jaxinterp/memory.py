@@ -57,7 +57,8 @@ too where it divides d_model: they are split along d_model
 (:func:`jaxinterp.sharding.split_nodes`). Attention, MLP units and ``exact``'s activations
 are counted as if replicated (an upper bound).
 Against XLA's figure on meshes (``jaxinterp plan``, 8 x 64 tokens): Llama-3-70B on 1x8
-and 1x16, 1.83-2.13x for EAP and the EAP-IG methods, 3.1-3.3x for clean-corrupted;
+and 1x16, 1.83-2.13x for EAP and the EAP-IG methods (on 1x16 EAP 2.27x and EAP-IG-inputs
+2.23x since session 20, whose layout splits the k/v weights too), 3.1-3.3x for clean-corrupted;
 Llama-3.2-1B on 1x8, GPT-2-small on 2x4, Gemma-2-2B on 1x8 and Qwen2.5-0.5B on 2x2
 (smaller batches), 1.31-3.49x (tests/test_plan.py keeps it an upper bound on a 1x4 mesh).
 """

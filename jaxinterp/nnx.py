@@ -13,7 +13,8 @@ table (:data:`jaxinterp.layout.LEAVES`), e.g. ``("layer", "head", "d_model", "d_
 for ``blocks/attn/w_q``. On a mesh the arrays are placed by
 :func:`jaxinterp.sharding.shard_params`, and each ``Param`` also carries
 ``sharding_rules``: its own logical axes resolved for that mesh (``kv_head -> None``
-where 2 key/value heads do not divide a 4-way ``model`` axis), so
+where 2 key/value heads do not divide a 4-way ``model`` axis; ``d_model -> model`` for the
+attention projections, :data:`jaxinterp.sharding.LEAF_RULES`), so
 ``nnx.get_partition_spec(nnx.state(view))`` gives exactly :func:`jaxinterp.sharding.param_specs`.
 Without a mesh, :data:`LOGICAL_RULES` (the table of :data:`jaxinterp.sharding.MESH_RULES`)
 resolves the names in a Flax ``logical_axis_rules`` context.
@@ -21,7 +22,9 @@ resolves the names in a Flax ``logical_axis_rules`` context.
 There is no second forward: ``__call__`` unwraps the parameters and calls
 :func:`jaxinterp.models.forward` (interventions included, through its keyword arguments),
 on a mesh under :func:`jaxinterp.sharding.on_mesh`, so that the node outputs it returns
-(``return_node_outputs=True``) are split along d_model as jaxinterp's methods split them.
+(``return_node_outputs=True``) are split along d_model as jaxinterp's methods split them;
+inside the caller's ``nnx.jit`` the parameters are read in their own layout, so a training
+step returns them in it.
 The config stays a static attribute, so ``nnx.split``/``nnx.merge``/``nnx.jit`` treat it
 as part of the graph definition, as ``jax.jit`` treats it as a static argument.
 
@@ -101,6 +104,12 @@ class Transformer(nnx.Module):
         params = self.param_tree()
         traced = self.mesh is not None and any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(params))
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh) if traced else sharding.on_mesh(self.mesh):
+            if traced:
+                # read in their own layout (sharding.param_specs), so that their gradients, and
+                # what the caller's optimizer makes of them, keep it too: left to XLA, the
+                # vectors along d_model (norms, biases) came back split along it, like the
+                # attention projections around them (sharding.LEAF_RULES)
+                params = jax.lax.with_sharding_constraint(params, sharding.param_specs(params, dict(self.mesh.shape)))
             return models.forward(params, self.cfg, tokens, attention_mask, **kwargs)
 
 

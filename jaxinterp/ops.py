@@ -224,7 +224,8 @@ def attention_pattern(q: Array, k: Array, mask: Array, scale: Optional[float] = 
 
 def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
                     rotary: Optional[Callable[[Array], Array]] = None, head_major: bool = False,
-                    scale: Optional[float] = None, logit_softcap: Optional[float] = None) -> Array:
+                    scale: Optional[float] = None, logit_softcap: Optional[float] = None,
+                    layout: Optional[Callable[[Array], Array]] = None) -> Array:
     """Multi-head (or grouped-query) attention, returned per head.
 
     ``x_q, x_k, x_v``: normalised inputs, each ``[batch, pos, d_model]`` or one per query
@@ -235,7 +236,9 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
     graph's grouped view).
 
     ``rotary`` maps ``q`` and ``k`` (``[batch, pos, head, d_head]``) to their rotated
-    values; ``scale`` and ``logit_softcap`` as :func:`attention_pattern`.
+    values; ``scale`` and ``logit_softcap`` as :func:`attention_pattern`; ``layout`` maps
+    the projected ``q``, ``k`` and ``v`` (``[batch, pos, head, d_head]``) to themselves
+    with a sharding (:func:`jaxinterp.sharding.split_heads`).
 
     Returns each head's contribution to the residual stream, ``z_h @ w_o[h]``:
     ``[batch, pos, head, d_model]``, or ``[head, batch, pos, d_model]`` with
@@ -251,6 +254,8 @@ def attention_heads(p: Params, x_q: Array, x_k: Array, x_v: Array, mask: Array,
     q = project_heads(x_q, p["w_q"], p.get("b_q"))
     k = project_heads(x_k, w_k, b_k)
     v = project_heads(x_v, w_v, b_v)
+    if layout is not None:
+        q, k, v = layout(q), layout(k), layout(v)
     if rotary is not None:
         q, k = rotary(q), rotary(k)
     probs = attention_pattern(q, k, mask, scale, logit_softcap).astype(v.dtype)

@@ -1,7 +1,8 @@
 """Sharding attribution over a device mesh with axes ``("data", "model")``.
 
-Examples are split over ``data``; attention heads, MLP hidden units and the vocabulary
-over ``model`` (Megatron-style tensor parallelism). The layout is declared as data: each
+Examples are split over ``data``; MLP hidden units, the vocabulary and attention heads'
+computations over ``model`` (Megatron-style tensor parallelism), the attention projections'
+weights along d_model (:data:`LEAF_RULES`). The layout is declared as data: each
 parameter leaf's logical axes come from the one parameter table, :data:`jaxinterp.layout.LEAVES`
 (:data:`PARAM_AXES` is its view), and a small table maps logical axes to mesh axes
 (:data:`MESH_RULES`). A dimension that the mesh axis does not divide (e.g. 2 key/value
@@ -43,6 +44,19 @@ PARAM_AXES = {path: leaf.axes for path, leaf in LEAVES.items()}
 
 # Logical axis -> mesh axis; axes not listed are replicated.
 MESH_RULES = {"head": "model", "kv_head": "model", "d_mlp": "model", "vocab": "model", "batch": "data"}
+
+# Per-leaf exceptions to MESH_RULES. The attention projections are split along d_model, not
+# by heads: their inputs and outputs in the circuit graph (every head's q/k/v inputs, every
+# head's output) are split along d_model over ``model`` like the node outputs they are
+# mixed from (:func:`split_nodes`), and head-split weights made XLA move those
+# [head, batch, pos, d_model] arrays between the two splits in every layer (Llama-3-70B EAP
+# on 8 devices, 8 x 64 tokens: 50 of the 65 GiB each device received). Split like them, a
+# layer moves only the heads' small [batch, pos, head, d_head] values (to and from the
+# heads' split, :func:`split_heads`, where attention itself runs): 65 -> 27 GiB, the same
+# memory and FLOPs; on 16 devices 45 -> 27 GiB and 39.5 -> 34.2 GiB peak (8 key/value heads
+# do not divide 16, d_model does). The MLP keeps Megatron's split of its hidden units.
+LEAF_RULES = {("blocks", "attn", w): {"head": None, "kv_head": None, "d_model": "model"}
+              for w in ("w_q", "w_k", "w_v", "w_o")}
 
 
 class MeshError(ValueError):
@@ -137,22 +151,18 @@ def _batch_axis(n_batch: int) -> Optional[str]:
     return MESH_RULES["batch"] if data > 1 and n_batch % data == 0 else None
 
 
-def split_inputs(x: jax.Array, n_weights: int) -> jax.Array:
-    """``x [input, batch, pos, d_model]``: one input per query head to ``n_weights`` key or
-    value heads (grouped-query attention, the graph's default view), constrained to inputs
-    over ``model`` and batch over ``data`` where ``model`` divides the inputs but not the
-    key/value heads (their weights are then replicated); unchanged otherwise. Each group's
-    inputs meet one head's weights (:func:`jaxinterp.ops.project_heads` regroups them to
-    ``[n_weights, group, ...]``), and XLA could not regroup inputs split along d_model like
-    the node outputs they are mixed from: it gathered them whole on every device in every
-    layer (Llama-3-70B on 16 devices, Gemma-2-2B on 8; "Involuntary full
-    rematerialization": 70B evaluation moved 181 GiB per device, now 81). Applied to every
-    q/k/v input, where nothing was gathered, it only cost memory (Llama-3.2-1B on 8 devices,
-    4 circuits: temporaries 2.07 -> 2.99 GiB)."""
+def split_heads(x: jax.Array) -> jax.Array:
+    """``x [batch, pos, head, d_head]`` (a layer's q, k or v) constrained to heads over
+    ``model`` and batch over ``data`` where the axes divide them; unchanged without a
+    ``model`` axis of 2 or more. The projections' weights are split along d_model
+    (:data:`LEAF_RULES`), so their products are partial sums over the devices; split by
+    heads, they are reduced straight to the heads each device attends with (left to
+    ``jit``, every device kept every head's q/k/v and ran every head's attention: Llama-3-70B
+    EAP on 8 devices, +4.4 GiB per device)."""
     ways = model_ways()
-    if ways == 1 or x.shape[0] % ways or not n_weights % ways or x.shape[0] == n_weights:
+    if ways == 1 or x.shape[2] % ways:
         return x
-    return jax.lax.with_sharding_constraint(x, P("model", _batch_axis(x.shape[1])))
+    return jax.lax.with_sharding_constraint(x, P(_batch_axis(x.shape[0]), None, "model"))
 
 
 def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str, ...]:
@@ -166,12 +176,15 @@ def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str, ...]:
     return axes
 
 
-def partition_spec(axes: Sequence[str], shape: Sequence[int], mesh_shape: dict) -> P:
-    """Mesh axis per dimension from :data:`MESH_RULES`, or None (replicated) where the
-    dimension does not divide the mesh axis or a mesh axis is already used."""
+def partition_spec(axes: Sequence[str], shape: Sequence[int], mesh_shape: dict,
+                   rules: Optional[dict] = None) -> P:
+    """Mesh axis per dimension from ``rules`` (default :data:`MESH_RULES`), or None
+    (replicated) where the dimension does not divide the mesh axis or a mesh axis is
+    already used."""
+    rules = MESH_RULES if rules is None else rules
     out = []
     for name, size in zip(axes, shape):
-        target = MESH_RULES.get(name)
+        target = rules.get(name)
         ways = mesh_shape.get(target, 1)
         # a mesh axis shards one dimension at most; a 1-way axis is the same as none
         ok = target is not None and target not in out and ways > 1 and size % ways == 0
@@ -185,10 +198,14 @@ def _path_names(path) -> tuple[str, ...]:
 
 def param_specs(params, mesh_shape: dict):
     """The :class:`PartitionSpec` of every leaf of ``params`` for a mesh of ``mesh_shape``
-    (e.g. ``{"data": 2, "model": 4}``); a pytree like ``params``."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, a: partition_spec(logical_axes(_path_names(path), np.ndim(a)), np.shape(a), mesh_shape),
-        params)
+    (e.g. ``{"data": 2, "model": 4}``), by :data:`MESH_RULES` and :data:`LEAF_RULES`; a
+    pytree like ``params``."""
+    def spec(path, a):
+        names = _path_names(path)
+        return partition_spec(logical_axes(names, np.ndim(a)), np.shape(a), mesh_shape,
+                              {**MESH_RULES, **LEAF_RULES.get(names, {})})
+
+    return jax.tree_util.tree_map_with_path(spec, params)
 
 
 def _put(x, sharding: NamedSharding) -> jax.Array:

@@ -165,5 +165,6 @@ def test_state_shardings_on_an_8_device_mesh_match_shard_params(gpt2_dir):
         assert out[name]["same"] and out[name]["logits_close"] and out[name]["kept_after_step"], out
         # the node outputs split along d_model over the model axis, as jaxinterp's methods split them
         assert out[name]["outs_d_model"] == "model", out
-    assert out["gpt2"]["w_k"] == [None, "model", None, None]  # 4 heads on the 4-way model axis
-    assert out["gqa"]["w_k"] == [None, None, None, None]  # 2 kv heads do not divide it: replicated
+    # the attention projections along d_model (jaxinterp.sharding.LEAF_RULES), also where the
+    # 2 key/value heads do not divide the 4-way model axis
+    assert out["gpt2"]["w_k"] == out["gqa"]["w_k"] == [None, None, "model", None]

@@ -165,17 +165,27 @@ def test_a_model_axis_splits_the_node_outputs():
         assert four["memory_per_device"]["temp"] < 0.5 * one["memory_per_device"]["temp"], method
         # no operand gathered whole for a replicated contraction: a quarter of the work each
         assert four["flops_per_device"] < 0.3 * one["flops_per_device"], method
-    # the q/k/v inputs are formed where their heads are computed. EAP: each group's probe
-    # broadcast on its own (one broadcast split into q, k and v moved its pieces between
-    # devices, 7.5 MiB of collective-permute here); evaluation: the 8 per-query-head k and v
-    # inputs split by heads before they are regrouped by the 2 key/value heads, which 4
-    # devices do not divide (split along d_model, XLA gathered them whole in every layer:
-    # 7.1 and 26.3 MiB of all-gather for 1 and 4 circuits, against 1.1 and 2.3)
-    assert r["EAP 1 1x4"]["collective_bytes_per_device"].get("collective-permute", 0) == 0
-    kv_inputs = 2 * cfg.n_layers * 4 * 32 * cfg.n_heads * cfg.d_model * 4  # bytes of one run's k and v inputs
+    # nothing the size of a layer's node inputs or outputs moves between devices. EAP: each
+    # group's probe broadcast on its own (one broadcast split into q, k and v moved its pieces,
+    # 7.5 MiB of collective-permute here); the attention projections split along d_model like
+    # the nodes they read and write (sharding.LEAF_RULES; split by heads, the head outputs
+    # [head, batch, pos, d_model] and the q/k/v inputs' gradients went from the heads' split
+    # to d_model's in every layer: 3.75 MiB of all-to-all, 1.25x one run's head outputs);
+    # evaluation: the 8 per-query-head k and v inputs are regrouped by the 2 key/value heads,
+    # which 4 devices do not divide, without gathering them whole (7.1 and 26.3 MiB of
+    # all-gather for 1 and 4 circuits, against 1.5 and 2.3)
+    eap = r["EAP 1 1x4"]["collective_bytes_per_device"]
+    head_outputs = cfg.n_layers * 4 * 32 * cfg.n_heads * cfg.d_model * 4  # one run's, in bytes
+    assert sum(eap.values()) > 0 and eap.get("collective-permute", 0) == 0, eap
+    assert eap.get("all-to-all", 0) < 0.25 * head_outputs, eap
+    kv_inputs = 2 * head_outputs  # one run's k and v inputs, one per query head
     for c in (1, 4):
         collectives = r[f"evaluate {c} 1x4"]["collective_bytes_per_device"]
         assert sum(collectives.values()) > 0 and collectives.get("all-gather", 0) < 0.5 * c * kv_inputs, c
+    # nor is anything regathered whole for want of a layout (XLA warns when it must: the k/v
+    # weights, split along d_model, were regathered in every layer of EAP's backward until the
+    # k/v inputs were constrained to d_model's split too, models._block)
+    assert "Involuntary full rematerialization" not in proc.stderr
     # the memory estimate counts the split, and stays an upper bound on the mesh
     one, four = r["EAP 1 1x1"], r["EAP 1 1x4"]
     assert one["memory_per_device"]["peak"] <= one["estimate_peak_bytes"]

@@ -104,10 +104,11 @@ def test_scanned_layers_on_mesh_equal_single_device(mesh_run, single):
 
 def test_parameters_are_sharded(mesh_run):
     layout = mesh_run[0]["layout"]
-    # heads and MLP units over the 4-way model axis: 4 different shards on 8 devices
-    assert layout["w_q"]["spec"] == [None, "model", None, None]
-    assert layout["w_q"]["distinct_shards"] == 4 and layout["w_q"]["shard_shape"] == [2, 1, 64, 16]
-    assert layout["w_k"]["spec"] == [None, "model", None, None]  # 4 kv heads here: they divide
+    # the attention projections along d_model (sharding.LEAF_RULES) and the MLP units over the
+    # 4-way model axis: 4 different shards on 8 devices
+    assert layout["w_q"]["spec"] == [None, None, "model", None]
+    assert layout["w_q"]["distinct_shards"] == 4 and layout["w_q"]["shard_shape"] == [2, 4, 16, 16]
+    assert layout["w_k"]["spec"] == [None, None, "model", None]
     assert layout["w_in"]["spec"] == [None, None, "model"] and layout["w_in"]["shard_shape"] == [2, 64, 64]
     assert layout["w_out"]["spec"] == [None, "model", None] and layout["w_out"]["distinct_shards"] == 4
     # a vocabulary of 35 does not divide 4: replicated
@@ -212,21 +213,25 @@ def test_mesh_larger_than_devices_is_refused():
 
 
 def test_specs_fall_back_to_replication():
-    # GQA with 2 kv heads and 342 MLP units on a 4-way model axis: neither divides
+    # GQA with 2 kv heads and 342 MLP units on a 4-way model axis: neither divides; the
+    # attention projections are split along d_model (sharding.LEAF_RULES), which 4 divides
     cfg = ModelConfig(n_layers=2, n_heads=8, n_kv_heads=2, d_model=64, d_head=8, d_mlp=342, vocab_size=512,
                       n_ctx=64, norm="rmsnorm", positional="rotary", act_fn="silu", gated_mlp=True,
                       qkv_bias=False, out_bias=False, mlp_bias=False)
     specs = param_specs(abstract_params(cfg), {"data": 2, "model": 4})
     attn, mlp = specs["blocks"]["attn"], specs["blocks"]["mlp"]
-    assert attn["w_q"] == P(None, "model", None, None) and attn["w_o"] == P(None, "model", None, None)
-    assert attn["w_k"] == P(None, None, None, None) and attn["w_v"] == P(None, None, None, None)
+    assert attn["w_q"] == P(None, None, "model", None) and attn["w_o"] == P(None, None, None, "model")
+    assert attn["w_k"] == P(None, None, "model", None) and attn["w_v"] == P(None, None, "model", None)
     assert mlp["w_in"] == P(None, None, None) and mlp["w_out"] == P(None, None, None)
     assert specs["embed"]["w_e"] == P("model", None) and specs["unembed"]["w_u"] == P(None, "model")
     assert specs["blocks"]["ln1"]["w"] == P(None, None) and specs["ln_f"]["w"] == P(None)
-    # on a 2-way model axis the kv heads and MLP units divide
+    # on a 2-way model axis the MLP units divide
     specs2 = param_specs(abstract_params(cfg), {"data": 4, "model": 2})
-    assert specs2["blocks"]["attn"]["w_k"] == P(None, "model", None, None)
     assert specs2["blocks"]["mlp"]["w_gate"] == P(None, None, "model")
+    # a model axis that does not divide d_model: the attention projections replicated, not
+    # split by heads instead
+    specs128 = param_specs(abstract_params(cfg), {"data": 1, "model": 128})["blocks"]["attn"]
+    assert all(specs128[w] == P(None, None, None, None) for w in ("w_q", "w_k", "w_v", "w_o"))
     # no model axis: everything replicated
     assert all(all(a is None for a in spec) for spec in
                __import__("jax").tree.leaves(param_specs(abstract_params(cfg), {"data": 8, "model": 1}),
