@@ -63,7 +63,6 @@ from .compiler import jit
 from .data import Pairs
 from .graph import Graph, GraphSpec
 from .interventions import TaskMetric, circuit_values, corrupted_outputs, prepare_run, weighted_sum
-from .sharding import on_mesh
 
 
 def processing_order(spec: GraphSpec) -> list[int]:
@@ -203,8 +202,7 @@ def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div
     run = prepare_run(model, data, metric, intervention, intervention_data, batch_size, mesh)
     cfg, params = model.cfg, run.model.params
     stacked = stack_batches(run.pairs, batch_size, mesh)
-    with on_mesh(mesh):  # node outputs split over the model axis (jaxinterp.sharding.split_nodes)
-        clean_logits, corr_outs = _prepare(params, stacked, run.means, cfg=cfg, intervention=intervention)
+    clean_logits, corr_outs = _prepare(params, stacked, run.means, cfg=cfg, intervention=intervention)
     real = spec.real_edge_mask if candidates is None else spec.real_edge_mask & np.asarray(candidates, bool)
     in_graph = jnp.asarray(real)
     scores = np.zeros(real.shape, np.float32)
@@ -224,9 +222,8 @@ def acdc(model, data: Union[str, Pairs], threshold: float, metric: str = "kl_div
             continue
         padded = np.full(spec.n_forward, -1, np.int32)
         padded[:len(parents)] = parents
-        with on_mesh(mesh):
-            in_graph, results, current = _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst,
-                                                        padded, jnp.float32(threshold), current, **kw)
+        in_graph, results, current = _process_input(params, stacked, clean_logits, corr_outs, in_graph, dst, padded,
+                                                    jnp.float32(threshold), current, **kw)
         results = np.asarray(results)[:len(parents)]
         if not np.isfinite(results).all():  # every edge into dst is present, so every one was tested
             raise ValueError(f"ACDC: non-finite metric values at {spec.backward_names[dst]}; check the data "

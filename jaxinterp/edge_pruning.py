@@ -43,7 +43,7 @@ from .graph import Graph, GraphSpec
 from .interventions import Run, TaskMetric, circuit_values, corrupted_outputs, prepare_run
 from .names import OBJECTIVES, check_name
 from .positional import PositionalGraph, check_one_length, position_labels
-from .sharding import batches as shard_batches, on_mesh, replicate, to_host
+from .sharding import batches as shard_batches, replicate, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,9 +201,8 @@ def learn_circuit(model, data: Union[str, Pairs], n_edges: int, *, objective: st
     for i in tqdm(range(steps), desc="edge pruning", disable=quiet):
         ramp = min(1.0, i / max(warmup * steps, 1e-9)) if warmup > 0 else 1.0
         target = 1.0 + ramp * (final_density - 1.0)
-        with on_mesh(mesh):  # node outputs split over the model axis (jaxinterp.sharding.split_nodes)
-            state, record = _train_step(state, run.model.params, batches[i % len(batches)], run.means,
-                                        jax.random.fold_in(base_key, i), jnp.float32(target), jnp.float32(scale), **kw)
+        state, record = _train_step(state, run.model.params, batches[i % len(batches)], run.means,
+                                    jax.random.fold_in(base_key, i), jnp.float32(target), jnp.float32(scale), **kw)
         records.append(record)
         targets.append(target)
     records = np.stack([to_host(r) for r in records])

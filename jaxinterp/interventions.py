@@ -45,7 +45,7 @@ from .data import Pairs, load_pairs, year_token_ids
 from .graph import GraphSpec
 from .models import EdgeIntervention, forward
 from .names import INTERVENTIONS, METRICS, check_name
-from .sharding import batches as shard_batches, on_mesh, replicate, shard_model, to_host
+from .sharding import batches as shard_batches, replicate, shard_model, to_host
 
 MEAN_INTERVENTIONS = ("mean", "mean-positional")
 #: the interventions that patch in per-node values (``means``, :func:`intervention_means`)
@@ -257,8 +257,7 @@ def sum_over_batches(fn: Callable[[dict], Any], pairs: Pairs, batch_size: int, m
     total = None
     for batch in tqdm(shard_batches(pairs, batch_size, mesh), total=pairs.n_batches(batch_size), desc=desc,
                       disable=quiet):
-        with on_mesh(mesh):  # traced for the mesh: node outputs split over its model axis
-            value = jax.tree.map(lambda x: to_host(x).astype(np.float64), fn(batch))
+        value = jax.tree.map(lambda x: to_host(x).astype(np.float64), fn(batch))
         total = value if total is None else jax.tree.map(np.add, total, value)
     if total is None:
         raise ValueError("the data has no examples")

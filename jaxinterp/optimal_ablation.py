@@ -69,7 +69,7 @@ from .data import Pairs
 from .graph import GraphSpec
 from .interventions import load_data, mean_activations, sum_over_batches
 from .models import EdgeIntervention, forward
-from .sharding import batches as shard_batches, on_mesh, replicate, shard_model, to_host
+from .sharding import batches as shard_batches, replicate, shard_model, to_host
 
 FORMAT = "jaxinterp optimal ablation 1"
 
@@ -199,8 +199,7 @@ def learn_optimal_ablation(model, data: Union[str, Pairs], steps: int = 1000, lr
     batches = list(shard_batches(pairs, batch_size, mesh))
     losses, best, stale = [], np.inf, 0
     for i in tqdm(range(steps), desc="optimal ablation", disable=quiet):
-        with on_mesh(mesh):  # traced as ablation_losses traced it (sum_over_batches): node outputs split on a mesh
-            state, sums, count = _step(state, sharded.params, batches[i % len(batches)], rate, cfg=cfg)
+        state, sums, count = _step(state, sharded.params, batches[i % len(batches)], rate, cfg=cfg)
         losses.append((sums / jnp.maximum(count, 1.0)).mean())  # the step's loss, mean over nodes
         if patience is not None and i % check_every == 0:
             now = float(to_host(losses[-1]))

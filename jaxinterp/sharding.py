@@ -106,7 +106,8 @@ def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence] = None)
 # Llama-3-70B EAP, 8 x 64 tokens, needed ~300 GiB per device on 8 devices and no less on 16.
 # Split along d_model, each device holds 1/model of them and contracts its slice of d_model
 # (the [src, dst] partial scores are summed over ``model``). The layout needs the mesh
-# while the program is traced: :func:`on_mesh` puts it in context.
+# while the program is traced: :func:`on_mesh` puts it in context, and every program of
+# :func:`jaxinterp.compiler.jit` enters the mesh of its sharded arguments (:func:`mesh_of`).
 
 
 def on_mesh(mesh: Optional[Mesh]):
@@ -115,6 +116,25 @@ def on_mesh(mesh: Optional[Mesh]):
     and the node outputs are laid out as ``jit`` propagates them."""
     set_mesh = getattr(jax, "set_mesh", None)
     return contextlib.nullcontext() if mesh is None or set_mesh is None else set_mesh(mesh)
+
+
+def mesh_of(args: Sequence) -> contextlib.AbstractContextManager:
+    """:func:`on_mesh` of the mesh that ``args`` (a program's arguments) are laid out on, over
+    2 or more devices; a context that does nothing where none is, or a mesh is already in
+    context. :func:`jaxinterp.compiler.jit` calls every program under it, so that a program
+    given sharded arguments is traced for their mesh without its caller entering it.
+
+    Each argument is judged by its first array (a pytree's first leaf, by first items of
+    dicts, lists and tuples: an argument's arrays share one mesh): ~8 us for four arguments
+    on one device, where reading every leaf's sharding took ~50 us for 30 leaves (a jitted
+    call's dispatch: ~35 us on this 2-core machine)."""
+    for x in args:
+        while isinstance(x, (dict, list, tuple)) and x:
+            x = next(iter(x.values())) if isinstance(x, dict) else x[0]
+        sharding = x.sharding if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) else None
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return on_mesh(sharding.mesh) if _context_mesh() is None else contextlib.nullcontext()
+    return contextlib.nullcontext()
 
 
 def _context_mesh():

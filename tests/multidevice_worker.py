@@ -57,14 +57,19 @@ def mesh_checks(model_dir: str, csv: str, out: str) -> None:
                         "distinct_shards": len({tuple((s.start, s.stop) for s in sh.index)
                                                 for sh in a.addressable_shards}),
                         "shard_shape": list(a.addressable_shards[0].data.shape), "shape": list(a.shape)}
+    # a program of jaxinterp.compiler.jit given sharded parameters is traced for their mesh,
+    # without its caller entering it (sharding.mesh_of): node outputs split along d_model
+    from jaxinterp import compiler, models
+
+    ids = np.arange(12).reshape(2, 6) % model.cfg.vocab_size
+    outs = compiler.jit(lambda p, t: models.forward(p, model.cfg, t, return_node_outputs=True)[1])(params, ids)
+    layout["node_outputs"] = {"spec": [None if s is None else str(s) for s in outs.sharding.spec]}
     scores = {}
     for method in METHODS:
         scores[method] = attribute(model, csv, method=method, ig_steps=3, batch_size=BATCH, mesh=mesh,
                                    quiet=True).scores
     # the scanned layer loop on the mesh too (this 2-layer model runs unrolled by default):
     # its node outputs and edge contraction split over the model axis
-    from jaxinterp import models
-
     shallow, models.SCAN_MIN_LAYERS = models.SCAN_MIN_LAYERS, 1
     jax.clear_caches()  # the depth is read when a program is traced
     scores["scanned-EAP"] = attribute(model, csv, method="EAP", batch_size=BATCH, mesh=mesh, quiet=True).scores

@@ -113,6 +113,9 @@ def test_parameters_are_sharded(mesh_run):
     assert layout["w_out"]["spec"] == [None, "model", None] and layout["w_out"]["distinct_shards"] == 4
     # a vocabulary of 35 does not divide 4: replicated
     assert layout["w_e"]["spec"] == [None, None] and layout["w_e"]["distinct_shards"] == 1
+    # node outputs [src, batch, pos, d_model] of a jitted forward on the sharded parameters:
+    # batch over data, d_model over model, with no mesh entered by the caller
+    assert layout["node_outputs"]["spec"] == [None, "data", None, "model"]
 
 
 def test_cli_mesh_flag(mesh_run, single):
