@@ -3,6 +3,7 @@
     python benchmarks/bench_plan.py scale      # Llama-3-8B (1 device) and Llama-3-70B (8, 16 devices)
     python benchmarks/bench_plan.py depth      # AOT compile time of EAP vs depth, scan vs unrolled
     python benchmarks/bench_plan.py table      # the README's scale table, from the scale run's results
+    python benchmarks/bench_plan.py layouts    # meshes' collectives and XLA's layout warnings, 15 cases
 
 Each plan runs as ``jaxinterp plan ... --json`` in its own process under ``timeout``
 (virtual CPU devices need a fresh jax) and its figures go, with the command, the
@@ -56,7 +57,9 @@ def run_plan(name: str, args: list[str], timeout: int, unrolled: Optional[bool] 
     except subprocess.TimeoutExpired:
         status = f"timed out after {timeout}s"
     record = json.load(open(out)) if status == "ok" else {}
-    record.update(benchmark="plan", name=name, status=status, wall_s=time.perf_counter() - t,
+    # XLA's SPMD partitioner warns when a layout forces it to gather an array whole
+    warnings = proc.stderr.count("Involuntary full rematerialization") if status == "ok" else None
+    record.update(benchmark="plan", name=name, status=status, wall_s=time.perf_counter() - t, remat_warnings=warnings,
                   command="jaxinterp plan " + " ".join(args), layers_unrolled=unrolled, loadavg_before=before, loadavg_after=loadavg(),
                   machine=machine())
     write(f"plan_{name}.json", record)
@@ -110,6 +113,48 @@ def table() -> None:
               f"| {r['lower_s'] + r['compile_s']:.0f} s | {r['seconds_at_mfu'] * 1e3:.0f} |")
 
 
+# A Llama-shaped model whose 2 key/value heads a 4-way model axis does not divide, as
+# tests/test_plan.py's (6 layers, 8 heads x 16, d_model 128), and named shapes on the meshes
+# where their layouts differ: (name, shape, method, circuits, mesh, batch, pos)
+SMALL_GQA = dict(model_type="llama", vocab_size=64, hidden_size=128, intermediate_size=192, num_hidden_layers=6,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                 tie_word_embeddings=False)
+LAYOUT_CASES = [("small_gqa", None, "EAP", 1, "1x4", 4, 32), ("small_gqa", None, "evaluate", 1, "1x4", 4, 32),
+                ("small_gqa", None, "evaluate", 4, "1x4", 4, 32), ("small_gqa", None, "evaluate", 4, "2x2", 4, 32),
+                ("small_gqa", None, "EAP-IG-inputs", 1, "1x4", 4, 32)] + [
+    (shape.replace("-", "_").replace(".", "_"), shape, method, c, mesh, 8, 64)
+    for shape, method, c, mesh in (("llama-3.2-1b", "EAP", 1, "1x8"), ("llama-3.2-1b", "evaluate", 1, "1x8"),
+                                   ("llama-3.2-1b", "evaluate", 4, "1x8"), ("llama-3.2-1b", "evaluate", 4, "2x4"),
+                                   ("gpt2", "evaluate", 4, "2x4"), ("gemma-2-2b", "evaluate", 1, "1x8"),
+                                   ("gemma-2-2b", "EAP", 1, "1x8"), ("llama-3-70b", "EAP", 1, "1x16"),
+                                   ("llama-3-70b", "evaluate", 1, "1x16"), ("qwen2.5-0.5b", "evaluate", 2, "2x2"))]
+
+
+def layouts(timeout: int) -> None:
+    """Per device: XLA's peak and temporaries, FLOPs, the collectives' traffic and the count
+    of XLA's "Involuntary full rematerialization" warnings, for each of :data:`LAYOUT_CASES`;
+    a markdown table at the end."""
+    config = os.path.join(tempfile.mkdtemp(), "config.json")
+    with open(config, "w") as f:
+        json.dump(SMALL_GQA, f)
+    rows = []
+    for name, shape, method, c, mesh, b, pos in LAYOUT_CASES:
+        tag = f"layout_{name}_{method.lower().replace('-', '')}_c{c}_{mesh}"
+        r = run_plan(tag, ["--shape", shape or config, "--method", method, "--circuits", str(c), "--mesh", mesh,
+                           "--batch-size", str(b), "--pos", str(pos)], timeout)
+        rows.append((shape or "small GQA (test_plan's)", method, c, mesh, r))
+    print("| shape | method | circuits | mesh | XLA peak / temp per device | FLOPs / device | collectives / device "
+          "| remat warnings |\n|" + "---|" * 8)
+    for shape, method, c, mesh, r in rows:
+        if r["status"] != "ok":
+            print(f"| {shape} | {method} | {c} | {mesh} | {r['status']} | | | |")
+            continue
+        mem = r["memory_per_device"]
+        moved = sum(r["collective_bytes_per_device"].values())
+        print(f"| {shape} | {method} | {c} | {mesh} | {mem['peak'] / 2**30:.3f} / {mem['temp'] / 2**30:.3f} GiB "
+              f"| {r['flops_per_device']:.3e} | {moved / 2**30:.3f} GiB | {r['remat_warnings']} |")
+
+
 def depth(timeout: int, unrolled_timeout: int) -> None:
     config = os.path.join(tempfile.mkdtemp(), "config.json")
     with open(config, "w") as f:
@@ -123,7 +168,7 @@ def depth(timeout: int, unrolled_timeout: int) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["scale", "depth", "table"])
+    ap.add_argument("which", choices=["scale", "depth", "table", "layouts"])
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per plan")
     ap.add_argument("--unrolled-timeout", type=int, default=600, help="seconds per unrolled compile (depth)")
     args = ap.parse_args()
@@ -131,6 +176,8 @@ def main():
         scale(args.timeout)
     elif args.which == "table":
         table()
+    elif args.which == "layouts":
+        layouts(args.timeout)
     else:
         depth(args.timeout, args.unrolled_timeout)
 
