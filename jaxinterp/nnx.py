@@ -17,7 +17,9 @@ where 2 key/value heads do not divide a 4-way ``model`` axis; ``d_model -> model
 attention projections, :data:`jaxinterp.sharding.LEAF_RULES`), so
 ``nnx.get_partition_spec(nnx.state(view))`` gives exactly :func:`jaxinterp.sharding.param_specs`.
 Without a mesh, :data:`LOGICAL_RULES` (the table of :data:`jaxinterp.sharding.MESH_RULES`)
-resolves the names in a Flax ``logical_axis_rules`` context.
+resolves the names in a Flax ``logical_axis_rules`` context; one table per axis name cannot
+hold the per-leaf exceptions (the attention projections split along d_model, not by heads),
+so for jaxinterp's own layout give ``mesh=``.
 
 There is no second forward: ``__call__`` unwraps the parameters and calls
 :func:`jaxinterp.models.forward` (interventions included, through its keyword arguments),
