@@ -54,8 +54,11 @@ options (YNN reduce fusions off) one program needed 4% more than that, so SAFETY
 upper bound). A mesh divides parameters by its ``model`` axis and examples by its ``data``
 axis. The gradient methods' node outputs and edge inputs are divided by the ``model`` axis
 too where it divides d_model: they are split along d_model
-(:func:`jaxinterp.sharding.split_nodes`). Attention, MLP units and ``exact``'s activations
-are counted as if replicated (an upper bound).
+(:func:`jaxinterp.sharding.split_nodes`), and so are ``exact``'s node outputs and its
+patched runs' edge inputs (counted replicated until session 20: 27x XLA's figure for
+Llama-3.2-1B on 1x8, now 4.7x; 3.2-3.8x on GPT-2-small 2x4, Gemma-2-2B 1x8, Qwen2.5-0.5B
+2x2 and Llama-3-70B 1x8, 3.75x on one device). Attention and MLP units are counted as if
+replicated (an upper bound).
 Against XLA's figure on meshes (``jaxinterp plan``, 8 x 64 tokens): Llama-3-70B on 1x8
 and 1x16, 1.83-2.13x for EAP and the EAP-IG methods (on 1x16 EAP 2.27x and EAP-IG-inputs
 2.23x since session 20, whose layout splits the k/v weights too), 3.1-3.3x for clean-corrupted;
@@ -154,11 +157,12 @@ def _per_token_bytes(cfg: ModelConfig, n_pos: int, s: int, method: str, exact_ch
     ``model_devices``-way model axis."""
     spec = GraphSpec.from_config(cfg, grouped_kv)
     L, H, D = cfg.n_layers, cfg.n_heads, cfg.d_model
-    split = 1 if method == "exact" else node_ways(D, model_devices)
+    split = node_ways(D, model_devices)
     nodes = NODE_COPIES * spec.n_forward * D * s / split
     if method == "exact":
-        # each of the exact_chunk patched runs holds one layer's edge inputs and attention
-        per_run = (EXACT_EDGE_COPIES * (spec.n_attn_inputs + 1) * D * s + ATTN_COPIES * H * n_pos * 4
+        # each of the exact_chunk patched runs holds one layer's edge inputs (split along
+        # d_model like the node outputs they are mixed from) and attention
+        per_run = (EXACT_EDGE_COPIES * (spec.n_attn_inputs + 1) * D * s / split + ATTN_COPIES * H * n_pos * 4
                    + MLP_COPIES * cfg.d_mlp * s)
         return nodes + exact_chunk * per_run
     edges = EDGE_COPIES * spec.n_backward * D * s / split

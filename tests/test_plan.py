@@ -143,7 +143,7 @@ from jaxinterp.config import ModelConfig
 from jaxinterp.plan import plan
 cfg = ModelConfig.from_dict(json.loads(sys.argv[1]))
 print(json.dumps({f"{m} {c} {d}x{w}": plan(cfg, m, batch_size=4, n_pos=32, mesh_shape=(d, w), n_circuits=c)
-                  for m, c in (("EAP", 1), ("evaluate", 1), ("evaluate", 4)) for d, w in ((1, 1), (1, 4))}))
+                  for m, c in (("EAP", 1), ("evaluate", 1), ("evaluate", 4), ("exact", 1)) for d, w in ((1, 1), (1, 4))}))
 """
 
 
@@ -186,10 +186,13 @@ def test_a_model_axis_splits_the_node_outputs():
     # weights, split along d_model, were regathered in every layer of EAP's backward until the
     # k/v inputs were constrained to d_model's split too, models._block)
     assert "Involuntary full rematerialization" not in proc.stderr
-    # the memory estimate counts the split, and stays an upper bound on the mesh
-    one, four = r["EAP 1 1x1"], r["EAP 1 1x4"]
-    assert one["memory_per_device"]["peak"] <= one["estimate_peak_bytes"]
-    assert four["memory_per_device"]["peak"] <= four["estimate_peak_bytes"] < 0.5 * one["estimate_peak_bytes"]
+    # the memory estimate counts the split, and stays an upper bound on the mesh (exact's
+    # patched runs too: counted replicated, its estimate barely fell (0.99x of one device's) where
+    # XLA's peak fell to 0.28x, 27x XLA's figure at Llama-3.2-1B on 1x8)
+    for method in ("EAP 1", "exact 1"):
+        one, four = r[f"{method} 1x1"], r[f"{method} 1x4"]
+        assert one["memory_per_device"]["peak"] <= one["estimate_peak_bytes"], method
+        assert four["memory_per_device"]["peak"] <= four["estimate_peak_bytes"] < 0.5 * one["estimate_peak_bytes"], method
 
 
 def test_plan_cli_2x4_virtual_mesh(tmp_path):
