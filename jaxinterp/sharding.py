@@ -5,13 +5,14 @@ computations over ``model`` (Megatron-style tensor parallelism), the attention p
 weights along d_model (:data:`LEAF_RULES`). The layout is declared as data: each
 parameter leaf's logical axes come from the one parameter table, :data:`jaxinterp.layout.LEAVES`
 (:data:`PARAM_AXES` is its view), and a small table maps logical axes to mesh axes
-(:data:`MESH_RULES`). A dimension that the mesh axis does not divide (e.g. 2 key/value
-heads on a 4-way ``model`` axis) is replicated instead.
+(:data:`MESH_RULES`). A dimension that the mesh axis does not divide (e.g. the 2
+key/value heads of the k/v biases on a 4-way ``model`` axis) is replicated instead.
 
 Nothing else changes: the same jitted :func:`jaxinterp.attribution.batch_scores` runs
 on sharded inputs and ``jit`` propagates the shardings through the program, except for
-the node outputs, which the graph forward lays out itself (:func:`split_nodes`, traced
-under :func:`on_mesh`). Results are identical to one device up to float32 summation order.
+the node outputs and the heads' q/k/v, which the graph forward lays out itself
+(:func:`split_nodes`, :func:`split_heads`), traced under the mesh of the program's sharded
+arguments (:func:`mesh_of`, entered by :func:`jaxinterp.compiler.jit`). Results are identical to one device up to float32 summation order.
 
     mesh = make_mesh(data=2, model=4)              # 8 devices
     graph = attribute(model, "pairs.csv", method="EAP", mesh=mesh)
