@@ -197,12 +197,10 @@ def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str, ...]:
     return axes
 
 
-def partition_spec(axes: Sequence[str], shape: Sequence[int], mesh_shape: dict,
-                   rules: Optional[dict] = None) -> P:
-    """Mesh axis per dimension from ``rules`` (default :data:`MESH_RULES`), or None
-    (replicated) where the dimension does not divide the mesh axis or a mesh axis is
-    already used."""
-    rules = MESH_RULES if rules is None else rules
+def partition_spec(axes: Sequence[str], shape: Sequence[int], mesh_shape: dict, rules: dict) -> P:
+    """Mesh axis per dimension from ``rules`` (logical axis -> mesh axis: a leaf's
+    :data:`MESH_RULES` with its :data:`LEAF_RULES`), or None (replicated) where the
+    dimension does not divide the mesh axis or a mesh axis is already used."""
     out = []
     for name, size in zip(axes, shape):
         target = rules.get(name)
