@@ -133,16 +133,26 @@ GRAD_MODES = ("grad", "grad-replace")
 # layer.) The carrier's forward value is never read, so XLA drops it. Scanned, the carrier
 # (and delta) is in pieces, one per segment of layers (:func:`_segments`), and a probe
 # contracts the pieces of its own and the earlier segments only.
+# A layer's MLP-input probe contracts nothing itself: its backward leaves its input's
+# gradient in the carrier's last slot (*pending*, zeros in the forward), and the same
+# layer's attention probe, whose backward runs next, contracts its own inputs' gradients
+# and that one in one product, so a layer reads delta once (as the MLP's own matrix-vector
+# product, delta was read twice per layer: Llama-3-8B EAP, 8 x 64 tokens, 264 of the dots'
+# 747 GiB). Rows not upstream of a destination get zero cotangents from the forward's
+# coefficients, which are masked to the real edges (_upstream), not from the probes.
 
 
-def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta, gs: tuple,
-                 segment: Optional[Array] = None):
+def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Optional[Array], delta, gs: tuple,
+                 segment: Optional[Array] = None, pending: Optional[Array] = None):
     """``(resid's, norm_params' and coef's cotangents)`` of ``norm(cfg, norm_params, resid)``
     broadcast to the ``[n_dst, ...]`` inputs, in groups of consecutive inputs with
     cotangents ``gs`` (``[n_group, batch, pos, d_model]`` each), edges from ``delta``: one
     array, or a tuple of consecutive pieces of its src rows, one per scanned segment (with
     ``segment`` given, the pieces after the layer's segment are not contracted: their rows
-    are not upstream, zeros in the cotangent)."""
+    are not upstream, zeros in the cotangent). ``pending``: ``[n, batch, pos, d_model]``
+    gradients of later inputs (a deferred probe's) contracted with them, as ``coef``'s last
+    ``n`` columns. ``coef`` None: nothing is contracted, and the third value is the inputs'
+    own gradients ``[n_dst, batch, pos, d_model]`` (for a later probe to contract)."""
     # resid's and the norm's own cotangents: the norm's vjp is linear in the cotangent, so
     # one vjp of the summed cotangents. The edges need each input's own: g_x [n_dst, batch,
     # pos, d_model] (transient, backward only), written out by ops.norm_input_vjps. (Taken
@@ -155,6 +165,9 @@ def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta
     # re-split along d_model before the groups are joined (joined first, the groups' head
     # splits did not line up with the joined array's, and XLA moved it between devices)
     g_x = [split_nodes(norm_input_vjps(cfg, norm_params, resid, g).astype(deltas[0].dtype)) for g in gs]
+    if coef is None:
+        return g_resid, g_params, g_x[0] if len(g_x) == 1 else jnp.concatenate(g_x)
+    g_x += [] if pending is None else [split_nodes(pending.astype(deltas[0].dtype))]
     g_x = g_x[0] if len(g_x) == 1 else jnp.concatenate(g_x)
 
     def contract(d):
@@ -180,8 +193,8 @@ def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Array, delta
     return g_resid, g_params, coef_bar.astype(coef.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _normed_probe(cfg: ModelConfig, sizes: tuple, rows: tuple, resid: Array, norm_params, coef: Array,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _normed_probe(cfg: ModelConfig, sizes: tuple, resid: Array, norm_params, coef: Optional[Array],
                   carrier: tuple, segment: Optional[Array]):
     """``(norm(norm_params, resid)`` broadcast to ``[n, batch, pos, d_model]`` for each group
     of ``n`` in ``sizes``: the normalised inputs of ``sum(sizes)`` downstream nodes that all
@@ -189,29 +202,33 @@ def _normed_probe(cfg: ModelConfig, sizes: tuple, rows: tuple, resid: Array, nor
     split afterwards: on a mesh each group's broadcast is then formed where its heads are
     computed (split, the groups' pieces were moved between devices: Llama-3-70B EAP on 8
     devices, 2 GiB per layer).
-    ``carrier``: one array per bound ``(start, stop)`` of ``rows`` (scanned: per segment of
-    layers, ``segment`` this layer's). Backward: ``coef [(pos,) src, sum(sizes)]``'s cotangent
-    from the carrier's cotangent (delta's pieces), which is passed on, zero from the last
-    bound's ``stop`` on (unrolled: the rows produced so far) and for the pieces after
-    ``segment`` (not upstream). Nothing of the inputs' size is kept from the forward pass."""
+    ``carrier``: delta's pieces (scanned: one per segment of layers, ``segment`` this
+    layer's), then the pending slot ``[n, batch, pos, d_model]``. Backward: with ``coef``
+    ``[(pos,) src, sum(sizes) + n]``, its cotangent from delta's pieces (those after
+    ``segment`` are not upstream: zeros) against these inputs' gradients and the pending
+    ones, which are then cleared; with ``coef`` None (a deferred probe: ``n ==
+    sum(sizes)``), these inputs' gradients become the pending ones. Delta's pieces are passed
+    on. Nothing of the inputs' size is kept from the forward pass."""
     y = norm(cfg, norm_params, resid)
     return tuple(jnp.broadcast_to(y[None], (n,) + resid.shape) for n in sizes), carrier
 
 
-def _normed_probe_fwd(cfg, sizes, rows, resid, norm_params, coef, carrier, segment):
-    out = _normed_probe(cfg, sizes, rows, resid, norm_params, coef, carrier, segment)
+def _normed_probe_fwd(cfg, sizes, resid, norm_params, coef, carrier, segment):
+    out = _normed_probe(cfg, sizes, resid, norm_params, coef, carrier, segment)
     return out, (resid, norm_params, coef, segment)
 
 
-def _normed_probe_bwd(cfg, sizes, rows, res, cts):
+def _normed_probe_bwd(cfg, sizes, res, cts):
     resid, norm_params, coef, segment = res
-    g, delta = cts
+    g, carrier = cts
+    delta, pending = carrier[:-1], carrier[-1]
     # every row of each piece, upstream or not: XLA:CPU copied a slice of delta's upstream
     # rows (a transposing copy for some) before the product, slower than the product it saved
-    g_resid, g_params, coef_bar = _probe_grads(cfg, resid, norm_params, coef, delta, g, segment)
-    coef_bar = jnp.where(jnp.arange(coef.shape[-2])[:, None] < rows[-1][1], coef_bar, 0)
+    g_resid, g_params, out = _probe_grads(cfg, resid, norm_params, coef, delta, g, segment, pending)
     seg_bar = None if segment is None else np.zeros(segment.shape, jax.dtypes.float0)
-    return g_resid, g_params, coef_bar, delta, seg_bar
+    if coef is None:  # deferred: these gradients are contracted by the next probe back
+        return g_resid, g_params, None, delta + (out.astype(pending.dtype),), seg_bar
+    return g_resid, g_params, out, delta + (jnp.zeros_like(pending),), seg_bar
 
 
 _normed_probe.defvjp(_normed_probe_fwd, _normed_probe_bwd)
@@ -234,8 +251,9 @@ def _root_probe_fwd(cfg, resid, norm_params, coef, carrier, delta, delta_here):
 
 def _root_probe_bwd(cfg, res, g):
     resid, norm_params, coef, delta, delta_here = res
+    carrier = delta + (jnp.zeros((1,) + delta[0].shape[1:], delta[0].dtype),)  # nothing pending after the logits
     return _probe_grads(cfg, resid, norm_params, coef, delta_here, (g,)) + (
-        delta, jax.tree.map(jnp.zeros_like, delta), jnp.zeros_like(delta_here))
+        carrier, jax.tree.map(jnp.zeros_like, delta), jnp.zeros_like(delta_here))
 
 
 _root_probe.defvjp(_root_probe_fwd, _root_probe_bwd)
@@ -396,14 +414,17 @@ class _Edges:
         return _mix(diff, jax.lax.dynamic_slice_in_dim(coef, start, n, coef.ndim - 2).astype(buf.dtype))
 
     def normed_inputs(self, cfg: ModelConfig, resid: Array, dst: slice, norm_params,
-                      sizes: Optional[tuple] = None) -> tuple:
+                      sizes: Optional[tuple] = None, pending: int = 0) -> tuple:
         """``(the normalised downstream inputs dst [dst, batch, pos, d_model], or a tuple of
         them in groups of ``sizes`` consecutive inputs, these edges after them)`` (the
-        gradient modes' probe passes the carrier on)."""
+        gradient modes' probe passes the carrier on). Gradient modes: ``pending`` > 0: the
+        probe also contracts the pending gradients of the ``pending`` inputs after ``dst``
+        (their probe deferred); -1: this probe defers (module comment above
+        :func:`_probe_grads`)."""
         groups = (dst.stop - dst.start,) if sizes is None else sizes
         if self.mode in GRAD_MODES:
-            xs, carrier = _normed_probe(cfg, groups, self.bounds, resid, norm_params, self.coef[..., dst], self.outs,
-                                        self.segment)
+            coef = None if pending < 0 else self.coef[..., dst.start:dst.stop + pending]
+            xs, carrier = _normed_probe(cfg, groups, resid, norm_params, coef, self.outs, self.segment)
             return xs[0] if sizes is None else xs, dataclasses.replace(self, outs=carrier)
         x = norm(cfg, norm_params, self.inputs(cfg, resid, dst))
         return x if sizes is None else _groups(x, sizes), self
@@ -446,7 +467,8 @@ def _buffered(edges: _Edges, scanned: bool, rows: Optional[tuple] = None, spare:
     """``edges`` entering the first layer (grouped: the ``input`` node's output its only
     group) in the buffered form (``_Edges``), scanned or not: ``replace``'s buffers (scanned,
     one per bound of ``rows``, default one of every row, each with ``spare`` rows more), the
-    gradient modes' carrier (zeros of delta's shape and dtype)."""
+    gradient modes' carrier (zeros of delta's shape and dtype, in pieces as ``replace``'s
+    buffers, then the pending slot ``[1, batch, pos, d_model]``: :func:`_normed_probe`)."""
     n_src, emb = edges.source.shape[0], edges.outs[0][0]
     rows = ((0, n_src if scanned else 1),) if rows is None else rows
     dtype = edges.source.dtype if edges.mode == "grad" else jnp.result_type(edges.source.dtype, emb.dtype)
@@ -455,8 +477,9 @@ def _buffered(edges: _Edges, scanned: bool, rows: Optional[tuple] = None, spare:
         outs = tuple(jnp.zeros((n,) + emb.shape, dtype) for n in ([b - a + spare for a, b in rows] if scanned
                                                                     else [n_src]))
         outs = (outs[0].at[0].set((edges.source[0] - emb).astype(dtype)),) + outs[1:]
-    elif edges.mode in GRAD_MODES:  # one carrier per bound, scanned
-        outs = tuple(jnp.zeros((n,) + emb.shape, dtype) for n in ([b - a for a, b in rows] if scanned else [n_src]))
+    elif edges.mode in GRAD_MODES:  # one carrier per bound, scanned; the MLP probe's pending slot last
+        outs = tuple(jnp.zeros((n,) + emb.shape, dtype) for n in ([b - a for a, b in rows] if scanned else [n_src])
+                     + [1])
     return dataclasses.replace(edges, outs=outs, bounds=rows, scanned=scanned, buffered=True)
 
 
@@ -466,13 +489,13 @@ def _groups(x: Array, sizes: tuple) -> tuple:
 
 
 def _normed(cfg: ModelConfig, edges: Optional[_Edges], resid: Array, dst: slice, norm_params,
-            sizes: Optional[tuple] = None) -> tuple:
-    """``(normalised inputs [dst, batch, pos, d_model] (or in groups, ``sizes``: see
-    :meth:`_Edges.normed_inputs`), or [batch, pos, d_model] (the same for all) without an
-    intervention, the edges after them)``."""
+            sizes: Optional[tuple] = None, pending: int = 0) -> tuple:
+    """``(normalised inputs [dst, batch, pos, d_model] (or in groups, ``sizes``; ``pending``:
+    see :meth:`_Edges.normed_inputs`), or [batch, pos, d_model] (the same for all) without
+    an intervention, the edges after them)``."""
     if edges is None:
         return norm(cfg, norm_params, resid), None
-    return edges.normed_inputs(cfg, resid, dst, norm_params, sizes)
+    return edges.normed_inputs(cfg, resid, dst, norm_params, sizes, pending)
 
 
 def _node_out(x: Array, nodes: Optional[tuple]) -> Array:
@@ -523,7 +546,8 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
         early = edges.replaced_rows(slice(0, A + 1)).astype(resid.dtype)
         x_q, x_k, x_v = _groups(norm(cfg, p["ln1"], resid[None] + early[:A]), qkv)
     else:
-        x, edges = _normed(cfg, edges, resid, slice(0, A), p["ln1"], qkv)
+        # the gradient modes' probe also contracts the MLP input's gradient, which its probe defers
+        x, edges = _normed(cfg, edges, resid, slice(0, A), p["ln1"], qkv, pending=1)
         x_q, x_k, x_v = (x,) * 3 if edges is None else x
     if edges is not None:
         # per-head k/v inputs kept split along d_model, like the projections' weights
@@ -551,7 +575,7 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
 
     m_in = resid if cfg.parallel_attn_mlp else resid + attn_out
     if early is None:
-        x, edges = _normed(cfg, edges, m_in, slice(A, A + 1), p["ln2"])
+        x, edges = _normed(cfg, edges, m_in, slice(A, A + 1), p["ln2"], pending=-1)
     else:
         m_in = m_in[None] + early[A:]
         if not cfg.parallel_attn_mlp:  # and this layer's heads, produced since
@@ -674,7 +698,10 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
         for layer in range(cfg.n_layers):
             rs.append(resid)
             step = checkpoint(functools.partial(_block, cfg, spec, rotary, key_mask, cfg.window(layer), starts[layer]))
-            e = None if edges is None else dataclasses.replace(edges, coef=blocks[layer])
+            coef = None if edges is None else blocks[layer]
+            if edges is not None and edges.mode in GRAD_MODES:  # rows not upstream of this layer are no edges
+                coef = coef * _upstream(spec, starts[layer]).astype(coef.dtype)
+            e = None if edges is None else dataclasses.replace(edges, coef=coef)
             resid, heads, m_out, hidden, edges = step(at(params["blocks"], layer), resid, e,
                                                       None if nodes is None else at(nodes, layer),
                                                       None if blocked is None else blocked[layer],
@@ -872,10 +899,10 @@ def _run(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Option
         x_f = _at_positions(resid, idx)
         e_f = None if edges is None or edges.mode in GRAD_MODES else edges.at_positions(idx)
     if edges is not None and edges.mode in GRAD_MODES:  # the logits' probe: delta, formed once, onto the carrier
-        carrier = edges.outs
+        carrier = edges.outs  # delta's pieces and the pending slot
         delta = edges.source if edges.mode == "grad" else edges.source - jax.lax.stop_gradient(outs)
         delta = delta.astype(carrier[0].dtype)
-        pieces = tuple(delta[a:b] for a, b in edges.bounds) if len(carrier) > 1 else (delta,)
+        pieces = tuple(delta[a:b] for a, b in edges.bounds) if len(carrier) > 2 else (delta,)
         n_f = _root_probe(cfg, x_f, params["ln_f"], edges.coef, carrier, pieces,
                           delta if x_f is resid else _at_positions(delta, idx))[0]
     else:

@@ -159,6 +159,43 @@ def test_compiled_edge_gradients_at_a_realistic_batch_are_autodiff_through_the_s
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-4 * scale, rtol=0)
 
 
+def _edge_contractions(jaxpr, size: int) -> int:
+    """How many ``dot_general`` equations in ``jaxpr`` and the jaxprs inside it (loop
+    bodies, branches, each counted once) contract ``size`` elements."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracted, _), _ = eqn.params["dimension_numbers"]
+            n += int(np.prod([eqn.invars[0].aval.shape[i] for i in contracted])) == size
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                    n += _edge_contractions(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub, size)
+    return n
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_each_layer_contracts_delta_once_for_all_its_inputs(qwen, scan):
+    """The gradient modes' backward reads delta ``[src, batch, pos, d_model]`` in one
+    product per layer (per piece of delta, scanned in segments) for all the layer's inputs:
+    its MLP input's gradient joins the attention inputs' (its own matrix-vector product
+    read delta a second time per layer), plus the logits' one. 3 layers: unrolled 3 + 1
+    products (7 before); scanned in segments of layers 0-1 and 2, one loop body whose
+    branches contract 1 and 2 pieces, + 1 (7 before)."""
+    import jaxinterp.models as models
+
+    spec, cfg = qwen.graph_spec, qwen.cfg
+    tokens, mask = jnp.ones((3, 7), jnp.int32), jnp.ones((3, 7), jnp.int32)
+    source = jnp.zeros((spec.n_forward, 3, 7, cfg.d_model))
+    f = lambda c: forward(qwen.params, cfg, tokens, mask, EdgeIntervention(c, source, mode="grad"),  # noqa: E731
+                          scan=scan).sum()
+    jaxpr = jax.make_jaxpr(jax.grad(f))(jnp.zeros((spec.n_forward, spec.n_backward))).jaxpr
+    assert models.SCAN_SEGMENTS == 2 and cfg.n_layers == 3
+    assert _edge_contractions(jaxpr, 3 * 7 * cfg.d_model) == (1 + 2 if scan else 3) + 1
+
+
 # --- the scanned layer loop: the same numbers as the unrolled one ----------------------
 
 @pytest.fixture(scope="module")
