@@ -83,10 +83,11 @@ def scale(timeout: int) -> None:
         tag = "eap" if method == "EAP" else "eapig"
         for b in (1, 8, 16):
             run_plan(f"llama3_8b_{tag}_b{b}", ["--shape", "llama-3-8b", "--method", method, "--batch-size", str(b),
-                                               "--pos", "64", "--peak-tflops", "989"], timeout)
+                                               "--pos", "64", "--peak-tflops", "989", "--memory-tbps", "3.35"], timeout)
         for m in (8, 16):
             run_plan(f"llama3_70b_{tag}_1x{m}", ["--shape", "llama-3-70b", "--method", method, "--batch-size", "8",
-                                                 "--pos", "64", "--mesh", f"1x{m}", "--peak-tflops", "989"], timeout)
+                                                 "--pos", "64", "--mesh", f"1x{m}", "--peak-tflops", "989",
+                                                 "--memory-tbps", "3.35"], timeout)
 
 
 SCALE_ROWS = [(f"llama3_{size}_{tag}_{run}", shape, method)
@@ -100,17 +101,19 @@ def table() -> None:
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     print("| shape | method | mesh | batch × pos | XLA peak / device (args + temp) | estimate | est / XLA "
           "| FLOPs / device | counted / analytic | collectives / device | compile "
-          "| ms / batch at 989 TFLOP/s, 40% MFU |")
-    print("|" + "---|" * 12)
+          "| ms / batch at 989 TFLOP/s, 40% MFU | dots' bytes / device (ms at 3.35 TB/s) |")
+    print("|" + "---|" * 13)
     for name, shape, method in SCALE_ROWS:
         r = json.load(open(os.path.join(RESULTS, f"plan_{name}.json")))
         mem, mesh = r["memory_per_device"], r["mesh"]
         moved = r.get("collective_bytes_per_device") if r["devices"] > 1 else None  # absent before session 19
+        dots = "–" if r.get("dot_seconds_at_bandwidth") is None else (  # absent before session 21
+            f"{gib(r['dot_bytes_per_device'])} ({r['dot_seconds_at_bandwidth'] * 1e3:.0f})")
         print(f"| {shape} | {method} | {mesh['data']}x{mesh['model']} | {r['batch_size']} × {r['n_pos']} "
               f"| {gib(mem['peak'])} ({mem['argument'] / 2**30:.1f} + {mem['temp'] / 2**30:.1f}) "
               f"| {gib(r['estimate_peak_bytes'])} | {r['estimate_over_xla']:.2f} | {r['flops_per_device']:.2e} "
               f"| {r['flops_over_model_flops']:.2f} | {'–' if moved is None else gib(sum(moved.values()))} "
-              f"| {r['lower_s'] + r['compile_s']:.0f} s | {r['seconds_at_mfu'] * 1e3:.0f} |")
+              f"| {r['lower_s'] + r['compile_s']:.0f} s | {r['seconds_at_mfu'] * 1e3:.0f} | {dots} |")
 
 
 # A Llama-shaped model whose 2 key/value heads a 4-way model axis does not divide, as

@@ -501,7 +501,8 @@ def cmd_plan(args) -> int:
     set_virtual_devices(data * model)  # before jax starts its backends
     result = plan(cfg, args.method, args.batch_size, args.pos, args.dtype, (data, model), ig_steps=args.ig_steps,
                   metric=args.metric, peak_tflops=args.peak_tflops, mfu=args.mfu, exact_chunk=args.exact_chunk,
-                  n_circuits=args.circuits, remat=args.remat, grouped_kv=args.grouped_kv)
+                  n_circuits=args.circuits, remat=args.remat, grouped_kv=args.grouped_kv,
+                  memory_tbps=args.memory_tbps)
     result["shape"] = args.shape
     print(f"{args.shape}: " + format_plan(result))
     if args.out:
@@ -696,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the time per batch it implies")
     p.add_argument("--mfu", type=_positive_float, default=0.4,
                    help="model-FLOP utilisation assumed for the implied time (default: 0.4)")
+    p.add_argument("--memory-tbps", type=_positive_float, default=None,
+                   help="a device's memory bandwidth in TB/s (e.g. 3.35 for an H100 SXM): prints the time the "
+                        "dots' operands and results take to move")
     p.add_argument("--json", dest="out", default=None, metavar="OUT", help="write the figures as JSON")
     p.set_defaults(func=cmd_plan)
 

@@ -16,6 +16,11 @@ the shardings of :mod:`jaxinterp.sharding` on a ``data x model`` mesh) and repor
   ``lax.scan`` (so do the integrated-gradient steps): its figure is reported too, but it
   undercounts by about the depth. Elementwise work is not counted (matmuls dominate);
   the tests check the count against the analytic ``forward_flops`` at a small shape;
+* the bytes the dots read and write per device, from the same HLO: each dot's operands and
+  result, as if each were moved once (what a matmul library moves at least, short of
+  caches), and the time they take at a device's memory bandwidth (``memory_tbps``): the
+  edge contractions read every upstream node's buffer in every layer with few output
+  columns, so a program can be bound by memory bandwidth where its FLOPs say otherwise;
 * the collectives' traffic per device, from the same HLO: the bytes of every collective's
   result by kind (an all-gather's is the gathered array), loop bodies times trip count;
 * the analytic model FLOPs (``2 x non-embedding parameters x tokens x passes``, the usual
@@ -52,7 +57,7 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _ARRAY = re.compile(r"^[a-z]\w*\[([\d,]*)\]")
 _PARAM = re.compile(r"([\w.\-]+):\s*([a-z]\w*\[[\d,]*\])")
-_OPERAND = re.compile(r"(?:[a-z]\w*\[[\d,]*\](?:\{[^}]*\})?\s+)?%([\w.\-]+)")
+_OPERAND = re.compile(r"(?:([a-z]\w*\[[\d,]*\])(?:\{[^}]*\})?\s+)?%([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CALLEE = re.compile(r"\b(calls|to_apply|body|branch_computations|true_computation|false_computation|"
                      r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
@@ -90,16 +95,18 @@ def _type_bytes(typ: str) -> int:
 
 
 def hlo_costs(hlo_text: str) -> dict:
-    """Matmul FLOPs and collective traffic of an HLO module's text (``compiled.as_text()``).
+    """Matmul FLOPs and bytes, and collective traffic, of an HLO module's text
+    (``compiled.as_text()``).
 
-    FLOPs: ``2 x prod(output) x prod(contracted lhs dims)`` per ``dot``. Collectives: the
-    bytes of each collective's result per kind (``all-gather``: the gathered array; an
-    asynchronous pair is counted at its ``-done``), what each device receives or holds
-    afterwards, a proxy for its traffic. Both through fusions and calls, with every
+    FLOPs: ``2 x prod(output) x prod(contracted lhs dims)`` per ``dot``; dot bytes: its two
+    operands' and its result's bytes, what a matmul reads and writes if each is moved
+    once. Collectives: the bytes of each collective's result per kind (``all-gather``: the
+    gathered array; an asynchronous pair is counted at its ``-done``), what each device
+    receives or holds afterwards, a proxy for its traffic. All through fusions and calls, with every
     ``while`` body multiplied by its ``known_trip_count`` and a ``conditional`` counted as
     its costliest branch (an upper bound: the scanned layers' per-segment branches,
     :func:`jaxinterp.models._segments`, are all counted as the last segment's). Returns
-    ``{"flops", "collective_bytes": {kind: bytes}, "dots", "unknown_trip_counts",
+    ``{"flops", "dot_bytes", "collective_bytes": {kind: bytes}, "dots", "unknown_trip_counts",
     "convolutions"}`` (loops without a known count are counted once; convolutions are not
     counted)."""
     comps: dict[str, list[str]] = {}
@@ -132,27 +139,26 @@ def hlo_costs(hlo_text: str) -> dict:
             return memo[name]
         memo[name] = {}  # a cycle cannot occur in HLO; this only guards the recursion
         lines = comps.get(name, [])
-        shapes = {p: _dims(s) for p, s in _PARAM.findall(lines[0])} if lines else {}
-        costs = {"flops": 0.0}
+        types = dict(_PARAM.findall(lines[0])) if lines else {}
+        costs = {"flops": 0.0, "dot_bytes": 0}
         for line in lines[1:]:
             m = _INSTR.match(line)
             if m is None:
                 continue
             iname, (typ, op) = m.group(1), _split_type(m.group(2))
-            shapes[iname] = _dims(typ)
+            types[iname] = typ
             opname = op.split("(", 1)[0]
             if opname == "dot":
-                args = op[len("dot("):]
-                lhs = _OPERAND.match(args.strip())
-                lhs_dims = shapes.get(lhs.group(1)) if lhs else None
-                inline = _dims(args.strip())  # operand shapes printed inline, when they are
-                lhs_dims = inline if inline is not None else lhs_dims
+                # the operands, their types printed inline where they are (types hold no ")")
+                operands = [t or types.get(n) for t, n in _OPERAND.findall(op[len("dot("):].split(")", 1)[0])]
                 contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", op)
-                out = shapes[iname]
+                lhs_dims = _dims(operands[0]) if len(operands) == 2 and None not in operands else None
+                out = _dims(typ)
                 if lhs_dims is None or out is None or contract is None:
                     raise ValueError(f"cannot read the dot {iname!r} in computation {name!r}")
                 k = math.prod(lhs_dims[int(c)] for c in contract.group(1).split(",") if c)
                 costs["flops"] += 2.0 * math.prod(out) * k
+                costs["dot_bytes"] += sum(_type_bytes(t) for t in operands) + _type_bytes(typ)
                 stats["dots"] += 1
             elif opname == "convolution":
                 stats["convolutions"] += 1
@@ -180,7 +186,7 @@ def hlo_costs(hlo_text: str) -> dict:
         return costs
 
     costs = total(entry)
-    return {"flops": costs.pop("flops"), "collective_bytes": costs, **stats}
+    return {"flops": costs.pop("flops"), "dot_bytes": costs.pop("dot_bytes"), "collective_bytes": costs, **stats}
 
 
 def forward_flops(cfg, batch_size: int, n_pos: int, logit_positions: Optional[int] = None) -> int:
@@ -311,13 +317,15 @@ def _mesh(data: int, model: int, cfg):
 def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: str = "float32",
          mesh_shape: tuple[int, int] = (1, 1), ig_steps: int = 5, metric: str = "logit_diff",
          peak_tflops: Optional[float] = None, mfu: float = DEFAULT_MFU, exact_chunk: int = 64,
-         n_circuits: int = 1, remat: bool = False, grouped_kv: bool = False) -> dict:
+         n_circuits: int = 1, remat: bool = False, grouped_kv: bool = False,
+         memory_tbps: Optional[float] = None) -> dict:
     """Lower and compile one batch of ``method`` on a model of config ``cfg`` (no weights)
     for ``batch_size`` prompt pairs of ``n_pos`` tokens in ``dtype`` on a ``mesh_shape =
     (data, model)`` mesh of this process's devices; the module docstring lists the figures
     (memory and FLOPs per device). ``batch_size`` is padded up to a multiple of ``data``,
     as a real run pads its batches. ``grouped_kv``: the circuit graph's grouped-query view
-    (``load_model(..., grouped_kv=True)``)."""
+    (``load_model(..., grouped_kv=True)``). ``memory_tbps``: a device's memory bandwidth in
+    TB/s, for the time its dots' bytes take to move."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -337,6 +345,8 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
                         "layer, which needs the scanned layers; per-input heads run unrolled)")
     if not 0 < mfu <= 1:
         raise PlanError(f"mfu must be in (0, 1], got {mfu}")
+    if memory_tbps is not None and not memory_tbps > 0:
+        raise PlanError(f"memory bandwidth must be > 0 TB/s, got {memory_tbps}")
     data, model = mesh_shape
     mesh = _mesh(data, model, cfg)
     spec = GraphSpec.from_config(cfg, grouped_kv)
@@ -383,6 +393,7 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
         "hlo_dots": dots["dots"], "hlo_unknown_trip_counts": dots["unknown_trip_counts"],
         "xla_cost_analysis_flops": float(cost.get("flops", 0.0)) or None,
         "collective_bytes_per_device": dots["collective_bytes"],
+        "dot_bytes_per_device": dots["dot_bytes"], "memory_tbps": memory_tbps,
         "model_flops": mf, "flops_over_model_flops": (dots["flops"] * n_devices / mf) if mf else None,
         "peak_tflops": peak_tflops, "mfu_assumed": mfu,
     }
@@ -390,6 +401,8 @@ def plan(cfg, method: str = "EAP", batch_size: int = 1, n_pos: int = 64, dtype: 
         at_peak = dots["flops"] / (peak_tflops * 1e12)  # per device: the devices run in parallel
         result.update(seconds_at_peak=at_peak, seconds_at_mfu=at_peak / mfu,
                       examples_per_s_at_mfu=batch_size / (at_peak / mfu))
+    if memory_tbps:
+        result["dot_seconds_at_bandwidth"] = dots["dot_bytes"] / (memory_tbps * 1e12)
     return result
 
 
@@ -417,6 +430,12 @@ def format_plan(r: dict) -> str:
     if r["collective_bytes_per_device"]:
         kinds = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(r["collective_bytes_per_device"].items()))
         lines.append(f"  collectives per device (their results' bytes, loop bodies x trip count): {kinds}")
+    if r.get("dot_bytes_per_device") is not None:
+        at = (f"; at {r['memory_tbps']:g} TB/s: {r['dot_seconds_at_bandwidth'] * 1e3:.1f} ms"
+              if r.get("dot_seconds_at_bandwidth") is not None else "")
+        intensity = r["flops_per_device"] / max(r["dot_bytes_per_device"], 1)
+        lines.append(f"  dots' operands and results per device {format_bytes(r['dot_bytes_per_device'])} (each moved "
+                     f"once, loop bodies x trip count; {intensity:.0f} FLOP per byte){at}")
     if r["model_flops"]:
         lines.append(f"  analytic model FLOPs (2 x non-embedding params x tokens x passes) {r['model_flops']:.3e}; "
                      f"counted / analytic {r['flops_over_model_flops']:.2f}")

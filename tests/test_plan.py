@@ -65,6 +65,20 @@ def test_dot_flops_count_a_conditional_as_its_costliest_branch():
     assert hlo_costs(compiled.as_text())["flops"] == 6 * 2 * (2 * 4 * 16 * 16)
 
 
+def test_dot_bytes_are_each_dots_operands_and_result_times_its_loop():
+    """The dots' bytes: each dot's two operands and its result, once per run of its loop
+    body (two dots of different shapes, five iterations), here 35,840 bytes."""
+    def f(x, w, v):
+        def body(c, _):  # [8, 32] @ [32, 16] -> [8, 16]; then @ [16, 32] -> [8, 32]
+            return jnp.tanh(c @ w) @ v, None
+
+        return jax.lax.scan(body, x, None, length=5)[0]
+
+    compiled = compiler.jit(f).lower(jnp.ones((8, 32)), jnp.ones((32, 16)), jnp.ones((16, 32))).compile()
+    per_iteration = (8 * 32 + 32 * 16 + 8 * 16) + (8 * 16 + 16 * 32 + 8 * 32)  # float32 elements
+    assert hlo_costs(compiled.as_text())["dot_bytes"] == 5 * 4 * per_iteration
+
+
 def _real_batch(cfg, batch_size, n_pos, seed=0):
     from jaxinterp.data import Pairs
 
