@@ -8,8 +8,10 @@ seconds per batch, examples/s, and peak RSS (and GPU memory on a GPU). With
 ``--eval-circuits K``, also circuit evaluation (``interventions.batch_circuit_metrics``,
 what ``curve`` and ``evaluate`` run): K nested top-n circuits of random scores, from 0.1%
 to 100% of the edges as MIB's sizes, ``--eval-chunk`` per vectorised forward; its
-examples/s count each example once per circuit. Numbers only; the comparison against the
-PyTorch reference lives in ``compare_reference.py``.
+examples/s count each example once per circuit. With ``--profile DIR``, one more batch of
+each is traced with ``jax.profiler`` (into ``DIR/<method>``) and the result's rows carry a
+summary of where its time went (the longest events per host thread and device stream).
+Numbers only; the comparison against the PyTorch reference lives in ``compare_reference.py``.
 """
 
 from __future__ import annotations
@@ -18,19 +20,22 @@ import argparse
 import os
 import tempfile
 import time
+from typing import Optional
 
 import jax
 import numpy as np
 
-from common import GPT2_SMALL, ensure_checkpoint, gpu_peak_mb, machine, peak_rss_mb, write_ioi_pairs, write_json
+from common import (GPT2_SMALL, ensure_checkpoint, gpu_peak_mb, machine, peak_rss_mb, profiled, write_ioi_pairs,
+                    write_json)
 
 from jaxinterp import load_model
 from jaxinterp.attribution import batch_scores
 from jaxinterp.interventions import batch_circuit_metrics, prepare_data
 
 
-def _timed(call, batches, repeats) -> tuple[float, float]:
-    """``(first call's seconds, median steady seconds per batch)`` of ``call(batch)``."""
+def _timed(call, batches, repeats, profile=None) -> tuple[float, float, Optional[dict]]:
+    """``(first call's seconds, median steady seconds per batch, summary of one more call
+    traced into the directory profile, or None)`` of ``call(batch)``."""
     t = time.perf_counter()
     jax.block_until_ready(call(batches[0]))
     first = time.perf_counter() - t
@@ -40,7 +45,8 @@ def _timed(call, batches, repeats) -> tuple[float, float]:
             t = time.perf_counter()
             jax.block_until_ready(call(b))
             times.append(time.perf_counter() - t)
-    return first, float(np.median(times))
+    summary = None if profile is None else profiled(lambda: call(batches[0]), profile)
+    return first, float(np.median(times)), summary
 
 
 def _row(name, pairs, batch_size, n_batches, first, per_batch, per_example=1, **extra) -> dict:
@@ -50,12 +56,13 @@ def _row(name, pairs, batch_size, n_batches, first, per_batch, per_example=1, **
             **extra}
 
 
-def time_method(model, pairs, metric, method, batch_size, ig_steps, repeats):
+def time_method(model, pairs, metric, method, batch_size, ig_steps, repeats, profile=None):
     batches = list(pairs.batches(batch_size))
     kw = dict(cfg=model.cfg, method=method, metric=metric, ig_steps=ig_steps)
-    first, per_batch = _timed(lambda b: batch_scores(model.params, b, **kw), batches, repeats)
+    first, per_batch, summary = _timed(lambda b: batch_scores(model.params, b, **kw), batches, repeats,
+                                       profile and os.path.join(profile, method))
     return _row(method, pairs, batch_size, len(batches), first, per_batch,
-                ig_steps=ig_steps if "IG" in method else None)
+                ig_steps=ig_steps if "IG" in method else None, profile=summary)
 
 
 def nested_circuits(spec, n_circuits: int, seed: int = 0) -> np.ndarray:
@@ -70,13 +77,14 @@ def nested_circuits(spec, n_circuits: int, seed: int = 0) -> np.ndarray:
     return masks
 
 
-def time_evaluation(model, pairs, metric, batch_size, n_circuits, chunk, repeats):
+def time_evaluation(model, pairs, metric, batch_size, n_circuits, chunk, repeats, profile=None):
     batches = list(pairs.batches(batch_size))
     masks = jax.numpy.asarray(nested_circuits(model.graph_spec, n_circuits))
     kw = dict(cfg=model.cfg, metric=metric, intervention="patching", chunk=chunk)
-    first, per_batch = _timed(lambda b: batch_circuit_metrics(model.params, b, masks, **kw), batches, repeats)
+    first, per_batch, summary = _timed(lambda b: batch_circuit_metrics(model.params, b, masks, **kw), batches,
+                                       repeats, profile and os.path.join(profile, "evaluation"))
     return _row(f"evaluation ({len(masks)} circuits)", pairs, batch_size, len(batches), first, per_batch,
-                per_example=len(masks), n_circuits=len(masks), chunk=chunk)
+                per_example=len(masks), n_circuits=len(masks), chunk=chunk, profile=summary)
 
 
 def main():
@@ -90,6 +98,7 @@ def main():
     ap.add_argument("--eval-circuits", type=int, default=0, help="also time evaluating this many circuits")
     ap.add_argument("--eval-chunk", type=int, default=8, help="circuits per vectorised forward")
     ap.add_argument("--out", default="benchmarks/results/attribution.json")
+    ap.add_argument("--profile", default=None, metavar="DIR", help="trace one more batch of each into DIR")
     args = ap.parse_args()
 
     path = args.model or ensure_checkpoint(os.path.join(tempfile.gettempdir(), "jaxinterp-gpt2-small-random"),
@@ -99,11 +108,11 @@ def main():
                                model.tokenizer, args.examples)
     pairs, metric = prepare_data(model, csv_path, "logit_diff")
     rows = []
-    runs = [lambda m=m: time_method(model, pairs, metric, m, args.batch_size, args.ig_steps, args.repeats)
-            for m in args.methods.split(",")]
+    runs = [lambda m=m: time_method(model, pairs, metric, m, args.batch_size, args.ig_steps, args.repeats,
+                                    args.profile) for m in args.methods.split(",")]
     if args.eval_circuits:
         runs.append(lambda: time_evaluation(model, pairs, metric, args.batch_size, args.eval_circuits,
-                                            args.eval_chunk, args.repeats))
+                                            args.eval_chunk, args.repeats, args.profile))
     for run in runs:
         r = run()
         rows.append(r)

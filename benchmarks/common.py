@@ -66,6 +66,41 @@ def machine() -> dict:
     return info
 
 
+def profiled(call, trace_dir: str, top: int = 25) -> dict:
+    """Run ``call()`` once under ``jax.profiler`` into ``trace_dir`` and summarise the trace:
+    per traced process (the host threads, each device's streams), the summed durations of
+    its events by name, the ``top`` longest, as ``{process: {"events_ms": total, "top":
+    [[name, ms, count], ...]}}`` (events nested in others count in both), or ``{"error":
+    ...}`` where the profiler cannot run (a GPU without CUPTI)."""
+    import collections
+    import glob
+    import gzip
+
+    import jax
+
+    try:
+        jax.profiler.start_trace(trace_dir)
+        try:
+            jax.block_until_ready(call())
+        finally:
+            jax.profiler.stop_trace()
+        path = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))[-1]
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    except Exception as e:  # noqa: BLE001  (a summary, not a measurement: report why there is none)
+        return {"error": f"{type(e).__name__}: {e}"}
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    spent = collections.defaultdict(collections.Counter)
+    count = collections.defaultdict(collections.Counter)
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            spent[e["pid"]][e["name"]] += e["dur"]
+            count[e["pid"]][e["name"]] += 1
+    return {names.get(pid, str(pid)): {"events_ms": sum(c.values()) / 1e3,
+                                        "top": [[n, us / 1e3, count[pid][n]] for n, us in c.most_common(top)]}
+            for pid, c in spent.items()}
+
+
 def write_json(path: str, data: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
