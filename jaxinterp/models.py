@@ -140,6 +140,7 @@ GRAD_MODES = ("grad", "grad-replace")
 # product, delta was read twice per layer: Llama-3-8B EAP, 8 x 64 tokens, 264 of the dots'
 # 747 GiB). Rows not upstream of a destination get zero cotangents from the forward's
 # coefficients, which are masked to the real edges (_upstream), not from the probes.
+_PENDING_ROWS = 1  # the pending slot's rows: the MLP's one input
 
 
 def _probe_grads(cfg: ModelConfig, resid: Array, norm_params, coef: Optional[Array], delta, gs: tuple,
@@ -251,7 +252,7 @@ def _root_probe_fwd(cfg, resid, norm_params, coef, carrier, delta, delta_here):
 
 def _root_probe_bwd(cfg, res, g):
     resid, norm_params, coef, delta, delta_here = res
-    carrier = delta + (jnp.zeros((1,) + delta[0].shape[1:], delta[0].dtype),)  # nothing pending after the logits
+    carrier = delta + (jnp.zeros((_PENDING_ROWS,) + delta[0].shape[1:], delta[0].dtype),)  # nothing pending here
     return _probe_grads(cfg, resid, norm_params, coef, delta_here, (g,)) + (
         carrier, jax.tree.map(jnp.zeros_like, delta), jnp.zeros_like(delta_here))
 
@@ -479,7 +480,7 @@ def _buffered(edges: _Edges, scanned: bool, rows: Optional[tuple] = None, spare:
         outs = (outs[0].at[0].set((edges.source[0] - emb).astype(dtype)),) + outs[1:]
     elif edges.mode in GRAD_MODES:  # one carrier per bound, scanned; the MLP probe's pending slot last
         outs = tuple(jnp.zeros((n,) + emb.shape, dtype) for n in ([b - a for a, b in rows] if scanned else [n_src])
-                     + [1])
+                     + [_PENDING_ROWS])
     return dataclasses.replace(edges, outs=outs, bounds=rows, scanned=scanned, buffered=True)
 
 
@@ -547,7 +548,7 @@ def _block(cfg: ModelConfig, spec: GraphSpec, rotary, key_mask: Array, window, s
         x_q, x_k, x_v = _groups(norm(cfg, p["ln1"], resid[None] + early[:A]), qkv)
     else:
         # the gradient modes' probe also contracts the MLP input's gradient, which its probe defers
-        x, edges = _normed(cfg, edges, resid, slice(0, A), p["ln1"], qkv, pending=1)
+        x, edges = _normed(cfg, edges, resid, slice(0, A), p["ln1"], qkv, pending=_PENDING_ROWS)
         x_q, x_k, x_v = (x,) * 3 if edges is None else x
     if edges is not None:
         # per-head k/v inputs kept split along d_model, like the projections' weights
@@ -657,6 +658,15 @@ def _upstream(spec: GraphSpec, start) -> Array:
     return (jnp.arange(spec.n_forward)[:, None] < limit[None, :]).astype(jnp.float32)
 
 
+def _upstream_coef(spec: GraphSpec, mode: str, coef: Array, start) -> Array:
+    """A layer's block of coefficients ``coef [..., src, n_attn_inputs + 1]`` with the rows
+    not upstream of it (first head ``start``) zeroed: they are no edges. In both layer
+    loops: the scanned one contracts every row, and the gradient modes' probes contract
+    every row of delta, so the mask, not the rows read, keeps their cotangents zero.
+    (``add-one``'s ``[1, dst]`` has no rows.)"""
+    return coef if mode == "add-one" else coef * _upstream(spec, start).astype(coef.dtype)
+
+
 def _layer_nodes(iv: Optional[EdgeIntervention], cfg: ModelConfig) -> tuple[Optional[tuple], Optional[tuple]]:
     """:func:`_node_out`'s arrays for the input node and for every layer's nodes
     (``[layer, head + 1, ...]``); None where no node is shifted or detached."""
@@ -698,10 +708,8 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
         for layer in range(cfg.n_layers):
             rs.append(resid)
             step = checkpoint(functools.partial(_block, cfg, spec, rotary, key_mask, cfg.window(layer), starts[layer]))
-            coef = None if edges is None else blocks[layer]
-            if edges is not None and edges.mode in GRAD_MODES:  # rows not upstream of this layer are no edges
-                coef = coef * _upstream(spec, starts[layer]).astype(coef.dtype)
-            e = None if edges is None else dataclasses.replace(edges, coef=coef)
+            e = None if edges is None else dataclasses.replace(
+                edges, coef=_upstream_coef(spec, edges.mode, blocks[layer], starts[layer]))
             resid, heads, m_out, hidden, edges = step(at(params["blocks"], layer), resid, e,
                                                       None if nodes is None else at(nodes, layer),
                                                       None if blocked is None else blocked[layer],
@@ -733,8 +741,8 @@ def _layers(params, cfg: ModelConfig, spec: GraphSpec, resid: Array, key_mask: A
         resid, bufs = carry
         p, coef, window, start, layer_nodes, layer_blocked, index, segment = xs
         # source is closed over, not carried: a loop invariant, never stacked per layer
-        if mode is not None and mode != "add-one":  # rows not upstream of this layer are no edges
-            coef = coef * _upstream(spec, start).astype(coef.dtype)
+        if mode is not None:
+            coef = _upstream_coef(spec, mode, coef, start)
 
         def run(resid):
             e = None if mode is None else _Edges(coef, source, bufs, mode, rows, scanned=True, buffered=True,
